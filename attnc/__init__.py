@@ -1,0 +1,44 @@
+"""attnc: a compiler for attention patterns.
+
+mod = attnc.load("examples/streaming_llm.attn")
+kern = mod.streaming_llm(window=256)
+ref = kern.reference(q, k, v)
+"""
+
+from attnc.api import Kernel, Module, Pattern, load, loads, stdlib
+from attnc.errors import (
+    ArityError,
+    AttnError,
+    AttnImportError,
+    AttnSyntaxError,
+    AttnTypeError,
+    CycleError,
+    DuplicateError,
+    InputError,
+    InternalError,
+    ParameterError,
+    UnknownNameError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArityError",
+    "AttnError",
+    "AttnImportError",
+    "AttnSyntaxError",
+    "AttnTypeError",
+    "CycleError",
+    "DuplicateError",
+    "InputError",
+    "InternalError",
+    "Kernel",
+    "Module",
+    "ParameterError",
+    "Pattern",
+    "UnknownNameError",
+    "__version__",
+    "load",
+    "loads",
+    "stdlib",
+]

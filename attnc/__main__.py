@@ -1,0 +1,5 @@
+import sys
+
+from attnc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,334 @@
+"""The Python API: `load`/`loads` give a `Module`; a module's pattern, called with its parameters, gives a
+`Kernel` — the pattern compiled for those values, with its dense mask, its reference attention (the
+oracle) and the IR of every stage.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnc.dsl.lower import Program, load_program, stdlib_program
+from attnc.errors import InputError, Loc, ParameterError
+from attnc.ir import evaluate as oracle
+from attnc.ir.nodes import INPUT_DTYPES, Node, Op, ParamDecl, PatternIR, Type
+from attnc.ir.printer import print_module
+from attnc.passes import PASSES
+from attnc.passes.manager import INPUT_STAGE
+
+Value = int | float | bool
+
+
+def load(path: str | Path) -> Module:
+    """Parse and check an `.attn` file (and what it imports)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise FileNotFoundError(f"cannot read {path}: {err.strerror}") from None
+    return Module(load_program(text, str(path), path))
+
+
+def loads(text: str, filename: str = "<string>") -> Module:
+    """Parse and check `.attn` source text; imports are relative to the current directory."""
+    return Module(load_program(text, filename))
+
+
+def stdlib() -> Module:
+    """The standard library as a module: `attnc.stdlib().causal()`."""
+    return Module(stdlib_program())
+
+
+class Module:
+    """A loaded `.attn` file. Its patterns — its own, then imported ones, then the stdlib's — are
+    attributes and items: `mod.causal`, `mod["causal"]`."""
+
+    def __init__(self, program: Program) -> None:
+        self._program = program
+
+    @property
+    def patterns(self) -> list[str]:
+        """Every pattern name this module can reach, its own first."""
+        return self._program.pattern_names()
+
+    @property
+    def own_patterns(self) -> list[str]:
+        """The patterns declared in the file itself."""
+        from attnc.dsl import ast
+
+        return [n for n, d in self._program.root.decls.items() if isinstance(d, ast.PatternDecl)]
+
+    def __getitem__(self, name: str) -> Pattern:
+        found = self._program.pattern_decl(name)
+        if found is None:
+            raise KeyError(f"no pattern '{name}'; patterns: {', '.join(self.patterns)}")
+        return Pattern(self._program, name)
+
+    def __getattr__(self, name: str) -> Pattern:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError as err:
+            raise AttributeError(err.args[0]) from None
+
+    def __dir__(self) -> list[str]:
+        return [*super().__dir__(), *self.patterns]
+
+    def __repr__(self) -> str:
+        return f"<attnc.Module {self._program.root.module.file.name}: {', '.join(self.own_patterns)}>"
+
+
+class Pattern:
+    """A pattern of a module, not yet bound to parameter values; call it to get a `Kernel`."""
+
+    def __init__(self, program: Program, name: str) -> None:
+        self._program = program
+        self.name = name
+        self._module_ir = program.module(name)
+
+    @property
+    def params(self) -> tuple[ParamDecl, ...]:
+        return self._module_ir.entry.params
+
+    def __call__(self, *args: Value, **params: Value) -> Kernel:
+        return Kernel(self.name, self._module_ir, self._bind(args, params))
+
+    def _bind(self, args: tuple[Value, ...], params: dict[str, Value]) -> tuple[tuple[str, Value], ...]:
+        entry = self._module_ir.entry
+        decls = entry.params
+        if len(args) > len(decls):
+            raise ParameterError(
+                f"pattern '{self.name}' takes {len(decls)} parameter(s), got {len(args)}", entry.loc
+            )
+        given: dict[str, Value] = {d.name: a for d, a in zip(decls, args, strict=False)}
+        names = [d.name for d in decls]
+        for key, value in params.items():
+            if key not in names:
+                listed = ", ".join(names) or "none"
+                raise ParameterError(
+                    f"pattern '{self.name}' has no parameter '{key}' (its parameters: {listed})", entry.loc
+                )
+            if key in given:
+                raise ParameterError(f"parameter '{key}' of pattern '{self.name}' given twice", entry.loc)
+            given[key] = value
+        values = []
+        for decl in decls:
+            if decl.name in given:
+                values.append((decl.name, _check_param(decl, given[decl.name], self.name)))
+            elif decl.default is not None:
+                values.append((decl.name, decl.default.attr))
+            else:
+                raise ParameterError(
+                    f"parameter '{decl.name}' of pattern '{self.name}' has no default and was not given",
+                    decl.loc,
+                )
+        return tuple(values)  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{p.name}: {p.type}" for p in self.params)
+        return f"<attnc.Pattern {self.name}({params})>"
+
+
+def _check_param(decl: ParamDecl, value: Any, pattern: str) -> Value:
+    if decl.type is Type.BOOL:
+        if isinstance(value, bool):
+            return value
+    elif isinstance(value, bool):
+        pass
+    elif decl.type is Type.INT and isinstance(value, numbers.Integral):
+        return int(value)
+    elif decl.type is Type.FLOAT and isinstance(value, numbers.Real):
+        return float(value)
+    raise ParameterError(
+        f"parameter '{decl.name}' of pattern '{pattern}' is {decl.type}, "
+        f"got {type(value).__name__} {value!r}",
+        decl.loc,
+    )
+
+
+def _uses(pattern: PatternIR, *names: str) -> bool:
+    return any(n.op in (Op.VAR, Op.SIZE) and n.attr in names for r in pattern.roots() for n in r.walk())
+
+
+def _dim_value(dim: Node, sizes: Mapping[str, int]) -> int | None:
+    """A shape expression (constants and sizes only, once bound) evaluated; None if a size is unknown."""
+    env = oracle.Env(1, 1, 1, 1, torch.device("cpu"), {})
+    for n in dim.walk():
+        if n.op is Op.SIZE and sizes.get(str(n.attr)) is None:
+            return None
+    env.batch, env.num_heads = sizes.get("BATCH") or 1, sizes.get("NUM_HEADS") or 1
+    env.q_len, env.kv_len = sizes["Q_LEN"], sizes["KV_LEN"]
+    return int(oracle.evaluate(dim, PatternIR("dims"), env).item())
+
+
+class Kernel:
+    """A pattern compiled for fixed parameter values."""
+
+    def __init__(self, name: str, module_ir, values: tuple[tuple[str, Value], ...]) -> None:
+        from attnc.compiler import compile_pattern
+
+        self.name = name
+        self.params: dict[str, Value] = dict(values)
+        self._compiled = compile_pattern(module_ir, values)
+        self._bound = self._compiled.modules[PASSES["bind-params"].name].entry
+        self.pattern: PatternIR = self._compiled.final.entry
+
+    @property
+    def stages(self) -> dict[str, str]:
+        """The IR text after every stage, by pass name (`input` is before the first pass)."""
+        return dict(self._compiled.stages)
+
+    def ir(self, after: str | None = None) -> str:
+        """The textual IR after the named pass (default: the last one)."""
+        if after is None:
+            return print_module(self._compiled.final)
+        if after not in self._compiled.stages:
+            raise ValueError(f"no stage '{after}'; stages: {', '.join(self._compiled.stages)}")
+        return self._compiled.stages[after]
+
+    @property
+    def inputs(self) -> dict[str, tuple[str, int]]:
+        """Each `input` tensor: its dtype and rank."""
+        return {d.name: (d.dtype, len(d.dims)) for d in self._bound.inputs}
+
+    def _env(
+        self,
+        q_len: int,
+        kv_len: int,
+        batch: int | None,
+        num_heads: int | None,
+        inputs: Mapping[str, Any],
+        device: torch.device | None,
+    ) -> oracle.Env:
+        pattern = self._bound
+        loc = pattern.loc
+        for key in inputs:
+            if pattern.input(key) is None:
+                names = ", ".join(d.name for d in pattern.inputs) or "none"
+                raise InputError(f"pattern '{self.name}' has no input '{key}' (its inputs: {names})", loc)
+        for decl in pattern.inputs:
+            if decl.name not in inputs:
+                raise InputError(f"input '{decl.name}' was not given", decl.loc)
+            tensor = inputs[decl.name]
+            if not isinstance(tensor, torch.Tensor):
+                raise InputError(
+                    f"input '{decl.name}' must be a torch.Tensor, got {type(tensor).__name__}", decl.loc
+                )
+            if tensor.dtype != getattr(torch, decl.dtype):
+                raise InputError(
+                    f"input '{decl.name}' must be {decl.dtype}, got {str(tensor.dtype)[6:]}", decl.loc
+                )
+            if tensor.dim() != len(decl.dims):
+                raise InputError(
+                    f"input '{decl.name}' must have {len(decl.dims)} dimension(s), "
+                    f"got shape {list(tensor.shape)}",
+                    decl.loc,
+                )
+            if device is None:
+                device = tensor.device
+            elif tensor.device != device:
+                raise InputError(f"input '{decl.name}' is on {tensor.device}, expected {device}", decl.loc)
+            for axis, dim in enumerate(decl.dims):  # sizes a shape names exactly are inferred from it
+                if dim.op is Op.SIZE and dim.attr == "BATCH" and batch is None:
+                    batch = tensor.shape[axis]
+                if dim.op is Op.SIZE and dim.attr == "NUM_HEADS" and num_heads is None:
+                    num_heads = tensor.shape[axis]
+        for what, value, names in (
+            ("batch", batch, ("b", "BATCH")),
+            ("num_heads", num_heads, ("h", "NUM_HEADS")),
+        ):
+            if value is None and _uses(pattern, *names):
+                raise InputError(
+                    f"pattern '{self.name}' depends on {names[0]} or {names[1]}: pass {what}= (no input's "
+                    f"shape determines it)",
+                    loc,
+                )
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise InputError(f"{what} must be a positive int, got {value!r}", loc)
+        for what, value in (("q_len", q_len), ("kv_len", kv_len)):
+            if not isinstance(value, int) or value < 0:
+                raise InputError(f"{what} must be a non-negative int, got {value!r}", loc)
+        sizes = {"BATCH": batch, "NUM_HEADS": num_heads, "Q_LEN": q_len, "KV_LEN": kv_len}
+        for decl in pattern.inputs:
+            tensor = inputs[decl.name]
+            expected = [_dim_value(d, sizes) for d in decl.dims]
+            if any(e is not None and e != n for e, n in zip(expected, tensor.shape, strict=True)):
+                shown = ["?" if e is None else e for e in expected]
+                raise InputError(
+                    f"input '{decl.name}' must have shape {shown}, got {list(tensor.shape)}", decl.loc
+                )
+        return oracle.Env(
+            batch or 1, num_heads or 1, q_len, kv_len, device or torch.device("cpu"), dict(inputs)
+        )
+
+    def mask(
+        self,
+        q_len: int,
+        kv_len: int,
+        *,
+        batch: int | None = None,
+        num_heads: int | None = None,
+        **inputs: Any,
+    ) -> torch.Tensor:
+        """The dense bool mask, [B or 1, H or 1, q_len, kv_len]: may query q see key kv."""
+        env = self._env(q_len, kv_len, batch, num_heads, inputs, None)
+        result = oracle.mask(self._bound, env)
+        shape = (batch or result.shape[0], num_heads or result.shape[1], q_len, kv_len)
+        return result.expand(shape).contiguous() if result.shape != shape else result
+
+    def reference(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        return_lse: bool = False,
+        out_dtype: torch.dtype | None = None,
+        **inputs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Dense attention with this pattern, computed in float64 (the oracle).
+
+        q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv], Hq % Hkv == 0. `out` has q's dtype
+        unless `out_dtype` is given; lse (natural log) is float32, or float64 with out_dtype=float64.
+        """
+        loc = self._bound.loc
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InputError(f"{name} must be a 4-D tensor [B, H, L, D], got {shape}", loc)
+            if not t.is_floating_point():
+                raise InputError(f"{name} must be a floating-point tensor, got {t.dtype}", loc)
+            if t.device != q.device:
+                raise InputError(f"{name} is on {t.device}, q on {q.device}", loc)
+        batch, heads, q_len, dim = q.shape
+        if k.shape[0] != batch or v.shape[0] != batch:
+            raise InputError(
+                f"q, k and v must have one batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}", loc
+            )
+        if k.shape[3] != dim:
+            raise InputError(f"q and k must have one head dim, got {dim} and {k.shape[3]}", loc)
+        if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+            raise InputError(f"k and v must have one [H, L], got {list(k.shape)} and {list(v.shape)}", loc)
+        if k.shape[1] == 0 or heads % k.shape[1] != 0:
+            raise InputError(
+                f"query heads ({heads}) must be a multiple of key/value heads ({k.shape[1]})", loc
+            )
+        env = self._env(q_len, k.shape[2], batch, heads, inputs, q.device)
+        out, lse = oracle.attention(self._bound, env, q, k, v, dim**-0.5 if scale is None else float(scale))
+        target = q.dtype if out_dtype is None else out_dtype
+        out = out.to(target)
+        lse = lse.to(torch.float64 if target == torch.float64 else torch.float32)
+        return (out, lse) if return_lse else out
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"<attnc.Kernel {self.name}({params})>"
+
+
+__all__ = ["INPUT_DTYPES", "INPUT_STAGE", "Kernel", "Loc", "Module", "Pattern", "load", "loads", "stdlib"]

@@ -1,0 +1,734 @@
+"""Resolve names and check types: syntax tree -> IR, with every user error located in the source.
+
+A `Program` is one loaded file with its imports and the standard library. Declarations are lowered on
+demand and memoised; each gets a unique symbol (`name` in the loaded file, `stdlib.name` or
+`<file stem>.name` elsewhere). Lowering keeps `fn` calls, pattern references and `let`s as they are
+written — expanding them is the `inline` pass's job — but every node is typed, with ints promoted to
+float explicitly (`tofloat`) wherever they meet floats.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+from attnc.dsl import ast
+from attnc.dsl.parser import parse
+from attnc.errors import (
+    ArityError,
+    AttnError,
+    AttnImportError,
+    AttnTypeError,
+    CycleError,
+    DuplicateError,
+    Loc,
+    UnknownNameError,
+)
+from attnc.ir import fold
+from attnc.ir.nodes import (
+    INDEX_VARS,
+    INPUT_DTYPES,
+    SIZES,
+    FnIR,
+    InputDecl,
+    ModuleIR,
+    Node,
+    Op,
+    ParamDecl,
+    PatternIR,
+    Type,
+    const,
+    make,
+)
+
+PARAM_TYPES = {"int": Type.INT, "float": Type.FLOAT, "bool": Type.BOOL}
+MATH_FUNCTIONS = {
+    "exp": Op.EXP,
+    "exp2": Op.EXP2,
+    "log": Op.LOG,
+    "log2": Op.LOG2,
+    "sqrt": Op.SQRT,
+    "tanh": Op.TANH,
+    "sigmoid": Op.SIGMOID,
+}
+BUILTINS = frozenset({"abs", "min", "max", "clamp", "where", "floor", "ceil", *MATH_FUNCTIONS})
+RESERVED = frozenset({*INDEX_VARS, *SIZES, "s", *BUILTINS})
+
+Decl = ast.FnDecl | ast.PatternDecl
+
+
+# ---- files, imports and global names ----------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class FileScope:
+    """One `.attn` file: its declarations, the files it imports, and the stdlib behind them."""
+
+    module: ast.Module
+    path: Path | None
+    qualifier: str
+    decls: dict[str, Decl] = field(default_factory=dict)
+    imports: list[tuple[ast.ImportDecl, FileScope]] = field(default_factory=list)
+    stdlib: FileScope | None = None
+
+    def symbol(self, name: str) -> str:
+        return f"{self.qualifier}.{name}" if self.qualifier else name
+
+
+def _collect_decls(scope: FileScope) -> None:
+    for decl in scope.module.decls:
+        if isinstance(decl, ast.ImportDecl):
+            continue
+        if decl.name in RESERVED:
+            raise DuplicateError(f"'{decl.name}' is a built-in name and cannot be redefined", decl.loc)
+        previous = scope.decls.get(decl.name)
+        if previous is not None:
+            raise DuplicateError(f"'{decl.name}' is already defined at line {previous.loc.line}", decl.loc)
+        scope.decls[decl.name] = decl
+
+
+@cache
+def _stdlib_scope() -> FileScope:
+    text = (Path(__file__).resolve().parents[1] / "stdlib.attn").read_text()
+    scope = FileScope(parse(text, "<stdlib>"), None, "stdlib")
+    _collect_decls(scope)
+    return scope
+
+
+def _load_scope(
+    module: ast.Module, path: Path | None, qualifier: str, loading: list[Path], loaded: dict[Path, FileScope]
+) -> FileScope:
+    scope = FileScope(module, path, qualifier, stdlib=_stdlib_scope())
+    _collect_decls(scope)
+    base = path.parent if path is not None else Path.cwd()
+    for decl in module.decls:
+        if not isinstance(decl, ast.ImportDecl):
+            continue
+        target = (base / decl.path).resolve()
+        if target in loading:
+            chain = " -> ".join(p.name for p in [*loading[loading.index(target) :], target])
+            raise AttnImportError(f"import cycle: {chain}", decl.loc)
+        if target not in loaded:
+            try:
+                text = target.read_text()
+            except OSError as err:
+                raise AttnImportError(f"cannot read '{decl.path}': {err.strerror}", decl.loc) from None
+            child = parse(text, str(decl.path if not Path(decl.path).is_absolute() else target))
+            loaded[target] = _load_scope(child, target, target.stem, [*loading, target], loaded)
+        scope.imports.append((decl, loaded[target]))
+    return scope
+
+
+def load_program(text: str, filename: str = "<string>", path: Path | None = None) -> Program:
+    """Parse and check a file (and its imports); patterns are lowered on first use."""
+    module = parse(text, filename)
+    resolved = path.resolve() if path is not None else None
+    loaded: dict[Path, FileScope] = {}
+    scope = _load_scope(module, resolved, "", [resolved] if resolved else [], loaded)
+    program = Program(scope)
+    program.check_all()
+    return program
+
+
+def stdlib_program() -> Program:
+    program = Program(_stdlib_scope())
+    program.check_all()
+    return program
+
+
+# ---- the program: lowering on demand -----------------------------------------------------------------
+
+
+class Program:
+    """A loaded file seen through its global names; lowers declarations to IR on demand."""
+
+    def __init__(self, root: FileScope) -> None:
+        self.root = root
+        self._fns: dict[int, FnIR] = {}
+        self._patterns: dict[int, PatternIR] = {}
+        self._in_progress: set[int] = set()
+
+    # Global names: the file's own, then its imports', then the stdlib's.
+    def lookup(self, scope: FileScope, name: str, loc: Loc) -> tuple[FileScope, Decl] | None:
+        if name in scope.decls:
+            return scope, scope.decls[name]
+        found: list[tuple[ast.ImportDecl, FileScope]] = [
+            (imp, child) for imp, child in scope.imports if name in child.decls
+        ]
+        distinct = {id(child.decls[name]) for _, child in found}
+        if len(distinct) > 1:
+            files = " and ".join(f'"{imp.path}"' for imp, _ in found)
+            raise UnknownNameError(f"'{name}' is ambiguous: it is defined in {files}", loc)
+        if found:
+            child = found[0][1]
+            return child, child.decls[name]
+        if scope.stdlib is not None and name in scope.stdlib.decls:
+            return scope.stdlib, scope.stdlib.decls[name]
+        return None
+
+    def global_names(self, scope: FileScope) -> set[str]:
+        names = set(scope.decls)
+        for _, child in scope.imports:
+            names |= set(child.decls)
+        if scope.stdlib is not None:
+            names |= set(scope.stdlib.decls)
+        return names
+
+    def pattern_names(self) -> list[str]:
+        """Patterns reachable by name from the root file: its own first, then imports', then stdlib's."""
+        names = [n for n, d in self.root.decls.items() if isinstance(d, ast.PatternDecl)]
+        for scope in [child for _, child in self.root.imports] + [self.root.stdlib]:
+            if scope is None:
+                continue
+            names += [n for n, d in scope.decls.items() if isinstance(d, ast.PatternDecl) and n not in names]
+        return names
+
+    def pattern_decl(self, name: str) -> tuple[FileScope, ast.PatternDecl] | None:
+        found = self.lookup(self.root, name, Loc(self.root.module.file, 1, 1))
+        if found is None or not isinstance(found[1], ast.PatternDecl):
+            return None
+        return found  # type: ignore[return-value]
+
+    def check_all(self) -> None:
+        """Lower every declaration of the root file, so that `load` reports every error up front."""
+        for decl in self.root.decls.values():
+            self._lower(self.root, decl, decl.loc)
+
+    def _lower(self, scope: FileScope, decl: Decl, ref_loc: Loc) -> FnIR | PatternIR:
+        key = id(decl)
+        table: dict[int, FnIR] | dict[int, PatternIR] = (
+            self._fns if isinstance(decl, ast.FnDecl) else self._patterns
+        )
+        if key in table:
+            return table[key]
+        if key in self._in_progress:
+            kind = "fn" if isinstance(decl, ast.FnDecl) else "pattern"
+            raise CycleError(f"{kind} '{decl.name}' refers to itself (recursion is not allowed)", ref_loc)
+        self._in_progress.add(key)
+        try:
+            if isinstance(decl, ast.FnDecl):
+                result: FnIR | PatternIR = _FnLowerer(self, scope, decl).lower()
+            else:
+                result = _PatternLowerer(self, scope, decl).lower()
+        finally:
+            self._in_progress.discard(key)
+        table[key] = result  # type: ignore[index, assignment]
+        return result
+
+    def lower_fn(self, scope: FileScope, decl: ast.FnDecl, ref_loc: Loc) -> FnIR:
+        return self._lower(scope, decl, ref_loc)  # type: ignore[return-value]
+
+    def lower_pattern(self, scope: FileScope, decl: ast.PatternDecl, ref_loc: Loc) -> PatternIR:
+        return self._lower(scope, decl, ref_loc)  # type: ignore[return-value]
+
+    def module(self, name: str) -> ModuleIR:
+        """The pattern `name` with every fn and pattern it refers to: the pipeline's input."""
+        found = self.pattern_decl(name)
+        assert found is not None, name
+        entry = self.lower_pattern(found[0], found[1], found[1].loc)
+        by_symbol: dict[str, FnIR | PatternIR] = {}
+        for ir in [*self._fns.values(), *self._patterns.values()]:
+            by_symbol[ir.name] = ir
+        order: list[FnIR | PatternIR] = []
+        visiting: set[str] = set()
+
+        def visit(ir: FnIR | PatternIR) -> None:
+            if ir.name in visiting:
+                return
+            visiting.add(ir.name)
+            roots = [ir.body] if isinstance(ir, FnIR) else list(ir.roots())
+            for root in roots:
+                for node in root.walk():
+                    if node.op in (Op.CALL, Op.PATTERN):
+                        visit(by_symbol[str(node.attr)])
+            order.append(ir)
+
+        visit(entry)
+        fns = tuple(ir for ir in order if isinstance(ir, FnIR))
+        patterns = tuple(ir for ir in order if isinstance(ir, PatternIR))
+        return ModuleIR(fns, patterns)
+
+
+# ---- expressions -------------------------------------------------------------------------------------
+
+
+def _promote(a: Node, b: Node) -> tuple[Node, Node]:
+    """Int meets float: the int becomes a float."""
+    if a.type is Type.INT and b.type is Type.FLOAT:
+        return make(Op.TOFLOAT, a, loc=a.loc), b
+    if a.type is Type.FLOAT and b.type is Type.INT:
+        return a, make(Op.TOFLOAT, b, loc=b.loc)
+    return a, b
+
+
+def _to_type(node: Node, target: Type, loc: Loc, what: str) -> Node:
+    """Convert node to target (int -> float is the only implicit conversion) or report `what`."""
+    if node.type is target:
+        return node
+    if node.type is Type.INT and target is Type.FLOAT:
+        return make(Op.TOFLOAT, node, loc=node.loc)
+    raise AttnTypeError(f"{what} must be {target}, got {node.type}", loc)
+
+
+def _is_number(node: Node) -> bool:
+    return node.type in (Type.INT, Type.FLOAT)
+
+
+_ARITH = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL}
+_COMPARE = {"==": Op.EQ, "!=": Op.NE, "<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE}
+
+
+@dataclass
+class _Local:
+    """A name bound inside a fn or pattern: how to refer to it and what it is."""
+
+    kind: str  # "param", "arg", "let", "input"
+    loc: Loc
+    type: Type | None = None  # None for a let not yet lowered
+
+
+class _ExprLowerer:
+    """Lowers expressions inside one declaration; subclasses say which names are local."""
+
+    def __init__(self, program: Program, scope: FileScope) -> None:
+        self.program = program
+        self.scope = scope
+        self.locals: dict[str, _Local] = {}
+        self.allow_score = False
+        self.context = "an expression"
+
+    # Names a subclass resolves itself (lets, inputs).
+    def local_ref(self, name: str, loc: Loc) -> Node:
+        local = self.locals[name]
+        assert local.type is not None
+        return Node(Op.REF, local.type, (), name, loc)
+
+    def input_decl(self, name: str) -> InputDecl | None:
+        return None
+
+    def allow_index_vars(self) -> bool:
+        return True
+
+    def unknown(self, name: str, loc: Loc) -> AttnError:
+        candidates = set(self.locals) | self.program.global_names(self.scope) | RESERVED
+        close = difflib.get_close_matches(name, sorted(candidates), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return UnknownNameError(f"unknown name '{name}'{hint}", loc)
+
+    def expr(self, e: ast.Expr) -> Node:
+        method: Callable[[ast.Expr], Node] = getattr(self, "_" + type(e).__name__)
+        return method(e)
+
+    def _IntLit(self, e: ast.IntLit) -> Node:
+        return const(e.value, e.loc)
+
+    def _FloatLit(self, e: ast.FloatLit) -> Node:
+        return const(e.value, e.loc)
+
+    def _BoolLit(self, e: ast.BoolLit) -> Node:
+        return const(e.value, e.loc)
+
+    def _Name(self, e: ast.Name) -> Node:
+        name = e.id
+        if name in self.locals:
+            if self.locals[name].kind == "input":
+                raise AttnTypeError(f"input '{name}' is a tensor: index it, as in {name}[...]", e.loc)
+            return self.local_ref(name, e.loc)
+        if name in INDEX_VARS:
+            if not self.allow_index_vars():
+                raise AttnTypeError(f"'{name}' cannot be used in {self.context}", e.loc)
+            return Node(Op.VAR, Type.INT, (), name, e.loc)
+        if name in SIZES:
+            return Node(Op.SIZE, Type.INT, (), name, e.loc)
+        if name == "s":
+            if not self.allow_score:
+                raise AttnTypeError("'s' (the score) exists only inside a pattern's score statement", e.loc)
+            return Node(Op.SCORE, Type.FLOAT, (), None, e.loc)
+        if name in BUILTINS:
+            raise AttnTypeError(f"built-in function '{name}' must be called", e.loc)
+        found = self.program.lookup(self.scope, name, e.loc)
+        if found is None:
+            raise self.unknown(name, e.loc)
+        scope, decl = found
+        if isinstance(decl, ast.FnDecl):
+            raise AttnTypeError(f"fn '{name}' must be called, as in {name}(...)", e.loc)
+        return self.pattern_ref(scope, decl, (), (), e.loc)
+
+    def pattern_ref(
+        self,
+        scope: FileScope,
+        decl: ast.PatternDecl,
+        args: Sequence[ast.Expr],
+        kwargs: Sequence[ast.KeywordArg],
+        loc: Loc,
+    ) -> Node:
+        if not self.allow_index_vars():
+            raise AttnTypeError(f"pattern '{decl.name}' cannot be used in {self.context}", loc)
+        target = self.program.lower_pattern(scope, decl, loc)
+        values = self.bind_args(f"pattern '{decl.name}'", target.params, args, kwargs, loc)
+        return Node(Op.PATTERN, Type.BOOL, values, target.name, loc)
+
+    def bind_args(
+        self,
+        what: str,
+        params: tuple[ParamDecl, ...],
+        args: Sequence[ast.Expr],
+        kwargs: Sequence[ast.KeywordArg],
+        loc: Loc,
+    ) -> tuple[Node, ...]:
+        """Match positional and keyword arguments to parameters; fill defaults; convert types."""
+        if len(args) > len(params):
+            raise ArityError(
+                f"{what} takes {len(params)} argument(s), got {len(args) + len(kwargs)}",
+                args[len(params)].loc,
+            )
+        bound: dict[str, ast.Expr] = {}
+        for param, arg in zip(params, args, strict=False):
+            bound[param.name] = arg
+        names = [p.name for p in params]
+        for kw in kwargs:
+            if kw.name not in names:
+                close = difflib.get_close_matches(kw.name, names, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ArityError(f"{what} has no parameter '{kw.name}'{hint}", kw.loc)
+            if kw.name in bound:
+                raise ArityError(f"{what} got parameter '{kw.name}' twice", kw.loc)
+            bound[kw.name] = kw.value
+        values = []
+        for param in params:
+            if param.name in bound:
+                expr = bound[param.name]
+                value = self.expr(expr)
+                values.append(_to_type(value, param.type, expr.loc, f"argument '{param.name}' of {what}"))
+            elif param.default is not None:
+                values.append(param.default)
+            else:
+                raise ArityError(f"{what} needs argument '{param.name}'", loc)
+        return tuple(values)
+
+    def _Call(self, e: ast.Call) -> Node:
+        name = e.func
+        if name in self.locals:
+            raise AttnTypeError(f"'{name}' is a {self.locals[name].kind}, not a function", e.func_loc)
+        if name in BUILTINS:
+            return self.builtin(e)
+        found = self.program.lookup(self.scope, name, e.func_loc)
+        if found is None:
+            if name in RESERVED:
+                raise AttnTypeError(f"'{name}' is not a function", e.func_loc)
+            raise self.unknown(name, e.func_loc)
+        scope, decl = found
+        if isinstance(decl, ast.PatternDecl):
+            return self.pattern_ref(scope, decl, e.args, e.kwargs, e.loc)
+        target = self.program.lower_fn(scope, decl, e.func_loc)
+        values = self.bind_args(f"fn '{name}'", target.params, e.args, e.kwargs, e.loc)
+        return Node(Op.CALL, target.body.type, values, target.name, e.loc)
+
+    def builtin(self, e: ast.Call) -> Node:
+        name = e.func
+        if e.kwargs:
+            raise ArityError(f"built-in '{name}' takes no keyword arguments", e.kwargs[0].loc)
+        arity = {"clamp": (3, 3), "where": (3, 3), "min": (2, None), "max": (2, None)}.get(name, (1, 1))
+        low, high = arity
+        if len(e.args) < low or (high is not None and len(e.args) > high):
+            count = f"{low}" if low == high else f"at least {low}"
+            raise ArityError(f"'{name}' takes {count} argument(s), got {len(e.args)}", e.loc)
+        args = [self.expr(a) for a in e.args]
+        if name == "where":
+            cond, a, b = args
+            _to_type(cond, Type.BOOL, e.args[0].loc, "the condition of 'where'")
+            if _is_number(a) and _is_number(b):
+                a, b = _promote(a, b)
+            elif a.type != b.type:
+                raise AttnTypeError(
+                    f"the branches of 'where' must have one type, got {a.type} and {b.type}", e.loc
+                )
+            return make(Op.WHERE, cond, a, b, loc=e.loc)
+        for arg, expr in zip(args, e.args, strict=True):
+            if not _is_number(arg):
+                raise AttnTypeError(f"'{name}' needs numbers, got {arg.type}", expr.loc)
+        if name in MATH_FUNCTIONS:
+            return make(MATH_FUNCTIONS[name], _to_type(args[0], Type.FLOAT, e.loc, ""), loc=e.loc)
+        if name in ("floor", "ceil"):
+            if args[0].type is Type.INT:
+                return args[0]
+            return make(Op.FLOOR if name == "floor" else Op.CEIL, args[0], loc=e.loc)
+        if name == "abs":
+            return make(Op.ABS, args[0], loc=e.loc)
+        if name == "clamp":
+            x, lo, hi = args
+            if Type.FLOAT in (x.type, lo.type, hi.type):
+                x, lo, hi = (_to_type(v, Type.FLOAT, e.loc, "") for v in (x, lo, hi))
+            return make(Op.MIN, make(Op.MAX, x, lo, loc=e.loc), hi, loc=e.loc)
+        op = Op.MIN if name == "min" else Op.MAX
+        if any(a.type is Type.FLOAT for a in args):
+            args = [_to_type(a, Type.FLOAT, e.loc, "") for a in args]
+        result = args[0]
+        for arg in args[1:]:
+            result = make(op, result, arg, loc=e.loc)
+        return result
+
+    def _Index(self, e: ast.Index) -> Node:
+        decl = self.input_decl(e.name)
+        if decl is None:
+            if e.name in self.locals or self.program.lookup(self.scope, e.name, e.name_loc) is not None:
+                raise AttnTypeError(f"'{e.name}' is not an input tensor and cannot be indexed", e.name_loc)
+            raise self.unknown(e.name, e.name_loc)
+        if len(e.indices) != len(decl.dims):
+            raise ArityError(
+                f"input '{e.name}' has {len(decl.dims)} dimension(s), indexed with {len(e.indices)}", e.loc
+            )
+        indices = []
+        for index in e.indices:
+            value = self.expr(index)
+            if value.type is not Type.INT:
+                raise AttnTypeError(f"an index must be int, got {value.type}", index.loc)
+            indices.append(value)
+        return Node(Op.LOAD, decl.type, tuple(indices), e.name, e.loc)
+
+    def _Neg(self, e: ast.Neg) -> Node:
+        value = self.expr(e.operand)
+        if not _is_number(value):
+            raise AttnTypeError(f"unary '-' needs a number, got {value.type}", e.loc)
+        return make(Op.NEG, value, loc=e.loc)
+
+    def _Not(self, e: ast.Not) -> Node:
+        value = self.expr(e.operand)
+        if value.type is not Type.BOOL:
+            raise AttnTypeError(f"'not' needs a bool, got {value.type}", e.loc)
+        return make(Op.NOT, value, loc=e.loc)
+
+    def _BinOp(self, e: ast.BinOp) -> Node:
+        left, right = self.expr(e.left), self.expr(e.right)
+        if not (_is_number(left) and _is_number(right)):
+            raise AttnTypeError(
+                f"operator '{e.op}' needs numbers, got {left.type} and {right.type}", e.op_loc
+            )
+        if e.op in ("//", "%"):
+            if left.type is not Type.INT or right.type is not Type.INT:
+                hint = " (use floor(a / b) for floats)" if e.op == "//" else ""
+                raise AttnTypeError(
+                    f"operator '{e.op}' needs ints, got {left.type} and {right.type}{hint}", e.op_loc
+                )
+            return make(Op.FLOORDIV if e.op == "//" else Op.MOD, left, right, loc=e.loc)
+        if e.op == "/":
+            left, right = (_to_type(v, Type.FLOAT, e.loc, "") for v in (left, right))
+            return make(Op.DIV, left, right, loc=e.loc)
+        left, right = _promote(left, right)
+        return make(_ARITH[e.op], left, right, loc=e.loc)
+
+    def _BoolOp(self, e: ast.BoolOp) -> Node:
+        values = []
+        for operand in e.operands:
+            value = self.expr(operand)
+            if value.type is not Type.BOOL:
+                raise AttnTypeError(f"operand of '{e.op}' must be bool, got {value.type}", operand.loc)
+            values.append(value)
+        return make(Op.AND if e.op == "and" else Op.OR, *values, loc=e.loc)
+
+    def _Compare(self, e: ast.Compare) -> Node:
+        # `a < b <= c` means `a < b and b <= c`; b is pure, so using it twice is safe.
+        values = [self.expr(o) for o in e.operands]
+        parts = []
+        for i, (op, op_loc) in enumerate(zip(e.ops, e.op_locs, strict=True)):
+            left, right = values[i], values[i + 1]
+            if _is_number(left) and _is_number(right):
+                left, right = _promote(left, right)
+            elif not (left.type is right.type is Type.BOOL and op in ("==", "!=")):
+                kinds = "two numbers" if op not in ("==", "!=") else "two numbers or two bools"
+                raise AttnTypeError(f"'{op}' compares {kinds}, got {left.type} and {right.type}", op_loc)
+            loc = Loc(
+                e.loc.file, e.operands[i].loc.line, e.operands[i].loc.col, e.operands[i + 1].loc.end_col
+            )
+            parts.append(make(_COMPARE[op], left, right, loc=loc))
+        return parts[0] if len(parts) == 1 else make(Op.AND, *parts, loc=e.loc)
+
+
+def _constant(program: Program, scope: FileScope, expr: ast.Expr, target: Type, what: str) -> Node:
+    """A default value: an expression of literals only, evaluated now."""
+
+    class _Const(_ExprLowerer):
+        def allow_index_vars(self) -> bool:
+            return False
+
+    lowerer = _Const(program, scope)
+    lowerer.context = "a default value"
+    node = _to_type(lowerer.expr(expr), target, expr.loc, what)
+    value = _evaluate_constant(node)
+    if value is None:
+        raise AttnTypeError(f"{what} must be a constant made of literals", expr.loc)
+    return const(value, expr.loc)
+
+
+def _evaluate_constant(node: Node) -> int | float | bool | None:
+    if node.op is Op.CONST:
+        return node.attr  # type: ignore[return-value]
+    if not fold.foldable(node.op):
+        return None
+    args = [_evaluate_constant(a) for a in node.args]
+    if any(a is None for a in args):
+        return None
+    return fold.evaluate(node.op, args)  # type: ignore[arg-type]
+
+
+def _params(
+    program: Program, scope: FileScope, params: tuple[ast.Param, ...], owner: str
+) -> tuple[ParamDecl, ...]:
+    result: list[ParamDecl] = []
+    seen: dict[str, ast.Param] = {}
+    for p in params:
+        if p.name in RESERVED:
+            raise DuplicateError(f"'{p.name}' is a built-in name and cannot be a parameter", p.loc)
+        if p.name in seen:
+            raise DuplicateError(f"parameter '{p.name}' is declared twice", p.loc)
+        seen[p.name] = p
+        if p.type_name not in PARAM_TYPES:
+            raise AttnTypeError(f"unknown type '{p.type_name}'; expected int, float or bool", p.type_loc)
+        type_ = PARAM_TYPES[p.type_name]
+        default = None
+        if p.default is not None:
+            default = _constant(program, scope, p.default, type_, f"the default of '{p.name}'")
+        result.append(ParamDecl(p.name, type_, default, p.loc))
+    return tuple(result)
+
+
+class _FnLowerer(_ExprLowerer):
+    def __init__(self, program: Program, scope: FileScope, decl: ast.FnDecl) -> None:
+        super().__init__(program, scope)
+        self.decl = decl
+        self.context = f"fn '{decl.name}'"
+
+    def lower(self) -> FnIR:
+        params = _params(self.program, self.scope, self.decl.params, self.decl.name)
+        for p in params:
+            assert p.loc is not None
+            self.locals[p.name] = _Local("arg", p.loc, p.type)
+        body = self.expr(self.decl.body)
+        return FnIR(self.scope.symbol(self.decl.name), params, body, self.decl.loc)
+
+
+class _PatternLowerer(_ExprLowerer):
+    def __init__(self, program: Program, scope: FileScope, decl: ast.PatternDecl) -> None:
+        super().__init__(program, scope)
+        self.decl = decl
+        self.context = f"pattern '{decl.name}'"
+        self.inputs: dict[str, ast.InputStmt] = {}
+        self.input_decls: dict[str, InputDecl] = {}
+        self.let_stmts: dict[str, ast.LetStmt] = {}
+        self.lets: dict[str, Node] = {}
+        self.let_order: list[str] = []
+        self.lets_in_progress: list[str] = []
+        self.in_dims = False
+
+    def allow_index_vars(self) -> bool:
+        return not self.in_dims
+
+    def _declare(self, name: str, kind: str, loc: Loc, type_: Type | None = None) -> None:
+        if name in RESERVED:
+            raise DuplicateError(f"'{name}' is a built-in name and cannot be redefined", loc)
+        if name in self.locals:
+            previous = self.locals[name]
+            raise DuplicateError(
+                f"'{name}' is already declared as a {previous.kind} at line {previous.loc.line}", loc
+            )
+        self.locals[name] = _Local(kind, loc, type_)
+
+    def lower(self) -> PatternIR:
+        params = _params(self.program, self.scope, self.decl.params, self.decl.name)
+        for p in params:
+            assert p.loc is not None
+            self._declare(p.name, "param", p.loc, p.type)
+        mask_stmt: ast.MaskStmt | None = None
+        score_stmt: ast.ScoreStmt | None = None
+        for stmt in self.decl.stmts:
+            if isinstance(stmt, ast.InputStmt):
+                self._declare(stmt.name, "input", stmt.loc)
+                self.inputs[stmt.name] = stmt
+            elif isinstance(stmt, ast.LetStmt):
+                self._declare(stmt.name, "let", stmt.loc)
+                self.let_stmts[stmt.name] = stmt
+            elif isinstance(stmt, ast.MaskStmt):
+                if mask_stmt is not None:
+                    raise DuplicateError(f"mask is already given at line {mask_stmt.loc.line}", stmt.loc)
+                mask_stmt = stmt
+            else:
+                if score_stmt is not None:
+                    raise DuplicateError(f"score is already given at line {score_stmt.loc.line}", stmt.loc)
+                score_stmt = stmt
+        for stmt in self.inputs.values():
+            self.input_decls[stmt.name] = self._input(stmt)
+        mask = score = None
+        if mask_stmt is not None:
+            self.context = "mask"
+            mask = _to_type(self.expr(mask_stmt.value), Type.BOOL, mask_stmt.value.loc, "mask")
+        if score_stmt is not None:
+            self.allow_score = True
+            self.context = "score"
+            value = self.expr(score_stmt.value)
+            score = _to_type(value, Type.FLOAT, score_stmt.value.loc, "score")
+        for name in self.let_stmts:  # unused lets are still checked
+            self._let(name, self.let_stmts[name].loc)
+        return PatternIR(
+            self.scope.symbol(self.decl.name),
+            params,
+            tuple(self.input_decls.values()),
+            tuple((n, self.lets[n]) for n in self.let_order),
+            mask,
+            score,
+            None,
+            self.decl.loc,
+        )
+
+    def _input(self, stmt: ast.InputStmt) -> InputDecl:
+        if stmt.dtype not in INPUT_DTYPES:
+            raise AttnTypeError(
+                f"unknown dtype '{stmt.dtype}'; expected one of {', '.join(INPUT_DTYPES)}", stmt.dtype_loc
+            )
+        self.in_dims, self.context = True, "an input's shape"
+        dims = []
+        for dim in stmt.dims:
+            value = self.expr(dim)
+            if value.type is not Type.INT:
+                raise AttnTypeError(f"a dimension must be int, got {value.type}", dim.loc)
+            dims.append(value)
+        self.in_dims = False
+        return InputDecl(stmt.name, stmt.dtype, tuple(dims), stmt.loc)
+
+    def input_decl(self, name: str) -> InputDecl | None:
+        if name in self.inputs and self.in_dims:
+            raise AttnTypeError(f"input '{name}' cannot be used in an input's shape", self.inputs[name].loc)
+        return self.input_decls.get(name)
+
+    def local_ref(self, name: str, loc: Loc) -> Node:
+        local = self.locals[name]
+        if local.kind == "let":
+            if self.in_dims:
+                raise AttnTypeError(f"let '{name}' cannot be used in an input's shape", loc)
+            value = self._let(name, loc)
+            if not self.allow_score and any(n.op is Op.SCORE for n in value.walk()):
+                raise AttnTypeError(f"let '{name}' uses 's' (the score), which exists only inside score", loc)
+            return Node(Op.REF, value.type, (), name, loc)
+        return super().local_ref(name, loc)
+
+    def _let(self, name: str, loc: Loc) -> Node:
+        if name in self.lets:
+            return self.lets[name]
+        if name in self.lets_in_progress:
+            chain = " -> ".join([*self.lets_in_progress[self.lets_in_progress.index(name) :], name])
+            raise CycleError(f"let '{name}' depends on itself: {chain}", loc)
+        stmt = self.let_stmts[name]
+        self.lets_in_progress.append(name)
+        # A let may use `s`; whether that is allowed is checked where it is used.
+        saved = self.allow_score, self.context
+        self.allow_score, self.context = True, f"let '{name}'"
+        try:
+            value = self.expr(stmt.value)
+        finally:
+            self.allow_score, self.context = saved
+            self.lets_in_progress.pop()
+        self.lets[name] = value
+        self.let_order.append(name)
+        return value

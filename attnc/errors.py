@@ -1,0 +1,96 @@
+"""Diagnostics: every error in a user's program is an `AttnError` that points at the source.
+
+The message reads `FILE:LINE:COL: error: REASON`, then the source line and a caret under the offending
+span, so that a user sees the line and column of their `.attn` file, never a Python traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """The text of one `.attn` file (or `<string>` for `attnc.loads`), kept for diagnostics."""
+
+    name: str
+    text: str
+
+    def line(self, number: int) -> str:
+        lines = self.text.splitlines()
+        return lines[number - 1] if 1 <= number <= len(lines) else ""
+
+
+@dataclass(frozen=True)
+class Loc:
+    """A span in a source file: 1-based line and column of its start, and its end column on that line."""
+
+    file: SourceFile = field(repr=False)
+    line: int
+    col: int
+    end_col: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.file.name}:{self.line}:{self.col}"
+
+    def excerpt(self) -> str:
+        """The source line and a caret (`^~~~`) under the span."""
+        text = self.file.line(self.line).expandtabs(1)
+        width = 1
+        if self.end_col is not None and self.end_col > self.col:
+            width = min(self.end_col, len(text) + 1) - self.col
+        return f"  {text}\n  {' ' * (self.col - 1)}^{'~' * max(width - 1, 0)}"
+
+
+class AttnError(Exception):
+    """An error in a user's attention program, located in its source."""
+
+    def __init__(self, reason: str, loc: Loc | None) -> None:
+        self.reason = reason
+        self.loc = loc
+        super().__init__(self._format())
+
+    def _format(self) -> str:
+        if self.loc is None:
+            return f"<unknown>: error: {self.reason}"
+        return f"{self.loc}: error: {self.reason}\n{self.loc.excerpt()}"
+
+
+class AttnSyntaxError(AttnError):
+    """The text does not follow the grammar."""
+
+
+class UnknownNameError(AttnError):
+    """A name that is not in scope."""
+
+
+class AttnTypeError(AttnError):
+    """An expression of the wrong type (int, float, bool), or a wrong use of a name's kind."""
+
+
+class ArityError(AttnError):
+    """A call with the wrong number or names of arguments, or an index with the wrong rank."""
+
+
+class DuplicateError(AttnError):
+    """A statement, parameter or name given twice where once is allowed."""
+
+
+class AttnImportError(AttnError):
+    """An `import` that cannot be read, or that forms a cycle."""
+
+
+class CycleError(AttnError):
+    """A definition that refers to itself (recursive `fn`, pattern or `let`)."""
+
+
+class ParameterError(AttnError):
+    """A pattern parameter missing, unknown or of the wrong type when a kernel is made."""
+
+
+class InputError(AttnError):
+    """A tensor passed at call time that does not match its `input` declaration, or a bad call."""
+
+
+class InternalError(AssertionError):
+    """An invariant of the compiler itself broke: a bug in attnc, never the user's fault."""

@@ -1,0 +1,183 @@
+"""The dense oracle: evaluates a bound pattern's IR on index grids with torch (int64 / float64).
+
+This is the judge every kernel is tested against, so it is written for clarity, not speed, and shares
+nothing with the kernel path but the IR it reads: each op's meaning is spelled out here once more,
+following `ir.fold` (floor `//` and `%`, division by zero giving 0, out-of-range loads giving 0/false).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from attnc.ir.nodes import InputDecl, Node, Op, PatternIR, Type
+
+_DTYPES = {Type.INT: torch.int64, Type.FLOAT: torch.float64, Type.BOOL: torch.bool}
+
+
+@dataclass
+class Env:
+    """What names mean during one evaluation. Grids broadcast to [B, H, Lq, Lkv]."""
+
+    batch: int
+    num_heads: int
+    q_len: int
+    kv_len: int
+    device: torch.device
+    inputs: Mapping[str, torch.Tensor]
+    score: torch.Tensor | None = None
+
+    def var(self, name: str) -> torch.Tensor:
+        sizes = {"b": (self.batch, 0), "h": (self.num_heads, 1), "q": (self.q_len, 2), "kv": (self.kv_len, 3)}
+        n, axis = sizes[name]
+        shape = [1, 1, 1, 1]
+        shape[axis] = n
+        return torch.arange(n, device=self.device, dtype=torch.int64).reshape(shape)
+
+    def size(self, name: str) -> int:
+        return {"BATCH": self.batch, "NUM_HEADS": self.num_heads, "Q_LEN": self.q_len, "KV_LEN": self.kv_len}[
+            name
+        ]
+
+
+def _scalar(value: int | float | bool, type_: Type, device: torch.device) -> torch.Tensor:
+    return torch.tensor(value, dtype=_DTYPES[type_], device=device)
+
+
+def _load(decl: InputDecl, tensor: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
+    """tensor[indices] where every index is in range, else 0 / false."""
+    indices = list(torch.broadcast_tensors(*indices))
+    valid = torch.ones_like(indices[0], dtype=torch.bool)
+    flat = torch.zeros_like(indices[0])
+    stride = 1
+    for axis in reversed(range(len(indices))):
+        extent = tensor.shape[axis]
+        index = indices[axis]
+        valid &= (index >= 0) & (index < extent)
+        flat = flat + index.clamp(0, max(extent - 1, 0)) * stride
+        stride *= extent
+    values = tensor.reshape(-1).to(_DTYPES[decl.type])
+    if values.numel() == 0:
+        return torch.zeros(flat.shape, dtype=values.dtype, device=flat.device)
+    gathered = values[flat]
+    return torch.where(valid, gathered, torch.zeros((), dtype=gathered.dtype, device=gathered.device))
+
+
+def _floordiv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    zero = b == 0
+    safe = torch.where(zero, torch.ones_like(b), b)
+    return torch.where(zero, torch.zeros_like(a), torch.div(a, safe, rounding_mode="floor"))
+
+
+def _mod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    zero = b == 0
+    safe = torch.where(zero, torch.ones_like(b), b)
+    return torch.where(zero, a, torch.remainder(a, safe))
+
+
+_ELEMENTWISE = {
+    Op.ADD: torch.add,
+    Op.SUB: torch.sub,
+    Op.MUL: torch.mul,
+    Op.DIV: torch.div,
+    Op.FLOORDIV: _floordiv,
+    Op.MOD: _mod,
+    Op.NEG: torch.neg,
+    Op.ABS: torch.abs,
+    Op.MIN: torch.minimum,
+    Op.MAX: torch.maximum,
+    Op.EXP: torch.exp,
+    Op.EXP2: torch.exp2,
+    Op.LOG: torch.log,
+    Op.LOG2: torch.log2,
+    Op.SQRT: torch.sqrt,
+    Op.TANH: torch.tanh,
+    Op.SIGMOID: torch.sigmoid,
+    Op.EQ: torch.eq,
+    Op.NE: torch.ne,
+    Op.LT: torch.lt,
+    Op.LE: torch.le,
+    Op.GT: torch.gt,
+    Op.GE: torch.ge,
+    Op.NOT: torch.logical_not,
+    Op.WHERE: torch.where,
+}
+
+
+def evaluate(root: Node, pattern: PatternIR, env: Env) -> torch.Tensor:
+    """The value of an expression of a bound, inlined pattern at every grid point (broadcastable)."""
+    values: dict[Node, torch.Tensor] = {}
+    for node in root.walk():
+        args = [values[a] for a in node.args]
+        op = node.op
+        if op is Op.CONST:
+            result = _scalar(node.attr, node.type, env.device)  # type: ignore[arg-type]
+        elif op is Op.VAR:
+            result = env.var(str(node.attr))
+        elif op is Op.SIZE:
+            result = _scalar(env.size(str(node.attr)), Type.INT, env.device)
+        elif op is Op.SCORE:
+            assert env.score is not None, "the score is only defined inside score"
+            result = env.score
+        elif op is Op.LOAD:
+            decl = pattern.input(str(node.attr))
+            assert decl is not None
+            result = _load(decl, env.inputs[decl.name], args)
+        elif op is Op.TOFLOAT:
+            result = args[0].to(torch.float64)
+        elif op is Op.FLOOR:
+            result = torch.floor(args[0]).to(torch.int64)
+        elif op is Op.CEIL:
+            result = torch.ceil(args[0]).to(torch.int64)
+        elif op is Op.AND:
+            result = args[0]
+            for arg in args[1:]:
+                result = result & arg
+        elif op is Op.OR:
+            result = args[0]
+            for arg in args[1:]:
+                result = result | arg
+        elif op in _ELEMENTWISE:
+            result = _ELEMENTWISE[op](*args)
+        else:
+            raise AssertionError(f"the oracle cannot evaluate {op}: the pattern is not inlined and bound")
+        values[node] = result
+    return values[root]
+
+
+def mask(pattern: PatternIR, env: Env) -> torch.Tensor:
+    """The dense bool mask of a bound pattern, broadcastable to [B, H, Lq, Lkv]."""
+    if pattern.mask is None:
+        return torch.ones((1, 1, env.q_len, env.kv_len), dtype=torch.bool, device=env.device)
+    return evaluate(pattern.mask, pattern, env)
+
+
+def attention(
+    pattern: PatternIR, env: Env, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax attention in float64: (out [B, Hq, Lq, Dv], lse [B, Hq, Lq]).
+
+    Scores are `(q . k) * scale`, then the pattern's score function, then the mask. A query with no
+    allowed key (or only -inf scores) gets output 0 and lse -inf.
+    """
+    group = q.shape[1] // k.shape[1]
+    k64 = k.to(torch.float64).repeat_interleave(group, dim=1)
+    v64 = v.to(torch.float64).repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(torch.float64), k64) * scale
+    if pattern.score is not None:
+        env.score = scores
+        scores = evaluate(pattern.score, pattern, env).expand_as(scores).to(torch.float64)
+        env.score = None
+    allowed = mask(pattern, env).expand_as(scores)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    empty = torch.isneginf(row_max)
+    shifted = torch.where(empty, torch.zeros_like(scores), scores - torch.where(empty, 0.0, row_max))
+    weights = torch.where(allowed & ~empty, torch.exp(shifted), torch.zeros_like(scores))
+    total = weights.sum(dim=-1, keepdim=True)
+    out = torch.einsum("bhqk,bhkd->bhqd", weights, v64) / torch.where(empty, 1.0, total)
+    out = torch.where(empty, torch.zeros_like(out), out)
+    lse = torch.where(empty, float("-inf"), row_max + torch.log(torch.where(empty, 1.0, total))).squeeze(-1)
+    return out, lse

@@ -1,0 +1,381 @@
+"""IR nodes and their typing rules.
+
+An expression is a tree of frozen `Node`s (op, type, args, attr). Nodes compare and hash structurally
+(the source location is carried but ignored), so equal sub-expressions are one value: common
+sub-expression elimination is a property of the representation, and the printer shows each once.
+Every op is documented once, in `OPS`, together with the rule that types it; the verifier and the
+builders share that rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from attnc.errors import Loc
+
+
+class Type(str, Enum):
+    INT = "int"
+    FLOAT = "float"
+    BOOL = "bool"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Op(str, Enum):
+    CONST = "const"
+    VAR = "var"
+    SIZE = "size"
+    SCORE = "score"
+    REF = "ref"
+    LOAD = "load"
+    CALL = "call"
+    PATTERN = "pattern"
+    ADD = "add"
+    SUB = "sub"
+    MUL = "mul"
+    DIV = "div"
+    FLOORDIV = "floordiv"
+    MOD = "mod"
+    NEG = "neg"
+    ABS = "abs"
+    MIN = "min"
+    MAX = "max"
+    TOFLOAT = "tofloat"
+    EXP = "exp"
+    EXP2 = "exp2"
+    LOG = "log"
+    LOG2 = "log2"
+    SQRT = "sqrt"
+    TANH = "tanh"
+    SIGMOID = "sigmoid"
+    FLOOR = "floor"
+    CEIL = "ceil"
+    EQ = "eq"
+    NE = "ne"
+    LT = "lt"
+    LE = "le"
+    GT = "gt"
+    GE = "ge"
+    AND = "and"
+    OR = "or"
+    NOT = "not"
+    WHERE = "where"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+INDEX_VARS = ("b", "h", "q", "kv")
+SIZES = ("BATCH", "NUM_HEADS", "Q_LEN", "KV_LEN")
+INPUT_DTYPES = {
+    "bool": Type.BOOL,
+    "int32": Type.INT,
+    "int64": Type.INT,
+    "float16": Type.FLOAT,
+    "bfloat16": Type.FLOAT,
+    "float32": Type.FLOAT,
+}
+
+
+@dataclass(frozen=True)
+class Node:
+    """One IR value. `attr` holds a constant, a variable/size/let/param name, or a callee/input symbol."""
+
+    op: Op
+    type: Type
+    args: tuple[Node, ...] = ()
+    attr: int | float | bool | str | None = None
+    loc: Loc | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Python's 1 == 1.0 == True would let constants of different types compare equal inside
+        # containers keyed by attr alone; the type field keeps them apart, and floats stay floats.
+        if self.op is Op.CONST and self.type is Type.FLOAT and not isinstance(self.attr, float):
+            object.__setattr__(self, "attr", float(self.attr))
+
+    def with_args(self, args: tuple[Node, ...]) -> Node:
+        return self if args == self.args else replace(self, args=args)
+
+    def walk(self) -> Iterator[Node]:
+        """Every node of the expression, each distinct one once, children before parents."""
+        seen: set[Node] = set()
+        stack: list[tuple[Node, bool]] = [(self, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if node in seen:
+                continue
+            if expanded:
+                seen.add(node)
+                yield node
+                continue
+            stack.append((node, True))
+            stack.extend((a, False) for a in reversed(node.args) if a not in seen)
+
+    @property
+    def is_const(self) -> bool:
+        return self.op is Op.CONST
+
+
+def const(value: int | float | bool, loc: Loc | None = None) -> Node:
+    if isinstance(value, bool):
+        return Node(Op.CONST, Type.BOOL, (), value, loc)
+    if isinstance(value, int):
+        return Node(Op.CONST, Type.INT, (), value, loc)
+    return Node(Op.CONST, Type.FLOAT, (), float(value), loc)
+
+
+# ---- the ops, documented once, each with its typing rule ---------------------------------------------
+
+TypeRule = Callable[[tuple[Type, ...], object], Type | str]
+"""Given the operand types and the attr, the result type, or a reason the operands are ill-typed."""
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    op: Op
+    doc: str
+    arity: int | None  # None: variadic (see the rule)
+    rule: TypeRule | None  # None: the node's type is given by its declaration (leaves, refs, calls)
+
+
+def _numeric_same(types: tuple[Type, ...], _attr: object) -> Type | str:
+    if types[0] == types[1] and types[0] in (Type.INT, Type.FLOAT):
+        return types[0]
+    return f"operands must be both int or both float, got {types[0]} and {types[1]}"
+
+
+def _float_binary(types: tuple[Type, ...], _attr: object) -> Type | str:
+    return Type.FLOAT if types == (Type.FLOAT, Type.FLOAT) else f"operands must be float, got {types}"
+
+
+def _int_binary(types: tuple[Type, ...], _attr: object) -> Type | str:
+    return Type.INT if types == (Type.INT, Type.INT) else f"operands must be int, got {types}"
+
+
+def _numeric_unary(types: tuple[Type, ...], _attr: object) -> Type | str:
+    return types[0] if types[0] in (Type.INT, Type.FLOAT) else f"operand must be a number, got {types[0]}"
+
+
+def _float_unary(result: Type) -> TypeRule:
+    def rule(types: tuple[Type, ...], _attr: object) -> Type | str:
+        return result if types[0] is Type.FLOAT else f"operand must be float, got {types[0]}"
+
+    return rule
+
+
+def _ordered(types: tuple[Type, ...], _attr: object) -> Type | str:
+    if types[0] == types[1] and types[0] in (Type.INT, Type.FLOAT):
+        return Type.BOOL
+    return f"operands must be both int or both float, got {types[0]} and {types[1]}"
+
+
+def _equality(types: tuple[Type, ...], _attr: object) -> Type | str:
+    return (
+        Type.BOOL if types[0] == types[1] else f"operands must have one type, got {types[0]} and {types[1]}"
+    )
+
+
+def _logical(types: tuple[Type, ...], _attr: object) -> Type | str:
+    if len(types) < 2:
+        return "needs at least two operands"
+    return Type.BOOL if all(t is Type.BOOL for t in types) else "operands must be bool"
+
+
+def _not(types: tuple[Type, ...], _attr: object) -> Type | str:
+    return Type.BOOL if types[0] is Type.BOOL else f"operand must be bool, got {types[0]}"
+
+
+def _where(types: tuple[Type, ...], _attr: object) -> Type | str:
+    if types[0] is not Type.BOOL:
+        return f"condition must be bool, got {types[0]}"
+    return types[1] if types[1] == types[2] else f"branches must have one type, got {types[1]} and {types[2]}"
+
+
+def _tofloat(types: tuple[Type, ...], _attr: object) -> Type | str:
+    return Type.FLOAT if types[0] is Type.INT else f"operand must be int, got {types[0]}"
+
+
+OPS: dict[Op, OpInfo] = {
+    info.op: info
+    for info in [
+        OpInfo(Op.CONST, "a literal; attr is the Python int, float or bool", 0, None),
+        OpInfo(Op.VAR, "an index variable: attr one of b, h, q, kv (int)", 0, None),
+        OpInfo(Op.SIZE, "a size: attr one of BATCH, NUM_HEADS, Q_LEN, KV_LEN (int)", 0, None),
+        OpInfo(Op.SCORE, "the incoming score s = (q . k) * scale (float); only inside score", 0, None),
+        OpInfo(
+            Op.REF, "a named value: a pattern parameter, a fn argument or a let; attr is the name", 0, None
+        ),
+        OpInfo(
+            Op.LOAD, "element of input tensor attr at int indices; out of range reads 0 / false", None, None
+        ),
+        OpInfo(Op.CALL, "call of fn attr with every argument, in declaration order", None, None),
+        OpInfo(Op.PATTERN, "the mask of pattern attr with every parameter, in declaration order", None, None),
+        OpInfo(Op.ADD, "a + b", 2, _numeric_same),
+        OpInfo(Op.SUB, "a - b", 2, _numeric_same),
+        OpInfo(Op.MUL, "a * b", 2, _numeric_same),
+        OpInfo(Op.DIV, "a / b, true division of floats", 2, _float_binary),
+        OpInfo(Op.FLOORDIV, "a // b, floor division of ints as in Python; a // 0 is 0", 2, _int_binary),
+        OpInfo(Op.MOD, "a % b, floor modulo of ints as in Python (sign of b); a % 0 is a", 2, _int_binary),
+        OpInfo(Op.NEG, "-a", 1, _numeric_unary),
+        OpInfo(Op.ABS, "|a|", 1, _numeric_unary),
+        OpInfo(Op.MIN, "the smaller of a and b", 2, _numeric_same),
+        OpInfo(Op.MAX, "the larger of a and b", 2, _numeric_same),
+        OpInfo(Op.TOFLOAT, "an int as a float (the promotion of int to float)", 1, _tofloat),
+        OpInfo(Op.EXP, "e ** a", 1, _float_unary(Type.FLOAT)),
+        OpInfo(Op.EXP2, "2 ** a", 1, _float_unary(Type.FLOAT)),
+        OpInfo(Op.LOG, "natural logarithm", 1, _float_unary(Type.FLOAT)),
+        OpInfo(Op.LOG2, "base-2 logarithm", 1, _float_unary(Type.FLOAT)),
+        OpInfo(Op.SQRT, "square root", 1, _float_unary(Type.FLOAT)),
+        OpInfo(Op.TANH, "hyperbolic tangent", 1, _float_unary(Type.FLOAT)),
+        OpInfo(Op.SIGMOID, "1 / (1 + e ** -a)", 1, _float_unary(Type.FLOAT)),
+        OpInfo(Op.FLOOR, "largest int <= a", 1, _float_unary(Type.INT)),
+        OpInfo(Op.CEIL, "smallest int >= a", 1, _float_unary(Type.INT)),
+        OpInfo(Op.EQ, "a == b (numbers of one type, or bools)", 2, _equality),
+        OpInfo(Op.NE, "a != b (numbers of one type, or bools)", 2, _equality),
+        OpInfo(Op.LT, "a < b", 2, _ordered),
+        OpInfo(Op.LE, "a <= b", 2, _ordered),
+        OpInfo(Op.GT, "a > b", 2, _ordered),
+        OpInfo(Op.GE, "a >= b", 2, _ordered),
+        OpInfo(Op.AND, "conjunction of two or more bools", None, _logical),
+        OpInfo(Op.OR, "disjunction of two or more bools", None, _logical),
+        OpInfo(Op.NOT, "negation of a bool", 1, _not),
+        OpInfo(Op.WHERE, "b if cond else c; branches of one type", 3, _where),
+    ]
+}
+
+
+def infer_type(op: Op, args: tuple[Node, ...], attr: object = None) -> Type | str:
+    """The result type of an interior op over these operands, or the reason it is ill-typed."""
+    info = OPS[op]
+    assert info.rule is not None, f"{op} has no typing rule"
+    if info.arity is not None and len(args) != info.arity:
+        return f"takes {info.arity} operands, got {len(args)}"
+    return info.rule(tuple(a.type for a in args), attr)
+
+
+def make(op: Op, *args: Node, loc: Loc | None = None) -> Node:
+    """Build an interior node, typing it by its rule; an ill-typed one is an internal error."""
+    result = infer_type(op, args)
+    if not isinstance(result, Type):
+        from attnc.errors import InternalError
+
+        raise InternalError(f"ill-typed {op}: {result}")
+    return Node(op, result, args, None, loc)
+
+
+def var(name: str, loc: Loc | None = None) -> Node:
+    return Node(Op.VAR, Type.INT, (), name, loc)
+
+
+def size(name: str, loc: Loc | None = None) -> Node:
+    return Node(Op.SIZE, Type.INT, (), name, loc)
+
+
+SCORE = Node(Op.SCORE, Type.FLOAT)
+
+
+def format_const(value: int | float | bool) -> str:
+    """A constant as the IR text writes it: `true`, `3`, `3.0`, `1e-05`, `inf`, `nan`."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    text = repr(value)
+    return text if any(c in text for c in ".en") else text + ".0"
+
+
+# ---- declarations ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamDecl:
+    """A pattern parameter or fn argument; `default` is a constant node or None."""
+
+    name: str
+    type: Type
+    default: Node | None = None
+    loc: Loc | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class InputDecl:
+    """A tensor passed at call time: element dtype and shape (int expressions of params and sizes)."""
+
+    name: str
+    dtype: str
+    dims: tuple[Node, ...]
+    loc: Loc | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def type(self) -> Type:
+        return INPUT_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class FnIR:
+    name: str
+    params: tuple[ParamDecl, ...]
+    body: Node
+    loc: Loc | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class PatternIR:
+    """A pattern: parameters (or, once bound, their values), inputs, lets, mask and score.
+
+    `mask` None means every key; `score` None means `s`. `bindings` is set by `bind-params`, which
+    removes `params`: a bound pattern is specialised on those values.
+    """
+
+    name: str
+    params: tuple[ParamDecl, ...] = ()
+    inputs: tuple[InputDecl, ...] = ()
+    lets: tuple[tuple[str, Node], ...] = ()
+    mask: Node | None = None
+    score: Node | None = None
+    bindings: tuple[tuple[str, int | float | bool], ...] | None = None
+    loc: Loc | None = field(default=None, compare=False, repr=False)
+
+    def input(self, name: str) -> InputDecl | None:
+        return next((i for i in self.inputs if i.name == name), None)
+
+    def roots(self) -> Iterator[Node]:
+        """Every expression of the pattern: input dims, lets, mask, score."""
+        for decl in self.inputs:
+            yield from decl.dims
+        for _, value in self.lets:
+            yield value
+        if self.mask is not None:
+            yield self.mask
+        if self.score is not None:
+            yield self.score
+
+
+@dataclass(frozen=True)
+class ModuleIR:
+    """What the pipeline compiles: the entry pattern (last) and the fns and patterns it refers to."""
+
+    fns: tuple[FnIR, ...]
+    patterns: tuple[PatternIR, ...]
+
+    @property
+    def entry(self) -> PatternIR:
+        return self.patterns[-1]
+
+    def fn(self, name: str) -> FnIR | None:
+        return next((f for f in self.fns if f.name == name), None)
+
+    def pattern(self, name: str) -> PatternIR | None:
+        return next((p for p in self.patterns if p.name == name), None)
+
+    def with_entry(self, entry: PatternIR) -> ModuleIR:
+        return replace(self, patterns=(*self.patterns[:-1], entry))
