@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from attnc.dsl.lower import Program, load_program, stdlib_program
-from attnc.errors import InputError, Loc, ParameterError
+from attnc.errors import AttnImportError, InputError, Loc, ParameterError, SourceFile
 from attnc.ir import evaluate as oracle
 from attnc.ir.nodes import INPUT_DTYPES, Node, Op, ParamDecl, PatternIR, Type
 from attnc.ir.printer import print_module
@@ -27,9 +27,11 @@ def load(path: str | Path) -> Module:
     """Parse and check an `.attn` file (and what it imports)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise FileNotFoundError(f"cannot read {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise AttnImportError(f"{path} is not UTF-8 text", Loc(SourceFile(str(path), ""), 1, 1)) from None
     return Module(load_program(text, str(path), path))
 
 
@@ -140,7 +142,7 @@ def _check_param(decl: ParamDecl, value: Any, pattern: str) -> Value:
             return value
     elif isinstance(value, bool):
         pass
-    elif decl.type is Type.INT and isinstance(value, numbers.Integral):
+    elif decl.type is Type.INT and isinstance(value, numbers.Integral) and -(2**63) <= value < 2**63:
         return int(value)
     elif decl.type is Type.FLOAT and isinstance(value, numbers.Real):
         return float(value)
@@ -248,10 +250,10 @@ class Kernel:
                     f"shape determines it)",
                     loc,
                 )
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise InputError(f"{what} must be a positive int, got {value!r}", loc)
         for what, value in (("q_len", q_len), ("kv_len", kv_len)):
-            if not isinstance(value, int) or value < 0:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InputError(f"{what} must be a non-negative int, got {value!r}", loc)
         sizes = {"BATCH": batch, "NUM_HEADS": num_heads, "Q_LEN": q_len, "KV_LEN": kv_len}
         for decl in pattern.inputs:

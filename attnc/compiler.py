@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TextIO
 
-from attnc.ir.nodes import ModuleIR
+from attnc.ir.nodes import ModuleIR, deep_recursion
 from attnc.passes import BindParams, Canonicalize, Inline, PassManager
 from attnc.passes.manager import Compiled
 
@@ -19,4 +19,5 @@ def compile_pattern(
     pm.add(Inline())
     pm.add(BindParams(values))
     pm.add(Canonicalize())
-    return pm.run(module)
+    with deep_recursion():
+        return pm.run(module)

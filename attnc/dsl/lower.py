@@ -10,6 +10,7 @@ float explicitly (`tofloat`) wherever they meet floats.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -41,9 +42,11 @@ from attnc.ir.nodes import (
     PatternIR,
     Type,
     const,
+    deep_recursion,
     make,
 )
 
+INT64_MAX = 2**63 - 1
 PARAM_TYPES = {"int": Type.INT, "float": Type.FLOAT, "bool": Type.BOOL}
 MATH_FUNCTIONS = {
     "exp": Op.EXP,
@@ -113,23 +116,35 @@ def _load_scope(
             raise AttnImportError(f"import cycle: {chain}", decl.loc)
         if target not in loaded:
             try:
-                text = target.read_text()
+                text = target.read_text(encoding="utf-8")
             except OSError as err:
                 raise AttnImportError(f"cannot read '{decl.path}': {err.strerror}", decl.loc) from None
-            child = parse(text, str(decl.path if not Path(decl.path).is_absolute() else target))
+            except UnicodeDecodeError:
+                raise AttnImportError(f"'{decl.path}' is not UTF-8 text", decl.loc) from None
+            child = parse(text, _display_path(target))
             loaded[target] = _load_scope(child, target, target.stem, [*loading, target], loaded)
         scope.imports.append((decl, loaded[target]))
     return scope
 
 
+def _display_path(path: Path) -> str:
+    """A path to show in diagnostics: relative to the working directory where that is shorter."""
+    try:
+        relative = os.path.relpath(path)
+    except ValueError:
+        return str(path)
+    return relative if not relative.startswith("..") else str(path)
+
+
 def load_program(text: str, filename: str = "<string>", path: Path | None = None) -> Program:
     """Parse and check a file (and its imports); patterns are lowered on first use."""
-    module = parse(text, filename)
-    resolved = path.resolve() if path is not None else None
-    loaded: dict[Path, FileScope] = {}
-    scope = _load_scope(module, resolved, "", [resolved] if resolved else [], loaded)
-    program = Program(scope)
-    program.check_all()
+    with deep_recursion():
+        module = parse(text, filename)
+        resolved = path.resolve() if path is not None else None
+        loaded: dict[Path, FileScope] = {}
+        scope = _load_scope(module, resolved, "", [resolved] if resolved else [], loaded)
+        program = Program(scope)
+        program.check_all()
     return program
 
 
@@ -193,9 +208,17 @@ class Program:
         return found  # type: ignore[return-value]
 
     def check_all(self) -> None:
-        """Lower every declaration of the root file, so that `load` reports every error up front."""
-        for decl in self.root.decls.values():
-            self._lower(self.root, decl, decl.loc)
+        """Lower every declaration of the root file and of the files it imports, so that `load` reports
+        every error up front."""
+        pending, seen = [self.root], set()
+        while pending:
+            scope = pending.pop()
+            if id(scope) in seen:
+                continue
+            seen.add(id(scope))
+            for decl in scope.decls.values():
+                self._lower(scope, decl, decl.loc)
+            pending.extend(child for _, child in scope.imports)
 
     def _lower(self, scope: FileScope, decl: Decl, ref_loc: Loc) -> FnIR | PatternIR:
         key = id(decl)
@@ -253,6 +276,10 @@ class Program:
 
 
 # ---- expressions -------------------------------------------------------------------------------------
+
+
+def _article(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
 
 def _promote(a: Node, b: Node) -> tuple[Node, Node]:
@@ -323,6 +350,8 @@ class _ExprLowerer:
         return method(e)
 
     def _IntLit(self, e: ast.IntLit) -> Node:
+        if e.value > INT64_MAX:
+            raise AttnTypeError(f"integer literal {e.value} does not fit in 64 bits", e.loc)
         return const(e.value, e.loc)
 
     def _FloatLit(self, e: ast.FloatLit) -> Node:
@@ -412,7 +441,7 @@ class _ExprLowerer:
     def _Call(self, e: ast.Call) -> Node:
         name = e.func
         if name in self.locals:
-            raise AttnTypeError(f"'{name}' is a {self.locals[name].kind}, not a function", e.func_loc)
+            raise AttnTypeError(f"'{name}' is {_article(self.locals[name].kind)}, not a function", e.func_loc)
         if name in BUILTINS:
             return self.builtin(e)
         found = self.program.lookup(self.scope, name, e.func_loc)
@@ -621,6 +650,7 @@ class _PatternLowerer(_ExprLowerer):
         self.lets: dict[str, Node] = {}
         self.let_order: list[str] = []
         self.lets_in_progress: list[str] = []
+        self.score_lets: set[str] = set()  # lets that use `s`, directly or through other lets
         self.in_dims = False
 
     def allow_index_vars(self) -> bool:
@@ -632,7 +662,7 @@ class _PatternLowerer(_ExprLowerer):
         if name in self.locals:
             previous = self.locals[name]
             raise DuplicateError(
-                f"'{name}' is already declared as a {previous.kind} at line {previous.loc.line}", loc
+                f"'{name}' is already declared as {_article(previous.kind)} at line {previous.loc.line}", loc
             )
         self.locals[name] = _Local(kind, loc, type_)
 
@@ -708,7 +738,7 @@ class _PatternLowerer(_ExprLowerer):
             if self.in_dims:
                 raise AttnTypeError(f"let '{name}' cannot be used in an input's shape", loc)
             value = self._let(name, loc)
-            if not self.allow_score and any(n.op is Op.SCORE for n in value.walk()):
+            if not self.allow_score and name in self.score_lets:
                 raise AttnTypeError(f"let '{name}' uses 's' (the score), which exists only inside score", loc)
             return Node(Op.REF, value.type, (), name, loc)
         return super().local_ref(name, loc)
@@ -729,6 +759,8 @@ class _PatternLowerer(_ExprLowerer):
         finally:
             self.allow_score, self.context = saved
             self.lets_in_progress.pop()
+        if any(n.op is Op.SCORE or (n.op is Op.REF and n.attr in self.score_lets) for n in value.walk()):
+            self.score_lets.add(name)
         self.lets[name] = value
         self.let_order.append(name)
         return value

@@ -6,12 +6,13 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, Transformer_NonRecursive, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 from lark.lexer import PatternStr
 
 from attnc.dsl import ast
 from attnc.errors import AttnError, AttnSyntaxError, Loc, SourceFile
+from attnc.ir.nodes import MAX_NESTING
 
 
 class _NewlinesInBrackets:
@@ -128,7 +129,7 @@ def _syntax_error(file: SourceFile, err: UnexpectedInput) -> AttnSyntaxError:
     return AttnSyntaxError(str(err), Loc(file, getattr(err, "line", 1), getattr(err, "column", 1)))
 
 
-class _ToAst(Transformer):
+class _ToAst(Transformer_NonRecursive):
     """Builds `attnc.dsl.ast` nodes from lark's tree; node classes are named after grammar rules."""
 
     def __init__(self, file: SourceFile) -> None:
@@ -236,6 +237,9 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def call(self, meta, children) -> ast.Call:
         name, *args = children
+        for before, after in zip(args, args[1:], strict=False):
+            if isinstance(before, ast.KeywordArg) and not isinstance(after, ast.KeywordArg):
+                raise AttnSyntaxError("a positional argument cannot follow a keyword argument", after.loc)
         positional = tuple(a for a in args if not isinstance(a, ast.KeywordArg))
         keywords = tuple(a for a in args if isinstance(a, ast.KeywordArg))
         return ast.Call(self._loc(meta), str(name), self._tok(name), positional, keywords)
@@ -275,8 +279,47 @@ def parse(text: str, filename: str = "<string>") -> ast.Module:
     except UnexpectedInput as err:
         raise _syntax_error(file, err) from None
     try:
-        return _ToAst(file).transform(tree)
+        module = _ToAst(file).transform(tree)
     except VisitError as err:
         if isinstance(err.orig_exc, AttnError):
             raise err.orig_exc from None
         raise
+    _check_nesting(module)
+    return module
+
+
+def _children(node: object) -> list[ast.Expr]:
+    children: list[ast.Expr] = []
+    for name in getattr(node, "__dataclass_fields__", {}):
+        value = getattr(node, name)
+        items = value if isinstance(value, tuple) else (value,)
+        for item in items:
+            if isinstance(item, ast.KeywordArg):
+                children.append(item.value)
+            elif isinstance(item, ast.Expr):
+                children.append(item)
+    return children
+
+
+def _check_nesting(module: ast.Module) -> None:
+    """Expressions nested deeper than MAX_NESTING are an error, not a crash of the recursive passes."""
+    for decl in module.decls:
+        roots: list[object] = [decl]
+        stack = [(child, 1) for root in roots for child in _roots(root)]
+        while stack:
+            node, depth = stack.pop()
+            if depth > MAX_NESTING:
+                raise AttnSyntaxError(f"expression nested more than {MAX_NESTING} levels deep", node.loc)
+            stack.extend((child, depth + 1) for child in _children(node))
+
+
+def _roots(decl: object) -> list[ast.Expr]:
+    """The top-level expressions of a declaration."""
+    if isinstance(decl, ast.FnDecl):
+        return [decl.body, *(p.default for p in decl.params if p.default is not None)]
+    if isinstance(decl, ast.PatternDecl):
+        exprs = [p.default for p in decl.params if p.default is not None]
+        for stmt in decl.stmts:
+            exprs.extend(stmt.dims if isinstance(stmt, ast.InputStmt) else [stmt.value])
+        return exprs
+    return []

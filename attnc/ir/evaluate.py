@@ -149,9 +149,11 @@ def evaluate(root: Node, pattern: PatternIR, env: Env) -> torch.Tensor:
 
 def mask(pattern: PatternIR, env: Env) -> torch.Tensor:
     """The dense bool mask of a bound pattern, broadcastable to [B, H, Lq, Lkv]."""
+    grid = (1, 1, env.q_len, env.kv_len)
     if pattern.mask is None:
-        return torch.ones((1, 1, env.q_len, env.kv_len), dtype=torch.bool, device=env.device)
-    return evaluate(pattern.mask, pattern, env)
+        return torch.ones(grid, dtype=torch.bool, device=env.device)
+    result = evaluate(pattern.mask, pattern, env)
+    return result.expand(torch.broadcast_shapes(result.shape, grid))
 
 
 def attention(
@@ -172,7 +174,10 @@ def attention(
         env.score = None
     allowed = mask(pattern, env).expand_as(scores)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
+    if scores.shape[-1] == 0:  # no keys at all: every row is empty
+        row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+    else:
+        row_max = scores.amax(dim=-1, keepdim=True)
     empty = torch.isneginf(row_max)
     shifted = torch.where(empty, torch.zeros_like(scores), scores - torch.where(empty, 0.0, row_max))
     weights = torch.where(allowed & ~empty, torch.exp(shifted), torch.zeros_like(scores))

@@ -10,7 +10,9 @@ builders share that rule.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
@@ -68,6 +70,22 @@ class Op(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+MAX_NESTING = 400
+"""How deeply a source expression may nest; the front end reports deeper ones as syntax errors."""
+
+
+@contextmanager
+def deep_recursion(limit: int = 20_000) -> Iterator[None]:
+    """Room for the recursive algorithms over expressions nested up to MAX_NESTING deep (and the
+    deeper trees inlining builds from them)."""
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(previous, limit))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(previous)
 
 
 INDEX_VARS = ("b", "h", "q", "kv")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import ClassVar
 
-from attnc.errors import InternalError
+from attnc.errors import AttnTypeError, InternalError
 from attnc.ir import fold
 from attnc.ir.nodes import SIZES, ModuleIR, Node, Op, Type, const, make
 from attnc.ir.rewrite import rewrite
@@ -83,6 +83,8 @@ def fold_constant(node: Node) -> Node | None:
         value = float(value)
     elif node.type is Type.INT:
         value = int(value)
+        if not -(2**63) <= value < 2**63:
+            raise AttnTypeError(f"integer overflow: the constant {value} does not fit in 64 bits", node.loc)
     return const(value, node.loc)
 
 
@@ -385,7 +387,7 @@ def _merge_bounds(operands: list[Node], is_and: bool) -> list[Node] | bool:
             if lows[expr] <= highs[expr] + 1:
                 return True
     result: list[Node] = []
-    emitted: set[tuple[Node, Op]] = set()
+    emitted: set[tuple[Node, Op, int]] = set()
     for arg in operands:
         bound = _bound(arg)
         if bound is None:
@@ -394,9 +396,10 @@ def _merge_bounds(operands: list[Node], is_and: bool) -> list[Node] | bool:
         expr, op, c = bound
         if is_and and expr in equal and op is not Op.EQ:
             continue  # implied by the equality, which was checked against it above
-        if (expr, op) in emitted:
+        key = (expr, op, c if op is Op.EQ else 0)  # distinct equalities are distinct constraints
+        if key in emitted:
             continue
-        emitted.add((expr, op))
+        emitted.add(key)
         if op is Op.EQ:
             result.append(arg)
         else:
