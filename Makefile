@@ -13,6 +13,7 @@ demo: $(STAMP)
 	$(PY) -m attnc.demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check attnc tests
 	TRITON_INTERPRET=1 $(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -124,7 +124,9 @@ def bool_exprs(draw: st.DrawFn, depth: int = 3) -> str:
         return draw(comparisons(max(depth - 1, 0)))
     sub = bool_exprs(depth - 1)
     kind = draw(
-        st.sampled_from(["and", "or", "and3", "not", "cmp", "chain", "chain", "booleq", "where", "bounds", "bounds"])
+        st.sampled_from(
+            ["and", "or", "and3", "not", "cmp", "chain", "chain", "booleq", "where", "bounds", "bounds"]
+        )
     )
     if kind == "bounds":  # several bounds on one or two linear forms, joined by one junction
         forms = draw(st.lists(st.sampled_from(LINEAR_FORMS), min_size=1, max_size=2))

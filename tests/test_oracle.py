@@ -120,9 +120,7 @@ def test_gqa_query_head_h_reads_kv_head_h_div_group() -> None:
     out = STD.causal().reference(q, k, v, out_dtype=torch.float64)
     close(out, naive_attention(q, k, v, top_left_causal, 8**-0.5)[0])
     # Equivalently: expand k/v so that heads 0, 1 use kv head 0 and heads 2, 3 use kv head 1.
-    expanded = STD.causal().reference(
-        q, k[:, [0, 0, 1, 1]], v[:, [0, 0, 1, 1]], out_dtype=torch.float64
-    )
+    expanded = STD.causal().reference(q, k[:, [0, 0, 1, 1]], v[:, [0, 0, 1, 1]], out_dtype=torch.float64)
     close(out, expanded)
 
 

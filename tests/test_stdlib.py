@@ -63,8 +63,8 @@ def test_causal_bottom_right_aligns_last_query_with_last_key(q_len: int, kv_len:
 @pytest.mark.parametrize(("q_len", "kv_len"), LENGTHS)
 @pytest.mark.parametrize("window", [1, 2, 3, 5, 20])
 def test_sliding_window_sees_window_keys_including_itself(q_len: int, kv_len: int, window: int) -> None:
-    q, kv = grid(q_len, kv_len)
-    expected = np.zeros((q_len, kv_len), dtype=bool)
+    expected_shape = (q_len, kv_len)
+    expected = np.zeros(expected_shape, dtype=bool)
     for i in range(q_len):
         for j in range(kv_len):
             expected[i, j] = i - window + 1 <= j <= i
@@ -317,7 +317,9 @@ def test_sliding_window_at_least_sequence_length_is_causal(q_len: int, kv_len: i
 def test_local_window_at_least_sequence_length_is_full(q_len: int, kv_len: int) -> None:
     w = max(q_len, kv_len)
     assert attnc_mask(STD.local(left=w, right=w), q_len, kv_len).all()
-    expect_equal(attnc_mask(STD.local(left=w, right=0), q_len, kv_len), attnc_mask(STD.causal(), q_len, kv_len))
+    expect_equal(
+        attnc_mask(STD.local(left=w, right=0), q_len, kv_len), attnc_mask(STD.causal(), q_len, kv_len)
+    )
 
 
 def test_causal_bottom_right_equals_causal_when_lengths_match() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -237,7 +238,7 @@ class _ToAst(Transformer_NonRecursive):
     @v_args(meta=True)
     def call(self, meta, children) -> ast.Call:
         name, *args = children
-        for before, after in zip(args, args[1:], strict=False):
+        for before, after in itertools.pairwise(args):
             if isinstance(before, ast.KeywordArg) and not isinstance(after, ast.KeywordArg):
                 raise AttnSyntaxError("a positional argument cannot follow a keyword argument", after.loc)
         positional = tuple(a for a in args if not isinstance(a, ast.KeywordArg))
