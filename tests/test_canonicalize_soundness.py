@@ -2,7 +2,9 @@
 
 Random well-typed mask expressions over `q`, `kv`, `b`, `h`, the sizes and two int parameters are
 compiled; the dense oracle evaluates the mask of the bound (not yet canonicalized) IR and of the final,
-canonicalized IR on a small grid, and the two must agree at every point.
+canonicalized IR on a small grid, and the two must agree at every point. As a check on the constant
+folding that `bind-params` does, both must also agree with the inlined IR with the parameter values
+substituted and nothing folded.
 """
 
 from __future__ import annotations
@@ -87,8 +89,9 @@ def int_exprs(draw: st.DrawFn, depth: int = 3) -> str:
 
 @st.composite
 def float_exprs(draw: st.DrawFn, depth: int) -> str:
+    """A float expression: an int one promoted, divided (also by 0: inf, and NaN at 0 / 0) or scaled."""
     x = draw(int_exprs(max(depth - 1, 0)))
-    kind = draw(st.sampled_from(["div", "mul", "add", "plain"]))
+    kind = draw(st.sampled_from(["div", "div", "mul", "add", "plain"]))
     if kind == "div":
         return f"({x} / {draw(st.sampled_from(['2', '(-3)', '0', '0.5']))})"
     if kind == "mul":
@@ -98,22 +101,34 @@ def float_exprs(draw: st.DrawFn, depth: int) -> str:
     return x
 
 
-# A few linear forms, often compared with constants, so that and/or meet several bounds on one form.
-LINEAR_FORMS = ("q - kv", "kv - q", "q", "kv", "2 * q - kv", "q + kv - m", "(q - kv) % 3", "abs(q - kv)")
+# A few linear forms, often compared with constants, so that and/or meet several bounds on one form
+# (including forms with a common factor, and ones that canonicalize distributes or divides).
+LINEAR_FORMS = (
+    "q - kv", "kv - q", "q", "kv", "2 * q - kv", "2 * q - 2 * kv", "3 * (kv - q) + 3 * m", "q + kv - m",
+    "(q - kv) % 3", "(q - kv) // (-1)", "abs(q - kv)", "max(q, kv)", "-min(q - 2, kv)",
+)  # fmt: skip
 
 
 @st.composite
 def comparisons(draw: st.DrawFn, depth: int) -> str:
-    kind = draw(st.integers(0, 5))
+    kind = draw(st.integers(0, 6))
     if kind == 0:  # a comparison involving floats (int operands promoted)
         a, b = draw(float_exprs(depth)), draw(float_exprs(depth))
     elif kind <= 2:  # a bound on a shared linear form
         a, b = draw(st.sampled_from(LINEAR_FORMS)), lit(draw(st.integers(-3, 6)))
-        if draw(st.booleans()):
-            a, b = b, a
+    elif kind == 3:  # a bound on a random expression
+        a, b = draw(int_exprs(depth)), lit(draw(st.integers(-3, 6)))
     else:
         a, b = draw(int_exprs(depth)), draw(int_exprs(depth))
+    if draw(st.booleans()):
+        a, b = b, a
     return f"({a} {draw(st.sampled_from(COMPARISONS))} {b})"
+
+
+BOOL_KINDS = (
+    "and", "or", "and3", "not", "cmp", "chain", "chain", "booleq", "where", "bounds", "bounds", "bounds",
+    "notfloat",
+)  # fmt: skip
 
 
 @st.composite
@@ -123,19 +138,20 @@ def bool_exprs(draw: st.DrawFn, depth: int = 3) -> str:
             return draw(st.sampled_from(["true", "false"]))
         return draw(comparisons(max(depth - 1, 0)))
     sub = bool_exprs(depth - 1)
-    kind = draw(
-        st.sampled_from(
-            ["and", "or", "and3", "not", "cmp", "chain", "chain", "booleq", "where", "bounds", "bounds"]
-        )
-    )
+    kind = draw(st.sampled_from(BOOL_KINDS))
     if kind == "bounds":  # several bounds on one or two linear forms, joined by one junction
         forms = draw(st.lists(st.sampled_from(LINEAR_FORMS), min_size=1, max_size=2))
-        same_op = draw(st.sampled_from([None, *COMPARISONS]))  # often one operator throughout
+        same_op = draw(st.sampled_from([None, None, *COMPARISONS]))  # often one operator throughout
+        base = draw(st.integers(-2, 4))  # constants close together: bounds that touch, overlap or gap
         parts = []
         for _ in range(draw(st.integers(2, 4))):
             op = same_op or draw(st.sampled_from(COMPARISONS))
-            parts.append(f"({draw(st.sampled_from(forms))} {op} {lit(draw(st.integers(-2, 3)))})")
+            parts.append(f"({draw(st.sampled_from(forms))} {op} {lit(base + draw(st.integers(-1, 2)))})")
         return "(" + f" {draw(st.sampled_from(['and', 'or']))} ".join(parts) + ")"
+    if kind == "notfloat":  # a negated float comparison whose operands may be NaN (0 / 0) or inf
+        a = draw(float_exprs(depth))
+        b = draw(st.sampled_from(["0.0", "1.5", "(q / 0)", "(kv - 2)", "(q - kv) / 0"]))
+        return f"(not ({a} {draw(st.sampled_from(COMPARISONS))} {b}))"
     if kind in ("and", "or"):
         return f"({draw(sub)} {kind} {draw(sub)})"
     if kind == "and3":
@@ -276,6 +292,7 @@ EDGE_CASES = [
     "floor(q / 2) == q // 2",
     "ceil(q / (-2)) == -(q // 2)",
     "floor((q - kv) / 2.5) >= (-1)",
+    "not ((0 / (-3)) < (q / 0))",
 ]
 
 

@@ -443,6 +443,17 @@ def test_integer_division_in_masks_matches_python(expr: str, fn: Callable[[int, 
     assert torch.equal(kern.mask(Q_LEN, KV_LEN)[0, 0], expected)
 
 
+# ---- float constants ---------------------------------------------------------------------------------
+
+
+def test_negative_zero_constant_is_not_confused_with_zero() -> None:
+    # IEEE: q / -0.0 is -inf for q > 0 (NaN at q == 0), so 0.0 > q / -0.0 holds for q >= 1.
+    expected = torch.tensor([False, True, True, True])
+    for text in ("0.0 > q / (-0.0)", "q / (-0.0) < 0.0"):
+        m = attnc.loads(f"pattern p {{ mask = {text} }}").p().mask(4, 1)
+        assert torch.equal(m[0, 0, :, 0], expected), text
+
+
 # ---- inputs: guarded loads, batch inference ----------------------------------------------------------
 
 

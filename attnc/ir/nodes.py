@@ -107,14 +107,19 @@ class Node:
     op: Op
     type: Type
     args: tuple[Node, ...] = ()
-    attr: int | float | bool | str | None = None
+    attr: int | float | bool | str | None = field(default=None, compare=False)
     loc: Loc | None = field(default=None, compare=False, repr=False)
+    # What equality and hashing see of `attr`. Floats compare by their exact bits: `0.0 == -0.0` and
+    # `nan != nan` under `==` would let hash-consing merge the two zeros and keep NaN constants apart.
+    attr_key: object = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # Python's 1 == 1.0 == True would let constants of different types compare equal inside
         # containers keyed by attr alone; the type field keeps them apart, and floats stay floats.
         if self.op is Op.CONST and self.type is Type.FLOAT and not isinstance(self.attr, float):
             object.__setattr__(self, "attr", float(self.attr))
+        key = self.attr.hex() if isinstance(self.attr, float) else self.attr
+        object.__setattr__(self, "attr_key", key)
 
     def with_args(self, args: tuple[Node, ...]) -> Node:
         return self if args == self.args else replace(self, args=args)
