@@ -19,6 +19,7 @@ from attnc.ir.nodes import INPUT_DTYPES, Node, Op, ParamDecl, PatternIR, Type
 from attnc.ir.printer import print_module
 from attnc.passes import PASSES
 from attnc.passes.manager import INPUT_STAGE
+from attnc.runtime.plan import Plan, exact_block_map, make_plan, uses
 
 Value = int | float | bool
 
@@ -282,6 +283,67 @@ class Kernel:
         result = oracle.mask(self._bound, env)
         shape = (batch or result.shape[0], num_heads or result.shape[1], q_len, kv_len)
         return result.expand(shape).contiguous() if result.shape != shape else result
+
+    def plan(
+        self,
+        q_len: int,
+        kv_len: int,
+        *,
+        block: tuple[int, int] = (128, 128),
+        batch: int | None = None,
+        num_heads: int | None = None,
+        device: torch.device | str | None = None,
+        **inputs: Any,
+    ) -> Plan:
+        """What a launch needs: closed-form tile ranges (no tensors) for analytic patterns, else
+        block-sparse metadata on the inputs' device (or `device`) built in O(number of tiles). See
+        `attnc.runtime.plan.Plan`. `block` is the (query, key) tile size metadata is built for."""
+        block = self._block(block)
+        env = self._env(
+            q_len, kv_len, batch, num_heads, inputs, None if device is None else torch.device(device)
+        )
+        return make_plan(self.pattern, env, block)
+
+    def block_map(
+        self,
+        q_len: int,
+        kv_len: int,
+        *,
+        block: tuple[int, int] = (128, 128),
+        batch: int | None = None,
+        num_heads: int | None = None,
+        **inputs: Any,
+    ) -> torch.Tensor:
+        """Exact tile classes, int8 [B or 1, H or 1, ceil(q_len / BM), ceil(kv_len / BN)]: 0 EMPTY, 1
+        PARTIAL, 2 FULL, counting only positions inside the lengths. The tile analysis settles most
+        tiles; the mask is evaluated only on the positions of the tiles it leaves undecided."""
+        bm, bn = self._block(block)
+        env = self._env(q_len, kv_len, batch, num_heads, inputs, None)
+        roots = [
+            r
+            for r in (
+                self._bound.mask,
+                self.pattern.derived_value("tile_any"),
+                self.pattern.derived_value("tile_all"),
+            )
+            if r is not None
+        ]
+        batches = env.batch if uses(roots, "b") else 1
+        heads = env.num_heads if uses(roots, "h") else 1
+        classes = exact_block_map(self._bound, self.pattern, env, (bm, bn), batches, heads)
+        shape = (batch or batches, num_heads or heads, *classes.shape[2:])
+        return classes.expand(shape) if classes.shape != shape else classes
+
+    def _block(self, block: Any) -> tuple[int, int]:
+        if (
+            not isinstance(block, tuple | list)
+            or len(block) != 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in block)
+        ):
+            raise InputError(
+                f"block must be two positive ints (BLOCK_M, BLOCK_N), got {block!r}", self._bound.loc
+            )
+        return int(block[0]), int(block[1])
 
     def reference(
         self,

@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import TextIO
 
 from attnc.ir.nodes import ModuleIR, deep_recursion
-from attnc.passes import BindParams, Canonicalize, Inline, PassManager
+from attnc.passes import (
+    BindParams,
+    BlockSparsify,
+    Canonicalize,
+    ClassifyTiles,
+    DeriveRanges,
+    Inline,
+    PassManager,
+)
 from attnc.passes.manager import Compiled
 
 Value = int | float | bool
@@ -19,5 +27,8 @@ def compile_pattern(
     pm.add(Inline())
     pm.add(BindParams(values))
     pm.add(Canonicalize())
+    pm.add(ClassifyTiles())
+    pm.add(DeriveRanges())
+    pm.add(BlockSparsify())
     with deep_recursion():
         return pm.run(module)

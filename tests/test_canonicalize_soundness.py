@@ -189,8 +189,7 @@ def env() -> oracle.Env:
 
 def bound_and_final_masks(kern: attnc.Kernel) -> tuple[torch.Tensor, torch.Tensor]:
     bound = kern._compiled.modules["bind-params"].entry
-    final = kern._compiled.final.entry
-    assert list(kern._compiled.modules)[-1] == "canonicalize"
+    final = kern._compiled.modules["canonicalize"].entry
     m1 = oracle.mask(bound, env()).expand(SHAPE)
     m2 = oracle.mask(final, env()).expand(SHAPE)
     return m1, m2

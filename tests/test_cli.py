@@ -53,7 +53,16 @@ def test_ir_print_between_passes(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["ir", str(EXAMPLES / "streaming_llm.attn"), "--print-between-passes"]) == 0
     out = capsys.readouterr().out
     assert [line for line in out.splitlines() if line.startswith("// -----")] == [
-        f"// ----- IR after {stage} -----" for stage in ("input", "inline", "bind-params", "canonicalize")
+        f"// ----- IR after {stage} -----"
+        for stage in (
+            "input",
+            "inline",
+            "bind-params",
+            "canonicalize",
+            "classify-tiles",
+            "derive-ranges",
+            "block-sparsify",
+        )
     ]
 
 

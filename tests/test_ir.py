@@ -66,8 +66,10 @@ def test_canonical_ir_means_what_the_source_means(name: str, kernel: attnc.Kerne
 
 def test_kernel_keeps_every_stage_in_pipeline_order() -> None:
     kernel = attnc.stdlib().causal()
-    assert list(kernel.stages) == ["input", "inline", "bind-params", "canonicalize"]
-    assert kernel.ir() == kernel.ir("canonicalize")
+    assert list(kernel.stages) == [
+        "input", "inline", "bind-params", "canonicalize", "classify-tiles", "derive-ranges", "block-sparsify"
+    ]  # fmt: skip
+    assert kernel.ir() == kernel.ir("block-sparsify")
     assert "ge(%0, 0)" in kernel.ir("canonicalize")
 
 
@@ -114,8 +116,12 @@ def test_dump_dir_receives_one_file_per_stage(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setenv("ATTNC_DUMP_DIR", str(tmp_path))
     kernel = attnc.stdlib().sinks(count=2)
     files = sorted(p.name for p in (tmp_path / "stdlib.sinks").iterdir())
-    assert files == ["00-input.ir", "01-inline.ir", "02-bind-params.ir", "03-canonicalize.ir"]
-    assert (tmp_path / "stdlib.sinks" / "03-canonicalize.ir").read_text() == kernel.ir()
+    assert files == [
+        "00-input.ir", "01-inline.ir", "02-bind-params.ir", "03-canonicalize.ir", "04-classify-tiles.ir",
+        "05-derive-ranges.ir", "06-block-sparsify.ir",
+    ]  # fmt: skip
+    assert (tmp_path / "stdlib.sinks" / "03-canonicalize.ir").read_text() == kernel.ir("canonicalize")
+    assert (tmp_path / "stdlib.sinks" / "06-block-sparsify.ir").read_text() == kernel.ir()
 
 
 def test_constants_keep_their_type_in_text() -> None:

@@ -8,18 +8,23 @@ following `ir.fold` (floor `//` and `%`, division by zero giving 0, out-of-range
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from attnc.ir.nodes import InputDecl, Node, Op, PatternIR, Type
+from attnc.ir.summaries import RangeTable
 
 _DTYPES = {Type.INT: torch.int64, Type.FLOAT: torch.float64, Type.BOOL: torch.bool}
 
 
 @dataclass
 class Env:
-    """What names mean during one evaluation. Grids broadcast to [B, H, Lq, Lkv]."""
+    """What names mean during one evaluation. Grids broadcast to [B, H, Lq, Lkv].
+
+    `points` replaces the grid of some index variables by given index tensors (to evaluate the mask on
+    chosen positions only); `tiles` gives the tile box variables of derived expressions.
+    """
 
     batch: int
     num_heads: int
@@ -28,8 +33,15 @@ class Env:
     device: torch.device
     inputs: Mapping[str, torch.Tensor]
     score: torch.Tensor | None = None
+    points: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    tiles: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    tables: dict[tuple[str, int], RangeTable] = field(default_factory=dict, repr=False)
 
     def var(self, name: str) -> torch.Tensor:
+        if name in self.points:
+            return self.points[name]
+        if name in self.tiles:
+            return self.tiles[name]
         sizes = {"b": (self.batch, 0), "h": (self.num_heads, 1), "q": (self.q_len, 2), "kv": (self.kv_len, 3)}
         n, axis = sizes[name]
         shape = [1, 1, 1, 1]
@@ -63,6 +75,31 @@ def _load(decl: InputDecl, tensor: torch.Tensor, indices: list[torch.Tensor]) ->
         return torch.zeros(flat.shape, dtype=values.dtype, device=flat.device)
     gathered = values[flat]
     return torch.where(valid, gathered, torch.zeros((), dtype=gathered.dtype, device=gathered.device))
+
+
+def _range(node: Node, decl: InputDecl, env: Env, args: list[torch.Tensor]) -> torch.Tensor:
+    """range_min / range_max of an input over an index box (see `ir.summaries`)."""
+    tensor = env.inputs[decl.name]
+    ranged = [i for i in range(len(decl.dims)) if node.args[2 * i] != node.args[2 * i + 1]]
+    points: list[torch.Tensor | None] = [args[2 * i] for i in range(len(decl.dims))]
+    want_min = node.op is Op.RANGE_MIN
+    if not ranged:  # a single position
+        result = _load(decl, tensor, [p for p in points if p is not None])
+    elif len(ranged) == 1:
+        axis = ranged[0]
+        if (decl.name, axis) not in env.tables:
+            env.tables[decl.name, axis] = RangeTable.build(tensor, axis)
+        points[axis] = None
+        low, high = env.tables[decl.name, axis].query(points, args[2 * axis], args[2 * axis + 1])
+        result = low if want_min else high
+    else:  # a box over several axes: the bounds of the whole input, and 0 for positions outside it
+        values = tensor.to(torch.int64)
+        bound = values.amin() if want_min else values.amax()
+        zero = torch.zeros((), dtype=torch.int64, device=values.device)
+        result = torch.minimum(bound, zero) if want_min else torch.maximum(bound, zero)
+        if values.numel() == 0:
+            result = zero
+    return result.to(_DTYPES[decl.type])
 
 
 def _floordiv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -125,6 +162,10 @@ def evaluate(root: Node, pattern: PatternIR, env: Env) -> torch.Tensor:
             decl = pattern.input(str(node.attr))
             assert decl is not None
             result = _load(decl, env.inputs[decl.name], args)
+        elif op in (Op.RANGE_MIN, Op.RANGE_MAX):
+            decl = pattern.input(str(node.attr))
+            assert decl is not None
+            result = _range(node, decl, env, args)
         elif op is Op.TOFLOAT:
             result = args[0].to(torch.float64)
         elif op is Op.FLOOR:

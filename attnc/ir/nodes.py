@@ -67,6 +67,8 @@ class Op(str, Enum):
     OR = "or"
     NOT = "not"
     WHERE = "where"
+    RANGE_MIN = "range_min"
+    RANGE_MAX = "range_max"
 
     def __str__(self) -> str:
         return self.value
@@ -89,6 +91,8 @@ def deep_recursion(limit: int = 20_000) -> Iterator[None]:
 
 
 INDEX_VARS = ("b", "h", "q", "kv")
+TILE_VARS = ("q_first", "q_last", "kv_first", "kv_last")
+"""The bounds (inclusive) of a tile box; only the tile analyses' derived expressions use them."""
 SIZES = ("BATCH", "NUM_HEADS", "Q_LEN", "KV_LEN")
 INPUT_DTYPES = {
     "bool": Type.BOOL,
@@ -268,6 +272,14 @@ OPS: dict[Op, OpInfo] = {
         OpInfo(Op.OR, "disjunction of two or more bools", None, _logical),
         OpInfo(Op.NOT, "negation of a bool", 1, _not),
         OpInfo(Op.WHERE, "b if cond else c; branches of one type", 3, _where),
+        OpInfo(
+            Op.RANGE_MIN,
+            "a lower bound of input attr over the index box (lo0, hi0, lo1, hi1, ...), inclusive, "
+            "out-of-range positions reading 0 / false; exact where one index spans tile-aligned ranges",
+            None,
+            None,
+        ),
+        OpInfo(Op.RANGE_MAX, "an upper bound of input attr over the index box, as range_min", None, None),
     ]
 }
 
@@ -356,7 +368,10 @@ class PatternIR:
     """A pattern: parameters (or, once bound, their values), inputs, lets, mask and score.
 
     `mask` None means every key; `score` None means `s`. `bindings` is set by `bind-params`, which
-    removes `params`: a bound pattern is specialised on those values.
+    removes `params`: a bound pattern is specialised on those values. `derived` holds named
+    expressions the tile analyses add (over the tile box variables `TILE_VARS`, see
+    `passes/classify_tiles.py` and `passes/derive_ranges.py`); `sparsity` is how the kernel finds its
+    tiles, decided by `block-sparsify` (see `passes/block_sparsify.py`).
     """
 
     name: str
@@ -367,12 +382,14 @@ class PatternIR:
     score: Node | None = None
     bindings: tuple[tuple[str, int | float | bool], ...] | None = None
     loc: Loc | None = field(default=None, compare=False, repr=False)
+    derived: tuple[tuple[str, Node], ...] = ()
+    sparsity: str | None = None
 
     def input(self, name: str) -> InputDecl | None:
         return next((i for i in self.inputs if i.name == name), None)
 
     def roots(self) -> Iterator[Node]:
-        """Every expression of the pattern: input dims, lets, mask, score."""
+        """Every expression of the pattern: input dims, lets, mask, score, derived values."""
         for decl in self.inputs:
             yield from decl.dims
         for _, value in self.lets:
@@ -381,6 +398,11 @@ class PatternIR:
             yield self.mask
         if self.score is not None:
             yield self.score
+        for _, value in self.derived:
+            yield value
+
+    def derived_value(self, name: str) -> Node | None:
+        return next((v for n, v in self.derived if n == name), None)
 
 
 @dataclass(frozen=True)

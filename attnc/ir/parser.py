@@ -11,6 +11,7 @@ from attnc.ir.nodes import (
     INPUT_DTYPES,
     OPS,
     SIZES,
+    TILE_VARS,
     FnIR,
     InputDecl,
     ModuleIR,
@@ -26,6 +27,9 @@ _TOKEN = re.compile(
     r"\s*(?:(?P<num>-?(?:inf|nan|\d+\.\d*(?:e[-+]?\d+)?|\d+e[-+]?\d+|\d+))(?![\w.])"
     r"|(?P<ssa>%\d+)|(?P<ref>\$\w+)|(?P<sym>@[\w.:]+)|(?P<name>[A-Za-z_][\w.]*)|(?P<punct>->|[()\[\]{},:=]))"
 )
+
+
+_SYMBOL_OPS = (Op.LOAD, Op.CALL, Op.PATTERN, Op.RANGE_MIN, Op.RANGE_MAX)
 
 
 class IRParseError(InternalError):
@@ -102,7 +106,7 @@ class _Scope:
             return Node(Op.REF, self.refs[name], (), name)
         if kind == "num" or text in ("true", "false"):
             return const(_parse_const(text))
-        if text in INDEX_VARS:
+        if text in INDEX_VARS or text in TILE_VARS:
             return Node(Op.VAR, Type.INT, (), text)
         if text in SIZES:
             return Node(Op.SIZE, Type.INT, (), text)
@@ -114,7 +118,7 @@ class _Scope:
         target = line.take("ssa")
         line.take(value="=")
         op = Op(line.take("name"))
-        symbol = line.take("sym")[1:] if op in (Op.LOAD, Op.CALL, Op.PATTERN) else None
+        symbol = line.take("sym")[1:] if op in _SYMBOL_OPS else None
         line.take(value="(")
         args: list[Node] = []
         while line.peek() != ")":
@@ -124,7 +128,7 @@ class _Scope:
         line.take(value=")")
         line.take(value=":")
         type_ = Type(line.take("name"))
-        if OPS[op].rule is None and op not in (Op.LOAD, Op.CALL, Op.PATTERN):
+        if OPS[op].rule is None and op not in _SYMBOL_OPS:
             raise line.error(f"{op} is written inline, not defined")
         self.values[target] = Node(op, type_, tuple(args), symbol)
 
@@ -200,6 +204,8 @@ class _ModuleParser:
         inputs: list[InputDecl] = []
         lets: list[tuple[str, Node]] = []
         mask = score = None
+        derived: list[tuple[str, Node]] = []
+        sparsity = None
         while True:
             body = self.next_line()
             word = body.peek()
@@ -226,6 +232,14 @@ class _ModuleParser:
                 value = scope.operand(body)
                 lets.append((let_name, value))
                 scope.refs[let_name] = value.type
+            elif word == "derive":
+                body.take()
+                derived_name = body.take("name")
+                body.take(value="=")
+                derived.append((derived_name, scope.operand(body)))
+            elif word == "sparsity":
+                body.take()
+                sparsity = body.text.split("sparsity", 1)[1].strip()
             elif word in ("mask", "score"):
                 body.take()
                 body.take(value="=")
@@ -235,7 +249,9 @@ class _ModuleParser:
                     score = scope.operand(body)
             else:
                 scope.definition(body)
-        return PatternIR(name, params, tuple(inputs), tuple(lets), mask, score, bindings)
+        return PatternIR(
+            name, params, tuple(inputs), tuple(lets), mask, score, bindings, None, tuple(derived), sparsity
+        )
 
     def module(self) -> ModuleIR:
         while self.pos < len(self.lines):

@@ -16,7 +16,7 @@ from __future__ import annotations
 from attnc.ir.nodes import FnIR, ModuleIR, Node, Op, ParamDecl, PatternIR, format_const
 
 _LEAVES = (Op.CONST, Op.VAR, Op.SIZE, Op.SCORE, Op.REF)
-_SYMBOL_OPS = (Op.LOAD, Op.CALL, Op.PATTERN)
+_SYMBOL_OPS = (Op.LOAD, Op.CALL, Op.PATTERN, Op.RANGE_MIN, Op.RANGE_MAX)
 
 
 class _Numbering:
@@ -84,6 +84,10 @@ def print_pattern(pattern: PatternIR) -> str:
         numbering.lines.append(f"  mask = {numbering.define(pattern.mask)}")
     if pattern.score is not None:
         numbering.lines.append(f"  score = {numbering.define(pattern.score)}")
+    for name, value in pattern.derived:
+        numbering.lines.append(f"  derive {name} = {numbering.define(value)}")
+    if pattern.sparsity is not None:
+        numbering.lines.append(f"  sparsity {pattern.sparsity}")
     return "\n".join([f"pattern {pattern.name}{header} {{", *numbering.lines, "}"])
 
 

@@ -6,14 +6,29 @@ A failure is a bug in attnc (a pass broke an invariant), reported as `InternalEr
 from __future__ import annotations
 
 from attnc.errors import InternalError
-from attnc.ir.nodes import INDEX_VARS, OPS, SIZES, FnIR, ModuleIR, Node, Op, PatternIR, Type, infer_type
+from attnc.ir.nodes import (
+    INDEX_VARS,
+    OPS,
+    SIZES,
+    TILE_VARS,
+    FnIR,
+    ModuleIR,
+    Node,
+    Op,
+    PatternIR,
+    Type,
+    infer_type,
+)
 from attnc.ir.printer import print_module
+
+SPARSITY_KINDS = ("analytic", "metadata", "metadata[b]", "metadata[h]", "metadata[b, h]")
 
 
 class _Verifier:
     def __init__(self, module: ModuleIR) -> None:
         self.module = module
         self.errors: list[str] = []
+        self.tile_vars = False  # whether the expression being checked may use the tile box variables
 
     def fail(self, where: str, reason: str) -> None:
         self.errors.append(f"{where}: {reason}")
@@ -35,7 +50,8 @@ class _Verifier:
             if expected is not n.type:
                 self.fail(where, f"constant {n.attr!r} typed {n.type}")
         elif op is Op.VAR:
-            if n.attr not in INDEX_VARS or n.type is not Type.INT:
+            allowed = INDEX_VARS + TILE_VARS if self.tile_vars else INDEX_VARS
+            if n.attr not in allowed or n.type is not Type.INT:
                 self.fail(where, f"bad index variable {n.attr!r}")
         elif op is Op.SIZE:
             if n.attr not in SIZES or n.type is not Type.INT:
@@ -54,6 +70,16 @@ class _Verifier:
                 self.fail(where, f"load @{n.attr} does not match its declaration")
             if any(a.type is not Type.INT for a in n.args):
                 self.fail(where, f"load @{n.attr} with a non-int index")
+        elif op in (Op.RANGE_MIN, Op.RANGE_MAX):
+            decl = pattern.input(str(n.attr)) if pattern is not None else None
+            if not self.tile_vars:
+                self.fail(where, f"{op} outside a derived expression")
+            if decl is None:
+                self.fail(where, f"{op} of undeclared input @{n.attr}")
+            elif len(n.args) != 2 * len(decl.dims) or n.type is not decl.type or decl.type is Type.FLOAT:
+                self.fail(where, f"{op} @{n.attr} does not match its declaration")
+            if any(a.type is not Type.INT for a in n.args):
+                self.fail(where, f"{op} @{n.attr} with a non-int bound")
         elif op in (Op.CALL, Op.PATTERN):
             callee: FnIR | PatternIR | None = (
                 self.module.fn(str(n.attr)) if op is Op.CALL else self.module.pattern(str(n.attr))
@@ -112,6 +138,15 @@ class _Verifier:
             self.node(where, pattern.score, refs, pattern, allow_score=True)
             if pattern.score.type is not Type.FLOAT:
                 self.fail(where, "score is not float")
+        derived_names = [n for n, _ in pattern.derived]
+        if len(set(derived_names)) != len(derived_names):
+            self.fail(where, "a derived value is named twice")
+        self.tile_vars = True
+        for _, value in pattern.derived:
+            self.node(where, value, refs, pattern, allow_score=False)
+        self.tile_vars = False
+        if pattern.sparsity is not None and pattern.sparsity not in SPARSITY_KINDS:
+            self.fail(where, f"unknown sparsity {pattern.sparsity!r}")
 
     def module_(self) -> None:
         names = [f.name for f in self.module.fns] + [p.name for p in self.module.patterns]

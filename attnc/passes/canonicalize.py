@@ -26,7 +26,7 @@ from typing import ClassVar
 
 from attnc.errors import AttnTypeError, InternalError
 from attnc.ir import fold
-from attnc.ir.nodes import SIZES, ModuleIR, Node, Op, Type, const, make
+from attnc.ir.nodes import INDEX_VARS, SIZES, TILE_VARS, ModuleIR, Node, Op, Type, const, make
 from attnc.ir.rewrite import rewrite
 
 _MAX_ROUNDS = 64
@@ -100,7 +100,7 @@ def _text(node: Node) -> str:
     return f"{node.op.value}[{node.attr}]({inner})"
 
 
-_VAR_ORDER = ("q", "kv", "b", "h")
+_VAR_ORDER = (*INDEX_VARS[2:], *INDEX_VARS[:2], *TILE_VARS)  # q, kv, b, h, then the tile box
 
 
 def atom_key(node: Node) -> tuple[int, int, str]:

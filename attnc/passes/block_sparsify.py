@@ -1,0 +1,40 @@
+"""`block-sparsify`: decide how a kernel finds its tiles, and what metadata a launch needs.
+
+- `sparsity analytic`: `derive-ranges` found closed-form ranges; the kernel computes its own loop bounds
+  from them and no metadata tensor exists.
+- `sparsity metadata`, `metadata[b]`, `metadata[h]`, `metadata[b, h]`: everything else. At launch,
+  `runtime/plan.py` evaluates `tile_any` / `tile_all` for every tile (in O(number of tiles), inputs read
+  through their range summaries) and stores the non-empty key tiles of each query tile, PARTIAL and FULL
+  apart, and the transpose, in compressed rows. They are built per batch row and/or head only when the
+  tile predicates depend on `b` / `h` (through the mask or through the inputs it loads); otherwise one
+  set serves every batch row and head.
+
+**Requires:** `classify-tiles` and `derive-ranges` have run. **Ensures:** the entry's `sparsity` is set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from attnc.errors import InternalError
+from attnc.ir.nodes import ModuleIR, Op, PatternIR
+
+
+def sparsity(pattern: PatternIR) -> str:
+    if pattern.derived_value("range_count") is not None:
+        return "analytic"
+    predicates = [pattern.derived_value("tile_any"), pattern.derived_value("tile_all")]
+    if any(p is None for p in predicates):
+        raise InternalError("block-sparsify runs after classify-tiles")
+    used = {n.attr for p in predicates for n in p.walk() if n.op is Op.VAR}  # type: ignore[union-attr]
+    dims = [name for name in ("b", "h") if name in used]
+    return "metadata" + (f"[{', '.join(dims)}]" if dims else "")
+
+
+@dataclass(frozen=True)
+class BlockSparsify:
+    name: ClassVar[str] = "block-sparsify"
+
+    def run(self, module: ModuleIR) -> ModuleIR:
+        return module.with_entry(replace(module.entry, sparsity=sparsity(module.entry)))

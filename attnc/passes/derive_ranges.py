@@ -1,0 +1,240 @@
+"""`derive-ranges`: closed-form key ranges per query tile (and query ranges per key tile), no metadata.
+
+For masks built from bounds on affine forms of `q` and `kv` (causal, bottom-right causal, sliding
+windows, local bands, sinks, prefix LM, blocked forms like `q // 64 == kv // 64`, their unions and
+intersections) the keys a query tile may see are a small union of intervals whose ends are simple
+expressions of the tile's bounds. The pass writes the mask in disjunctive normal form and, for each
+conjunct `j`, solves its constraints for `kv` over the query tile `q in [q_first, q_last]`:
+
+    derive kv_lo_j, kv_hi_j            every key the conjunct allows for some query of the tile lies
+                                       in [kv_lo_j, kv_hi_j] (a sound hull; empty when lo > hi)
+    derive kv_full_lo_j, kv_full_hi_j  every key in [kv_full_lo_j, kv_full_hi_j] is allowed for every
+                                       query of the tile (a sound core; empty when lo > hi)
+
+and likewise `q_lo_j ... q_full_hi_j` over a key tile `kv in [kv_first, kv_last]`, the transposed
+ranges the backward pass iterates. All are element positions, clipped to the lengths; a kernel turns
+them into tile indices with its own block sizes, so they serve every tile shape, and `range_count`
+says how many conjuncts there are. A key tile is visited if it meets some hull, and is FULL if it lies
+in some core (`runtime/plan.py` spells this out).
+
+A constraint `E op c` with `E` affine is solved for `kv` when `kv` appears in `E` once, as `kv` or as
+`kv // d` (d > 0 constant); the rest of `E` is bounded over the tile by interval analysis. Constraints
+without `kv` guard the conjunct (it is empty where they are false, and has no core where they are not
+true). Strided constraints `(... kv ...) % d == r` with `d <= STRIDE_LIMIT` (dilation) leave the hull
+as it is (tiles of at least 16 keys still meet them) and empty the core. Any other use of `kv`, a load
+of an input, or a normal form with more than `MAX_CONJUNCTS` conjuncts: no ranges are derived, and
+`block-sparsify` builds metadata instead.
+
+**Requires:** a canonicalized, bound entry pattern. **Ensures:** either no `*_lo_*` values, or
+`range_count` = n and the eight values above for each j < n, canonical.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const, make, size, var
+from attnc.passes.canonicalize import build_linear, canonicalize, linear
+from attnc.passes.classify_tiles import with_derived
+from attnc.passes.intervals import Interval, IntervalAnalysis
+
+MAX_CONJUNCTS = 16
+STRIDE_LIMIT = 16
+
+_LENGTH = {"q": "Q_LEN", "kv": "KV_LEN"}
+_OTHER = {"q": "kv", "kv": "q"}
+_COMPARISONS = (Op.LE, Op.LT, Op.GE, Op.GT, Op.EQ)
+
+
+class NotAnalytic(Exception):
+    """The mask has no closed-form ranges; the reason is the message."""
+
+
+def dnf(mask: Node | None) -> list[list[Node]]:
+    """The mask as a disjunction of conjunctions of atoms (anything but and/or, and true/false)."""
+    if mask is None:
+        return [[]]
+    if mask.is_const:
+        return [[]] if mask.attr else []
+    if mask.op is Op.OR:
+        result = [c for a in mask.args for c in dnf(a)]
+    elif mask.op is Op.AND:
+        result = [[]]
+        for a in mask.args:
+            result = [x + y for x in result for y in dnf(a)]
+            if len(result) > MAX_CONJUNCTS:
+                break
+    else:
+        result = [[mask]]
+    if len(result) > MAX_CONJUNCTS:
+        raise NotAnalytic(f"the mask's normal form has more than {MAX_CONJUNCTS} conjuncts")
+    return result
+
+
+def _uses(node: Node, name: str) -> bool:
+    return any(n.op is Op.VAR and n.attr == name for n in node.walk())
+
+
+@dataclass(frozen=True)
+class _Bound:
+    """`var >= value` (lower) or `var <= value` (upper): `hull` for some query of the tile, `core` for
+    every one (None: no such guarantee)."""
+
+    upper: bool
+    hull: Node | None
+    core: Node | None
+
+
+class _Solver:
+    def __init__(self, pattern: PatternIR, target: str) -> None:
+        self.target = target
+        other = _OTHER[target]
+        self.box = {other: (var(f"{other}_first"), var(f"{other}_last"))}
+        self.analysis = IntervalAnalysis(pattern, self.box)
+
+    def bounds(self, atom: Node) -> list[_Bound] | None:
+        """The atom's constraint on the target variable, or None if it is not a solvable one."""
+        if atom.op not in _COMPARISONS or atom.args[0].type is not Type.INT:
+            return None
+        left, right = atom.args
+        terms_l, c_l = linear(left)
+        terms_r, c_r = linear(right)
+        terms = dict(terms_l)
+        for a, k in terms_r.items():
+            terms[a] = terms.get(a, 0) - k
+        constant = c_r - c_l  # sum(terms) op constant
+        dependent = [(a, k) for a, k in terms.items() if k and _uses(a, self.target)]
+        if len(dependent) != 1:
+            return None
+        g, k = dependent[0]
+        divisor = 1
+        if g.op is Op.FLOORDIV and g.args[1].is_const and g.args[1].attr > 0:  # type: ignore[operator]
+            divisor, g = int(g.args[1].attr), g.args[0]  # type: ignore[arg-type]
+        if not (g.op is Op.VAR and g.attr == self.target):
+            return None
+        # k * atom + P op constant, so k * atom op R with R = constant - P.
+        rest = {a: -c for a, c in terms.items() if a != dependent[0][0] and c}
+        r = self.analysis.interval(build_linear(rest, constant))
+        op = atom.op
+        if op is Op.LT:
+            r, op = self._shift(r, -1), Op.LE
+        elif op is Op.GT:
+            r, op = self._shift(r, 1), Op.GE
+        result = []
+        if op in (Op.LE, Op.EQ):
+            result.append(self._solve(k, r, divisor))
+        if op in (Op.GE, Op.EQ):  # k * atom >= R is -k * atom <= -R
+            negated = Interval(
+                None if r.hi is None else make(Op.NEG, r.hi), None if r.lo is None else make(Op.NEG, r.lo)
+            )
+            result.append(self._solve(-k, negated, divisor))
+        return result
+
+    @staticmethod
+    def _shift(r: Interval, by: int) -> Interval:
+        def add(x: Node | None) -> Node | None:
+            return None if x is None else make(Op.ADD, x, const(by))
+
+        return Interval(add(r.lo), add(r.hi))
+
+    @staticmethod
+    def _solve(k: int, r: Interval, divisor: int) -> _Bound:
+        """`k * (target // divisor) <= R`, R over [r.lo, r.hi], as a bound on the target."""
+
+        def over(x: Node | None) -> Node | None:  # the bound on target // divisor, then on target
+            if x is None:
+                return None
+            if k > 0:  # atom <= floor(R / k)
+                t = make(Op.FLOORDIV, x, const(k))
+                return (
+                    t if divisor == 1 else make(Op.ADD, make(Op.MUL, t, const(divisor)), const(divisor - 1))
+                )
+            t = make(Op.NEG, make(Op.FLOORDIV, x, const(-k)))  # atom >= ceil(R / k) = -floor(R / |k|)
+            return t if divisor == 1 else make(Op.MUL, t, const(divisor))
+
+        # The largest R admits the most positions (the hull); the smallest, the fewest (the core).
+        return _Bound(upper=k > 0, hull=over(r.hi), core=over(r.lo))
+
+    def residual_is_strided(self, atom: Node) -> bool:
+        """`E == c` where the target is only inside one `x % d` term with 0 < |d| <= STRIDE_LIMIT."""
+        if atom.op is not Op.EQ or atom.args[0].type is not Type.INT:
+            return False
+        terms, _ = linear(atom.args[0])
+        dependent = [a for a in terms if _uses(a, self.target)]
+        if _uses(atom.args[1], self.target) or len(dependent) != 1:
+            return False
+        m = dependent[0]
+        if m.op is not Op.MOD or not m.args[1].is_const:
+            return False
+        d = abs(int(m.args[1].attr))  # type: ignore[arg-type]
+        return 0 < d <= STRIDE_LIMIT
+
+    def conjunct(self, atoms: list[Node]) -> tuple[Node, Node, Node, Node]:
+        """(lo, hi, full_lo, full_hi) of one conjunct, in target positions, clipped to the length."""
+        last = make(Op.SUB, size(_LENGTH[self.target]), const(1))
+        lo: Node = const(0)
+        hi: Node = last
+        full_lo: Node = const(0)
+        full_hi: Node = last
+        has_core = True
+        for atom in atoms:
+            if not _uses(atom, self.target):  # a guard on the other variable (or on b, h)
+                truth = self.analysis.truth(atom)
+                hi = make(Op.WHERE, truth.may, hi, const(-1))
+                full_hi = make(Op.WHERE, truth.must, full_hi, const(-1))
+                continue
+            if any(n.op is Op.LOAD for n in atom.walk()):
+                raise NotAnalytic("the mask loads an input")
+            bounds = self.bounds(atom)
+            if bounds is None:
+                if not self.residual_is_strided(atom):
+                    raise NotAnalytic(f"no closed form for a constraint on {self.target}")
+                has_core = False
+                continue
+            for b in bounds:
+                if b.hull is not None:
+                    lo, hi = (lo, make(Op.MIN, hi, b.hull)) if b.upper else (make(Op.MAX, lo, b.hull), hi)
+                if b.core is None:
+                    has_core = False
+                elif b.upper:
+                    full_hi = make(Op.MIN, full_hi, b.core)
+                else:
+                    full_lo = make(Op.MAX, full_lo, b.core)
+        if not has_core:
+            full_lo, full_hi = const(0), const(-1)
+        else:
+            full_hi = make(Op.MIN, full_hi, hi)  # the core lies within the hull
+        return lo, hi, full_lo, full_hi
+
+
+def derive(pattern: PatternIR, target: str) -> list[tuple[Node, Node, Node, Node]]:
+    """Per conjunct, the (lo, hi, full_lo, full_hi) expressions of `target` over a tile of the other
+    variable; raises NotAnalytic when the mask has no closed form."""
+    if pattern.mask is not None and any(n.op is Op.LOAD for n in pattern.mask.walk()):
+        raise NotAnalytic("the mask loads an input")
+    solver = _Solver(pattern, target)
+    ranges = []
+    for atoms in dnf(pattern.mask):
+        ranges.append(tuple(canonicalize(x) for x in solver.conjunct(atoms)))
+    return ranges  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class DeriveRanges:
+    name: ClassVar[str] = "derive-ranges"
+
+    def run(self, module: ModuleIR) -> ModuleIR:
+        entry = module.entry
+        try:
+            kv_ranges, q_ranges = derive(entry, "kv"), derive(entry, "q")
+        except NotAnalytic:
+            return module
+        values: dict[str, Node] = {"range_count": const(len(kv_ranges))}
+        for target, ranges in (("kv", kv_ranges), ("q", q_ranges)):
+            for j, (lo, hi, full_lo, full_hi) in enumerate(ranges):
+                values[f"{target}_lo_{j}"] = lo
+                values[f"{target}_hi_{j}"] = hi
+                values[f"{target}_full_lo_{j}"] = full_lo
+                values[f"{target}_full_hi_{j}"] = full_hi
+        return module.with_entry(with_derived(entry, values))

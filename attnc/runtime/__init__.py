@@ -1,0 +1,1 @@
+"""The runtime: launch plans (and, later, the kernel cache, autotuner and launchers)."""
