@@ -84,6 +84,7 @@ class _Bound:
     upper: bool
     hull: Node | None
     core: Node | None
+    point: Node  # the bound at one point of the other variable (and b, h), before taking hull or core
 
 
 class _Solver:
@@ -115,20 +116,21 @@ class _Solver:
             return None
         # k * atom + P op constant, so k * atom op R with R = constant - P.
         rest = {a: -c for a, c in terms.items() if a != dependent[0][0] and c}
-        r = self.analysis.interval(build_linear(rest, constant))
+        r_point = build_linear(rest, constant)
+        r = self.analysis.interval(r_point)
         op = atom.op
         if op is Op.LT:
-            r, op = self._shift(r, -1), Op.LE
+            r, op, r_point = self._shift(r, -1), Op.LE, make(Op.SUB, r_point, const(1))
         elif op is Op.GT:
-            r, op = self._shift(r, 1), Op.GE
+            r, op, r_point = self._shift(r, 1), Op.GE, make(Op.ADD, r_point, const(1))
         result = []
         if op in (Op.LE, Op.EQ):
-            result.append(self._solve(k, r, divisor))
+            result.append(self._solve(k, r, r_point, divisor))
         if op in (Op.GE, Op.EQ):  # k * atom >= R is -k * atom <= -R
             negated = Interval(
                 None if r.hi is None else make(Op.NEG, r.hi), None if r.lo is None else make(Op.NEG, r.lo)
             )
-            result.append(self._solve(-k, negated, divisor))
+            result.append(self._solve(-k, negated, make(Op.NEG, r_point), divisor))
         return result
 
     @staticmethod
@@ -139,8 +141,9 @@ class _Solver:
         return Interval(add(r.lo), add(r.hi))
 
     @staticmethod
-    def _solve(k: int, r: Interval, divisor: int) -> _Bound:
-        """`k * (target // divisor) <= R`, R over [r.lo, r.hi], as a bound on the target."""
+    def _solve(k: int, r: Interval, r_point: Node, divisor: int) -> _Bound:
+        """`k * (target // divisor) <= R`, R over [r.lo, r.hi] (R = r_point at a point), as a bound on
+        the target."""
 
         def over(x: Node | None) -> Node | None:  # the bound on target // divisor, then on target
             if x is None:
@@ -154,10 +157,10 @@ class _Solver:
             return t if divisor == 1 else make(Op.MUL, t, const(divisor))
 
         # The largest R admits the most positions (the hull); the smallest, the fewest (the core).
-        return _Bound(upper=k > 0, hull=over(r.hi), core=over(r.lo))
+        return _Bound(upper=k > 0, hull=over(r.hi), core=over(r.lo), point=over(r_point))  # type: ignore[arg-type]
 
     def residual_is_strided(self, atom: Node) -> bool:
-        """`E == c` where the target is only inside one `x % d` term with 0 < |d| <= STRIDE_LIMIT."""
+        """`E == c` with the target only inside one `(±target + rest) % d`, 0 < |d| <= STRIDE_LIMIT."""
         if atom.op is not Op.EQ or atom.args[0].type is not Type.INT:
             return False
         terms, _ = linear(atom.args[0])
@@ -168,7 +171,10 @@ class _Solver:
         if m.op is not Op.MOD or not m.args[1].is_const:
             return False
         d = abs(int(m.args[1].attr))  # type: ignore[arg-type]
-        return 0 < d <= STRIDE_LIMIT
+        inner, _ = linear(m.args[0])  # the target must step by one: d consecutive values meet every residue
+        steps = [(a, k) for a, k in inner.items() if _uses(a, self.target)]
+        unit = len(steps) == 1 and steps[0][0].op is Op.VAR and abs(steps[0][1]) == 1
+        return unit and 0 < d <= STRIDE_LIMIT
 
     def conjunct(self, atoms: list[Node]) -> tuple[Node, Node, Node, Node]:
         """(lo, hi, full_lo, full_hi) of one conjunct, in target positions, clipped to the length."""
@@ -178,6 +184,8 @@ class _Solver:
         full_lo: Node = const(0)
         full_hi: Node = last
         has_core = True
+        lowers: list[Node] = []
+        uppers: list[Node] = []
         for atom in atoms:
             if not _uses(atom, self.target):  # a guard on the other variable (or on b, h)
                 truth = self.analysis.truth(atom)
@@ -193,6 +201,7 @@ class _Solver:
                 has_core = False
                 continue
             for b in bounds:
+                (uppers if b.upper else lowers).append(b.point)
                 if b.hull is not None:
                     lo, hi = (lo, make(Op.MIN, hi, b.hull)) if b.upper else (make(Op.MAX, lo, b.hull), hi)
                 if b.core is None:
@@ -201,6 +210,13 @@ class _Solver:
                     full_hi = make(Op.MIN, full_hi, b.core)
                 else:
                     full_lo = make(Op.MAX, full_lo, b.core)
+        # The hull takes the widest bounds over the tile; a conjunct whose bounds cross at every point
+        # of the tile (kv >= q - 4 and kv <= q - 16) is empty nonetheless.
+        for lower in lowers:
+            for upper in uppers:
+                gap = self.analysis.interval(canonicalize(make(Op.SUB, upper, lower)))
+                if gap.hi is not None:
+                    hi = make(Op.WHERE, make(Op.GE, gap.hi, const(0)), hi, const(-1))
         if not has_core:
             full_lo, full_hi = const(0), const(-1)
         else:
