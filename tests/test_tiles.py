@@ -19,8 +19,9 @@ from test_canonicalize_soundness import PARAMS, SOUNDNESS, bool_exprs, source
 
 import attnc
 from attnc.errors import InputError
+from attnc.ir import evaluate as oracle
 from attnc.ir.summaries import CHUNK, RangeTable
-from attnc.runtime.plan import EMPTY, FULL, PARTIAL, BlockSparse
+from attnc.runtime.plan import EMPTY, FULL, PARTIAL, BlockSparse, schedule, tile_bounds, tile_span
 
 STD = attnc.stdlib()
 EXAMPLES = attnc.load("examples/streaming_llm.attn"), attnc.load("examples/gemma_local.attn")
@@ -105,6 +106,31 @@ def test_analytic_patterns(kern: attnc.Kernel, tight: bool) -> None:
     for (q_len, kv_len), block in itertools.product(SHAPES, BLOCKS):
         plan = check(kern, q_len, kv_len, block, tight)
         assert plan.analytic and plan.tensors() == {}
+
+
+@pytest.mark.parametrize(("kern", "tight"), ANALYTIC[:12] + ANALYTIC[16:20], ids=_ids)
+def test_kernel_schedule_visits_every_non_empty_tile_once(kern: attnc.Kernel, tight: bool) -> None:
+    """The loop a kernel runs over the closed-form ranges (`schedule`) covers the plan's tiles."""
+    q_len, kv_len, (bm, bn) = 45, 50, (8, 16)
+    plan = kern.plan(q_len, kv_len, block=(bm, bn))
+    assert plan.kv_ranges is not None
+    classes = plan.block_map()[0, 0]
+    exact = kern.block_map(q_len, kv_len, block=(bm, bn))[0, 0]
+    first, last = tile_bounds(classes.shape[0], bm, q_len, torch.device("cpu"))
+    for m in range(classes.shape[0]):
+        tile = {"q_first": first[m], "q_last": last[m]}
+        local = oracle.Env(1, 1, q_len, kv_len, torch.device("cpu"), {}, tiles=tile)
+        spans = []
+        for r in plan.kv_ranges:
+            values = [oracle.evaluate(x, plan.pattern, local) for x in (r.lo, r.hi, r.full_lo, r.full_hi)]
+            spans.append(tuple(int(v) for v in tile_span(*values, bn, kv_len)))
+        visits = schedule(spans)
+        tiles = [t for t, _ in visits]
+        assert len(tiles) == len(set(tiles)) and tiles == sorted(tiles)
+        assert tiles == (classes[m] > EMPTY).nonzero().flatten().tolist()
+        assert all(exact[m, t] == FULL for t, full in visits if full)
+        if tight:
+            assert [t for t, full in visits if full] == (exact[m] == FULL).nonzero().flatten().tolist()
 
 
 METADATA = [

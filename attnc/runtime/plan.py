@@ -182,6 +182,21 @@ def tile_span(
     return first, last, full_first, full_last
 
 
+def schedule(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, bool]]:
+    """The key tiles one query tile visits, in order, each once, and whether each is FULL: the loop a
+    kernel runs over an analytic plan. `spans` are the conjuncts' `tile_span`s for that query tile
+    (first, last, full_first, full_last). Spans are taken in order of their first tile, each starting
+    after the tiles already visited; a tile is FULL when it lies in the core of any span (a few scalar
+    comparisons per tile), which is what `Plan.block_map` reports."""
+    visited: list[tuple[int, bool]] = []
+    done = -1
+    for first, last, _, _ in sorted(spans):
+        for tile in range(max(first, done + 1), last + 1):
+            visited.append((tile, any(f <= tile <= g for _, _, f, g in spans)))
+        done = max(done, last)
+    return visited
+
+
 def uses(nodes: list[Node], name: str) -> bool:
     """Whether any of the expressions uses the index variable `name`."""
     return any(n.op is Op.VAR and n.attr == name for root in nodes for n in root.walk())
