@@ -1,4 +1,4 @@
-"""The `attnc` command line: `check` and `ir` (more commands arrive with the kernels)."""
+"""The `attnc` command line: `check`, `ir` and `show` (more commands arrive with the kernels)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from attnc.compiler import compile_pattern
 from attnc.errors import AttnError, ParameterError
 from attnc.passes import PASSES
 from attnc.passes.manager import INPUT_STAGE
+from attnc.show import ShowError, render, save_png, tile_view
 
 STAGES = [INPUT_STAGE, *PASSES]
 
@@ -33,6 +34,14 @@ def _parse_define(text: str) -> tuple[str, int | float | bool]:
                     f"{name}: expected a number, true or false, got {raw!r}"
                 ) from None
     return name.strip(), value
+
+
+def _parse_block(text: str) -> tuple[int, int]:
+    try:
+        bm, bn = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected BM,BN (two ints), got {text!r}") from None
+    return bm, bn
 
 
 def _selected(module: Module, name: str | None) -> list[Pattern]:
@@ -77,6 +86,37 @@ def _cmd_ir(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_show(args: argparse.Namespace) -> int:
+    kernel = load(args.file)[args.pattern](**dict(args.define))
+    kv_len = args.q_len if args.kv_len is None else args.kv_len
+    view = tile_view(
+        kernel,
+        args.q_len,
+        kv_len,
+        block=args.block,
+        batch=args.batch,
+        head=args.head,
+        seed=args.random_inputs,
+    )
+    sys.stdout.write(render(view))
+    if args.png is not None:
+        save_png(view, args.png)
+        print(f"wrote {args.png}")
+    return 0
+
+
+def _add_defines(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-D",
+        "--define",
+        action="append",
+        type=_parse_define,
+        default=[],
+        metavar="NAME=VALUE",
+        help="a parameter value (repeatable); others take their defaults",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnc", description="A compiler for attention patterns.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,19 +128,60 @@ def build_parser() -> argparse.ArgumentParser:
     ir = commands.add_parser("ir", help="print a pattern's IR after a pass, or between all passes")
     ir.add_argument("file", metavar="FILE")
     ir.add_argument("-p", "--pattern", help="the pattern (default: every pattern of the file)")
-    ir.add_argument(
-        "-D",
-        "--define",
-        action="append",
-        type=_parse_define,
-        default=[],
-        metavar="NAME=VALUE",
-        help="a parameter value (repeatable); others take their defaults",
-    )
+    _add_defines(ir)
     when = ir.add_mutually_exclusive_group()
     when.add_argument("--after", choices=STAGES, help="the stage to print (default: the last)")
     when.add_argument("--print-between-passes", action="store_true", help="print the IR after every pass")
     ir.set_defaults(run=_cmd_ir)
+
+    show = commands.add_parser(
+        "show",
+        help="print a pattern's tile map (EMPTY / PARTIAL / FULL tiles); optionally a PNG with the mask",
+        description="Print the exact tile map of one batch row and head: '.' EMPTY tiles (skipped), '+' "
+        "PARTIAL (computed with the mask), '#' FULL (computed without it); rows are query tiles, columns "
+        "key tiles. Maps over 64 tiles a side are shown in groups of tiles. The header gives the "
+        "sparsity the compiler chose and whether a launch needs metadata tensors; below the map come the "
+        "tile counts, the density, and the tiles the launch plan cannot classify exactly.",
+    )
+    show.add_argument("file", metavar="FILE", help="the .attn file")
+    show.add_argument("-p", "--pattern", required=True, help="the pattern to show")
+    _add_defines(show)
+    show.add_argument("--q-len", type=int, required=True, metavar="N", help="number of queries")
+    show.add_argument("--kv-len", type=int, metavar="M", help="number of keys (default: N)")
+    show.add_argument(
+        "--block",
+        type=_parse_block,
+        default=(128, 128),
+        metavar="BM,BN",
+        help="tile size: queries x keys (default: 128,128)",
+    )
+    show.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        metavar="B",
+        help="the batch row to show (default: 0); the pattern sees BATCH = B + 1",
+    )
+    show.add_argument(
+        "--head",
+        type=int,
+        default=0,
+        metavar="H",
+        help="the head to show (default: 0); the pattern sees NUM_HEADS = H + 1",
+    )
+    show.add_argument(
+        "--random-inputs",
+        type=int,
+        metavar="SEED",
+        help="show a pattern with input tensors on random ones: sorted document ids for int inputs, "
+        "coin flips for bool inputs, standard normal floats",
+    )
+    show.add_argument(
+        "--png",
+        metavar="OUT",
+        help="also write a PNG: the tile map and, up to 4M mask elements, the dense mask (needs matplotlib)",
+    )
+    show.set_defaults(run=_cmd_show)
     return parser
 
 
@@ -110,6 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args)
     except AttnError as err:
         print(err, file=sys.stderr)
+        return 1
+    except ShowError as err:
+        print(f"attnc: error: {err}", file=sys.stderr)
         return 1
     except (FileNotFoundError, KeyError) as err:
         message = err.args[0] if err.args else str(err)

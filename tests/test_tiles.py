@@ -20,8 +20,19 @@ from test_canonicalize_soundness import PARAMS, SOUNDNESS, bool_exprs, source
 import attnc
 from attnc.errors import InputError
 from attnc.ir import evaluate as oracle
+from attnc.ir.nodes import Op, Type
 from attnc.ir.summaries import CHUNK, RangeTable
-from attnc.runtime.plan import EMPTY, FULL, PARTIAL, BlockSparse, schedule, tile_bounds, tile_span
+from attnc.runtime.plan import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    BlockSparse,
+    schedule,
+    separate_axes,
+    tile_bounds,
+    tile_env,
+    tile_span,
+)
 
 STD = attnc.stdlib()
 EXAMPLES = attnc.load("examples/streaming_llm.attn"), attnc.load("examples/gemma_local.attn")
@@ -248,6 +259,35 @@ def test_block_argument_is_checked() -> None:
             STD.causal().block_map(8, 8, block=bad)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="input 'doc' was not given"):
         DOC.plan(8, 8)
+
+
+def test_tile_predicates_do_int_arithmetic_per_axis() -> None:
+    # Evaluated over every tile at once, int arithmetic that mixes a query tile's and a key tile's
+    # bounds would run at the size of the tile grid; after `separate_axes` only comparisons mix them,
+    # and the predicates keep their values.
+    doc = documents(2, 300, seed=3)
+    env = DOC.plan(300, 300, block=(16, 16), doc=doc).env
+    q_first, q_last = tile_bounds(19, 16, 300, env.device)
+    kv_first, kv_last = tile_bounds(19, 16, 300, env.device)
+    tiles = {
+        "q_first": q_first.reshape(1, -1, 1),
+        "q_last": q_last.reshape(1, -1, 1),
+        "kv_first": kv_first.reshape(1, 1, -1),
+        "kv_last": kv_last.reshape(1, 1, -1),
+    }
+    local = tile_env(env, {"b": torch.arange(2).reshape(-1, 1, 1)}, tiles)
+    for name in ("tile_any", "tile_all"):
+        predicate = DOC.pattern.derived_value(name)
+        assert predicate is not None
+        separated = separate_axes(predicate)
+        assert separated != predicate
+        for node in separated.walk():
+            names = {str(n.attr) for n in node.walk() if n.op is Op.VAR}
+            mixed = names >= {"q_first", "kv_first"} or names >= {"q_last", "kv_last"}
+            assert not (node.type is Type.INT and mixed), f"{name} mixes the axes in {node.op}"
+        expected = oracle.evaluate(predicate, DOC.pattern, local)
+        assert torch.equal(oracle.evaluate(separated, DOC.pattern, local), expected)
+        assert expected.any() and not expected.all()
 
 
 # ---- range summaries ------------------------------------------------------------------------------------

@@ -163,6 +163,28 @@ def build_linear(terms: Terms, constant: int) -> Node:
     return result
 
 
+COMPARISONS = (Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE)
+
+
+def split_comparison(node: Node, right: Callable[[Node], bool]) -> Node | None:
+    """An int comparison rewritten as `L op R + c`, with the atoms for which `right` holds (moved with
+    their signs flipped) in R and the others in L; None if that leaves either side without atoms.
+
+    The inverse of the canonical form `E op c`, for evaluators that pay by the size of their operands:
+    with `right` selecting the atoms over one axis of a grid, both sides are computed at the size of
+    one axis and only the comparison at the size of the grid."""
+    if node.op not in COMPARISONS or node.args[0].type is not Type.INT:
+        return None
+    terms_a, c_a = linear(node.args[0])
+    terms_b, c_b = linear(node.args[1])
+    terms = _combine(terms_a, terms_b, -1)
+    left = {a: k for a, k in terms.items() if not right(a)}
+    moved = {a: -k for a, k in terms.items() if right(a)}
+    if not left or not moved:
+        return None
+    return make(node.op, build_linear(left, 0), build_linear(moved, c_b - c_a))
+
+
 def _int_arith(node: Node) -> Node | None:
     # add/sub/mul/neg of ints: collect into the canonical linear form.
     if node.type is not Type.INT:

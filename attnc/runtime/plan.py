@@ -21,12 +21,15 @@ Two kinds, chosen by the `block-sparsify` pass:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 
 from attnc.errors import InternalError
 from attnc.ir import evaluate as oracle
 from attnc.ir.nodes import Node, Op, PatternIR
+from attnc.ir.rewrite import rewrite
+from attnc.passes.canonicalize import split_comparison
 
 # Tiles evaluated at once while building metadata: bounds the temporary memory (a few int64 tensors
 # of this many elements), never the result.
@@ -259,6 +262,18 @@ def _ranges_map(ranges: tuple[Ranges, ...], plan: Plan, rows: str, cols: str) ->
     return classes
 
 
+def _uses_kv_tile(node: Node) -> bool:
+    return any(n.op is Op.VAR and n.attr in ("kv_first", "kv_last") for n in node.walk())
+
+
+@lru_cache(maxsize=256)
+def separate_axes(predicate: Node) -> Node:
+    """The predicate with each int comparison `R(q tile) + C(kv tile) op c` rewritten as
+    `R op c - C` (`split_comparison`), so that evaluated over all tiles at once the int arithmetic runs
+    at the size of one axis and only the bool comparison at the size of the tile grid."""
+    return rewrite(predicate, lambda node: split_comparison(node, _uses_kv_tile))
+
+
 def predicate_classes(
     pattern: PatternIR,
     env: oracle.Env,
@@ -272,9 +287,11 @@ def predicate_classes(
     if tile_any is None or tile_all is None:
         raise InternalError("the pattern was not compiled through classify-tiles")
     local = tile_env(env, points, tiles)
-    may = oracle.evaluate(tile_any, pattern, local).expand(shape)
-    must = oracle.evaluate(tile_all, pattern, local).expand(shape)
-    return torch.where(must, FULL, torch.where(may, PARTIAL, EMPTY)).to(torch.int8)
+    may = oracle.evaluate(separate_axes(tile_any), pattern, local)
+    must = oracle.evaluate(separate_axes(tile_all), pattern, local)
+    # EMPTY + [may or must] + [must]: 0, 1 or 2, in int8 all along (the grid is the large part).
+    classes = (may | must).to(torch.int8) + must.to(torch.int8)
+    return classes.expand(shape)
 
 
 def build_block_sparse(
@@ -304,10 +321,12 @@ def build_block_sparse(
             m = torch.arange(m0, min(m0 + step_m, n_q), device=device)
             tiles = {"q_first": q_first[m].reshape(1, -1, 1), "q_last": q_last[m].reshape(1, -1, 1), **cols}
             classes = predicate_classes(pattern, env, points, tiles, (len(bh), len(m), n_kv))
+            rows_here = len(bh) * len(m)
             for value in (PARTIAL, FULL):
-                hit = classes == value
-                counts[value].append(hit.sum(dim=2).reshape(-1))
-                parts[value].append(hit.nonzero()[:, 2])  # columns, row by row
+                hit = (classes == value).nonzero()  # (pair, query tile, key tile), row by row
+                row = hit[:, 0] * len(m) + hit[:, 1]
+                counts[value].append(torch.bincount(row, minlength=rows_here))
+                parts[value].append(hit[:, 2])
     forward, flat = {}, {}
     for value in (PARTIAL, FULL):
         row_counts = (
