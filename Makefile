@@ -14,7 +14,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check attnc tests
-	TRITON_INTERPRET=1 $(PY) -m pytest -q
+	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check attnc tests

@@ -5,6 +5,11 @@ kern = mod.streaming_llm(window=256)
 ref = kern.reference(q, k, v)
 """
 
+# ruff: noqa: E402 (the backend is chosen before anything imports Triton)
+from attnc.runtime import backend as _backend
+
+_backend.choose()  # before anything imports Triton: see attnc/runtime/backend.py
+
 from attnc.api import Kernel, Module, Pattern, load, loads, stdlib
 from attnc.errors import (
     ArityError,

@@ -19,6 +19,9 @@ from attnc.ir.nodes import INPUT_DTYPES, Node, Op, ParamDecl, PatternIR, Type
 from attnc.ir.printer import print_module
 from attnc.passes import PASSES
 from attnc.passes.manager import INPUT_STAGE
+from attnc.passes.value_ranges import SIZE_LIMIT
+from attnc.runtime import backend
+from attnc.runtime.launch import DTYPES, MAX_HEAD_DIM, Forward
 from attnc.runtime.plan import Plan, exact_block_map, make_plan, uses
 
 Value = int | float | bool
@@ -178,8 +181,9 @@ class Kernel:
         self.name = name
         self.params: dict[str, Value] = dict(values)
         self._compiled = compile_pattern(module_ir, values)
-        self._bound = self._compiled.modules[PASSES["bind-params"].name].entry
-        self.pattern: PatternIR = self._compiled.final.entry
+        self._bound = self._compiled.passes.modules[PASSES["bind-params"].name].entry
+        self.pattern: PatternIR = self._compiled.entry
+        self._forward = Forward(self.name, self.pattern, self._compiled.spec, self._compiled.source)
 
     @property
     def stages(self) -> dict[str, str]:
@@ -345,7 +349,7 @@ class Kernel:
             )
         return int(block[0]), int(block[1])
 
-    def reference(
+    def __call__(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
@@ -353,14 +357,62 @@ class Kernel:
         *,
         scale: float | None = None,
         return_lse: bool = False,
-        out_dtype: torch.dtype | None = None,
         **inputs: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Dense attention with this pattern, computed in float64 (the oracle).
+        """Attention with this pattern, by its fused Triton kernel (on CPU tensors, under Triton's
+        interpreter).
 
-        q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv], Hq % Hkv == 0. `out` has q's dtype
-        unless `out_dtype` is given; lse (natural log) is float32, or float64 with out_dtype=float64.
+        q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv], Hq % Hkv == 0 (GQA); float16,
+        bfloat16 or float32, all one dtype, on one device; D and Dv at most 256. `inputs` are the
+        pattern's input tensors, by name, on the same device. `out` [B, Hq, Lq, Dv] has q's dtype; lse
+        [B, Hq, Lq] (natural log, float32) comes with `return_lse=True`. A query that may see no key
+        gets output 0 and lse -inf.
         """
+        self._check_qkv(q, k, v)
+        loc = self._bound.loc
+        if q.dtype not in DTYPES:
+            raise InputError(f"q must be float16, bfloat16 or float32, got {str(q.dtype)[6:]}", loc)
+        for name, t in (("k", k), ("v", v)):
+            if t.dtype != q.dtype:
+                raise InputError(
+                    f"{name} must have q's dtype {str(q.dtype)[6:]}, got {str(t.dtype)[6:]}", loc
+                )
+        if q.device.type == "cpu" and backend.active() != backend.INTERPRETER:
+            raise InputError(
+                "q is on the CPU, but this process runs kernels on the GPU: move the tensors to cuda, or set "
+                "TRITON_INTERPRET=1 before importing attnc to run every kernel under Triton's interpreter",
+                loc,
+            )
+        if q.device.type not in ("cuda", "cpu"):
+            raise InputError(
+                f"tensors on {q.device.type} are not supported (cuda, or cpu under Triton's interpreter)", loc
+            )
+        for name, dim in (("q and k", q.shape[3]), ("v", v.shape[3])):
+            if not 1 <= dim <= MAX_HEAD_DIM:
+                raise InputError(f"the head dim of {name} must be 1 to {MAX_HEAD_DIM}, got {dim}", loc)
+        for name, size in (
+            ("batch", q.shape[0]),
+            ("heads", q.shape[1]),
+            ("q_len", q.shape[2]),
+            ("kv_len", k.shape[2]),
+        ):
+            if size > SIZE_LIMIT:
+                raise InputError(f"{name} must be at most {SIZE_LIMIT}, got {size}", loc)
+        if not isinstance(return_lse, bool):
+            raise InputError(f"return_lse must be a bool, got {return_lse!r}", loc)
+        batch, heads, q_len, dim = q.shape
+        env = self._env(q_len, k.shape[2], batch, heads, inputs, q.device)
+        out, lse = self._forward.run(q, k, v, env, self._scale(scale, dim))
+        return (out, lse) if return_lse else out
+
+    def _scale(self, scale: Any, dim: int) -> float:
+        if scale is None:
+            return dim**-0.5
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+            raise InputError(f"scale must be a real number, got {scale!r}", self._bound.loc)
+        return float(scale)
+
+    def _check_qkv(self, q: Any, k: Any, v: Any) -> None:
         loc = self._bound.loc
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -370,21 +422,44 @@ class Kernel:
                 raise InputError(f"{name} must be a floating-point tensor, got {t.dtype}", loc)
             if t.device != q.device:
                 raise InputError(f"{name} is on {t.device}, q on {q.device}", loc)
-        batch, heads, q_len, dim = q.shape
-        if k.shape[0] != batch or v.shape[0] != batch:
+        if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
             raise InputError(
                 f"q, k and v must have one batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}", loc
             )
-        if k.shape[3] != dim:
-            raise InputError(f"q and k must have one head dim, got {dim} and {k.shape[3]}", loc)
+        if k.shape[3] != q.shape[3]:
+            raise InputError(f"q and k must have one head dim, got {q.shape[3]} and {k.shape[3]}", loc)
         if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
             raise InputError(f"k and v must have one [H, L], got {list(k.shape)} and {list(v.shape)}", loc)
-        if k.shape[1] == 0 or heads % k.shape[1] != 0:
+        if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
             raise InputError(
-                f"query heads ({heads}) must be a multiple of key/value heads ({k.shape[1]})", loc
+                f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})", loc
             )
+
+    def reference(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        scale: float | None = None,
+        return_lse: bool = False,
+        out_dtype: torch.dtype | None = None,
+        precision: torch.dtype = torch.float64,
+        **inputs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Dense attention with this pattern, computed in float64 (the oracle).
+
+        q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv], Hq % Hkv == 0. `out` has q's dtype
+        unless `out_dtype` is given; lse (natural log) is float32, or float64 with out_dtype=float64.
+        `precision` computes scores, score function and softmax in another float type instead (the
+        mask stays exact): the same-dtype dense computation that kernel errors are judged against.
+        """
+        self._check_qkv(q, k, v)
+        if precision not in (torch.float64, *DTYPES):
+            raise InputError(f"precision must be a float dtype, got {precision!r}", self._bound.loc)
+        batch, heads, q_len, dim = q.shape
         env = self._env(q_len, k.shape[2], batch, heads, inputs, q.device)
-        out, lse = oracle.attention(self._bound, env, q, k, v, dim**-0.5 if scale is None else float(scale))
+        out, lse = oracle.attention(self._bound, env, q, k, v, self._scale(scale, dim), precision)
         target = q.dtype if out_dtype is None else out_dtype
         out = out.to(target)
         lse = lse.to(torch.float64 if target == torch.float64 else torch.float32)

@@ -1,4 +1,4 @@
-"""The `attnc` command line: `check`, `ir` and `show` (more commands arrive with the kernels)."""
+"""The `attnc` command line: `check`, `ir`, `show` and `run`."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import sys
 from collections.abc import Sequence
 
 from attnc.api import Module, Pattern, load
-from attnc.compiler import compile_pattern
+from attnc.compiler import LOWER_STAGE, compile_pattern
 from attnc.errors import AttnError, ParameterError
 from attnc.passes import PASSES
 from attnc.passes.manager import INPUT_STAGE
 from attnc.show import ShowError, render, save_png, tile_view
 
-STAGES = [INPUT_STAGE, *PASSES]
+STAGES = [INPUT_STAGE, *PASSES, LOWER_STAGE]
 
 
 def _parse_define(text: str) -> tuple[str, int | float | bool]:
@@ -81,7 +81,7 @@ def _cmd_ir(args: argparse.Namespace) -> int:
             compile_pattern(pattern._module_ir, values, print_between=sys.stdout)
             continue
         compiled = compile_pattern(pattern._module_ir, values)
-        stage = args.after or list(compiled.stages)[-1]
+        stage = args.after or list(compiled.passes.stages)[-1]
         sys.stdout.write(compiled.stages[stage])
     return 0
 
@@ -103,6 +103,32 @@ def _cmd_show(args: argparse.Namespace) -> int:
         save_png(view, args.png)
         print(f"wrote {args.png}")
     return 0
+
+
+def _parse_shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        b, h, length, d = (int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected B,H,L,D (four ints), got {text!r}") from None
+    return b, h, length, d
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from attnc.run import run
+
+    kernel = load(args.file)[args.pattern](**dict(args.define))
+    report = run(
+        kernel,
+        args.shape,
+        kv_len=args.kv_len,
+        kv_heads=args.kv_heads,
+        dtype=args.dtype,
+        seed=args.seed,
+        repeats=args.repeat,
+        check=args.check,
+    )
+    sys.stdout.write(report.describe())
+    return 0 if report.comparison is None or report.comparison.ok else 1
 
 
 def _add_defines(parser: argparse.ArgumentParser) -> None:
@@ -130,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     ir.add_argument("-p", "--pattern", help="the pattern (default: every pattern of the file)")
     _add_defines(ir)
     when = ir.add_mutually_exclusive_group()
-    when.add_argument("--after", choices=STAGES, help="the stage to print (default: the last)")
+    when.add_argument(
+        "--after",
+        choices=STAGES,
+        help="the stage to print (default: the last pass; lower-triton prints the Triton source)",
+    )
     when.add_argument("--print-between-passes", action="store_true", help="print the IR after every pass")
     ir.set_defaults(run=_cmd_ir)
 
@@ -182,6 +212,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write a PNG: the tile map and, up to 4M mask elements, the dense mask (needs matplotlib)",
     )
     show.set_defaults(run=_cmd_show)
+
+    run = commands.add_parser(
+        "run",
+        help="run a pattern's kernel on random inputs: check it against the oracle, time it, name the "
+        "backend",
+        description="Compile the pattern, run its fused kernel on random q, k, v (and random input tensors: "
+        "sorted document ids for int inputs, coin flips for bools), compare output and lse with the float64 "
+        "oracle by the tolerance rule (exit 1 on a mismatch), and time repeated calls. Runs on the GPU, or "
+        "under Triton's interpreter when the process has none (then the time is no speed figure).",
+    )
+    run.add_argument("file", metavar="FILE", help="the .attn file")
+    run.add_argument("-p", "--pattern", required=True, help="the pattern to run")
+    _add_defines(run)
+    run.add_argument(
+        "--shape",
+        type=_parse_shape,
+        metavar="B,H,L,D",
+        help="batch, query heads, query length, head dim (default 1,2,256,64 on the interpreter, "
+        "2,16,4096,128 on a GPU)",
+    )
+    run.add_argument("--kv-len", type=int, metavar="M", help="number of keys (default: L)")
+    run.add_argument("--kv-heads", type=int, metavar="HKV", help="key/value heads, dividing H (default: H)")
+    run.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    run.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    run.add_argument("--repeat", type=int, default=5, metavar="N", help="timed calls (default 5)")
+    run.add_argument("--no-check", dest="check", action="store_false", help="skip the oracle comparison")
+    run.set_defaults(run=_cmd_run)
     return parser
 
 

@@ -188,8 +188,8 @@ def env() -> oracle.Env:
 
 
 def bound_and_final_masks(kern: attnc.Kernel) -> tuple[torch.Tensor, torch.Tensor]:
-    bound = kern._compiled.modules["bind-params"].entry
-    final = kern._compiled.modules["canonicalize"].entry
+    bound = kern._compiled.passes.modules["bind-params"].entry
+    final = kern._compiled.passes.modules["canonicalize"].entry
     m1 = oracle.mask(bound, env()).expand(SHAPE)
     m2 = oracle.mask(final, env()).expand(SHAPE)
     return m1, m2
@@ -197,7 +197,7 @@ def bound_and_final_masks(kern: attnc.Kernel) -> tuple[torch.Tensor, torch.Tenso
 
 def unfolded_mask(kern: attnc.Kernel) -> torch.Tensor:
     """The inlined mask with the parameter values substituted and nothing folded, by the oracle."""
-    inlined = kern._compiled.modules["inline"].entry
+    inlined = kern._compiled.passes.modules["inline"].entry
     values = {name: const(value) for name, value in kern.params.items()}
     raw = replace(inlined, params=(), mask=substitute(inlined.mask, values))
     return oracle.mask(raw, env()).expand(SHAPE)

@@ -47,7 +47,7 @@ def test_golden_ir_round_trips(path: Path) -> None:
 def test_running_the_pass_twice_changes_nothing(path: Path) -> None:
     stage = path.parent.name
     kernel = _compile(path)
-    once = kernel._compiled.modules[stage]
+    once = kernel._compiled.passes.modules[stage]
     pass_ = PASSES[stage](tuple(kernel.params.items())) if stage == "bind-params" else PASSES[stage]()
     assert pass_.run(once) == once
 

@@ -36,6 +36,7 @@ class Env:
     points: Mapping[str, torch.Tensor] = field(default_factory=dict)
     tiles: Mapping[str, torch.Tensor] = field(default_factory=dict)
     tables: dict[tuple[str, int], RangeTable] = field(default_factory=dict, repr=False)
+    float_dtype: torch.dtype = torch.float64  # the type floats are computed in (see `attention`)
 
     def var(self, name: str) -> torch.Tensor:
         if name in self.points:
@@ -54,11 +55,17 @@ class Env:
         ]
 
 
-def _scalar(value: int | float | bool, type_: Type, device: torch.device) -> torch.Tensor:
-    return torch.tensor(value, dtype=_DTYPES[type_], device=device)
+def _scalar(value: int | float | bool, type_: Type, env: Env) -> torch.Tensor:
+    dtype = env.float_dtype if type_ is Type.FLOAT else _DTYPES[type_]
+    return torch.tensor(value, dtype=dtype, device=env.device)
 
 
-def _load(decl: InputDecl, tensor: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
+def _load(
+    decl: InputDecl,
+    tensor: torch.Tensor,
+    indices: list[torch.Tensor],
+    float_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """tensor[indices] where every index is in range, else 0 / false."""
     indices = list(torch.broadcast_tensors(*indices))
     valid = torch.ones_like(indices[0], dtype=torch.bool)
@@ -70,7 +77,7 @@ def _load(decl: InputDecl, tensor: torch.Tensor, indices: list[torch.Tensor]) ->
         valid &= (index >= 0) & (index < extent)
         flat = flat + index.clamp(0, max(extent - 1, 0)) * stride
         stride *= extent
-    values = tensor.reshape(-1).to(_DTYPES[decl.type])
+    values = tensor.reshape(-1).to(float_dtype if decl.type is Type.FLOAT else _DTYPES[decl.type])
     if values.numel() == 0:
         return torch.zeros(flat.shape, dtype=values.dtype, device=flat.device)
     gathered = values[flat]
@@ -121,6 +128,8 @@ _ELEMENTWISE = {
     Op.DIV: torch.div,
     Op.FLOORDIV: _floordiv,
     Op.MOD: _mod,
+    Op.UDIV: _floordiv,
+    Op.UMOD: _mod,
     Op.NEG: torch.neg,
     Op.ABS: torch.abs,
     Op.MIN: torch.minimum,
@@ -150,18 +159,18 @@ def evaluate(root: Node, pattern: PatternIR, env: Env) -> torch.Tensor:
         args = [values[a] for a in node.args]
         op = node.op
         if op is Op.CONST:
-            result = _scalar(node.attr, node.type, env.device)  # type: ignore[arg-type]
+            result = _scalar(node.attr, node.type, env)  # type: ignore[arg-type]
         elif op is Op.VAR:
             result = env.var(str(node.attr))
         elif op is Op.SIZE:
-            result = _scalar(env.size(str(node.attr)), Type.INT, env.device)
+            result = _scalar(env.size(str(node.attr)), Type.INT, env)
         elif op is Op.SCORE:
             assert env.score is not None, "the score is only defined inside score"
             result = env.score
         elif op is Op.LOAD:
             decl = pattern.input(str(node.attr))
             assert decl is not None
-            result = _load(decl, env.inputs[decl.name], args)
+            result = _load(decl, env.inputs[decl.name], args, env.float_dtype)
         elif op in (Op.RANGE_MIN, Op.RANGE_MAX):
             decl = pattern.input(str(node.attr))
             assert decl is not None
@@ -198,21 +207,31 @@ def mask(pattern: PatternIR, env: Env) -> torch.Tensor:
 
 
 def attention(
-    pattern: PatternIR, env: Env, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    pattern: PatternIR,
+    env: Env,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    precision: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked softmax attention in float64: (out [B, Hq, Lq, Dv], lse [B, Hq, Lq]).
+    """Masked softmax attention: (out [B, Hq, Lq, Dv], lse [B, Hq, Lq]), in `precision`.
 
     Scores are `(q . k) * scale`, then the pattern's score function, then the mask. A query with no
-    allowed key (or only -inf scores) gets output 0 and lse -inf.
+    allowed key (or only -inf scores) gets output 0 and lse -inf. The judge computes in float64; a
+    lower `precision` (scores, score function, softmax and output in that type; the mask is exact
+    always) is the same-dtype dense computation the kernels' error is measured against.
     """
     group = q.shape[1] // k.shape[1]
-    k64 = k.to(torch.float64).repeat_interleave(group, dim=1)
-    v64 = v.to(torch.float64).repeat_interleave(group, dim=1)
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(torch.float64), k64) * scale
+    k_ = k.to(precision).repeat_interleave(group, dim=1)
+    v_ = v.to(precision).repeat_interleave(group, dim=1)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.to(precision), k_) * scale
     if pattern.score is not None:
-        env.score = scores
-        scores = evaluate(pattern.score, pattern, env).expand_as(scores).to(torch.float64)
-        env.score = None
+        env.score, env.float_dtype = scores, precision
+        try:
+            scores = evaluate(pattern.score, pattern, env).expand_as(scores).to(precision)
+        finally:
+            env.score, env.float_dtype = None, torch.float64
     allowed = mask(pattern, env).expand_as(scores)
     scores = scores.masked_fill(~allowed, float("-inf"))
     if scores.shape[-1] == 0:  # no keys at all: every row is empty
@@ -223,7 +242,7 @@ def attention(
     shifted = torch.where(empty, torch.zeros_like(scores), scores - torch.where(empty, 0.0, row_max))
     weights = torch.where(allowed & ~empty, torch.exp(shifted), torch.zeros_like(scores))
     total = weights.sum(dim=-1, keepdim=True)
-    out = torch.einsum("bhqk,bhkd->bhqd", weights, v64) / torch.where(empty, 1.0, total)
+    out = torch.einsum("bhqk,bhkd->bhqd", weights, v_) / torch.where(empty, 1.0, total)
     out = torch.where(empty, torch.zeros_like(out), out)
     lse = torch.where(empty, float("-inf"), row_max + torch.log(torch.where(empty, 1.0, total))).squeeze(-1)
     return out, lse

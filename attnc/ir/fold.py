@@ -94,6 +94,8 @@ _BINARY = {
     Op.DIV: _div,
     Op.FLOORDIV: floordiv,
     Op.MOD: mod,
+    Op.UDIV: floordiv,
+    Op.UMOD: mod,
     Op.MIN: min,
     Op.MAX: max,
     Op.EQ: lambda a, b: a == b,

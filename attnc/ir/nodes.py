@@ -43,6 +43,8 @@ class Op(str, Enum):
     DIV = "div"
     FLOORDIV = "floordiv"
     MOD = "mod"
+    UDIV = "udiv"
+    UMOD = "umod"
     NEG = "neg"
     ABS = "abs"
     MIN = "min"
@@ -248,6 +250,15 @@ OPS: dict[Op, OpInfo] = {
         OpInfo(Op.DIV, "a / b, true division of floats", 2, _float_binary),
         OpInfo(Op.FLOORDIV, "a // b, floor division of ints as in Python; a // 0 is 0", 2, _int_binary),
         OpInfo(Op.MOD, "a % b, floor modulo of ints as in Python (sign of b); a % 0 is a", 2, _int_binary),
+        OpInfo(
+            Op.UDIV,
+            "a // b where `fuse` proved a >= 0 and b > 0: truncating division, equal to floor division",
+            2,
+            _int_binary,
+        ),
+        OpInfo(
+            Op.UMOD, "a % b where `fuse` proved a >= 0 and b > 0: the truncating remainder", 2, _int_binary
+        ),
         OpInfo(Op.NEG, "-a", 1, _numeric_unary),
         OpInfo(Op.ABS, "|a|", 1, _numeric_unary),
         OpInfo(Op.MIN, "the smaller of a and b", 2, _numeric_same),

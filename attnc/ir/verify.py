@@ -22,6 +22,8 @@ from attnc.ir.nodes import (
 from attnc.ir.printer import print_module
 
 SPARSITY_KINDS = ("analytic", "metadata", "metadata[b]", "metadata[h]", "metadata[b, h]")
+SCORE_DERIVED = ("kernel_score",)
+"""Derived values that are functions of the score `s` (the others are functions of the mask's inputs)."""
 
 
 class _Verifier:
@@ -142,8 +144,8 @@ class _Verifier:
         if len(set(derived_names)) != len(derived_names):
             self.fail(where, "a derived value is named twice")
         self.tile_vars = True
-        for _, value in pattern.derived:
-            self.node(where, value, refs, pattern, allow_score=False)
+        for name, value in pattern.derived:
+            self.node(where, value, refs, pattern, allow_score=name in SCORE_DERIVED)
         self.tile_vars = False
         if pattern.sparsity is not None and pattern.sparsity not in SPARSITY_KINDS:
             self.fail(where, f"unknown sparsity {pattern.sparsity!r}")

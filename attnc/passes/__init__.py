@@ -5,6 +5,7 @@ from attnc.passes.block_sparsify import BlockSparsify
 from attnc.passes.canonicalize import Canonicalize
 from attnc.passes.classify_tiles import ClassifyTiles
 from attnc.passes.derive_ranges import DeriveRanges
+from attnc.passes.fuse import Fuse
 from attnc.passes.inline import Inline
 from attnc.passes.manager import Pass, PassManager
 
@@ -15,6 +16,7 @@ PASSES: dict[str, type] = {
     ClassifyTiles.name: ClassifyTiles,
     DeriveRanges.name: DeriveRanges,
     BlockSparsify.name: BlockSparsify,
+    Fuse.name: Fuse,
 }
 """Every pass by its CLI name, in pipeline order."""
 
@@ -25,6 +27,7 @@ __all__ = [
     "Canonicalize",
     "ClassifyTiles",
     "DeriveRanges",
+    "Fuse",
     "Inline",
     "Pass",
     "PassManager",

@@ -164,6 +164,7 @@ def build_linear(terms: Terms, constant: int) -> Node:
 
 
 COMPARISONS = (Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE)
+_MIRROR = {Op.EQ: Op.EQ, Op.NE: Op.NE, Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE}
 
 
 def split_comparison(node: Node, right: Callable[[Node], bool]) -> Node | None:
@@ -182,7 +183,12 @@ def split_comparison(node: Node, right: Callable[[Node], bool]) -> Node | None:
     moved = {a: -k for a, k in terms.items() if right(a)}
     if not left or not moved:
         return None
-    return make(node.op, build_linear(left, 0), build_linear(moved, c_b - c_a))
+    op, constant = node.op, c_b - c_a
+    if _ordered(left)[0][1] < 0:  # -L op -R is L op' R: no negation left on the leading term
+        left = {a: -k for a, k in left.items()}
+        moved = {a: -k for a, k in moved.items()}
+        op, constant = _MIRROR[op], -constant
+    return make(op, build_linear(left, 0), build_linear(moved, constant))
 
 
 def _int_arith(node: Node) -> Node | None:

@@ -51,27 +51,31 @@ class PassManager:
         self.passes.append(pass_)
         return self
 
+    def _pass_names(self) -> set[str]:
+        return {INPUT_STAGE, *(p.name for p in self.passes)}
+
     def run(self, module: ModuleIR) -> Compiled:
         """Run every pass in order, verifying after each; keep the module and its text at every stage."""
         verify(module, INPUT_STAGE)
         modules = {INPUT_STAGE: module}
         stages = {INPUT_STAGE: print_module(module)}
-        self._emit(0, INPUT_STAGE, module.entry.name, stages[INPUT_STAGE])
+        self.emit(0, INPUT_STAGE, module.entry.name, stages[INPUT_STAGE])
         for index, pass_ in enumerate(self.passes, start=1):
             module = pass_.run(module)
             verify(module, pass_.name)
             modules[pass_.name] = module
             stages[pass_.name] = print_module(module)
-            self._emit(index, pass_.name, module.entry.name, stages[pass_.name])
+            self.emit(index, pass_.name, module.entry.name, stages[pass_.name])
         return Compiled(modules, stages)
 
-    def _emit(self, index: int, stage: str, pattern: str, text: str) -> None:
+    def emit(self, index: int, stage: str, pattern: str, text: str) -> None:
+        """Print a stage (`print_between`) and write it to `$ATTNC_DUMP_DIR` (a Triton source as `.py`)."""
         if self.print_between is not None:
             self.print_between.write(f"// ----- IR after {stage} -----\n{text}\n")
         if self.dump_dir is not None:
             folder = self.dump_dir / re.sub(r"[^\w.-]", "_", pattern)
             folder.mkdir(parents=True, exist_ok=True)
-            target = folder / f"{index:02d}-{stage}.ir"
+            target = folder / f"{index:02d}-{stage}{'.ir' if stage in self._pass_names() else '.py'}"
             tmp = target.with_suffix(".tmp")
             tmp.write_text(text)
             tmp.replace(target)

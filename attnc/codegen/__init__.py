@@ -1,0 +1,1 @@
+"""Code generation: the `KernelSpec` of a fused pattern and the Jinja templates that render it."""

@@ -1,0 +1,243 @@
+"""IR expressions to Triton statements: one variable per interior node, in dependency order.
+
+Types in the kernel:
+
+- ints are int32 where the value ranges of every launch fit (`passes/value_ranges.py`), else int64;
+  operands are widened before an op that needs it, so no intermediate value overflows where the
+  oracle's int64 would not;
+- floats that feed the mask are float64, as the oracle computes them: a mask decided in float32 could
+  differ from the oracle's on pairs near a boundary, and one differing pair changes a whole row of the
+  output. Floats of the score are float32 (the score is float32 in the softmax anyway);
+- bools are int1; `input` loads are guarded (a position outside the input reads 0 / false).
+
+Floor `//` and `%` keep Python's meaning for every sign: by a power of two they are an arithmetic shift
+and a bit mask (exact for negative operands too), `udiv` / `umod` (operands proven non-negative by
+`fuse`) are Triton's truncating `//` / `%`, and anything else calls `_floordiv` / `_floormod`, which
+are exact whether the backend's `//` truncates or floors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from attnc.ir.nodes import Node, Op, PatternIR, Type
+from attnc.passes.value_ranges import ValueRanges, fits_int32
+
+INT1, INT32, INT64 = "tl.int1", "tl.int32", "tl.int64"
+FP32, FP64 = "tl.float32", "tl.float64"
+
+_BINARY = {Op.ADD: "+", Op.SUB: "-", Op.MUL: "*", Op.DIV: "/"}
+_COMPARE = {Op.EQ: "==", Op.NE: "!=", Op.LT: "<", Op.LE: "<=", Op.GT: ">", Op.GE: ">="}
+_UNARY_CALL = {
+    Op.ABS: "tl.abs",
+    Op.EXP: "tl.exp",
+    Op.EXP2: "tl.exp2",
+    Op.LOG: "tl.log",
+    Op.LOG2: "tl.log2",
+    Op.SQRT: "tl.sqrt",
+    Op.SIGMOID: "tl.sigmoid",
+    Op.TANH: "_tanh",
+}
+
+
+@dataclass(frozen=True)
+class Assign:
+    """One generated statement: `target = value`."""
+
+    target: str
+    value: str
+
+
+def input_arg(name: str) -> str:
+    """The kernel argument prefix of an input: `in_doc` (`in_doc_ptr`, `in_doc_dim0`, ...)."""
+    return f"in_{name}"
+
+
+def float64_nodes(roots: list[Node], lets: Mapping[str, Node]) -> frozenset[Node]:
+    """The float nodes the roots compute, following lets: these are computed in float64."""
+    found: set[Node] = set()
+    stack = list(roots)
+    seen: set[Node] = set()
+    while stack:
+        root = stack.pop()
+        for n in root.walk():
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.type is Type.FLOAT:
+                found.add(n)
+            if n.op is Op.REF and str(n.attr) in lets:
+                stack.append(lets[str(n.attr)])
+    return frozenset(found)
+
+
+@dataclass
+class Emitter:
+    """Emits statements for expressions of one pattern. `leaves` names the index variables, tile
+    bounds, sizes and `s` in the kernel; `known` the nodes an enclosing scope already computed (a loop
+    body sees the prologue's values). Every node is emitted once per emitter."""
+
+    pattern: PatternIR
+    leaves: Mapping[str, str]
+    float64: frozenset[Node] = frozenset()
+    known: Mapping[Node, str] = field(default_factory=dict)
+    prefix: str = "t"
+    lines: list[Assign] = field(default_factory=list)
+    helpers: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.lets = dict(self.pattern.lets)
+        self.ranges = ValueRanges(self.pattern, self.lets)
+        self.names: dict[Node, str] = dict(self.known)
+        self._dtypes: dict[Node, str] = {}
+
+    # ---- types -----------------------------------------------------------------------------------
+
+    def dtype(self, n: Node) -> str:
+        if n not in self._dtypes:
+            self._dtypes[n] = self._dtype(n)
+        return self._dtypes[n]
+
+    def _dtype(self, n: Node) -> str:
+        if n.type is Type.BOOL:
+            return INT1
+        if n.type is Type.FLOAT:
+            return FP64 if n in self.float64 else FP32
+        op = n.op
+        if op in (Op.VAR, Op.SIZE):
+            return INT32
+        if op is Op.REF:
+            return self.dtype(self.lets[str(n.attr)])
+        if op is Op.LOAD:
+            decl = self.pattern.input(str(n.attr))
+            return INT64 if decl is not None and decl.dtype == "int64" else INT32
+        if op in (Op.FLOOR, Op.CEIL):
+            return INT64
+        wide = not fits_int32(self.ranges.of(n))
+        wide = wide or any(self.dtype(a) == INT64 for a in n.args if a.type is Type.INT)
+        return INT64 if wide else INT32
+
+    # ---- values ----------------------------------------------------------------------------------
+
+    def value(self, node: Node) -> str:
+        """The text of the node's value, emitting what it needs."""
+        for n in node.walk():
+            if n not in self.names:
+                self.names[n] = self._emit(n)
+        return self.names[node]
+
+    def cast(self, node: Node, dtype: str) -> str:
+        """The node's value as `dtype` (constants are written in it directly)."""
+        if node.op is Op.CONST and node.type is not Type.BOOL:
+            return _literal(node.attr, dtype)  # type: ignore[arg-type]
+        text = self.value(node)
+        return text if self.dtype(node) == dtype else f"tl.cast({text}, {dtype})"
+
+    def _assign(self, value: str) -> str:
+        name = f"{self.prefix}{len(self.lines)}"
+        self.lines.append(Assign(name, value))
+        return name
+
+    def _emit(self, n: Node) -> str:
+        op, dtype = n.op, self.dtype(n)
+        if op is Op.CONST:
+            if n.type is Type.BOOL:  # canonicalize folds constant bools away; a lone one is a row test
+                return self._assign(f"{self.leaves['q']} {'>=' if n.attr else '<'} 0")
+            return _literal(n.attr, dtype)  # type: ignore[arg-type]
+        if op in (Op.VAR, Op.SIZE):
+            return self.leaves[str(n.attr)]
+        if op is Op.SCORE:
+            return self.leaves["s"]
+        if op is Op.REF:
+            return str(n.attr)
+        if op is Op.LOAD:
+            return self._load(n, dtype)
+        args = n.args
+        if op in _BINARY:
+            a, b = (self.cast(x, dtype) for x in args)
+            return self._assign(f"{a} {_BINARY[op]} {b}")
+        if op in (Op.FLOORDIV, Op.UDIV, Op.MOD, Op.UMOD):
+            return self._division(n, dtype)
+        if op is Op.NEG:
+            return self._assign(f"-{self.cast(args[0], dtype)}")
+        if op in (Op.MIN, Op.MAX):
+            fn = "tl.minimum" if op is Op.MIN else "tl.maximum"
+            return self._assign(f"{fn}({self.cast(args[0], dtype)}, {self.cast(args[1], dtype)})")
+        if op in _UNARY_CALL:
+            if op is Op.TANH:
+                self.helpers.add("tanh")
+            return self._assign(f"{_UNARY_CALL[op]}({self.cast(args[0], dtype)})")
+        if op is Op.TOFLOAT:
+            return self._assign(f"tl.cast({self.value(args[0])}, {dtype})")
+        if op in (Op.FLOOR, Op.CEIL):
+            fn = "tl.floor" if op is Op.FLOOR else "tl.ceil"
+            return self._assign(f"tl.cast({fn}({self.value(args[0])}), {INT64})")
+        if op in _COMPARE:
+            common = _common(self.dtype(args[0]), self.dtype(args[1]))
+            a, b = (self.cast(x, common) for x in args)
+            return self._assign(f"{a} {_COMPARE[op]} {b}")
+        if op in (Op.AND, Op.OR):
+            joiner = " & " if op is Op.AND else " | "
+            return self._assign(joiner.join(f"({self.value(a)})" for a in args))
+        if op is Op.NOT:  # not `~`: Triton's interpreter may hold a scalar bool as an int32 0 / 1
+            return self._assign(f"({self.value(args[0])}) == 0")
+        if op is Op.WHERE:
+            cond = self.value(args[0])
+            return self._assign(f"tl.where({cond}, {self.cast(args[1], dtype)}, {self.cast(args[2], dtype)})")
+        raise AssertionError(f"no Triton lowering for {op}")
+
+    def _division(self, n: Node, dtype: str) -> str:
+        a, b = n.args
+        floor = n.op in (Op.FLOORDIV, Op.UDIV)
+        x = self.cast(a, dtype)
+        if b.is_const and int(b.attr) > 0 and int(b.attr) & (int(b.attr) - 1) == 0:  # type: ignore[arg-type]
+            shift = int(b.attr).bit_length() - 1  # type: ignore[arg-type]
+            if floor:
+                return x if shift == 0 else self._assign(f"{x} >> {shift}")
+            return self._assign(f"{x} & {int(b.attr) - 1}")  # type: ignore[arg-type]
+        y = self.cast(b, dtype)
+        if n.op in (Op.UDIV, Op.UMOD):
+            return self._assign(f"{x} {'//' if floor else '%'} {y}")
+        helper = "floordiv" if floor else "floormod"
+        self.helpers.add(helper)
+        if b.is_const:  # the helpers take tensors: a constant divisor becomes a typed scalar
+            y = f"tl.full([], {int(b.attr)}, {dtype})"  # type: ignore[arg-type]
+        if a.is_const:
+            x = f"tl.full([], {int(a.attr)}, {dtype})"  # type: ignore[arg-type]
+        return self._assign(f"_{helper}({x}, {y})")
+
+    def _load(self, n: Node, dtype: str) -> str:
+        decl = self.pattern.input(str(n.attr))
+        assert decl is not None
+        arg = input_arg(decl.name)
+        indices = [self.value(i) for i in n.args]
+        valid = " & ".join(f"({i} >= 0) & ({i} < {arg}_dim{axis})" for axis, i in enumerate(indices))
+        offset = " + ".join(f"tl.cast({i}, {INT64}) * {arg}_stride{axis}" for axis, i in enumerate(indices))
+        if not indices:  # a 0-d input
+            valid, offset = "True", "0"
+        # `!= 0` makes the mask int1 even where the interpreter holds scalar bools as int32 0 / 1.
+        loaded = f"tl.load({arg}_ptr + {offset}, mask=({valid}) != 0, other=0)"
+        if decl.dtype == "bool":  # passed as uint8
+            return self._assign(f"{loaded} != 0")
+        if decl.type is Type.FLOAT:
+            return self._assign(f"tl.cast({loaded}, {dtype})")
+        return self._assign(loaded)
+
+
+def _common(a: str, b: str) -> str:
+    if a == b:
+        return a
+    if INT1 in (a, b):
+        raise AssertionError(f"comparison of {a} with {b}")
+    return INT64 if INT64 in (a, b) else FP64 if FP64 in (a, b) else a
+
+
+def _literal(value: int | float, dtype: str) -> str:
+    if dtype in (FP32, FP64):
+        value = float(value)
+        text = repr(value) if math.isfinite(value) else f'float("{value}")'
+        # A Python float in Triton code is a float32 constant: float64 ones are made explicitly.
+        return f"tl.full([], {text}, {FP64})" if dtype == FP64 else text
+    return str(int(value))

@@ -1,0 +1,123 @@
+"""`fuse`: the mask and the score as the kernel's loop body computes them.
+
+A kernel program owns one query tile and loops over key tiles; each iteration evaluates the score
+function and, on PARTIAL tiles only, the mask, over a `[BLOCK_M, BLOCK_N]` grid. This pass rewrites both
+expressions into the form that body runs, written back as derived values:
+
+    derive kernel_mask = ...    the mask (absent when every key is allowed)
+    derive kernel_score = ...   the score function of `s` (absent when the score is `s`)
+
+Three rewrites, each keeping every value the same:
+
+- **Comparisons by axis.** An int comparison `E op c` whose atoms depend on `q` and on `kv` becomes
+  `L op R + c` with the atoms over `kv` in R (`q - kv <= 1023` becomes `q <= kv + 1023`, and
+  `doc[b, q] - doc[b, kv] == 0` becomes `doc[b, q] == doc[b, kv]`): each side is computed at the size
+  of one axis of the grid, only the comparison at the size of the grid, and no difference of two input
+  values can overflow int32.
+- **Cheap division.** `a // d` and `a % d` where `a >= 0` and `d > 0` for every launch
+  (`value_ranges.py`) become `udiv` / `umod`: truncating division, no sign fix-up.
+- **Hoisting.** Every largest sub-expression that depends on neither `kv` nor `s` (on `q`, `b`, `h`,
+  the sizes, and inputs read at those) is the same for every key tile of a program: it becomes a let
+  `row_N`, computed once per query tile before the loop, and the kernel values refer to it.
+
+The pattern's own `mask` and `score` stay as they are: the tile analyses and the oracle read those.
+
+**Requires:** a canonicalized, bound entry pattern without lets. **Ensures:** derived `kernel_mask` /
+`kernel_score` as above; lets `row_N` (hoisted values, used only by them), each used at least once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import ClassVar
+
+from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, const
+from attnc.ir.rewrite import rewrite
+from attnc.passes.canonicalize import split_comparison
+from attnc.passes.classify_tiles import with_derived
+from attnc.passes.value_ranges import ValueRanges
+
+HOIST_PREFIX = "row_"
+KERNEL_VALUES = ("kernel_mask", "kernel_score")
+_LEAVES = (Op.CONST, Op.VAR, Op.SIZE, Op.SCORE, Op.REF)
+
+
+def _uses_kv(node: Node) -> bool:
+    return any(n.op is Op.VAR and n.attr == "kv" for n in node.walk())
+
+
+def _loop_invariant(node: Node) -> bool:
+    """Whether the value is the same for every key tile of a query tile: it reads neither kv nor s."""
+    return not any((n.op is Op.VAR and n.attr == "kv") or n.op is Op.SCORE for n in node.walk())
+
+
+def kernel_form(root: Node, pattern: PatternIR) -> Node:
+    """Comparisons split by axis and division made cheap where proven safe (values unchanged)."""
+    ranges = ValueRanges(pattern)
+    cheap = {Op.FLOORDIV: Op.UDIV, Op.MOD: Op.UMOD}
+
+    def rule(node: Node) -> Node | None:
+        split = split_comparison(node, _uses_kv)
+        if split is not None:
+            return split
+        if node.op in cheap and ranges.nonnegative(node.args[0]) and ranges.positive(node.args[1]):
+            return replace(node, op=cheap[node.op])
+        return None
+
+    return rewrite(root, rule)
+
+
+def hoist(roots: dict[str, Node], taken: set[str]) -> tuple[dict[str, Node], dict[str, Node]]:
+    """The largest loop-invariant interior sub-expressions of the roots as lets, and the roots
+    referring to them: (lets by name, in dependency order; the rewritten roots by name). A node is
+    hoisted when it is loop invariant and is a root or has a user that is not."""
+    invariant: dict[Node, bool] = {}
+    variant_user: dict[Node, bool] = {}
+    for root in roots.values():
+        variant_user[root] = True
+        for n in root.walk():
+            invariant.setdefault(n, _loop_invariant(n))
+            for a in n.args:
+                variant_user[a] = variant_user.get(a, False) or not invariant[n]
+    lets: dict[str, Node] = {}
+    memo: dict[Node, Node] = {}
+    for root in roots.values():
+        for n in root.walk():
+            if n in memo:
+                continue
+            rebuilt = n.with_args(tuple(memo[a] for a in n.args))
+            if invariant[n] and n.op not in _LEAVES and variant_user.get(n, False):
+                name = _fresh(len(lets), taken)
+                lets[name] = rebuilt
+                rebuilt = Node(Op.REF, n.type, (), name)
+            memo[n] = rebuilt
+    return lets, {key: memo[root] for key, root in roots.items()}
+
+
+def _fresh(index: int, taken: set[str]) -> str:
+    while f"{HOIST_PREFIX}{index}" in taken:
+        index += 1
+    taken.add(f"{HOIST_PREFIX}{index}")
+    return f"{HOIST_PREFIX}{index}"
+
+
+def fuse(pattern: PatternIR) -> PatternIR:
+    """The pattern with its kernel values and hoisted lets (see the module docstring)."""
+    pattern = replace(pattern, lets=tuple((n, v) for n, v in pattern.lets if not n.startswith(HOIST_PREFIX)))
+    roots: dict[str, Node] = {}
+    if pattern.mask is not None and pattern.mask != const(True):
+        roots["kernel_mask"] = kernel_form(pattern.mask, pattern)
+    if pattern.score is not None and pattern.score.op is not Op.SCORE:
+        roots["kernel_score"] = kernel_form(pattern.score, pattern)
+    lets, fused = hoist(roots, {d.name for d in pattern.inputs})
+    derived = tuple((n, v) for n, v in pattern.derived if n not in KERNEL_VALUES)
+    result = replace(pattern, lets=pattern.lets + tuple(lets.items()), derived=derived)
+    return with_derived(result, fused)
+
+
+@dataclass(frozen=True)
+class Fuse:
+    name: ClassVar[str] = "fuse"
+
+    def run(self, module: ModuleIR) -> ModuleIR:
+        return module.with_entry(fuse(module.entry))

@@ -1,0 +1,122 @@
+"""`attnc run`: a pattern's kernel on random inputs, held to the oracle, timed, with the backend named."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from attnc.api import Kernel
+from attnc.runtime.backend import INTERPRETER, active
+from attnc.show import ShowError, random_inputs
+from attnc.testing import Comparison, compare
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DEFAULT_SHAPE = {INTERPRETER: (1, 2, 256, 64), "cuda": (2, 16, 4096, 128)}
+
+
+@dataclass(frozen=True)
+class RunReport:
+    kernel: Kernel
+    shape: tuple[int, int, int, int]
+    kv_len: int
+    kv_heads: int
+    dtype: torch.dtype
+    backend: str
+    device: str
+    config: str
+    sparsity: str
+    times_s: list[float]
+    comparison: Comparison | None
+
+    def describe(self) -> str:
+        b, h, lq, d = self.shape
+        dtype = str(self.dtype).removeprefix("torch.")
+        lines = [
+            f"{_title(self.kernel)}: q [{b}, {h}, {lq}, {d}] {dtype}, "
+            f"k/v [{b}, {self.kv_heads}, {self.kv_len}, {d}]",
+            f"backend: {self.backend} ({self.device}; Triton {triton.__version__})",
+            f"launch: {self.config}; plan: {self.sparsity}"
+            + (" (no metadata)" if self.sparsity == "analytic" else " (block-sparse metadata)"),
+        ]
+        if self.comparison is not None:
+            lines.append(f"kernel vs float64 oracle: {self.comparison.describe()}")
+        else:
+            lines.append("kernel vs float64 oracle: not checked (--no-check)")
+        median = statistics.median(self.times_s) * 1e3
+        note = " (Triton's interpreter on the CPU: not a speed figure)" if self.backend == INTERPRETER else ""
+        lines.append(f"time: {median:.3f} ms, median of {len(self.times_s)} calls{note}")
+        return "\n".join(lines) + "\n"
+
+
+def _title(kernel: Kernel) -> str:
+    return f"{kernel.name}({', '.join(f'{k}={v!r}' for k, v in kernel.params.items())})"
+
+
+def run(
+    kernel: Kernel,
+    shape: tuple[int, int, int, int] | None = None,
+    *,
+    kv_len: int | None = None,
+    kv_heads: int | None = None,
+    dtype: str = "float16",
+    seed: int = 0,
+    repeats: int = 5,
+    check: bool = True,
+) -> RunReport:
+    """Run `kernel` on random q, k, v (and inputs) of `shape` = (B, H, L, D); see `attnc run --help`."""
+    backend = active()
+    batch, heads, q_len, dim = shape or DEFAULT_SHAPE[backend]
+    kv_len = q_len if kv_len is None else kv_len
+    kv_heads = heads if kv_heads is None else kv_heads
+    for what, value, least in (
+        ("B", batch, 1),
+        ("H", heads, 1),
+        ("L", q_len, 0),
+        ("D", dim, 1),
+        ("kv-len", kv_len, 0),
+    ):
+        if value < least:
+            raise ShowError(f"{what} must be at least {least}, got {value}")
+    if kv_heads < 1 or heads % kv_heads:
+        raise ShowError(f"--kv-heads must divide the {heads} query heads, got {kv_heads}")
+    if repeats < 1:
+        raise ShowError(f"--repeat must be at least 1, got {repeats}")
+    device = torch.device("cuda" if backend != INTERPRETER else "cpu")
+    torch_dtype = DTYPES[dtype]
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, dim, generator=generator).to(device, torch_dtype)
+    k = torch.randn(batch, kv_heads, kv_len, dim, generator=generator).to(device, torch_dtype)
+    v = torch.randn(batch, kv_heads, kv_len, dim, generator=generator).to(device, torch_dtype)
+    sizes = {"BATCH": batch, "NUM_HEADS": heads, "Q_LEN": q_len, "KV_LEN": kv_len}
+    inputs = {n: t.to(device) for n, t in random_inputs(kernel, sizes, seed).items()}
+
+    out, lse = kernel(q, k, v, return_lse=True, **inputs)  # the first call compiles (or tunes)
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        kernel(q, k, v, **inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    comparison = compare(kernel, out, lse, q, k, v, **inputs) if check else None
+    forward = kernel._forward
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return RunReport(
+        kernel=kernel,
+        shape=(batch, heads, q_len, dim),
+        kv_len=kv_len,
+        kv_heads=kv_heads,
+        dtype=torch_dtype,
+        backend=backend,
+        device=name,
+        config=str(forward.last_config) if forward.last_config is not None else "no launch (empty output)",
+        sparsity=kernel.pattern.sparsity or "",
+        times_s=times,
+        comparison=comparison,
+    )

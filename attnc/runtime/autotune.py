@@ -1,0 +1,208 @@
+"""Launch configurations (tile sizes, warps, stages): heuristics, forced ones, and autotuning.
+
+- `ATTNC_CONFIG=BLOCK_M,BLOCK_N[,WARPS[,STAGES]]` forces one configuration (debugging, tests).
+- Triton's interpreter (no GPU) uses `INTERPRETER_CONFIG`: warps and stages mean nothing there.
+- On a GPU with `ATTNC_AUTOTUNE=0`, `heuristic` picks the first of a short preference list that fits
+  the device's shared memory.
+- Otherwise the first launch in a *shape bucket* (dtype, head dims, GQA group, and the lengths and
+  number of (batch, head) programs rounded up to powers of two) times every candidate that fits the
+  device's shared memory and keeps the fastest. Results are kept per kernel key and device in
+  `$ATTNC_CACHE_DIR/autotune/<key>.<device>.json` (written atomically), so a later process reuses
+  them. Tuning that takes more than a second shows a progress bar on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TextIO
+
+from attnc.runtime.cache import cache_dir, write_atomic
+
+
+@dataclass(frozen=True, order=True)
+class Config:
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __str__(self) -> str:
+        return (
+            f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}"
+        )
+
+
+@dataclass(frozen=True)
+class LaunchShape:
+    """What a configuration's speed depends on."""
+
+    dtype: str  # "float16", "bfloat16" or "float32"
+    head_dim: int
+    head_dim_v: int
+    group: int  # query heads per key/value head
+    q_len: int
+    kv_len: int
+    programs: int  # batch x query heads
+
+    def bucket(self) -> str:
+        return (
+            f"{self.dtype}-d{self.head_dim}-dv{self.head_dim_v}-g{self.group}-q{_pow2(self.q_len)}"
+            f"-kv{_pow2(self.kv_len)}-bh{_pow2(self.programs)}"
+        )
+
+
+INTERPRETER_CONFIG = Config(32, 32, 1, 1)
+CANDIDATES = tuple(
+    Config(bm, bn, warps, stages)
+    for bm in (64, 128)
+    for bn in (32, 64, 128)
+    for warps in (4, 8)
+    for stages in (2, 3, 4)
+)
+_PREFERRED = (
+    Config(128, 64, 8, 3),
+    Config(128, 64, 4, 2),
+    Config(64, 64, 4, 2),
+    Config(64, 32, 4, 2),
+    Config(32, 32, 4, 1),
+)
+
+
+def _pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << math.ceil(math.log2(n))
+
+
+def padded(dim: int) -> int:
+    """A head dim as the kernel holds it: the next power of two, at least 16."""
+    return max(16, _pow2(dim))
+
+
+def shared_memory(config: Config, shape: LaunchShape) -> int:
+    """Bytes of shared memory a configuration needs (an estimate: the q tile, and a K and a V tile for
+    each pipeline stage)."""
+    element = 4 if shape.dtype == "float32" else 2
+    d, dv = padded(shape.head_dim), padded(shape.head_dim_v)
+    return element * (config.block_m * d + config.num_stages * config.block_n * (d + dv))
+
+
+def candidates(shape: LaunchShape, max_shared: int) -> list[Config]:
+    return [c for c in CANDIDATES if shared_memory(c, shape) <= max_shared]
+
+
+def heuristic(shape: LaunchShape, max_shared: int) -> Config:
+    for config in _PREFERRED:
+        if shared_memory(config, shape) <= max_shared:
+            return config
+    return _PREFERRED[-1]
+
+
+def forced() -> Config | None:
+    """The configuration `ATTNC_CONFIG` forces, if set."""
+    text = os.environ.get("ATTNC_CONFIG", "").strip()
+    if not text:
+        return None
+    try:
+        values = [int(x) for x in text.split(",")]
+        config = Config(*values)  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        raise ValueError(
+            f"ATTNC_CONFIG must be BLOCK_M,BLOCK_N[,WARPS[,STAGES]] (ints), got {text!r}"
+        ) from None
+    if (
+        not all(_pow2(x) == x and x >= 1 for x in (config.block_m, config.block_n))
+        or min(config.block_m, config.block_n) < 16
+    ):
+        raise ValueError(f"ATTNC_CONFIG: block sizes must be powers of two >= 16, got {text!r}")
+    return config
+
+
+def autotuning_enabled() -> bool:
+    return os.environ.get("ATTNC_AUTOTUNE", "1").strip() not in ("0", "false", "no", "off")
+
+
+class Progress:
+    """A one-line progress bar on a stream, shown only once the work has taken more than `delay_s`."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None, delay_s: float = 1.0) -> None:
+        self.total, self.label = total, label
+        self.stream = sys.stderr if stream is None else stream
+        self.delay_s = delay_s
+        self.start = time.perf_counter()
+        self.done = 0
+        self.shown = False
+
+    def step(self) -> None:
+        self.done += 1
+        if self.shown or time.perf_counter() - self.start >= self.delay_s:
+            width = 30
+            filled = width * self.done // max(self.total, 1)
+            bar = "#" * filled + "." * (width - filled)
+            self.stream.write(f"\r{self.label} [{bar}] {self.done}/{self.total}")
+            self.stream.flush()
+            self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            elapsed = time.perf_counter() - self.start
+            self.stream.write(f" ({elapsed:.1f} s)\n")
+            self.stream.flush()
+
+
+class Tuner:
+    """Configurations of one kernel on one device, by shape bucket, persisted on disk."""
+
+    def __init__(self, key: str, device: str) -> None:
+        self.path = cache_dir() / "autotune" / f"{key}.{re.sub(r'[^A-Za-z0-9_-]+', '-', device)}.json"
+        self._chosen: dict[str, Config] | None = None
+
+    def _load(self) -> dict[str, Config]:
+        if self._chosen is None:
+            self._chosen = {}
+            try:
+                raw = json.loads(Path(self.path).read_text(encoding="utf-8"))
+                self._chosen = {bucket: Config(**value) for bucket, value in raw.items()}
+            except (FileNotFoundError, json.JSONDecodeError, TypeError):
+                pass
+        return self._chosen
+
+    def known(self, shape: LaunchShape) -> Config | None:
+        return self._load().get(shape.bucket())
+
+    def tune(
+        self,
+        shape: LaunchShape,
+        configs: list[Config],
+        measure: Callable[[Config], float],
+        label: str,
+        stream: TextIO | None = None,
+    ) -> Config:
+        """The fastest of `configs` by `measure` (seconds; an exception or inf rules a config out),
+        remembered for the bucket and written to disk."""
+        chosen = self.known(shape)
+        if chosen is not None:
+            return chosen
+        progress = Progress(len(configs), f"attnc: autotuning {label} ({shape.bucket()})", stream)
+        best, best_time = None, math.inf
+        for config in configs:
+            try:
+                elapsed = measure(config)
+            except Exception:  # a configuration the device cannot run (out of resources): skip it
+                elapsed = math.inf
+            if elapsed < best_time:
+                best, best_time = config, elapsed
+            progress.step()
+        progress.close()
+        if best is None:
+            raise RuntimeError(f"attnc: no launch configuration ran for {label} ({shape.bucket()})")
+        chosen_map = self._load()
+        chosen_map[shape.bucket()] = best
+        write_atomic(self.path, json.dumps({b: asdict(c) for b, c in sorted(chosen_map.items())}, indent=1))
+        return best

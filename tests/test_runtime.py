@@ -1,0 +1,141 @@
+"""The runtime's pieces that need no kernel launch: launch configurations, autotuning bookkeeping, the
+backend choice and the cache key."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import attnc
+from attnc.runtime import autotune, cache
+from attnc.runtime.autotune import Config, LaunchShape, Progress, Tuner
+
+SHAPE = LaunchShape("bfloat16", 128, 128, 1, 5000, 5000, 32)
+H100_SHARED = 232448  # bytes per block, opt-in
+
+
+def test_shape_buckets_round_lengths_up_to_powers_of_two() -> None:
+    assert SHAPE.bucket() == "bfloat16-d128-dv128-g1-q8192-kv8192-bh32"
+    assert LaunchShape("bfloat16", 128, 128, 1, 8192, 4097, 32).bucket() == SHAPE.bucket()
+    assert LaunchShape("float16", 128, 128, 1, 5000, 5000, 32).bucket() != SHAPE.bucket()
+
+
+def test_candidates_fit_the_shared_memory() -> None:
+    fitting = autotune.candidates(SHAPE, H100_SHARED)
+    assert fitting and all(autotune.shared_memory(c, SHAPE) <= H100_SHARED for c in fitting)
+    assert len(fitting) < len(autotune.CANDIDATES)  # some need more than an H100 has
+    big = LaunchShape("float32", 256, 256, 1, 5000, 5000, 32)
+    assert autotune.shared_memory(autotune.heuristic(big, H100_SHARED), big) <= H100_SHARED
+    assert autotune.heuristic(SHAPE, H100_SHARED) == Config(128, 64, 8, 3)
+
+
+def test_shared_memory_estimate() -> None:
+    # float16, head dims 24 -> 32 and 40 -> 64: q tile 64 x 32, two stages of K (64 x 32) and V (64 x 64).
+    shape = LaunchShape("float16", 24, 40, 1, 100, 100, 1)
+    assert autotune.shared_memory(Config(64, 64, 4, 2), shape) == 2 * (64 * 32 + 2 * 64 * (32 + 64))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("32,64", Config(32, 64)), ("128,64,8,3", Config(128, 64, 8, 3)), ("", None), (" ", None)],
+)
+def test_forced_configuration(monkeypatch: pytest.MonkeyPatch, text: str, expected: Config | None) -> None:
+    monkeypatch.setenv("ATTNC_CONFIG", text)
+    assert autotune.forced() == expected
+
+
+@pytest.mark.parametrize("text", ["32", "a,b", "32,48", "8,16", "1,2,3,4,5"])
+def test_bad_forced_configuration(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
+    monkeypatch.setenv("ATTNC_CONFIG", text)
+    with pytest.raises(ValueError, match="ATTNC_CONFIG"):
+        autotune.forced()
+
+
+def test_autotuning_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ATTNC_AUTOTUNE", raising=False)
+    assert autotune.autotuning_enabled()
+    monkeypatch.setenv("ATTNC_AUTOTUNE", "0")
+    assert not autotune.autotuning_enabled()
+
+
+def test_tuner_keeps_the_fastest_and_persists_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    configs = [Config(64, 32), Config(128, 64), Config(64, 64)]
+    times = {Config(64, 32): 3.0, Config(128, 64): 1.0, Config(64, 64): 2.0}
+    measured: list[Config] = []
+
+    def measure(config: Config) -> float:
+        measured.append(config)
+        return times[config]
+
+    tuner = Tuner("k" * 64, "NVIDIA H100 80GB HBM3 sm90")
+    assert tuner.tune(SHAPE, configs, measure, "p", io.StringIO()) == Config(128, 64)
+    assert measured == configs
+    saved = json.loads(tuner.path.read_text())
+    assert saved == {SHAPE.bucket(): {"block_m": 128, "block_n": 64, "num_warps": 4, "num_stages": 2}}
+    assert tuner.path.name == "k" * 64 + ".NVIDIA-H100-80GB-HBM3-sm90.json"
+    # A new process (a new Tuner) reuses the result without measuring.
+    again = Tuner("k" * 64, "NVIDIA H100 80GB HBM3 sm90")
+    assert again.tune(SHAPE, configs, lambda c: pytest.fail("measured again"), "p") == Config(128, 64)
+
+
+def test_a_configuration_that_fails_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+
+    def measure(config: Config) -> float:
+        if config.block_m == 128:
+            raise RuntimeError("out of resources: shared memory")
+        return 1.0
+
+    chosen = Tuner("a" * 64, "gpu").tune(
+        SHAPE, [Config(128, 128), Config(64, 64)], measure, "p", io.StringIO()
+    )
+    assert chosen == Config(64, 64)
+    with pytest.raises(RuntimeError, match="no launch configuration ran"):
+        Tuner("b" * 64, "gpu").tune(SHAPE, [Config(128, 128)], measure, "p", io.StringIO())
+
+
+def test_progress_bar_appears_only_on_long_tuning() -> None:
+    quick = io.StringIO()
+    progress = Progress(3, "attnc: autotuning p", quick, delay_s=60.0)
+    for _ in range(3):
+        progress.step()
+    progress.close()
+    assert quick.getvalue() == ""
+    slow = io.StringIO()
+    progress = Progress(4, "attnc: autotuning p", slow, delay_s=0.0)
+    for _ in range(4):
+        progress.step()
+    progress.close()
+    lines = slow.getvalue().split("\r")
+    assert lines[-1].startswith("attnc: autotuning p [" + "#" * 30 + "] 4/4 (")
+    assert "] 2/4" in slow.getvalue() and slow.getvalue().endswith(" s)\n")
+
+
+def test_the_template_text_is_part_of_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kern = attnc.stdlib().causal()
+    key = cache.kernel_key(kern.pattern, kern._compiled.spec, "attention_fwd.py.jinja")
+    edited = tmp_path / "attention_fwd.py.jinja"
+    edited.write_text((cache.TEMPLATES / "attention_fwd.py.jinja").read_text() + "\n# edited\n")
+    monkeypatch.setattr(cache, "TEMPLATES", tmp_path)
+    assert cache.kernel_key(kern.pattern, kern._compiled.spec, "attention_fwd.py.jinja") != key
+
+
+def test_without_a_gpu_import_chooses_the_interpreter() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # no GPU, even on a machine that has one
+    code = (
+        "import os, attnc; from attnc.runtime import backend; "
+        "print(os.environ.get('TRITON_INTERPRET'), backend.active())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["1", "interpreter"]
+    env["TRITON_INTERPRET"] = "0"  # the user's choice stands
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "cuda"]
