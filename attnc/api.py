@@ -18,9 +18,10 @@ from attnc.ir import evaluate as oracle
 from attnc.ir.nodes import INPUT_DTYPES, Node, Op, ParamDecl, PatternIR, Type
 from attnc.ir.printer import print_module
 from attnc.passes import PASSES
+from attnc.passes.fuse import differentiable_inputs
 from attnc.passes.manager import INPUT_STAGE
 from attnc.passes.value_ranges import SIZE_LIMIT
-from attnc.runtime import backend
+from attnc.runtime import autograd, backend
 from attnc.runtime.launch import DTYPES, MAX_HEAD_DIM, Forward
 from attnc.runtime.plan import Plan, exact_block_map, make_plan, uses
 
@@ -183,7 +184,13 @@ class Kernel:
         self._compiled = compile_pattern(module_ir, values)
         self._bound = self._compiled.passes.modules[PASSES["bind-params"].name].entry
         self.pattern: PatternIR = self._compiled.entry
-        self._forward = Forward(self.name, self.pattern, self._compiled.spec, self._compiled.source)
+        # Patterns of one structure share their kernels (and their autotuning) through the registry.
+        self._forward = autograd.register(
+            Forward(self.name, self.pattern, self._compiled.spec, self._compiled.source)
+        )
+        self._key = self._forward.source.key
+        backend.active()  # decided now, not while torch.compile traces a call
+        self._differentiable = differentiable_inputs(self.pattern)
 
     @property
     def stages(self) -> dict[str, str]:
@@ -360,7 +367,9 @@ class Kernel:
         **inputs: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention with this pattern, by its fused Triton kernel (on CPU tensors, under Triton's
-        interpreter).
+        interpreter). Differentiable: gradients flow to q, k, v, to the float inputs the score reads
+        (one that requires grad but only appears in the mask is an error) and from the lse; the call is
+        one custom op (`attnc::attention`) to `torch.compile`.
 
         q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv], Hq % Hkv == 0 (GQA); float16,
         bfloat16 or float32, all one dtype, on one device; D and Dv at most 256. `inputs` are the
@@ -401,8 +410,16 @@ class Kernel:
         if not isinstance(return_lse, bool):
             raise InputError(f"return_lse must be a bool, got {return_lse!r}", loc)
         batch, heads, q_len, dim = q.shape
-        env = self._env(q_len, k.shape[2], batch, heads, inputs, q.device)
-        out, lse = self._forward.run(q, k, v, env, self._scale(scale, dim))
+        self._env(q_len, k.shape[2], batch, heads, inputs, q.device)
+        for decl in self._bound.inputs:
+            if inputs[decl.name].requires_grad and decl.name not in self._differentiable:
+                raise InputError(
+                    f"input '{decl.name}' requires grad, but it has no gradient: the score does not depend "
+                    f"on its values (a mask has no gradient); pass it detached",
+                    decl.loc,
+                )
+        tensors = [inputs[d.name] for d in self._bound.inputs]
+        out, lse = autograd.attention(q, k, v, tensors, self._key, self._scale(scale, dim))
         return (out, lse) if return_lse else out
 
     def _scale(self, scale: Any, dim: int) -> float:

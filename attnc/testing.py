@@ -1,4 +1,5 @@
-"""Judging kernels against the dense oracle: the tolerance rule, shared by the tests and `attnc run`.
+"""Judging kernels against the dense oracle: the tolerance rule, shared by the tests and `attnc run`, for
+outputs (`compare`) and gradients (`compare_gradients`).
 
 The rule (DESIGN.md section 7, as PyTorch's FlexAttention tests): a kernel's error against the float64
 oracle may be at most `FACTOR` times the error of the same attention computed densely in the input
@@ -93,4 +94,86 @@ def compare(
         empty_rows_match=bool(torch.equal(torch.isneginf(lse), empty)),
         empty_rows_zero=bool((out[empty] == 0).all()),
         has_nan=bool(out.isnan().any() or lse.isnan().any()),
+    )
+
+
+@dataclass(frozen=True)
+class GradientComparison:
+    """How a kernel's gradients compare with autograd through the oracle, by the same rule: for each
+    gradient (dq, dk, dv, then the inputs'), the kernel's max absolute error and the error of the
+    same-dtype dense computation, both against float64. Gradients are sums over many scores and can
+    be large (an input's, summed over every query and key, reaches hundreds), and they are stored in
+    their tensor's dtype: the atol is relative to the gradient's largest magnitude (when that exceeds
+    1) and adds one unit of the dtype's precision there, as the rounding of the stored value alone
+    may be that large."""
+
+    dtype: torch.dtype
+    errors: dict[str, tuple[float, float, float]]  # name -> (kernel error, dense error, max |oracle|)
+    has_nan: bool
+
+    def bound(self, dense_error: float, magnitude: float = 1.0) -> float:
+        return FACTOR * dense_error + (ATOL[self.dtype] + torch.finfo(self.dtype).eps) * max(1.0, magnitude)
+
+    @property
+    def ok(self) -> bool:
+        return not self.has_nan and all(e <= self.bound(d, m) for e, d, m in self.errors.values())
+
+    def describe(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.")
+        parts = [
+            f"{name} {e:.3g} (dense {dtype}: {d:.3g}){'' if e <= self.bound(d, m) else ' MISMATCH'}"
+            for name, (e, d, m) in self.errors.items()
+        ]
+        return "max |grad - oracle|: " + ", ".join(parts) + ("; NaN in a gradient" if self.has_nan else "")
+
+
+def compare_gradients(
+    kern: Any,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    seed: int = 0,
+    lse_grad: bool = True,
+    **inputs: torch.Tensor,
+) -> GradientComparison:
+    """Differentiate the kernel (out and, with `lse_grad`, lse, against random upstream gradients)
+    with respect to q, k, v and every input that requires grad, and judge the gradients against
+    autograd through the oracle (float64) by the tolerance rule."""
+    g = torch.Generator().manual_seed(seed)
+    shape_out = (*q.shape[:3], v.shape[3])
+    dout = torch.randn(shape_out, generator=g).to(q.dtype).to(q.device)
+    dlse = torch.randn(q.shape[:3], generator=g).to(q.device) if lse_grad else None
+    names = ["dq", "dk", "dv", *(f"d{n}" for n, t in inputs.items() if t.requires_grad)]
+
+    def grads(precision: torch.dtype | None) -> list[torch.Tensor]:
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        if precision == torch.float64:
+            leaves = [t.double().detach().requires_grad_() for t in leaves]
+        ins = {n: t.detach().clone().requires_grad_(t.requires_grad) for n, t in inputs.items()}
+        wrt = leaves + [t for t in ins.values() if t.requires_grad]
+        if precision is None:
+            out, lse = kern(*leaves, scale=scale, return_lse=True, **ins)
+        else:
+            out, lse = kern.reference(
+                *leaves, scale=scale, return_lse=True, out_dtype=torch.float64, precision=precision, **ins
+            )
+        outputs, upstream = [out], [dout.to(out.dtype)]
+        if dlse is not None:
+            outputs.append(lse)
+            upstream.append(dlse.to(lse.dtype))
+        return [x.double() for x in torch.autograd.grad(outputs, wrt, upstream, allow_unused=False)]
+
+    kernel, oracle_, dense = grads(None), grads(torch.float64), grads(q.dtype)
+
+    def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+        return (a - b).abs().max().item() if a.numel() else 0.0
+
+    return GradientComparison(
+        dtype=q.dtype,
+        errors={
+            name: (max_error(a, r), max_error(d, r), r.abs().max().item() if r.numel() else 0.0)
+            for name, a, r, d in zip(names, kernel, oracle_, dense, strict=True)
+        },
+        has_nan=any(bool(a.isnan().any()) for a in kernel),
     )

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import jinja2
 
-from attnc.codegen.emit import INT32, INT64, Assign, Emitter, float64_nodes, input_arg
-from attnc.codegen.spec import Body, InputArg, KernelSpec, KeyRange
+from attnc.codegen.emit import FP32, INT32, INT64, Assign, Emitter, float64_nodes, input_arg
+from attnc.codegen.spec import BackwardSpec, Body, InputArg, InputGrad, KernelSpec, KeyRange
 from attnc.errors import InternalError
 from attnc.ir.nodes import Node, Op, PatternIR, format_const
+from attnc.passes.fuse import differentiable_inputs, grad_loads
 from attnc.passes.value_ranges import fits_int32
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -32,6 +33,8 @@ KERNEL_NAMES = {
     "h": "h_idx",
     "q_first": "q_first",
     "q_last": "q_last",
+    "kv_first": "kv_first",
+    "kv_last": "kv_last",
     "BATCH": "BATCH",
     "NUM_HEADS": "NUM_HEADS",
     "Q_LEN": "Q_LEN",
@@ -53,60 +56,193 @@ def _title(pattern: PatternIR) -> str:
     return f"{pattern.name}({bindings})"
 
 
-def build_spec(pattern: PatternIR) -> KernelSpec:
-    """The forward kernel's spec of a pattern compiled through `fuse`."""
+def _check_fused(pattern: PatternIR) -> None:
     if pattern.sparsity is None:
         raise InternalError("lower-triton runs after block-sparsify and fuse")
-    lets = dict(pattern.lets)
-    kernel_mask = pattern.derived_value("kernel_mask")
-    kernel_score = pattern.derived_value("kernel_score")
-    if (pattern.mask is not None and kernel_mask is None and not pattern.mask.is_const) or (
-        pattern.score is not None and kernel_score is None and pattern.score.op is not Op.SCORE
+    mask, score = pattern.mask, pattern.score
+    if (mask is not None and pattern.derived_value("kernel_mask") is None and not mask.is_const) or (
+        score is not None and pattern.derived_value("kernel_score") is None and score.op is not Op.SCORE
     ):
         raise InternalError("lower-triton runs after fuse")
-    float64 = float64_nodes([kernel_mask] if kernel_mask is not None else [], lets)
 
-    prologue = Emitter(pattern, KERNEL_NAMES, float64, prefix="p")
-    for name, value in pattern.lets:
-        prologue.lines.append(Assign(name, prologue.value(value)))
-    kv_ranges = None
-    if pattern.sparsity == "analytic":
-        count = pattern.derived_value("range_count")
+
+def _lets_used(pattern: PatternIR, roots: list[Node]) -> list[str]:
+    """The lets the roots refer to, directly or through other lets, in the pattern's order."""
+    lets = dict(pattern.lets)
+    used: set[str] = set()
+    stack = list(roots)
+    while stack:
+        for n in stack.pop().walk():
+            if n.op is Op.REF and str(n.attr) in lets and str(n.attr) not in used:
+                used.add(str(n.attr))
+                stack.append(lets[str(n.attr)])
+    return [name for name, _ in pattern.lets if name in used]
+
+
+def _depends(node: Node, name: str, lets: dict[str, Node]) -> bool:
+    """Whether the value reads the index variable `name`, following lets."""
+    stack, seen = [node], set()
+    while stack:
+        for n in stack.pop().walk():
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op is Op.VAR and n.attr == name:
+                return True
+            if n.op is Op.REF and str(n.attr) in lets:
+                stack.append(lets[str(n.attr)])
+    return False
+
+
+class _Kernel:
+    """What one kernel computes of a fused pattern: its hoisted rows (an emitter) and its bodies."""
+
+    def __init__(self, pattern: PatternIR, roots: list[Node], float64: frozenset[Node], prefix: str) -> None:
+        self.pattern = pattern
+        self.float64 = float64
+        self.prefix = prefix
+        self.rows = Emitter(pattern, KERNEL_NAMES, float64, prefix=f"{prefix}r")
+        lets = dict(pattern.lets)
+        for name in _lets_used(pattern, roots):
+            self.rows.lines.append(Assign(name, self.rows.value(lets[name])))
+        self.helpers = set(self.rows.helpers)
+
+    def ranges(self, axis: str) -> tuple[tuple[Assign, ...], tuple[KeyRange, ...] | None]:
+        """The analytic plan's ranges of positions along `axis` ("kv" or "q"), as statements (computed
+        where the tile of the other axis is known), or None for metadata plans."""
+        if self.pattern.sparsity != "analytic":
+            return (), None
+        bounds = "kb" if axis == "kv" else "qb"
+        emitter = Emitter(self.pattern, KERNEL_NAMES, self.float64, prefix=f"{self.prefix}{bounds}")
+        count = self.pattern.derived_value("range_count")
         assert count is not None
         ranges = []
         for j in range(int(count.attr)):  # type: ignore[arg-type]
             values = []
             for part in ("lo", "hi", "full_lo", "full_hi"):
-                node = pattern.derived_value(f"kv_{part}_{j}")
+                node = self.pattern.derived_value(f"{axis}_{part}_{j}")
                 assert node is not None
-                prologue.lines.append(Assign(f"kv_{part}_{j}", _scalar(prologue, node)))
-                values.append(f"kv_{part}_{j}")
+                emitter.lines.append(Assign(f"{axis}_{part}_{j}", _scalar(emitter, node)))
+                values.append(f"{axis}_{part}_{j}")
             ranges.append(KeyRange(*values))
-        kv_ranges = tuple(ranges)
+        self.helpers |= emitter.helpers
+        return tuple(emitter.lines), tuple(ranges)
 
-    def body(with_mask: bool) -> tuple[Body, set[str]]:
+    def body(self, with_mask: bool, backward: bool = False, grads: bool = False) -> Body:
+        pattern = self.pattern
         emitter = Emitter(
-            pattern, KERNEL_NAMES, float64, known=prologue.names, prefix="m" if with_mask else "f"
+            pattern,
+            KERNEL_NAMES,
+            self.float64,
+            known=self.rows.names,
+            prefix=f"{self.prefix}{'m' if with_mask else 'f'}",
         )
-        score = emitter.cast(kernel_score, "tl.float32") if kernel_score is not None else None
+        kernel_score = pattern.derived_value("kernel_score")
+        kernel_mask = pattern.derived_value("kernel_mask")
+        score = emitter.cast(kernel_score, FP32) if kernel_score is not None else None
         mask = emitter.value(kernel_mask) if with_mask and kernel_mask is not None else None
-        return Body(tuple(emitter.lines), score, mask), emitter.helpers
+        dscore = None
+        input_grads: list[InputGrad] = []
+        if backward:
+            node = pattern.derived_value("kernel_dscore")
+            dscore = emitter.cast(node, FP32) if node is not None else None
+        if grads:
+            lets = dict(pattern.lets)
+            for load, value in grad_loads(pattern):
+                decl = pattern.input(str(load.attr))
+                assert decl is not None and load.op is Op.LOAD
+                arg = input_arg(decl.name)
+                indices = [emitter.value(i) for i in load.args]
+                offset = " + ".join(
+                    f"tl.cast({i}, {INT64}) * {arg}_grad_stride{axis}" for axis, i in enumerate(indices)
+                )
+                valid = " & ".join(f"({i} >= 0) & ({i} < {arg}_dim{axis})" for axis, i in enumerate(indices))
+                input_grads.append(
+                    InputGrad(
+                        input=_input(decl),
+                        value=emitter.cast(value, FP32),
+                        offset=offset or "0",
+                        valid=valid or "tl.full([], 1, tl.int1)",
+                        over_q=_depends(load, "q", lets),
+                        over_kv=_depends(load, "kv", lets),
+                    )
+                )
+        self.helpers |= emitter.helpers
+        return Body(tuple(emitter.lines), score, mask, dscore, tuple(input_grads))
 
-    masked, masked_helpers = body(with_mask=True)
-    full, full_helpers = body(with_mask=False)
-    helpers = prologue.helpers | masked_helpers | full_helpers
-    inputs = tuple(InputArg(d.name, input_arg(d.name), d.dtype, len(d.dims)) for d in pattern.inputs)
-    sparsity = pattern.sparsity
+
+def _input(decl) -> InputArg:
+    return InputArg(decl.name, input_arg(decl.name), decl.dtype, len(decl.dims))
+
+
+def _metadata_axes(pattern: PatternIR) -> tuple[bool, bool]:
+    sparsity = pattern.sparsity or ""
+    axes = sparsity.removeprefix("metadata") if sparsity.startswith("metadata") else ""
+    return "b" in axes, "h" in axes
+
+
+def _float64(pattern: PatternIR) -> frozenset[Node]:
+    kernel_mask = pattern.derived_value("kernel_mask")
+    return float64_nodes([kernel_mask] if kernel_mask is not None else [], dict(pattern.lets))
+
+
+def _values(pattern: PatternIR, *names: str) -> list[Node]:
+    return [v for v in (pattern.derived_value(n) for n in names) if v is not None]
+
+
+def build_spec(pattern: PatternIR) -> KernelSpec:
+    """The forward kernel's spec of a pattern compiled through `fuse`."""
+    _check_fused(pattern)
+    kernel = _Kernel(pattern, _values(pattern, "kernel_mask", "kernel_score"), _float64(pattern), "")
+    range_lines, kv_ranges = kernel.ranges("kv")
+    masked, full = kernel.body(with_mask=True), kernel.body(with_mask=False)
+    metadata_b, metadata_h = _metadata_axes(pattern)
     return KernelSpec(
         pattern=_title(pattern),
-        inputs=inputs,
-        prologue=tuple(prologue.lines),
+        inputs=tuple(_input(d) for d in pattern.inputs),
+        prologue=tuple(kernel.rows.lines) + range_lines,
         kv_ranges=kv_ranges,
-        metadata_b=sparsity.startswith("metadata") and "b" in sparsity.removeprefix("metadata"),
-        metadata_h=sparsity.startswith("metadata") and "h" in sparsity.removeprefix("metadata"),
+        metadata_b=metadata_b,
+        metadata_h=metadata_h,
         masked=masked,
         full=full,
-        helpers=tuple(sorted(helpers)),
+        helpers=tuple(sorted(kernel.helpers)),
+    )
+
+
+def build_backward_spec(pattern: PatternIR) -> BackwardSpec:
+    """The backward kernels' spec of a pattern compiled through `fuse`."""
+    _check_fused(pattern)
+    float64 = _float64(pattern)
+    scores = _values(pattern, "kernel_mask", "kernel_score", "kernel_dscore")
+    loads = grad_loads(pattern)
+    dq = _Kernel(pattern, scores + [n for load, value in loads for n in (load, value)], float64, "dq_")
+    dq_prologue, kv_ranges = dq.ranges("kv")
+    dq_masked = dq.body(with_mask=True, backward=True, grads=True)
+    dq_full = dq.body(with_mask=False, backward=True, grads=True)
+    dkv = _Kernel(pattern, scores, float64, "dkv_")
+    dkv_prologue, q_ranges = dkv.ranges("q")
+    dkv_masked = dkv.body(with_mask=True, backward=True)
+    dkv_full = dkv.body(with_mask=False, backward=True)
+    with_grad = differentiable_inputs(pattern)
+    metadata_b, metadata_h = _metadata_axes(pattern)
+    return BackwardSpec(
+        pattern=_title(pattern),
+        inputs=tuple(_input(d) for d in pattern.inputs),
+        grad_inputs=tuple(_input(d) for d in pattern.inputs if d.name in with_grad),
+        metadata_b=metadata_b,
+        metadata_h=metadata_h,
+        dq_rows=tuple(dq.rows.lines),
+        dq_prologue=dq_prologue,
+        kv_ranges=kv_ranges,
+        dq_masked=dq_masked,
+        dq_full=dq_full,
+        dkv_rows=tuple(dkv.rows.lines),
+        dkv_prologue=dkv_prologue,
+        q_ranges=q_ranges,
+        dkv_masked=dkv_masked,
+        dkv_full=dkv_full,
+        helpers=tuple(sorted(dq.helpers | dkv.helpers)),
     )
 
 
@@ -123,7 +259,7 @@ def _environment() -> jinja2.Environment:
     )
 
 
-def render(spec: KernelSpec, template: str = "attention_fwd.py.jinja") -> str:
+def render(spec: KernelSpec | BackwardSpec, template: str = "attention_fwd.py.jinja") -> str:
     """The Triton source of a spec; raises InternalError (with the numbered source) if it does not
     parse as Python."""
     source = _environment().get_template(template).render(spec=spec)

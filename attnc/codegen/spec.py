@@ -31,8 +31,9 @@ class InputArg:
 
 @dataclass(frozen=True)
 class KeyRange:
-    """One conjunct's closed-form key positions over the query tile: the prologue variables holding
-    its hull `[lo, hi]` and its FULL core `[full_lo, full_hi]` (`derive-ranges`)."""
+    """One conjunct's closed-form positions along one axis over a tile of the other (keys over a query
+    tile, or queries over a key tile): the variables holding its hull `[lo, hi]` and its FULL core
+    `[full_lo, full_hi]` (`derive-ranges`)."""
 
     lo: str
     hi: str
@@ -41,14 +42,32 @@ class KeyRange:
 
 
 @dataclass(frozen=True)
+class InputGrad:
+    """One load of a float input in the score, as the dQ kernel adds its share to the input's gradient:
+    `grad` += dz * `value` at `offset` where `valid`, with dz = d loss / d score. The address depends on
+    the query position (`over_q`) and on the key position (`over_kv`) or not: the share is summed over
+    the axes it does not depend on before the atomic add."""
+
+    input: InputArg
+    value: str
+    offset: str
+    valid: str
+    over_q: bool
+    over_kv: bool
+
+
+@dataclass(frozen=True)
 class Body:
-    """The statements of one kind of key tile, after `s` (the scaled score) is known: `score` is the
+    """The statements of one kind of tile, after `s` (the scaled score) is known: `score` is the
     variable of the modified score (None: `s` itself), `mask` the variable of the mask (None: no
-    mask is evaluated on this kind of tile)."""
+    mask is evaluated on this kind of tile). Backward bodies add `dscore`, the variable of d score /
+    d s (None: 1), and the input gradients."""
 
     lines: tuple[Assign, ...]
     score: str | None
     mask: str | None
+    dscore: str | None = None
+    grads: tuple[InputGrad, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,6 +92,47 @@ class KernelSpec:
     metadata_h: bool
     masked: Body
     full: Body
+    helpers: tuple[str, ...]
+
+    @property
+    def analytic(self) -> bool:
+        return self.kv_ranges is not None
+
+
+@dataclass(frozen=True)
+class BackwardSpec:
+    """One pattern's backward kernels: the dQ kernel (a query tile, looping over key tiles as the
+    forward does) and the dK/dV kernel (a key tile, looping over the query tiles of each query head
+    that shares it).
+
+    pattern, inputs, metadata_b, metadata_h, helpers: as in `KernelSpec`.
+    grad_inputs: the inputs that can have a gradient (a float input the score reads, with a derivative
+                 that is not zero), in declaration order.
+    dq_rows:     values computed once per query tile for the dQ kernel (hoisted by `fuse`).
+    dq_prologue: statements of the dQ kernel's key ranges (analytic plans), after `dq_rows`.
+    kv_ranges:   analytic plans: one `KeyRange` of key positions per conjunct; None for metadata.
+    dq_masked, dq_full: the dQ kernel's bodies (with the input gradients).
+    dkv_rows:    values computed per query tile visited by the dK/dV kernel.
+    dkv_prologue: statements of the dK/dV kernel's query ranges, per (key tile, query head).
+    q_ranges:    analytic plans: one `KeyRange` of query positions per conjunct; None for metadata.
+    dkv_masked, dkv_full: the dK/dV kernel's bodies.
+    """
+
+    pattern: str
+    inputs: tuple[InputArg, ...]
+    grad_inputs: tuple[InputArg, ...]
+    metadata_b: bool
+    metadata_h: bool
+    dq_rows: tuple[Assign, ...]
+    dq_prologue: tuple[Assign, ...]
+    kv_ranges: tuple[KeyRange, ...] | None
+    dq_masked: Body
+    dq_full: Body
+    dkv_rows: tuple[Assign, ...]
+    dkv_prologue: tuple[Assign, ...]
+    q_ranges: tuple[KeyRange, ...] | None
+    dkv_masked: Body
+    dkv_full: Body
     helpers: tuple[str, ...]
 
     @property

@@ -22,8 +22,9 @@ from attnc.ir.nodes import (
 from attnc.ir.printer import print_module
 
 SPARSITY_KINDS = ("analytic", "metadata", "metadata[b]", "metadata[h]", "metadata[b, h]")
-SCORE_DERIVED = ("kernel_score",)
-"""Derived values that are functions of the score `s` (the others are functions of the mask's inputs)."""
+SCORE_DERIVED = ("kernel_score", "kernel_dscore", "kernel_grad_")
+"""Derived values that are functions of the score `s`, by name or name prefix (the others are functions
+of the mask's inputs)."""
 
 
 class _Verifier:
@@ -145,7 +146,7 @@ class _Verifier:
             self.fail(where, "a derived value is named twice")
         self.tile_vars = True
         for name, value in pattern.derived:
-            self.node(where, value, refs, pattern, allow_score=name in SCORE_DERIVED)
+            self.node(where, value, refs, pattern, allow_score=name.startswith(SCORE_DERIVED))
         self.tile_vars = False
         if pattern.sparsity is not None and pattern.sparsity not in SPARSITY_KINDS:
             self.fail(where, f"unknown sparsity {pattern.sparsity!r}")

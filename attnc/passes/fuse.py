@@ -7,6 +7,13 @@ expressions into the form that body runs, written back as derived values:
     derive kernel_mask = ...    the mask (absent when every key is allowed)
     derive kernel_score = ...   the score function of `s` (absent when the score is `s`)
 
+and what the backward kernels need, the score's derivatives (`ir/derivative.py`):
+
+    derive kernel_dscore = ...  d score / d s (absent when it is 1: no score function, or `s + bias`)
+    derive kernel_grad_load_K = load x[...]
+    derive kernel_grad_K = ...  for the K-th load of a float input in the score with a derivative
+                                that is not zero: the load, and d score / d load
+
 Three rewrites, each keeping every value the same:
 
 - **Comparisons by axis.** An int comparison `E op c` whose atoms depend on `q` and on `kv` becomes
@@ -22,8 +29,9 @@ Three rewrites, each keeping every value the same:
 
 The pattern's own `mask` and `score` stay as they are: the tile analyses and the oracle read those.
 
-**Requires:** a canonicalized, bound entry pattern without lets. **Ensures:** derived `kernel_mask` /
-`kernel_score` as above; lets `row_N` (hoisted values, used only by them), each used at least once.
+**Requires:** a canonicalized, bound entry pattern without lets. **Ensures:** the derived kernel values
+above; lets `row_N` (hoisted values, used only by them), each used at least once. A kernel computes
+only the lets its own values use (the forward kernel never computes a derivative's).
 """
 
 from __future__ import annotations
@@ -31,14 +39,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, const
+from attnc.ir.derivative import derivative
+from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const
 from attnc.ir.rewrite import rewrite
 from attnc.passes.canonicalize import split_comparison
 from attnc.passes.classify_tiles import with_derived
 from attnc.passes.value_ranges import ValueRanges
 
 HOIST_PREFIX = "row_"
-KERNEL_VALUES = ("kernel_mask", "kernel_score")
+KERNEL_VALUES = ("kernel_mask", "kernel_score", "kernel_dscore")
+GRAD_PREFIX = "kernel_grad_"
+GRAD_LOAD_PREFIX = "kernel_grad_load_"
 _LEAVES = (Op.CONST, Op.VAR, Op.SIZE, Op.SCORE, Op.REF)
 
 
@@ -101,6 +112,50 @@ def _fresh(index: int, taken: set[str]) -> str:
     return f"{HOIST_PREFIX}{index}"
 
 
+def score_gradients(pattern: PatternIR) -> tuple[Node | None, list[tuple[Node, Node]]]:
+    """d score / d s (None when it is 1), and (load, d score / d load) for each load of a float input
+    in the score whose derivative is not identically zero, in a fixed order."""
+    score = pattern.score
+    if score is None or score.op is Op.SCORE:
+        return None, []
+    scores = [n for n in score.walk() if n.op is Op.SCORE]
+    dscore = derivative(score, scores[0]) if scores else None
+    dscore = const(0.0) if dscore is None else None if dscore == const(1.0) else dscore
+    loads = []
+    for n in score.walk():
+        if n.op is Op.LOAD and n.type is Type.FLOAT:
+            grad = derivative(score, n)
+            if grad is not None:
+                loads.append((n, grad))
+    return dscore, loads
+
+
+def grad_loads(pattern: PatternIR) -> list[tuple[Node, Node]]:
+    """(load, d score / d load) for each `kernel_grad_K` of a fused pattern, in order of K; a load that
+    `fuse` hoisted is given as the load itself, not its let."""
+    lets = dict(pattern.lets)
+    found = []
+    k = 0
+    while (value := pattern.derived_value(f"{GRAD_PREFIX}{k}")) is not None:
+        load = pattern.derived_value(f"{GRAD_LOAD_PREFIX}{k}")
+        assert load is not None
+        while load.op is Op.REF and str(load.attr) in lets:
+            load = lets[str(load.attr)]
+        found.append((load, value))
+        k += 1
+    return found
+
+
+def differentiable_inputs(pattern: PatternIR) -> set[str]:
+    """The inputs of a fused pattern that can have a gradient: float inputs the score reads where
+    its derivative is not identically zero."""
+    return {str(load.attr) for load, _ in grad_loads(pattern)}
+
+
+def _is_kernel_value(name: str) -> bool:
+    return name in KERNEL_VALUES or name.startswith(GRAD_PREFIX)
+
+
 def fuse(pattern: PatternIR) -> PatternIR:
     """The pattern with its kernel values and hoisted lets (see the module docstring)."""
     pattern = replace(pattern, lets=tuple((n, v) for n, v in pattern.lets if not n.startswith(HOIST_PREFIX)))
@@ -109,8 +164,14 @@ def fuse(pattern: PatternIR) -> PatternIR:
         roots["kernel_mask"] = kernel_form(pattern.mask, pattern)
     if pattern.score is not None and pattern.score.op is not Op.SCORE:
         roots["kernel_score"] = kernel_form(pattern.score, pattern)
+    dscore, loads = score_gradients(pattern)
+    if dscore is not None:
+        roots["kernel_dscore"] = kernel_form(dscore, pattern)
+    for k, (load, grad) in enumerate(loads):
+        roots[f"{GRAD_LOAD_PREFIX}{k}"] = kernel_form(load, pattern)
+        roots[f"{GRAD_PREFIX}{k}"] = kernel_form(grad, pattern)
     lets, fused = hoist(roots, {d.name for d in pattern.inputs})
-    derived = tuple((n, v) for n, v in pattern.derived if n not in KERNEL_VALUES)
+    derived = tuple((n, v) for n, v in pattern.derived if not _is_kernel_value(n))
     result = replace(pattern, lets=pattern.lets + tuple(lets.items()), derived=derived)
     return with_derived(result, fused)
 

@@ -67,6 +67,17 @@ CANDIDATES = tuple(
     for warps in (4, 8)
     for stages in (2, 3, 4)
 )
+BACKWARD_CANDIDATES = tuple(
+    Config(bm, bn, warps, stages)
+    for bm, bn in ((32, 64), (64, 64), (64, 128), (128, 64), (32, 128))
+    for warps in (4, 8)
+    for stages in (1, 2, 3)
+)
+_PREFERRED_BACKWARD = (
+    Config(64, 64, 4, 2),
+    Config(32, 64, 4, 2),
+    Config(32, 32, 4, 1),
+)
 _PREFERRED = (
     Config(128, 64, 8, 3),
     Config(128, 64, 4, 2),
@@ -85,23 +96,30 @@ def padded(dim: int) -> int:
     return max(16, _pow2(dim))
 
 
-def shared_memory(config: Config, shape: LaunchShape) -> int:
-    """Bytes of shared memory a configuration needs (an estimate: the q tile, and a K and a V tile for
-    each pipeline stage)."""
+def shared_memory(config: Config, shape: LaunchShape, backward: bool = False) -> int:
+    """Bytes of shared memory a configuration needs (an estimate). Forward: the q tile, and a K and a
+    V tile for each pipeline stage. Backward (the larger of its two kernels): the tile a program
+    keeps, the tiles it streams (q and dO, or K and V) for each stage, and the score tiles."""
     element = 4 if shape.dtype == "float32" else 2
     d, dv = padded(shape.head_dim), padded(shape.head_dim_v)
+    if backward:
+        kept, streamed = max(config.block_m, config.block_n), max(config.block_m, config.block_n)
+        scores = 4 * config.block_m * config.block_n
+        return element * (kept * (d + dv) + config.num_stages * streamed * (d + dv)) + scores
     return element * (config.block_m * d + config.num_stages * config.block_n * (d + dv))
 
 
-def candidates(shape: LaunchShape, max_shared: int) -> list[Config]:
-    return [c for c in CANDIDATES if shared_memory(c, shape) <= max_shared]
+def candidates(shape: LaunchShape, max_shared: int, backward: bool = False) -> list[Config]:
+    pool = BACKWARD_CANDIDATES if backward else CANDIDATES
+    return [c for c in pool if shared_memory(c, shape, backward) <= max_shared]
 
 
-def heuristic(shape: LaunchShape, max_shared: int) -> Config:
-    for config in _PREFERRED:
-        if shared_memory(config, shape) <= max_shared:
+def heuristic(shape: LaunchShape, max_shared: int, backward: bool = False) -> Config:
+    preferred = _PREFERRED_BACKWARD if backward else _PREFERRED
+    for config in preferred:
+        if shared_memory(config, shape, backward) <= max_shared:
             return config
-    return _PREFERRED[-1]
+    return preferred[-1]
 
 
 def forced() -> Config | None:

@@ -27,8 +27,18 @@ def choose() -> None:
         os.environ["TRITON_INTERPRET"] = "1"
 
 
+_ACTIVE: list[str] = []
+
+
 def active() -> str:
-    """The backend of this process: "interpreter" or "cuda"."""
+    """The backend of this process: "interpreter" or "cuda" (decided once; remembered, so that code
+    `torch.compile` traces reads a constant rather than calling into Triton)."""
+    if not _ACTIVE:
+        _ACTIVE.append(_decide())
+    return _ACTIVE[0]
+
+
+def _decide() -> str:
     import triton
 
     knobs = getattr(triton, "knobs", None)

@@ -1,6 +1,7 @@
 """Kernel sources, cached in memory and on disk by content, loaded once per process and backend.
 
-A kernel's key is the sha256 of attnc's version, the template (its name and text), the pattern's IR
+A kernel's key is the sha256 of attnc's version, the template (its name, and the text of every template,
+as they import each other's macros), the pattern's IR
 after `fuse` (its name and parameter list left out: two patterns of the same structure share a
 kernel), the `KernelSpec` (without its title) and Triton's version. The rendered source lives in
 `$ATTNC_CACHE_DIR/kernels/<key>.py` (default `~/.cache/attnc`), written atomically (a temporary file,
@@ -29,7 +30,7 @@ from types import ModuleType
 import triton
 
 from attnc.codegen.lower import TEMPLATES, render
-from attnc.codegen.spec import KernelSpec
+from attnc.codegen.spec import BackwardSpec, KernelSpec
 from attnc.ir.nodes import PatternIR
 from attnc.ir.printer import print_pattern
 
@@ -71,14 +72,14 @@ def structure_text(pattern: PatternIR) -> str:
     return text.split("\n", 1)[1]
 
 
-def kernel_key(pattern: PatternIR, spec: KernelSpec, template: str) -> str:
+def kernel_key(pattern: PatternIR, spec: KernelSpec | BackwardSpec, template: str) -> str:
     from attnc import __version__
 
     parts = [
         f"attnc {__version__}",
         f"triton {triton.__version__}",
         f"template {template}",
-        (TEMPLATES / template).read_text(encoding="utf-8"),
+        *(f"{t.name}\n{t.read_text(encoding='utf-8')}" for t in sorted(TEMPLATES.glob("*.jinja"))),
         structure_text(pattern),
         repr(replace(spec, pattern="")),
     ]
@@ -98,7 +99,9 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def source(pattern: PatternIR, spec: KernelSpec, template: str = "attention_fwd.py.jinja") -> KernelSource:
+def source(
+    pattern: PatternIR, spec: KernelSpec | BackwardSpec, template: str = "attention_fwd.py.jinja"
+) -> KernelSource:
     """The kernel source of a spec: from memory, else from disk, else rendered and stored."""
     key = kernel_key(pattern, spec, template)
     found = _SOURCES.get(key)

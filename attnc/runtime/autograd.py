@@ -1,0 +1,117 @@
+"""`kern(q, k, v)` as PyTorch operators: `attnc::attention` and `attnc::attention_backward`.
+
+Both are `torch.library` custom ops with fake (meta) implementations, and the first has the second as
+its autograd formula, so `torch.compile(..., fullgraph=True)` traces through a model that calls attnc
+without a graph break, and AOT autograd sees the backward as one opaque op too.
+
+A custom op takes tensors and plain values only, so a compiled pattern is named by its kernel key
+(`runtime/cache.py`): `register` files a pattern's `Forward` under it, and the ops look it up. The
+pattern's `input` tensors travel as one list in declaration order. Gradients:
+
+- q, k, v: always (the dK/dV kernel sums the query heads that share a key/value head);
+- a float input the score reads (a bias table, a slope, a temperature): when it requires grad;
+- the lse (with `return_lse=True`): its gradient joins the softmax's (d lse / d score = P).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from attnc.ir import evaluate as oracle
+from attnc.runtime.launch import Forward
+
+_FORWARDS: dict[str, Forward] = {}
+
+
+def register(forward: Forward) -> Forward:
+    """File a compiled pattern's kernels under their key (`forward.source.key`, which names them to
+    the ops); patterns of one structure share one entry, which is returned."""
+    return _FORWARDS.setdefault(forward.source.key, forward)
+
+
+def _env(forward: Forward, q: Tensor, k: Tensor, inputs: list[Tensor]) -> oracle.Env:
+    names = [d.name for d in forward.pattern.inputs]
+    return oracle.Env(
+        q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device, dict(zip(names, inputs, strict=True))
+    )
+
+
+@torch.library.custom_op("attnc::attention", mutates_args=())
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, inputs: list[Tensor], key: str, scale: float
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) of the pattern filed under `key` (arguments checked by `Kernel.__call__`)."""
+    forward = _FORWARDS[key]
+    return forward.run(q, k, v, _env(forward, q, k, inputs), scale)
+
+
+@attention.register_fake
+def _attention_fake(
+    q: Tensor, k: Tensor, v: Tensor, inputs: list[Tensor], key: str, scale: float
+) -> tuple[Tensor, Tensor]:
+    out = q.new_empty((*q.shape[:3], v.shape[3]))
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("attnc::attention_backward", mutates_args=())
+def attention_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dout: Tensor,
+    dlse: Tensor | None,
+    inputs: list[Tensor],
+    key: str,
+    scale: float,
+    wanted: list[bool],
+) -> list[Tensor]:
+    """[dq, dk, dv, then the gradient of each input whose `wanted` flag is set]."""
+    forward = _FORWARDS[key]
+    names = [d.name for d in forward.pattern.inputs]
+    chosen = tuple(n for n, w in zip(names, wanted, strict=True) if w)
+    dq, dk, dv, grads = forward.backward.run(
+        q, k, v, out, lse, dout, dlse, _env(forward, q, k, inputs), scale, chosen
+    )
+    return [dq, dk, dv, *(grads[n] for n in chosen)]
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dout: Tensor,
+    dlse: Tensor | None,
+    inputs: list[Tensor],
+    key: str,
+    scale: float,
+    wanted: list[bool],
+) -> list[Tensor]:
+    chosen = [torch.empty_like(t) for t, w in zip(inputs, wanted, strict=True) if w]
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *chosen]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, tensors, key, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, *tensors)
+    ctx.key, ctx.scale = key, scale
+    ctx.wanted = [t.requires_grad for t in tensors]
+
+
+def _backward(ctx, dout: Tensor, dlse: Tensor | None):
+    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    grads = attention_backward(q, k, v, out, lse, dout, dlse, tensors, ctx.key, ctx.scale, ctx.wanted)
+    dq, dk, dv, *rest = grads
+    chosen = iter(rest)
+    input_grads = [next(chosen) if w else None for w in ctx.wanted]
+    return dq, dk, dv, input_grads, None, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,76 @@
+"""Patterns, inputs and tensors the kernel tests share (forward and backward)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+import attnc
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+LENGTHS = (67, 1000, 4097) if ON_GPU else (67,)
+
+STD = attnc.stdlib()
+STREAMING = attnc.load("examples/streaming_llm.attn")
+GEMMA = attnc.load("examples/gemma_local.attn")
+DOCUMENT = attnc.load("examples/document_causal.attn").document_causal()
+
+Inputs = Callable[[int, int, int, int], dict[str, torch.Tensor]]  # (batch, heads, q_len, kv_len) -> inputs
+
+
+def no_inputs(batch: int, heads: int, q_len: int, kv_len: int) -> dict[str, torch.Tensor]:
+    return {}
+
+
+def documents(batch: int, heads: int, q_len: int, kv_len: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(batch * 1000 + kv_len)
+    lengths = torch.randint(1, max(2, kv_len // 3), (kv_len,), generator=g)
+    ids = torch.repeat_interleave(torch.arange(kv_len), lengths)[:kv_len]
+    return {"doc": ids.to(torch.int32).expand(batch, kv_len).contiguous().to(DEVICE)}
+
+
+def qkv(
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    q_len: int,
+    kv_len: int,
+    dim: int,
+    dim_v: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, dim, generator=g)
+    k = torch.randn(batch, kv_heads, kv_len, dim, generator=g)
+    v = torch.randn(batch, kv_heads, kv_len, dim if dim_v is None else dim_v, generator=g)
+    return tuple(t.to(dtype).to(DEVICE) for t in (q, k, v))  # type: ignore[return-value]
+
+
+# ---- every stdlib pattern and example --------------------------------------------------------------------
+
+PATTERNS: list[tuple[attnc.Kernel, Inputs]] = [
+    (STD.full(), no_inputs),
+    (STD.causal(), no_inputs),
+    (STD.causal_bottom_right(), no_inputs),
+    (STD.sliding_window(window=1), no_inputs),
+    (STD.sliding_window(window=20), no_inputs),
+    (STD.local(left=3, right=9), no_inputs),
+    (STD.local(left=0, right=40), no_inputs),
+    (STD.sinks(count=5), no_inputs),
+    (STD.prefix_lm(prefix=20), no_inputs),
+    (STD.dilated(window=4, dilation=3), no_inputs),
+    (STD.neighborhood_1d(kernel=5), no_inputs),
+    (STD.neighborhood_1d(kernel=7, dilation=2, is_causal=True), no_inputs),
+    (STD.neighborhood_2d(height=5, width=13, kernel_h=3, kernel_w=5), no_inputs),
+    (STD.neighborhood_3d(depth=3, height=3, width=7, kernel_d=3, kernel_h=2, kernel_w=3), no_inputs),
+    (STREAMING.streaming_llm(window=20, sinks=3), no_inputs),
+    (GEMMA.gemma_local(window=30, cap=2.0), no_inputs),
+    (DOCUMENT, documents),
+]
+
+
+def pattern_id(x: object) -> str:
+    return str(x).removeprefix("<attnc.Kernel ").removesuffix(">") if isinstance(x, attnc.Kernel) else ""
