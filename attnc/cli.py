@@ -126,9 +126,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         repeats=args.repeat,
         check=args.check,
+        backward=args.backward,
     )
     sys.stdout.write(report.describe())
-    return 0 if report.comparison is None or report.comparison.ok else 1
+    return 0 if report.ok else 1
 
 
 def _add_defines(parser: argparse.ArgumentParser) -> None:
@@ -238,6 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
     run.add_argument("--repeat", type=int, default=5, metavar="N", help="timed calls (default 5)")
     run.add_argument("--no-check", dest="check", action="store_false", help="skip the oracle comparison")
+    run.add_argument(
+        "--backward",
+        action="store_true",
+        help="also differentiate: dq, dk, dv and the gradients of the score's float inputs against autograd "
+        "through the oracle, and forward + backward timed",
+    )
     run.set_defaults(run=_cmd_run)
     return parser
 

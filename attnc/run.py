@@ -12,7 +12,7 @@ import triton
 from attnc.api import Kernel
 from attnc.runtime.backend import INTERPRETER, active
 from attnc.show import ShowError, random_inputs
-from attnc.testing import Comparison, compare
+from attnc.testing import Comparison, GradientComparison, compare, compare_gradients
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_SHAPE = {INTERPRETER: (1, 2, 256, 64), "cuda": (2, 16, 4096, 128)}
@@ -31,6 +31,14 @@ class RunReport:
     sparsity: str
     times_s: list[float]
     comparison: Comparison | None
+    backward_times_s: list[float] | None = None  # forward + backward, with --backward
+    gradients: GradientComparison | None = None
+
+    @property
+    def ok(self) -> bool:
+        return (self.comparison is None or self.comparison.ok) and (
+            self.gradients is None or self.gradients.ok
+        )
 
     def describe(self) -> str:
         b, h, lq, d = self.shape
@@ -46,9 +54,14 @@ class RunReport:
             lines.append(f"kernel vs float64 oracle: {self.comparison.describe()}")
         else:
             lines.append("kernel vs float64 oracle: not checked (--no-check)")
-        median = statistics.median(self.times_s) * 1e3
+        if self.gradients is not None:
+            lines.append(f"gradients vs float64 oracle: {self.gradients.describe()}")
         note = " (Triton's interpreter on the CPU: not a speed figure)" if self.backend == INTERPRETER else ""
+        median = statistics.median(self.times_s) * 1e3
         lines.append(f"time: {median:.3f} ms, median of {len(self.times_s)} calls{note}")
+        if self.backward_times_s is not None:
+            median, calls = statistics.median(self.backward_times_s) * 1e3, len(self.backward_times_s)
+            lines.append(f"time forward + backward: {median:.3f} ms, median of {calls} calls{note}")
         return "\n".join(lines) + "\n"
 
 
@@ -66,8 +79,11 @@ def run(
     seed: int = 0,
     repeats: int = 5,
     check: bool = True,
+    backward: bool = False,
 ) -> RunReport:
-    """Run `kernel` on random q, k, v (and inputs) of `shape` = (B, H, L, D); see `attnc run --help`."""
+    """Run `kernel` on random q, k, v (and inputs) of `shape` = (B, H, L, D); see `attnc run --help`.
+    With `backward`, also differentiate it (q, k, v and the float inputs of the score): gradients
+    checked and forward + backward timed."""
     backend = active()
     batch, heads, q_len, dim = shape or DEFAULT_SHAPE[backend]
     kv_len = q_len if kv_len is None else kv_len
@@ -105,6 +121,23 @@ def run(
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     comparison = compare(kernel, out, lse, q, k, v, **inputs) if check else None
+    backward_times, gradients = None, None
+    if backward:
+        inputs = {n: t.requires_grad_(n in kernel._differentiable) for n, t in inputs.items()}
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        wrt = leaves + [t for t in inputs.values() if t.requires_grad]
+        upstream = torch.randn(out.shape, generator=generator).to(device, torch_dtype)
+        backward_times = []
+        for _ in range(repeats + 1):  # the first call compiles the backward kernels
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            torch.autograd.grad(kernel(*leaves, **inputs), wrt, upstream)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            backward_times.append(time.perf_counter() - start)
+        backward_times = backward_times[1:]
+        gradients = compare_gradients(kernel, q, k, v, seed=seed, **inputs) if check else None
     forward = kernel._forward
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     return RunReport(
@@ -119,4 +152,6 @@ def run(
         sparsity=kernel.pattern.sparsity or "",
         times_s=times,
         comparison=comparison,
+        backward_times_s=backward_times,
+        gradients=gradients,
     )

@@ -124,7 +124,9 @@ class GradientComparison:
             f"{name} {e:.3g} (dense {dtype}: {d:.3g}){'' if e <= self.bound(d, m) else ' MISMATCH'}"
             for name, (e, d, m) in self.errors.items()
         ]
-        return "max |grad - oracle|: " + ", ".join(parts) + ("; NaN in a gradient" if self.has_nan else "")
+        verdict = "ok" if self.ok else "MISMATCH"
+        nan = "; NaN in a gradient" if self.has_nan else ""
+        return "max |grad - oracle|: " + ", ".join(parts) + f": {verdict}{nan}"
 
 
 def compare_gradients(

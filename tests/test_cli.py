@@ -106,6 +106,32 @@ def test_run_checks_the_kernel_and_names_the_backend(capsys: pytest.CaptureFixtu
     assert lines[4].startswith("time: ") and "median of 2 calls" in lines[4]
 
 
+def test_run_backward_checks_and_times_the_gradients(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["run", str(EXAMPLES / "gemma_local.attn"), "-p", "gemma_local", "-D", "window=20"]
+    assert main([*args, "--shape", "1,2,50,16", "--dtype", "float32", "--repeat", "1", "--backward"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[4].startswith("gradients vs float64 oracle: max |grad - oracle|: dq ") and lines[4].endswith(
+        ": ok"
+    )
+    assert lines[6].startswith("time forward + backward: ")
+
+    from attnc.runtime.launch import Backward
+
+    run_backward = Backward.run
+
+    def wrong_dk(self, *args, **kwargs):  # a backward that is wrong on one element
+        dq, dk, dv, grads = run_backward(self, *args, **kwargs)
+        dk[0, 0, 0, 0] += 0.01
+        return dq, dk, dv, grads
+
+    monkeypatch.setattr(Backward, "run", wrong_dk)
+    assert main([*args, "--shape", "1,2,50,16", "--dtype", "float32", "--repeat", "1", "--backward"]) == 1
+    gradients = capsys.readouterr().out.splitlines()[4]
+    assert "dk " in gradients and gradients.endswith(": MISMATCH")
+
+
 def test_run_exits_1_when_the_kernel_disagrees_with_the_oracle(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
