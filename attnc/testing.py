@@ -164,7 +164,14 @@ def compare_gradients(
         if dlse is not None:
             outputs.append(lse)
             upstream.append(dlse.to(lse.dtype))
-        return [x.double() for x in torch.autograd.grad(outputs, wrt, upstream, allow_unused=False)]
+        # (A score that ignores `s` leaves q and k unused, and the lse may be constant: 0 gradients.)
+        used = [(o, u) for o, u in zip(outputs, upstream, strict=True) if o.requires_grad]
+        if not used:
+            return [torch.zeros_like(t, dtype=torch.float64) for t in wrt]
+        result = torch.autograd.grad(
+            [o for o, _ in used], wrt, [u for _, u in used], allow_unused=True, materialize_grads=True
+        )
+        return [x.double() for x in result]
 
     kernel, oracle_, dense = grads(None), grads(torch.float64), grads(q.dtype)
 

@@ -165,6 +165,33 @@ def test_temperatures_and_half_precision_weights_through_a_soft_cap() -> None:
     check(SCORES.temperatures(), q, k, v, temp=temp, weight=weight)
 
 
+CONSTANT_SCORES = attnc.loads("""
+pattern zero { mask = kv <= q
+    score = 0.0 }
+pattern per_head { input t: float32[NUM_HEADS]
+    mask = q - kv < 9
+    score = t[h] }
+pattern per_query { score = q * 0.01 }
+pattern per_key { mask = kv <= q
+    score = kv * -0.02 + 1.0 }
+""")
+
+
+@pytest.mark.parametrize("name", ["zero", "per_head", "per_query", "per_key"])
+def test_scores_that_do_not_read_s_or_a_whole_tile(name: str) -> None:
+    """A score that is a constant, a row or a column is broadcast to the tile (the kernels once
+    failed to compile on such scores)."""
+    from attnc.testing import compare
+
+    kern = CONSTANT_SCORES[name]()
+    q, k, v = qkv(1, 2, 1, 40, 40, 16)
+    inputs = {"t": _tensor((2,), 6).requires_grad_()} if name == "per_head" else {}
+    out, lse = kern(q, k, v, return_lse=True, **inputs)
+    comparison = compare(kern, out.detach(), lse.detach(), q, k, v, **inputs)
+    assert comparison.ok, comparison.describe()
+    check(kern, q, k, v, **inputs)
+
+
 def test_kinks_follow_pytorchs_conventions() -> None:
     """max/min split ties evenly and |x|' is 0 at 0: with q and k of 0s and 1s and scale 1, the
     scores are small integers, exactly, and meet t[h], 2 and 3 often."""
@@ -243,6 +270,34 @@ def test_custom_op_is_registered_with_a_fake_implementation() -> None:
         (q, k, v, [], STD.causal()._key, 0.25),
         test_utils=("test_schema", "test_faketensor"),
     )
+
+
+def test_the_backward_op_has_a_faithful_fake_implementation() -> None:
+    """opcheck on the backward op, and the fake's strides are the real op's (opcheck does not compare
+    strides): here with a dense but permuted input, whose gradient comes back contiguous."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kern = SCORES.full_bias()
+    q, k, v = qkv(1, 2, 1, 20, 24, 16)
+    bias = _tensor((24, 20, 2), 7).permute(2, 1, 0)
+    out, lse = torch.ops.attnc.attention(q, k, v, [bias], kern._key, 0.25)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    args = (q, k, v, out, lse, dout, dlse, [bias], kern._key, 0.25, [True])
+    op = torch.ops.attnc.attention_backward.default
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    real = op(*args)
+    with FakeTensorMode() as mode:
+        fake = op(
+            *[
+                [mode.from_tensor(t) for t in a]
+                if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+                else mode.from_tensor(a)
+                if isinstance(a, torch.Tensor)
+                else a
+                for a in args
+            ]
+        )
+    assert [t.stride() for t in fake] == [t.stride() for t in real]
 
 
 class _Block(torch.nn.Module):

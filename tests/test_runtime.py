@@ -11,10 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from triton.runtime.errors import OutOfResources
 
 import attnc
 from attnc.runtime import autotune, cache
-from attnc.runtime.autotune import Config, LaunchShape, Progress, Tuner
+from attnc.runtime.autotune import Config, LaunchShape, Progress, Tuner, heuristic
 
 SHAPE = LaunchShape("bfloat16", 128, 128, 1, 5000, 5000, 32)
 H100_SHARED = 232448  # bytes per block, opt-in
@@ -90,15 +91,34 @@ def test_a_configuration_that_fails_is_skipped(tmp_path: Path, monkeypatch: pyte
 
     def measure(config: Config) -> float:
         if config.block_m == 128:
-            raise RuntimeError("out of resources: shared memory")
+            raise OutOfResources(232448, 227000, "shared memory")
         return 1.0
 
     chosen = Tuner("a" * 64, "gpu").tune(
         SHAPE, [Config(128, 128), Config(64, 64)], measure, "p", io.StringIO()
     )
     assert chosen == Config(64, 64)
-    with pytest.raises(RuntimeError, match="no launch configuration ran"):
+    with pytest.raises(RuntimeError, match="no launch configuration ran") as failure:
         Tuner("b" * 64, "gpu").tune(SHAPE, [Config(128, 128)], measure, "p", io.StringIO())
+    assert isinstance(failure.value.__cause__, OutOfResources)  # the device's reason is kept
+
+
+def test_any_other_error_while_tuning_is_not_hidden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+
+    def measure(config: Config) -> float:
+        raise ValueError("a bug in a launch")
+
+    with pytest.raises(ValueError, match="a bug in a launch"):
+        Tuner("c" * 64, "gpu").tune(SHAPE, [Config(64, 64)], measure, "p", io.StringIO())
+
+
+def test_heuristic_prefers_eight_warps_for_large_head_dims_in_the_backward() -> None:
+    def shape(dim: int) -> LaunchShape:
+        return LaunchShape("bfloat16", dim, dim, 1, 4096, 4096, 32)
+
+    assert heuristic(shape(128), 227 * 1024, backward=True).num_warps == 8
+    assert heuristic(shape(64), 227 * 1024, backward=True).num_warps == 4
 
 
 def test_progress_bar_appears_only_on_long_tuning() -> None:

@@ -80,18 +80,24 @@ def _lets_used(pattern: PatternIR, roots: list[Node]) -> list[str]:
 
 
 def _depends(node: Node, name: str, lets: dict[str, Node]) -> bool:
-    """Whether the value reads the index variable `name`, following lets."""
+    """Whether the value reads the index variable `name` (or, for "s", the score), following lets."""
     stack, seen = [node], set()
     while stack:
         for n in stack.pop().walk():
             if n in seen:
                 continue
             seen.add(n)
-            if n.op is Op.VAR and n.attr == name:
+            if (n.op is Op.VAR and n.attr == name) or (n.op is Op.SCORE and name == "s"):
                 return True
             if n.op is Op.REF and str(n.attr) in lets:
                 stack.append(lets[str(n.attr)])
     return False
+
+
+def _tile_shaped(node: Node, lets: dict[str, Node]) -> bool:
+    """Whether the value has a whole tile's shape: it reads `s`, or both `q` and `kv` (otherwise it
+    is a scalar, a column or a row, and a score must be broadcast to the tile)."""
+    return _depends(node, "s", lets) or (_depends(node, "q", lets) and _depends(node, "kv", lets))
 
 
 class _Kernel:
@@ -140,6 +146,8 @@ class _Kernel:
         kernel_score = pattern.derived_value("kernel_score")
         kernel_mask = pattern.derived_value("kernel_mask")
         score = emitter.cast(kernel_score, FP32) if kernel_score is not None else None
+        if kernel_score is not None and not _tile_shaped(kernel_score, dict(pattern.lets)):
+            score = f"({score} + tl.zeros_like(s))"
         mask = emitter.value(kernel_mask) if with_mask and kernel_mask is not None else None
         dscore = None
         input_grads: list[InputGrad] = []

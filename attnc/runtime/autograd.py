@@ -93,7 +93,8 @@ def _attention_backward_fake(
     scale: float,
     wanted: list[bool],
 ) -> list[Tensor]:
-    chosen = [torch.empty_like(t) for t, w in zip(inputs, wanted, strict=True) if w]
+    # The op returns input gradients contiguous (t.new_empty), whatever the input's strides.
+    chosen = [t.new_empty(t.shape) for t, w in zip(inputs, wanted, strict=True) if w]
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *chosen]
 
 

@@ -74,12 +74,14 @@ BACKWARD_CANDIDATES = tuple(
     for stages in (1, 2, 3)
 )
 _PREFERRED_BACKWARD = (
+    Config(64, 64, 8, 2),  # head dims of 128 and more (a program holds two [64, d] fp32 accumulators)
     Config(64, 64, 4, 2),
     Config(32, 64, 4, 2),
     Config(32, 32, 4, 1),
 )
 _PREFERRED = (
     Config(128, 64, 8, 3),
+    Config(128, 64, 8, 2),
     Config(128, 64, 4, 2),
     Config(64, 64, 4, 2),
     Config(64, 32, 4, 2),
@@ -116,6 +118,8 @@ def candidates(shape: LaunchShape, max_shared: int, backward: bool = False) -> l
 
 def heuristic(shape: LaunchShape, max_shared: int, backward: bool = False) -> Config:
     preferred = _PREFERRED_BACKWARD if backward else _PREFERRED
+    if backward and padded(max(shape.head_dim, shape.head_dim_v)) < 128:
+        preferred = preferred[1:]
     for config in preferred:
         if shared_memory(config, shape, backward) <= max_shared:
             return config
@@ -208,18 +212,24 @@ class Tuner:
         if chosen is not None:
             return chosen
         progress = Progress(len(configs), f"attnc: autotuning {label} ({shape.bucket()})", stream)
+        from triton.runtime.errors import OutOfResources
+
         best, best_time = None, math.inf
+        first_error: Exception | None = None
         for config in configs:
             try:
                 elapsed = measure(config)
-            except Exception:  # a configuration the device cannot run (out of resources): skip it
+            except OutOfResources as error:  # more shared memory or registers than the device has
+                first_error = first_error or error
                 elapsed = math.inf
             if elapsed < best_time:
                 best, best_time = config, elapsed
             progress.step()
         progress.close()
         if best is None:
-            raise RuntimeError(f"attnc: no launch configuration ran for {label} ({shape.bucket()})")
+            raise RuntimeError(
+                f"attnc: no launch configuration ran for {label} ({shape.bucket()})"
+            ) from first_error
         chosen_map = self._load()
         chosen_map[shape.bucket()] = best
         write_atomic(self.path, json.dumps({b: asdict(c) for b, c in sorted(chosen_map.items())}, indent=1))

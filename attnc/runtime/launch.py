@@ -9,6 +9,7 @@ get block-sparse metadata built for the launch's tile size on the tensors' devic
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -116,8 +117,9 @@ class Forward:
             plan, scratch_out, scratch_lse = plan_args(config), torch.empty_like(out), torch.empty_like(lse)
             return _do_bench(lambda: launch(config, plan, scratch_out, scratch_lse))
 
-        config = _config(self._tuners, self.source.key, self.name, backend, q.device, shape, measure)
-        launch(config, plan_args(config), out, lse)
+        with _on_device(q.device):
+            config = _config(self._tuners, self.source.key, self.name, backend, q.device, shape, measure)
+            launch(config, plan_args(config), out, lse)
         self.last_config, self.last_backend = config, backend
         return out, lse
 
@@ -147,13 +149,21 @@ def _config(
         return forced
     if backend == INTERPRETER:
         return autotune.INTERPRETER_CONFIG
-    device_name, shared = _device_limits(device.index if device.index is not None else 0)
+    device_name, shared = _device_limits(
+        device.index if device.index is not None else torch.cuda.current_device()
+    )
     if not autotune.autotuning_enabled():
         return autotune.heuristic(shape, shared, backward)
     tuner = tuners.get(device_name)
     if tuner is None:
         tuner = tuners[device_name] = autotune.Tuner(key, device_name)
     return tuner.tune(shape, autotune.candidates(shape, shared, backward), measure, label)
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 while cuda:0 is
+    current must not run on cuda:0)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _do_bench(fn: Callable[[], None]) -> float:
@@ -276,12 +286,13 @@ class Backward:
             scratch = new_result({n: torch.zeros_like(g) for n, g in grads.items()})
             return _do_bench(lambda: launch(config, plans, delta, scratch))
 
-        config = _config(
-            self._tuners, self.source.key, f"{self.name} backward", backend, q.device, shape, measure,
-            backward=True,
-        )  # fmt: skip
-        result = new_result(grads)
-        launch(config, plan_args(config), delta_of(config), result)
+        with _on_device(q.device):
+            config = _config(
+                self._tuners, self.source.key, f"{self.name} backward", backend, q.device, shape, measure,
+                backward=True,
+            )  # fmt: skip
+            result = new_result(grads)
+            launch(config, plan_args(config), delta_of(config), result)
         self.last_config = config
         dq, dk, dv, _ = result
         return dq, dk, dv, {n: g.to(env.inputs[n].dtype) for n, g in grads.items()}
