@@ -1,10 +1,12 @@
-"""The `attnc` command line: `check`, `ir`, `show` and `run`."""
+"""The `attnc` command line: `check`, `ir`, `show`, `run` and `fuzz`."""
 
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from attnc.api import Module, Pattern, load
 from attnc.compiler import LOWER_STAGE, compile_pattern
@@ -132,6 +134,34 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _default_corpus() -> Path:
+    """Where `attnc fuzz` saves a failing case: the test suite's corpus when run in a checkout of
+    attnc (or any project with `tests/fuzz_corpus/`), else `fuzz_corpus/` here."""
+    corpus = Path("tests/fuzz_corpus")
+    return corpus if corpus.is_dir() else Path("fuzz_corpus")
+
+
+def _cmd_fuzz(args: argparse.Namespace) -> int:
+    try:
+        from attnc.testing import fuzz
+    except ImportError as err:  # Hypothesis is an optional dependency
+        raise ShowError(f"attnc fuzz needs Hypothesis ({err}); pip install 'attnc[fuzz]'") from None
+    if args.replay:
+        return fuzz.replay_command(args.replay)
+    seed = args.seed if args.seed is not None else random.randrange(1 << 31)
+    return fuzz.command(
+        args.seconds,
+        seed,
+        target=args.target,
+        file=args.pattern_file,
+        patterns=args.pattern,
+        grads=args.grads,
+        max_len=args.max_len,
+        save=Path(args.save) if args.save else _default_corpus(),
+        shrink_seconds=args.shrink_seconds,
+    )
+
+
 def _add_defines(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-D",
@@ -246,6 +276,47 @@ def build_parser() -> argparse.ArgumentParser:
         "through the oracle, and forward + backward timed",
     )
     run.set_defaults(run=_cmd_run)
+
+    fuzz = commands.add_parser(
+        "fuzz",
+        help="differential fuzzing: random programs (or your file's patterns) and shapes, kernels vs the "
+        "dense oracle, and the front end on mutated source",
+    )
+    fuzz.add_argument("--seconds", type=float, default=60.0, metavar="N", help="time budget (default 60)")
+    fuzz.add_argument("--seed", type=int, metavar="S", help="seed of the run (default: random, printed)")
+    fuzz.add_argument(
+        "--pattern",
+        dest="pattern_file",
+        metavar="FILE",
+        help="fuzz the patterns of this .attn file over random shapes, parameters and inputs",
+    )
+    fuzz.add_argument(
+        "-p", dest="pattern", action="append", metavar="NAME", help="with --pattern: only this pattern"
+    )
+    fuzz.add_argument(
+        "--target",
+        choices=["all", "kernels", "frontend"],
+        default="all",
+        help="what to fuzz (default all: kernels, then the front end for 15%% of the time)",
+    )
+    fuzz.add_argument("--no-grad", dest="grads", action="store_false", help="check forward kernels only")
+    fuzz.add_argument("--max-len", type=int, default=80, metavar="N", help="longest sequence (default 80)")
+    fuzz.add_argument(
+        "--save",
+        metavar="DIR",
+        help="where to write the minimal failing case, as a .attn file (default: tests/fuzz_corpus/ if "
+        "it exists, else fuzz_corpus/)",
+    )
+    fuzz.add_argument(
+        "--shrink-seconds",
+        type=float,
+        default=120.0,
+        metavar="N",
+        help="how long to shrink a failure (default 120)",
+    )
+    fuzz.add_argument("--replay", nargs="+", metavar="FILE", help="run saved cases again instead")
+    fuzz.set_defaults(run=_cmd_fuzz)
+
     return parser
 
 

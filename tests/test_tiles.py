@@ -33,46 +33,20 @@ from attnc.runtime.plan import (
     tile_env,
     tile_span,
 )
+from attnc.testing import tile_classes as oracle_classes
+from attnc.testing import tile_problems
 
 STD = attnc.stdlib()
 EXAMPLES = attnc.load("examples/streaming_llm.attn"), attnc.load("examples/gemma_local.attn")
 
 
-def oracle_classes(mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """Tile classes of a dense mask [B, H, Lq, Lkv], int8 [B, H, ceil(Lq/BM), ceil(Lkv/BN)]."""
-    bm, bn = block
-    b, h, lq, lkv = mask.shape
-    mq, nk = -(-lq // bm), -(-lkv // bn)
-    pad = (0, nk * bn - lkv, 0, mq * bm - lq)
-    inside = torch.nn.functional.pad(torch.ones(b, h, lq, lkv, dtype=torch.bool), pad, value=False)
-    padded = torch.nn.functional.pad(mask, pad, value=False)
-    tiles = padded.reshape(b, h, mq, bm, nk, bn).transpose(3, 4).flatten(4)
-    inside = inside.reshape(b, h, mq, bm, nk, bn).transpose(3, 4).flatten(4)
-    anywhere = (tiles & inside).any(-1)
-    everywhere = (tiles | ~inside).all(-1)
-    return torch.where(everywhere, FULL, torch.where(anywhere, PARTIAL, EMPTY)).to(torch.int8)
-
-
 def check(
     kern: attnc.Kernel, q_len: int, kv_len: int, block: tuple[int, int], tight: bool, **kw: Any
 ) -> attnc.runtime.plan.Plan:
-    """block_map exact; plan sound (and equal to the exact map when `tight`); the transposed plan
-    agrees with the forward one wherever both are decided."""
-    expected = oracle_classes(kern.mask(q_len, kv_len, **kw), block)
-    got = kern.block_map(q_len, kv_len, block=block, **kw)
-    assert torch.equal(got.expand_as(expected), expected), f"block_map of {kern} at {q_len}x{kv_len} {block}"
-    plan = kern.plan(q_len, kv_len, block=block, **kw)
-    planned = plan.block_map().expand_as(expected)
-    wrong = (planned != expected) & (planned != PARTIAL)
-    assert not wrong.any(), f"plan of {kern} claims a class it does not have at {wrong.nonzero()[0].tolist()}"
-    if tight:
-        assert torch.equal(planned, expected), f"plan of {kern} is not exact at {q_len}x{kv_len} {block}"
-    transposed = plan.block_map(transposed=True).transpose(-1, -2).expand_as(expected)
-    wrong = (transposed != expected) & (transposed != PARTIAL)
-    assert not wrong.any(), f"transposed plan of {kern} is unsound at {wrong.nonzero()[0].tolist()}"
-    if tight:
-        assert torch.equal(transposed, expected), f"transposed plan of {kern} is not exact"
-    return plan
+    """block_map exact; plan and transposed plan sound (and exact when `tight`)."""
+    problems = tile_problems(kern, q_len, kv_len, block, tight, **kw)
+    assert not problems, f"{kern} at {q_len}x{kv_len} {block}: {'; '.join(problems)}"
+    return kern.plan(q_len, kv_len, block=block, **kw)
 
 
 def _ids(x: object) -> str:

@@ -225,7 +225,13 @@ class Backward:
         shape = LaunchShape(DTYPES[q.dtype], dim, dim_v, heads // k.shape[1], q_len, kv_len, batch * heads)
         lse = lse.contiguous()
 
+        # In half precision the stored O is rounded; an input's gradient sums dZ over whole rows, where
+        # rowsum(dO * O)'s rounding does not cancel. The dQ kernel then computes Delta from P and dP.
+        exact_delta = q.dtype != torch.float32 and bool(grads)
+
         def delta_of(config: Config) -> torch.Tensor:
+            if exact_delta:  # the dQ kernel adds rowsum(P * dP) to this
+                return -dlse.float().contiguous() if dlse is not None else torch.zeros_like(lse)
             delta = torch.empty_like(lse)
             grid = (-(-q_len // config.block_m) * batch * heads,)
             module_.attnc_bwd_preprocess[grid](
@@ -270,8 +276,9 @@ class Backward:
             strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
             grid = (-(-q_len // config.block_m) * batch * heads,)
             module_.attnc_bwd_dq[grid](
-                q, k, v, dout, lse, delta, dq, *inputs, *plans[0], *strides, *dq.stride(), *sizes, **common
-            )
+                q, k, v, dout, lse, delta, dq, *inputs, *plans[0], *strides, *dq.stride(), *sizes, **common,
+                EXACT_DELTA=exact_delta,
+            )  # fmt: skip
             grid = (-(-kv_len // config.block_n) * batch * k.shape[1],)
             module_.attnc_bwd_dkv[grid](
                 q, k, v, dout, lse, delta, dk, dv, *inputs, *plans[1], *strides, *dk.stride(), *dv.stride(),

@@ -1,11 +1,15 @@
-"""Judging kernels against the dense oracle: the tolerance rule, shared by the tests and `attnc run`, for
-outputs (`compare`) and gradients (`compare_gradients`).
+"""Judging kernels against the dense oracle: the tolerance rule, shared by the tests, `attnc run` and
+`attnc fuzz`, for outputs (`compare`), gradients (`compare_gradients`) and tile maps (`tile_problems`).
 
 The rule (DESIGN.md section 7, as PyTorch's FlexAttention tests): a kernel's error against the float64
 oracle may be at most `FACTOR` times the error of the same attention computed densely in the input
 dtype (`Kernel.reference(..., precision=dtype)`: scores, score function and softmax in that type, the
-mask exact), plus a tiny `ATOL`. Rows the mask leaves empty must be exactly 0 with lse -inf, and no
-value may be NaN.
+mask exact), plus a tiny `ATOL` and one unit of the dtype's precision at the result's magnitude (a
+stored result is rounded to its dtype). Rows the mask leaves empty must be exactly 0 with lse -inf, and
+no value may be NaN.
+
+Submodules: `attnc.testing.programs` (Hypothesis strategies of random programs and shapes) and
+`attnc.testing.fuzz` (the differential fuzzer behind `attnc fuzz`); both need Hypothesis.
 """
 
 from __future__ import annotations
@@ -31,9 +35,13 @@ class Comparison:
     empty_rows_match: bool  # lse is -inf exactly where the oracle's is
     empty_rows_zero: bool  # and the output there is 0
     has_nan: bool
+    out_magnitude: float = 0.0  # max |oracle output|
 
-    def bound(self, dense_error: float) -> float:
-        return FACTOR * dense_error + ATOL[self.dtype]
+    def bound(self, dense_error: float, magnitude: float = 0.0) -> float:
+        """The most error allowed: FACTOR x the dense error, the atol, and one unit of the dtype's
+        precision at the output's magnitude (the rounding of the stored output alone may be half that;
+        with few outputs the dense computation may happen to round better everywhere)."""
+        return FACTOR * dense_error + ATOL[self.dtype] + torch.finfo(self.dtype).eps * magnitude
 
     @property
     def ok(self) -> bool:
@@ -41,7 +49,7 @@ class Comparison:
             not self.has_nan
             and self.empty_rows_match
             and self.empty_rows_zero
-            and self.out_error <= self.bound(self.out_dense_error)
+            and self.out_error <= self.bound(self.out_dense_error, self.out_magnitude)
             and self.lse_error <= self.bound(self.lse_dense_error)
         )
 
@@ -94,6 +102,7 @@ def compare(
         empty_rows_match=bool(torch.equal(torch.isneginf(lse), empty)),
         empty_rows_zero=bool((out[empty] == 0).all()),
         has_nan=bool(out.isnan().any() or lse.isnan().any()),
+        out_magnitude=ref.abs().max().item() if ref.numel() else 0.0,
     )
 
 
@@ -186,3 +195,53 @@ def compare_gradients(
         },
         has_nan=any(bool(a.isnan().any()) for a in kernel),
     )
+
+
+# ---- tiles ----------------------------------------------------------------------------------------------
+
+
+def tile_classes(mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The exact tile classes of a dense mask [B, H, Lq, Lkv]: int8 [B, H, ceil(Lq/BM), ceil(Lkv/BN)],
+    0 EMPTY / 1 PARTIAL / 2 FULL, counting only positions inside the lengths."""
+    from attnc.runtime.plan import EMPTY, FULL, PARTIAL
+
+    bm, bn = block
+    b, h, lq, lkv = mask.shape
+    mq, nk = -(-lq // bm), -(-lkv // bn)
+    pad = (0, nk * bn - lkv, 0, mq * bm - lq)
+    inside = torch.nn.functional.pad(torch.ones(b, h, lq, lkv, dtype=torch.bool), pad, value=False)
+    padded = torch.nn.functional.pad(mask.cpu(), pad, value=False)
+    tiles = padded.reshape(b, h, mq, bm, nk, bn).transpose(3, 4).flatten(4)
+    inside = inside.reshape(b, h, mq, bm, nk, bn).transpose(3, 4).flatten(4)
+    anywhere = (tiles & inside).any(-1)
+    everywhere = (tiles | ~inside).all(-1)
+    return torch.where(everywhere, FULL, torch.where(anywhere, PARTIAL, EMPTY)).to(torch.int8)
+
+
+def tile_problems(
+    kern: Any, q_len: int, kv_len: int, block: tuple[int, int], tight: bool = False, **kw: Any
+) -> list[str]:
+    """What is wrong with a kernel's tile analysis at these sizes, judged by the dense mask (empty:
+    nothing): `block_map` must be exact; the launch plan and its transpose (the backward's) may call a
+    tile PARTIAL that is EMPTY or FULL, never the reverse (that would drop keys or skip the mask), and
+    with `tight` must be exact too."""
+    from attnc.runtime.plan import PARTIAL
+
+    expected = tile_classes(kern.mask(q_len, kv_len, **kw), block)
+    problems = []
+    got = kern.block_map(q_len, kv_len, block=block, **kw).cpu()
+    if not torch.equal(got.expand_as(expected), expected):
+        at = (got.expand_as(expected) != expected).nonzero()[0].tolist()
+        problems.append(f"block_map is not exact at [b, h, q tile, kv tile] = {at}")
+    plan = kern.plan(q_len, kv_len, block=block, **kw)
+    for what, planned in (
+        ("plan", plan.block_map()),
+        ("transposed plan", plan.block_map(transposed=True).transpose(-1, -2)),
+    ):
+        planned = planned.cpu().expand_as(expected)
+        wrong = (planned != expected) & (planned != PARTIAL)
+        if wrong.any():
+            problems.append(f"{what} claims a class the tile does not have at {wrong.nonzero()[0].tolist()}")
+        elif tight and not torch.equal(planned, expected):
+            problems.append(f"{what} is not exact")
+    return problems
