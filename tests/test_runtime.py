@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from triton.runtime.errors import OutOfResources
 
 import attnc
@@ -159,3 +160,14 @@ def test_without_a_gpu_import_chooses_the_interpreter() -> None:
     env["TRITON_INTERPRET"] = "0"  # the user's choice stands
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["0", "cuda"]
+
+
+def test_float32_tiles_multiply_as_pytorchs_matmuls(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnc.runtime.backend import INTERPRETER
+    from attnc.runtime.launch import dot_precision
+
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    assert dot_precision(torch.float32, "cuda") == "ieee"
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert dot_precision(torch.float32, "cuda") == "tf32"
+    assert dot_precision(torch.float32, INTERPRETER) == "ieee"

@@ -106,7 +106,7 @@ class Forward:
                 DV_PAD=autotune.padded(dim_v),
                 BLOCK_M=config.block_m,
                 BLOCK_N=config.block_n,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
+                DOT_PRECISION=dot_precision(q.dtype, backend),
                 UPCAST_DOT=upcast,
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
@@ -158,6 +158,18 @@ def _config(
     if tuner is None:
         tuner = tuners[device_name] = autotune.Tuner(key, device_name)
     return tuner.tune(shape, autotune.candidates(shape, shared, backward), measure, label)
+
+
+def dot_precision(dtype: torch.dtype, backend: str) -> str:
+    """How the kernels multiply float32 tiles: as PyTorch's matmuls do. IEEE float32 by default;
+    TF32 (faster, about 10 mantissa bits) once the user allows it with
+    `torch.set_float32_matmul_precision("high")` or `"medium"`. Under the interpreter (which also
+    holds bfloat16 tiles in float32) always IEEE."""
+    if backend == INTERPRETER:
+        return "ieee"
+    if dtype != torch.float32:
+        return "tf32"  # 16-bit tiles multiply at the MMA's own precision: the argument does not apply
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
@@ -258,7 +270,7 @@ class Backward:
                 DV_PAD=autotune.padded(dim_v),
                 BLOCK_M=config.block_m,
                 BLOCK_N=config.block_n,
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
+                DOT_PRECISION=dot_precision(q.dtype, backend),
                 UPCAST_DOT=upcast,
                 num_warps=config.num_warps,
                 num_stages=config.num_stages,
