@@ -174,13 +174,14 @@ pattern per_head { input t: float32[NUM_HEADS]
 pattern per_query { score = q * 0.01 }
 pattern per_key { mask = kv <= q
     score = kv * -0.02 + 1.0 }
+pattern head_mask { mask = h * 0.25 < 0.3 }
 """)
 
 
-@pytest.mark.parametrize("name", ["zero", "per_head", "per_query", "per_key"])
+@pytest.mark.parametrize("name", ["zero", "per_head", "per_query", "per_key", "head_mask"])
 def test_scores_that_do_not_read_s_or_a_whole_tile(name: str) -> None:
-    """A score that is a constant, a row or a column is broadcast to the tile (the kernels once
-    failed to compile on such scores)."""
+    """A score that is a constant, a row or a column is broadcast to the tile, and a mask of the head
+    alone is a [1, 1] tile (the kernels once failed on both)."""
     from attnc.testing import compare
 
     kern = CONSTANT_SCORES[name]()

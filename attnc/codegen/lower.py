@@ -145,17 +145,21 @@ class _Kernel:
         )
         kernel_score = pattern.derived_value("kernel_score")
         kernel_mask = pattern.derived_value("kernel_mask")
+        lets = dict(pattern.lets)
         score = emitter.cast(kernel_score, FP32) if kernel_score is not None else None
-        if kernel_score is not None and not _tile_shaped(kernel_score, dict(pattern.lets)):
+        if kernel_score is not None and not _tile_shaped(kernel_score, lets):
             score = f"({score} + tl.zeros_like(s))"
         mask = emitter.value(kernel_mask) if with_mask and kernel_mask is not None else None
+        if mask is not None and not (_depends(kernel_mask, "q", lets) or _depends(kernel_mask, "kv", lets)):
+            # A scalar (a mask of h, b or the sizes only) as a [1, 1] tile: Triton's interpreter holds a
+            # scalar comparison as int32, which `allowed & mask` would not take.
+            mask = f"((tl.zeros([1, 1], tl.int32) + ({mask}).to(tl.int32)) != 0)"
         dscore = None
         input_grads: list[InputGrad] = []
         if backward:
             node = pattern.derived_value("kernel_dscore")
             dscore = emitter.cast(node, FP32) if node is not None else None
         if grads:
-            lets = dict(pattern.lets)
             for load, value in grad_loads(pattern):
                 decl = pattern.input(str(load.attr))
                 assert decl is not None and load.op is Op.LOAD
