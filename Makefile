@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint gallery clean
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -13,12 +13,16 @@ demo: $(STAMP)
 	$(PY) -m attnc.demo
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check attnc tests
+	$(VENV)/bin/ruff check attnc tests scripts examples benchmarks
 	$(PY) -m pytest -q
 
+# docs/gallery/*.png and docs/gallery.md, from examples/*.attn (attnc show --png of every pattern).
+gallery: $(STAMP)
+	$(PY) scripts/gallery.py
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check attnc tests
-	$(VENV)/bin/ruff format --check attnc tests
+	$(VENV)/bin/ruff check attnc tests scripts examples benchmarks
+	$(VENV)/bin/ruff format --check attnc tests scripts examples benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,8 +1,9 @@
-"""The `attnc` command line: `check`, `ir`, `show`, `run` and `fuzz`."""
+"""The `attnc` command line: `check`, `ir`, `show`, `run`, `fuzz` and `bench`."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
 from collections.abc import Sequence
@@ -317,6 +318,14 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz.add_argument("--replay", nargs="+", metavar="FILE", help="run saved cases again instead")
     fuzz.set_defaults(run=_cmd_fuzz)
 
+    from attnc.bench import configure_parser as configure_bench
+
+    configure_bench(
+        commands.add_parser(
+            "bench",
+            help="time the kernels against FlexAttention and SDPA, each checked first (a GPU; --smoke: CPU)",
+        )
+    )
     return parser
 
 
@@ -330,6 +339,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ShowError as err:
         print(f"attnc: error: {err}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # piped into a reader that stopped (`attnc ir ... | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (FileNotFoundError, KeyError) as err:
         message = err.args[0] if err.args else str(err)
         print(f"attnc: error: {message}", file=sys.stderr)

@@ -36,6 +36,7 @@ class TileView:
     planned:  the same tiles as the launch plan classes them (may call an EMPTY or FULL tile PARTIAL).
     metadata: the plan's metadata tensors, by name (empty for analytic patterns).
     inputs:   the input tensors the maps were computed for (random ones for `--random-inputs`).
+    seed:     the seed of random inputs; None when the inputs were given (or there are none).
     """
 
     kernel: Kernel
@@ -65,9 +66,11 @@ def tile_view(
     batch: int = 0,
     head: int = 0,
     seed: int | None = None,
+    inputs: dict[str, torch.Tensor] | None = None,
 ) -> TileView:
     """The tile map of batch row `batch` and head `head`. The pattern sees BATCH = batch + 1 and NUM_HEADS
-    = head + 1. A pattern with inputs needs `seed`: its inputs are then `random_inputs` of that seed."""
+    = head + 1. A pattern with inputs needs `seed` — its inputs are then `random_inputs` of that seed —
+    or the `inputs` themselves, shaped for those sizes (as `Kernel.block_map` takes them)."""
     for what, value, least in (
         ("q_len", q_len, 1),
         ("kv_len", kv_len, 1),
@@ -79,13 +82,17 @@ def tile_view(
     if len(block) != 2 or min(block) < 1:
         raise ShowError(f"block must be two positive ints BM,BN, got {','.join(map(str, block))}")
     sizes = {"BATCH": batch + 1, "NUM_HEADS": head + 1, "Q_LEN": q_len, "KV_LEN": kv_len}
-    if kernel.inputs and seed is None:
+    if seed is not None and inputs is not None:
+        raise ShowError("give either random inputs (a seed) or the inputs, not both")
+    if kernel.inputs and seed is None and inputs is None:
         names = ", ".join(kernel.inputs)
         raise ShowError(
             f"pattern '{kernel.name}' needs input tensors ({names}); "
             "pass --random-inputs SEED to show it on random ones"
         )
-    inputs = random_inputs(kernel, sizes, seed) if seed is not None else {}
+    if seed is not None:
+        inputs = random_inputs(kernel, sizes, seed)
+    inputs = inputs or {}
     shape = {"block": block, "batch": batch + 1, "num_heads": head + 1}
     classes = kernel.block_map(q_len, kv_len, **shape, **inputs)[batch, head]
     plan = kernel.plan(q_len, kv_len, **shape, **inputs)
@@ -179,7 +186,8 @@ def render(view: TileView) -> str:
     lines = [title(view)]
     if view.inputs:
         shown = ", ".join(f"{n} {str(t.dtype)[6:]}{list(t.shape)}" for n, t in view.inputs.items())
-        lines.append(f"inputs: {shown}, random (seed {view.seed})")
+        origin = "given" if view.seed is None else f"random (seed {view.seed})"
+        lines.append(f"inputs: {shown}, {origin}")
     rows, cols = view.classes.shape
     grouped, (a, b) = group_tiles(view.classes, TEXT_LIMIT)
     heading = f"tile map of batch row {view.batch}, head {view.head}: {rows} x {cols} tiles"

@@ -167,3 +167,13 @@ def test_run_rejects_bad_arguments(capsys: pytest.CaptureFixture[str], args: str
         code = exit_.code
     assert code in (1, 2)
     assert message in capsys.readouterr().err
+
+
+def test_output_piped_into_a_reader_that_stops_is_not_an_error() -> None:
+    command = (
+        f"{sys.executable} -m attnc ir examples/streaming_llm.attn -p streaming_llm --print-between-passes"
+        " | head -2"
+    )
+    result = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=120)
+    assert len(result.stdout.splitlines()) == 2
+    assert "Traceback" not in result.stderr, result.stderr

@@ -13,7 +13,7 @@ import torch
 import attnc
 from attnc.cli import main
 from attnc.runtime.plan import EMPTY, FULL, PARTIAL
-from attnc.show import group_tiles, random_inputs
+from attnc.show import ShowError, group_tiles, random_inputs, render, tile_view
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 STREAMING = str(EXAMPLES / "streaming_llm.attn")  # its module reaches the stdlib patterns too
@@ -288,3 +288,28 @@ def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None
     options = "--pattern --define --q-len --kv-len --block --batch --head --random-inputs --png"
     for word in [*options.split(), "EMPTY", "PARTIAL", "FULL", "4M"]:
         assert word in out
+
+
+# ---- given inputs (the API the gallery uses for inputs that must mean something) -----------------------
+
+
+def test_tile_view_of_given_inputs() -> None:
+    kernel = attnc.load(DOCUMENT).document_causal()
+    doc = torch.tensor([[0] * 40 + [1] * 24], dtype=torch.int32)
+    view = tile_view(kernel, 64, 64, block=(16, 16), inputs={"doc": doc})
+    assert view.inputs["doc"] is doc and view.seed is None
+    assert torch.equal(view.classes, kernel.block_map(64, 64, block=(16, 16), doc=doc)[0, 0])
+    assert view.classes.tolist() == [
+        [1, 0, 0, 0],
+        [2, 1, 0, 0],
+        [1, 1, 1, 0],
+        [0, 0, 1, 1],
+    ]
+    assert "inputs: doc int32[1, 64], given\n" in render(view)
+
+
+def test_tile_view_takes_a_seed_or_inputs_not_both() -> None:
+    kernel = attnc.load(DOCUMENT).document_causal()
+    doc = torch.zeros(1, 8, dtype=torch.int32)
+    with pytest.raises(ShowError, match="either random inputs"):
+        tile_view(kernel, 8, 8, seed=0, inputs={"doc": doc})
