@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -75,3 +79,16 @@ PATTERNS: list[tuple[attnc.Kernel, Inputs]] = [
 
 def pattern_id(x: object) -> str:
     return str(x).removeprefix("<attnc.Kernel ").removesuffix(">") if isinstance(x, attnc.Kernel) else ""
+
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+def example_script(stem: str) -> ModuleType:
+    """Import examples/STEM.py as a module (examples/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"example_{stem}", EXAMPLES / f"{stem}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -3,17 +3,13 @@ under Triton's interpreter without a GPU), and once each as a script."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import subprocess
 import sys
-from pathlib import Path
-from types import ModuleType
 
 import torch
-from cases import DEVICE
+from cases import DEVICE, EXAMPLES, example_script
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
 SCRIPTS = {  # each script -> command-line arguments small enough for a test
     "bigbird": ["--seq-len", "64", "--block", "8"],
     "image_neighborhood": ["--height", "5", "--width", "6", "--kernel", "3"],
@@ -21,16 +17,6 @@ SCRIPTS = {  # each script -> command-line arguments small enough for a test
     "packed_documents": ["3", "1", "7"],
     "train_sliding_window": ["--steps", "2", "--length", "16"],
 }
-
-
-def example_script(stem: str) -> ModuleType:
-    """Import examples/STEM.py as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"example_{stem}", EXAMPLES / f"{stem}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_every_script_is_tested_here() -> None:

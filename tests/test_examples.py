@@ -11,41 +11,27 @@ large as the grid is full) compare masks and kernel outputs.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import itertools
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
-from cases import DEVICE
+from cases import DEVICE, EXAMPLES, example_script
 
 import attnc
 from attnc.runtime.plan import PARTIAL
 from attnc.testing import compare
 
-EXAMPLES = Path(__file__).parents[1] / "examples"
 STD = attnc.stdlib()
 
 
 @functools.cache
 def example(stem: str) -> attnc.Module:
     return attnc.load(EXAMPLES / f"{stem}.attn")
-
-
-def example_script(stem: str) -> ModuleType:
-    """Import examples/STEM.py as a module (examples/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"example_{stem}", EXAMPLES / f"{stem}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 Rule = Callable[[int, int, int, int], bool]  # (b, h, q, kv) -> may query q see key kv
