@@ -180,13 +180,26 @@ class Emitter:
             return self._assign(f"{a} {_COMPARE[op]} {b}")
         if op in (Op.AND, Op.OR):
             joiner = " & " if op is Op.AND else " | "
-            return self._assign(joiner.join(f"({self.value(a)})" for a in args))
+            # A scalar operand (of neither q nor kv) may be an int32 0 / 1 in Triton's interpreter,
+            # which `&` / `|` with a bool tile refuse: `!= 0` makes it a bool.
+            parts = (f"({self.value(a)}){'' if self._tiled(a) else ' != 0'}" for a in args)
+            return self._assign(joiner.join(f"({p})" for p in parts))
         if op is Op.NOT:  # not `~`: Triton's interpreter may hold a scalar bool as an int32 0 / 1
             return self._assign(f"({self.value(args[0])}) == 0")
         if op is Op.WHERE:
             cond = self.value(args[0])
             return self._assign(f"tl.where({cond}, {self.cast(args[1], dtype)}, {self.cast(args[2], dtype)})")
         raise AssertionError(f"no Triton lowering for {op}")
+
+    def _tiled(self, n: Node) -> bool:
+        """Whether the value reads `q`, `kv` or `s` (following lets): a row, column or tile, not a
+        scalar."""
+        for m in n.walk():
+            if (m.op is Op.VAR and m.attr in ("q", "kv")) or m.op is Op.SCORE:
+                return True
+            if m.op is Op.REF and str(m.attr) in self.lets and self._tiled(self.lets[str(m.attr)]):
+                return True
+        return False
 
     def _division(self, n: Node, dtype: str) -> str:
         a, b = n.args
