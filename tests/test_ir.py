@@ -16,6 +16,7 @@ from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const, var
 from attnc.ir.parser import IRParseError, parse_module
 from attnc.ir.printer import print_module
 from attnc.ir.verify import verify
+from attnc.show import random_inputs
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.attn"))
 
@@ -55,9 +56,8 @@ def test_every_stage_round_trips_through_text(name: str, kernel: attnc.Kernel) -
 
 @pytest.mark.parametrize(("name", "kernel"), KERNELS, ids=[n for n, _ in KERNELS])
 def test_canonical_ir_means_what_the_source_means(name: str, kernel: attnc.Kernel) -> None:
-    inputs = {}
-    if "document" in name:
-        inputs["doc"] = torch.tensor([[0, 0, 1, 1, 1, 2, 3, 3, 3, 3, 3, 4]], dtype=torch.int32)
+    sizes = {"BATCH": 1, "NUM_HEADS": 1, "Q_LEN": 12, "KV_LEN": 12}
+    inputs = random_inputs(kernel, sizes, seed=3)  # sorted ids for int inputs, coin flips for bools
     env = oracle.Env(1, 1, 12, 12, torch.device("cpu"), inputs)
     expected = oracle.mask(kernel._compiled.passes.modules["bind-params"].entry, env)
     actual = oracle.mask(kernel.pattern, env)

@@ -313,7 +313,7 @@ def test_bad_inputs_point_at_their_declaration() -> None:
     q, k, v = qkv(2, 1, 1, 8, 8, 16)
     with pytest.raises(InputError, match="input 'doc' was not given") as missing:
         DOCUMENT(q, k, v)
-    assert "document_causal.attn:5:11:" in str(missing.value)
+    assert "document_causal.attn:6:11:" in str(missing.value)
     with pytest.raises(InputError, match="input 'doc' must be int32, got int64"):
         DOCUMENT(q, k, v, doc=torch.zeros(2, 8, dtype=torch.int64, device=DEVICE))
     with pytest.raises(InputError, match=r"input 'doc' must have shape \[2, 8\], got \[2, 9\]"):
