@@ -185,3 +185,10 @@ def test_a_users_file_case_names_the_file_and_replays(tmp_path: Path) -> None:
         assert Case.from_text(case.to_text()) == case
 
     check()
+
+
+def test_long_runs_show_a_sign_of_life(capsys: pytest.CaptureFixture[str]) -> None:
+    lines: list[str] = []
+    code = fuzz.command(2, 4, target="frontend", out=lines.append, progress_seconds=0.0)
+    assert code == 0 and lines[-1] == "no failure"
+    assert re.search(r"attnc fuzz: front end: \d+ cases so far", capsys.readouterr().err)

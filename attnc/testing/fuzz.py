@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -408,6 +409,7 @@ def command(
     save: Path | None = None,
     shrink_seconds: float = 120.0,
     out: Callable[[str], None] = print,
+    progress_seconds: float = 60.0,
 ) -> int:
     """`attnc fuzz`: fuzz the kernels (of random programs, or of the patterns of `file`) and the front
     end for `seconds` in all; print what ran and the minimal reproducer of a failure. Exit status 1 on
@@ -424,7 +426,14 @@ def command(
     what = f"the patterns of {file}" if file else "random programs"
     out(f"attnc fuzz: seed {seed}, {seconds:g} s, {what}, backend {active()}")
     for label, strategy, budget in jobs:
-        report = fuzz(strategy, budget, seed, save=save, shrink_seconds=shrink_seconds)
+        last = [time.monotonic()]
+
+        def progress(report: Report, label: str = label, last: list[float] = last) -> None:
+            if time.monotonic() - last[0] >= progress_seconds:  # a sign of life on long runs
+                last[0] = time.monotonic()
+                print(f"attnc fuzz: {label}: {report.cases} cases so far", file=sys.stderr, flush=True)
+
+        report = fuzz(strategy, budget, seed, save=save, shrink_seconds=shrink_seconds, progress=progress)
         unit = "sources" if label == "front end" else "cases"
         out(f"{label}: {report.cases} {unit} run, {report.rejected} rejected, {report.seconds:.0f} s")
         if report.failure is not None:
