@@ -75,6 +75,13 @@ PATTERNS: list[tuple[attnc.Kernel, Inputs]] = [
     (GEMMA.gemma_local(window=30), no_inputs),  # cap 50: tanh of small values, where exp-based forms cancel
     (DOCUMENT, documents),
 ]
+# The patterns the forward and backward tests run in float16 and bfloat16.
+HALF_PRECISION_PATTERNS: list[tuple[attnc.Kernel, Inputs]] = [
+    (STD.causal(), no_inputs),
+    (STD.dilated(window=4, dilation=3), no_inputs),
+    (GEMMA.gemma_local(window=30, cap=5.0), no_inputs),
+    (DOCUMENT, documents),
+]
 
 
 def pattern_id(x: object) -> str:

@@ -9,7 +9,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import DEVICE, DOCUMENT, GEMMA, PATTERNS, STD, STREAMING, Inputs, documents, no_inputs, qkv
+from cases import (
+    DEVICE,
+    DOCUMENT,
+    GEMMA,
+    HALF_PRECISION_PATTERNS,
+    PATTERNS,
+    STD,
+    STREAMING,
+    Inputs,
+    documents,
+    no_inputs,
+    qkv,
+)
 from cases import pattern_id as _id
 
 import attnc
@@ -66,16 +78,7 @@ def test_gqa_odd_and_cross_lengths(kern: attnc.Kernel, inputs: Inputs, shape: tu
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(
-    ("kern", "inputs"),
-    [
-        (STD.causal(), no_inputs),
-        (STD.dilated(window=4, dilation=3), no_inputs),
-        (GEMMA.gemma_local(window=30, cap=5.0), no_inputs),
-        (DOCUMENT, documents),
-    ],
-    ids=_id,
-)
+@pytest.mark.parametrize(("kern", "inputs"), HALF_PRECISION_PATTERNS, ids=_id)
 def test_half_precision(kern: attnc.Kernel, inputs: Inputs, dtype: torch.dtype) -> None:
     q, k, v = qkv(2, 4, 2, 67, 67, 32, 32, dtype=dtype)
     check(kern, q, k, v, **inputs(2, 4, 67, 67))

@@ -17,7 +17,7 @@ import torch
 from cases import (
     DEVICE,
     DOCUMENT,
-    GEMMA,
+    HALF_PRECISION_PATTERNS,
     LENGTHS,
     ON_GPU,
     PATTERNS,
@@ -90,16 +90,7 @@ def test_shapes(kern: attnc.Kernel, inputs: Inputs, shape: tuple[int, ...]) -> N
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(
-    ("kern", "inputs"),
-    [
-        (STD.causal(), no_inputs),
-        (STD.dilated(window=4, dilation=3), no_inputs),
-        (GEMMA.gemma_local(window=30, cap=5.0), no_inputs),
-        (DOCUMENT, documents),
-    ],
-    ids=_id,
-)
+@pytest.mark.parametrize(("kern", "inputs"), HALF_PRECISION_PATTERNS, ids=_id)
 def test_half_precision(kern: attnc.Kernel, inputs: Inputs, dtype: torch.dtype) -> None:
     q, k, v = qkv(2, 4, 2, 67, 67, 64, 64, dtype=dtype)
     check(kern, q, k, v, **inputs(2, 4, 67, 67))

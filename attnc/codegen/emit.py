@@ -182,7 +182,7 @@ class Emitter:
             joiner = " & " if op is Op.AND else " | "
             # A scalar operand (of neither q nor kv) may be an int32 0 / 1 in Triton's interpreter,
             # which `&` / `|` with a bool tile refuse: `!= 0` makes it a bool.
-            parts = (f"({self.value(a)}){'' if self._tiled(a) else ' != 0'}" for a in args)
+            parts = (f"({self.value(a)}){'' if self.varies(a) else ' != 0'}" for a in args)
             return self._assign(joiner.join(f"({p})" for p in parts))
         if op is Op.NOT:  # not `~`: Triton's interpreter may hold a scalar bool as an int32 0 / 1
             return self._assign(f"({self.value(args[0])}) == 0")
@@ -191,13 +191,13 @@ class Emitter:
             return self._assign(f"tl.where({cond}, {self.cast(args[1], dtype)}, {self.cast(args[2], dtype)})")
         raise AssertionError(f"no Triton lowering for {op}")
 
-    def _tiled(self, n: Node) -> bool:
+    def varies(self, n: Node) -> bool:
         """Whether the value reads `q`, `kv` or `s` (following lets): a row, column or tile, not a
         scalar."""
         for m in n.walk():
             if (m.op is Op.VAR and m.attr in ("q", "kv")) or m.op is Op.SCORE:
                 return True
-            if m.op is Op.REF and str(m.attr) in self.lets and self._tiled(self.lets[str(m.attr)]):
+            if m.op is Op.REF and str(m.attr) in self.lets and self.varies(self.lets[str(m.attr)]):
                 return True
         return False
 

@@ -150,7 +150,7 @@ class _Kernel:
         if kernel_score is not None and not _tile_shaped(kernel_score, lets):
             score = f"({score} + tl.zeros_like(s))"
         mask = emitter.value(kernel_mask) if with_mask and kernel_mask is not None else None
-        if mask is not None and not (_depends(kernel_mask, "q", lets) or _depends(kernel_mask, "kv", lets)):
+        if mask is not None and not emitter.varies(kernel_mask):
             # A scalar (a mask of h, b or the sizes only) as a [1, 1] tile: Triton's interpreter holds a
             # scalar comparison as int32, which `allowed & mask` would not take.
             mask = f"((tl.zeros([1, 1], tl.int32) + ({mask}).to(tl.int32)) != 0)"

@@ -82,8 +82,6 @@ class Forward:
         backend = active()
         shape = LaunchShape(DTYPES[q.dtype], dim, dim_v, heads // k.shape[1], q_len, kv_len, batch * heads)
         kernel = module(self.source, backend).attnc_fwd
-        # Triton's interpreter cannot multiply bfloat16 matrices (see the template's UPCAST_DOT).
-        upcast = backend == INTERPRETER and q.dtype == torch.bfloat16
 
         def plan_args(config: Config) -> list[Any]:
             if self.spec.analytic:
@@ -100,16 +98,7 @@ class Forward:
                 *plan,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                 batch, heads, q_len, kv_len, shape.group, scale,
-                HEAD_DIM=dim,
-                HEAD_DIM_V=dim_v,
-                D_PAD=autotune.padded(dim),
-                DV_PAD=autotune.padded(dim_v),
-                BLOCK_M=config.block_m,
-                BLOCK_N=config.block_n,
-                DOT_PRECISION=dot_precision(q.dtype, backend),
-                UPCAST_DOT=upcast,
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
+                **_constants(config, dim, dim_v, q.dtype, backend),
             )  # fmt: skip
 
         def measure(config: Config) -> float:
@@ -158,6 +147,23 @@ def _config(
     if tuner is None:
         tuner = tuners[device_name] = autotune.Tuner(key, device_name)
     return tuner.tune(shape, autotune.candidates(shape, shared, backward), measure, label)
+
+
+def _constants(config: Config, dim: int, dim_v: int, dtype: torch.dtype, backend: str) -> dict[str, Any]:
+    """The compile-time arguments and launch options the forward and backward kernels share."""
+    return dict(
+        HEAD_DIM=dim,
+        HEAD_DIM_V=dim_v,
+        D_PAD=autotune.padded(dim),
+        DV_PAD=autotune.padded(dim_v),
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        DOT_PRECISION=dot_precision(dtype, backend),
+        # Triton's interpreter cannot multiply bfloat16 matrices (see the template's UPCAST_DOT).
+        UPCAST_DOT=backend == INTERPRETER and dtype == torch.bfloat16,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
 
 
 def dot_precision(dtype: torch.dtype, backend: str) -> str:
@@ -233,7 +239,6 @@ class Backward:
             )
         backend = active()
         module_ = module(self.source, backend)
-        upcast = backend == INTERPRETER and q.dtype == torch.bfloat16
         shape = LaunchShape(DTYPES[q.dtype], dim, dim_v, heads // k.shape[1], q_len, kv_len, batch * heads)
         lse = lse.contiguous()
 
@@ -263,19 +268,8 @@ class Backward:
 
         def launch(config: Config, plans: tuple[list[Any], list[Any]], delta: torch.Tensor, result) -> None:
             dq, dk, dv, grad_buffers = result
-            common = dict(
-                HEAD_DIM=dim,
-                HEAD_DIM_V=dim_v,
-                D_PAD=autotune.padded(dim),
-                DV_PAD=autotune.padded(dim_v),
-                BLOCK_M=config.block_m,
-                BLOCK_N=config.block_n,
-                DOT_PRECISION=dot_precision(q.dtype, backend),
-                UPCAST_DOT=upcast,
-                num_warps=config.num_warps,
-                num_stages=config.num_stages,
-                **{f"GRAD_{a.arg}": a.name in grad_buffers for a in self.spec.grad_inputs},
-            )
+            common = _constants(config, dim, dim_v, q.dtype, backend)
+            common.update({f"GRAD_{a.arg}": a.name in grad_buffers for a in self.spec.grad_inputs})
             inputs = _input_args(self.spec.inputs, env)
             for a in self.spec.grad_inputs:
                 buffer = grad_buffers.get(a.name)

@@ -14,13 +14,14 @@ load and compile or raise an `AttnError` whose location is inside the text, neve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -303,7 +304,6 @@ class Report:
     failure: Case | None = None
     error: str = ""
     saved: Path | None = None
-    kinds: dict[str, int] = field(default_factory=dict)
 
 
 def fuzz(
@@ -347,7 +347,6 @@ def fuzz(
             report.cases += 1
             raise
         report.cases += 1
-        report.kinds[case.kind] = report.kinds.get(case.kind, 0) + 1
         if progress is not None:
             progress(report)
 
@@ -381,8 +380,6 @@ def fuzz(
 
 
 def save_case(case: Case, directory: Path) -> Path:
-    import hashlib
-
     text = case.to_text()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{case.kind}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.attn"
