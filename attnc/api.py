@@ -5,6 +5,7 @@ oracle) and the IR of every stage.
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from attnc.dsl.lower import Program, load_program, stdlib_program
+from attnc.dsl.source import SourceReadError, read_source, shown_path
 from attnc.errors import AttnImportError, InputError, Loc, ParameterError, SourceFile
 from attnc.ir import evaluate as oracle
 from attnc.ir.nodes import INPUT_DTYPES, Node, Op, ParamDecl, PatternIR, Type
@@ -27,16 +29,25 @@ from attnc.runtime.plan import Plan, exact_block_map, make_plan, uses
 
 Value = int | float | bool
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+"""The largest `scale` the kernels accept: they compute in float32."""
+
+DENSE_LIMIT = 2**31
+"""The most elements a dense result (`Kernel.mask`, `Kernel.reference`'s scores, `Kernel.block_map`'s
+tiles) may have: past it an `InputError` says so, before anything is allocated. Module-level, so a
+caller with the memory for more can raise it (`attnc.api.DENSE_LIMIT = 2**34`)."""
+
 
 def load(path: str | Path) -> Module:
     """Parse and check an `.attn` file (and what it imports)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise FileNotFoundError(f"cannot read {path}: {err.strerror}") from None
-    except UnicodeDecodeError:
-        raise AttnImportError(f"{path} is not UTF-8 text", Loc(SourceFile(str(path), ""), 1, 1)) from None
+    if not path.exists():
+        raise FileNotFoundError(f"cannot read {path}: No such file or directory")
+    try:  # what imports read: a regular file (never a FIFO or a device), at most the size cap, UTF-8
+        text = read_source(path)
+    except SourceReadError as err:
+        where = Loc(SourceFile(shown_path(str(path)), ""), 1, 1)
+        raise AttnImportError(f"cannot read {shown_path(str(path))}: {err.reason}", where) from None
     return Module(load_program(text, str(path), path))
 
 
@@ -150,7 +161,14 @@ def _check_param(decl: ParamDecl, value: Any, pattern: str) -> Value:
     elif decl.type is Type.INT and isinstance(value, numbers.Integral) and -(2**63) <= value < 2**63:
         return int(value)
     elif decl.type is Type.FLOAT and isinstance(value, numbers.Real):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int (or Fraction) beyond float's range, like 10**400
+            raise ParameterError(
+                f"parameter '{decl.name}' of pattern '{pattern}' is float, got {type(value).__name__} "
+                f"{repr(value)[:24]}{'...' if len(repr(value)) > 24 else ''}, beyond any float",
+                decl.loc,
+            ) from None
     raise ParameterError(
         f"parameter '{decl.name}' of pattern '{pattern}' is {decl.type}, "
         f"got {type(value).__name__} {value!r}",
@@ -162,15 +180,87 @@ def _uses(pattern: PatternIR, *names: str) -> bool:
     return any(n.op in (Op.VAR, Op.SIZE) and n.attr in names for r in pattern.roots() for n in r.walk())
 
 
-def _dim_value(dim: Node, sizes: Mapping[str, int]) -> int | None:
-    """A shape expression (constants and sizes only, once bound) evaluated; None if a size is unknown."""
-    env = oracle.Env(1, 1, 1, 1, torch.device("cpu"), {})
+def _dim_value(dim: Node, sizes: Mapping[str, Any]) -> Any:
+    """A shape expression (constants and sizes only, once bound) evaluated; None if a size is unknown.
+
+    Plain integer arithmetic, so that under `torch.compile` a symbolic size (a `torch.SymInt`) stays
+    symbolic: the shape check becomes a guard on the sizes, not a data-dependent `.item()`. A shape that
+    computes in floats (`ceil(sqrt(tofloat(Q_LEN)))`) goes through the oracle on concrete sizes."""
+    known: dict[str, Any] = {}
     for n in dim.walk():
-        if n.op is Op.SIZE and sizes.get(str(n.attr)) is None:
-            return None
-    env.batch, env.num_heads = sizes.get("BATCH") or 1, sizes.get("NUM_HEADS") or 1
-    env.q_len, env.kv_len = sizes["Q_LEN"], sizes["KV_LEN"]
+        if n.op is Op.SIZE:
+            value = sizes.get(str(n.attr))
+            if value is None:
+                return None
+            known[str(n.attr)] = value
+    values: dict[Node, Any] = {}
+    for n in dim.walk():
+        rule = _INT_RULES.get(n.op)
+        if n.op is Op.SIZE:
+            values[n] = known[str(n.attr)]
+        elif n.op is Op.CONST and n.type is not Type.FLOAT:
+            values[n] = n.attr
+        elif rule is not None and n.type is not Type.FLOAT and all(a.type is not Type.FLOAT for a in n.args):
+            values[n] = rule(*(values[a] for a in n.args))
+        else:
+            return _dim_by_oracle(dim, known)
+    return values[dim]
+
+
+def _dim_by_oracle(dim: Node, known: Mapping[str, Any]) -> int:
+    concrete = {name: int(value) for name, value in known.items()}  # specialises a symbolic size
+    env = oracle.Env(
+        concrete.get("BATCH", 1),
+        concrete.get("NUM_HEADS", 1),
+        concrete.get("Q_LEN", 0),
+        concrete.get("KV_LEN", 0),
+        torch.device("cpu"),
+        {},
+    )
     return int(oracle.evaluate(dim, PatternIR("dims"), env).item())
+
+
+def _floordiv(a: Any, b: Any) -> Any:
+    return 0 if b == 0 else a // b  # the language's `x // 0` is 0 (attnc/ir/evaluate.py)
+
+
+def _mod(a: Any, b: Any) -> Any:
+    return a if b == 0 else a % b  # and `x % 0` is x
+
+
+def _all(*args: Any) -> bool:
+    return all(args)
+
+
+def _any(*args: Any) -> bool:
+    return any(args)
+
+
+_INT_RULES: dict[Op, Any] = {
+    Op.ADD: lambda a, b: a + b,
+    Op.SUB: lambda a, b: a - b,
+    Op.MUL: lambda a, b: a * b,
+    Op.FLOORDIV: _floordiv,
+    Op.UDIV: _floordiv,
+    Op.MOD: _mod,
+    Op.UMOD: _mod,
+    Op.NEG: lambda a: -a,
+    Op.ABS: abs,
+    Op.MIN: torch.sym_min,
+    Op.MAX: torch.sym_max,
+    Op.EQ: lambda a, b: a == b,
+    Op.NE: lambda a, b: a != b,
+    Op.LT: lambda a, b: a < b,
+    Op.LE: lambda a, b: a <= b,
+    Op.GT: lambda a, b: a > b,
+    Op.GE: lambda a, b: a >= b,
+    Op.AND: _all,
+    Op.OR: _any,
+    Op.NOT: lambda a: not a,
+    Op.WHERE: lambda c, a, b: a if c else b,
+}
+"""Integer and bool operations of a shape expression, as Python (or `torch.SymInt`) arithmetic with
+the oracle's semantics: floor division and modulo, `x // 0 = 0`, `x % 0 = x`."""
 
 
 class Kernel:
@@ -262,10 +352,12 @@ class Kernel:
                     f"shape determines it)",
                     loc,
                 )
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise InputError(f"{what} must be a positive int, got {value!r}", loc)
-        for what, value in (("q_len", q_len), ("kv_len", kv_len)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        for what, value in (("batch", batch), ("num_heads", num_heads), ("q_len", q_len), ("kv_len", kv_len)):
+            # A torch.SymInt is a size under torch.compile's dynamic shapes. Zero is allowed everywhere,
+            # as for the lengths: the result is empty.
+            if value is not None and (not isinstance(value, int | torch.SymInt) or isinstance(value, bool)):
+                raise InputError(f"{what} must be a non-negative int, got {value!r}", loc)
+            if value is not None and value < 0:
                 raise InputError(f"{what} must be a non-negative int, got {value!r}", loc)
         sizes = {"BATCH": batch, "NUM_HEADS": num_heads, "Q_LEN": q_len, "KV_LEN": kv_len}
         for decl in pattern.inputs:
@@ -277,7 +369,12 @@ class Kernel:
                     f"input '{decl.name}' must have shape {shown}, got {list(tensor.shape)}", decl.loc
                 )
         return oracle.Env(
-            batch or 1, num_heads or 1, q_len, kv_len, device or torch.device("cpu"), dict(inputs)
+            1 if batch is None else batch,
+            1 if num_heads is None else num_heads,
+            q_len,
+            kv_len,
+            device or torch.device("cpu"),
+            dict(inputs),
         )
 
     def mask(
@@ -289,10 +386,17 @@ class Kernel:
         num_heads: int | None = None,
         **inputs: Any,
     ) -> torch.Tensor:
-        """The dense bool mask, [B or 1, H or 1, q_len, kv_len]: may query q see key kv."""
+        """The dense bool mask, [B or 1, H or 1, q_len, kv_len]: may query q see key kv. At most
+        `DENSE_LIMIT` elements."""
         env = self._env(q_len, kv_len, batch, num_heads, inputs, None)
+        self._check_dense("the mask", (env.batch, env.num_heads, q_len, kv_len))
         result = oracle.mask(self._bound, env)
-        shape = (batch or result.shape[0], num_heads or result.shape[1], q_len, kv_len)
+        shape = (
+            result.shape[0] if batch is None else batch,
+            result.shape[1] if num_heads is None else num_heads,
+            q_len,
+            kv_len,
+        )
         return result.expand(shape).contiguous() if result.shape != shape else result
 
     def plan(
@@ -327,7 +431,8 @@ class Kernel:
     ) -> torch.Tensor:
         """Exact tile classes, int8 [B or 1, H or 1, ceil(q_len / BM), ceil(kv_len / BN)]: 0 EMPTY, 1
         PARTIAL, 2 FULL, counting only positions inside the lengths. The tile analysis settles most
-        tiles; the mask is evaluated only on the positions of the tiles it leaves undecided."""
+        tiles; the mask is evaluated only on the positions of the tiles it leaves undecided. At most
+        `DENSE_LIMIT` tiles (before broadcasting over batch rows and heads the pattern ignores)."""
         bm, bn = self._block(block)
         env = self._env(q_len, kv_len, batch, num_heads, inputs, None)
         roots = [
@@ -341,9 +446,24 @@ class Kernel:
         ]
         batches = env.batch if uses(roots, "b") else 1
         heads = env.num_heads if uses(roots, "h") else 1
+        self._check_dense("the block map", (batches, heads, -(-q_len // bm), -(-kv_len // bn)))
         classes = exact_block_map(self._bound, self.pattern, env, (bm, bn), batches, heads)
-        shape = (batch or batches, num_heads or heads, *classes.shape[2:])
+        shape = (
+            batches if batch is None else batch,
+            heads if num_heads is None else num_heads,
+            *classes.shape[2:],
+        )
         return classes.expand(shape) if classes.shape != shape else classes
+
+    def _check_dense(self, what: str, shape: tuple[int, ...]) -> None:
+        """Refuse a dense result of more than `DENSE_LIMIT` elements before it is allocated (a mask of
+        2**31 x 2**31 would otherwise be met by the OOM killer, not an error)."""
+        if math.prod(shape) > DENSE_LIMIT:
+            raise InputError(
+                f"{what} would have {math.prod(shape)} elements {list(shape)}, more than "
+                f"attnc.api.DENSE_LIMIT ({DENSE_LIMIT}); it is dense by nature (kern.plan is not)",
+                self._bound.loc,
+            )
 
     def _block(self, block: Any) -> tuple[int, int]:
         if (
@@ -375,7 +495,17 @@ class Kernel:
         bfloat16 or float32, all one dtype, on one device; D and Dv at most 256. `inputs` are the
         pattern's input tensors, by name, on the same device. `out` [B, Hq, Lq, Dv] has q's dtype; lse
         [B, Hq, Lq] (natural log, float32) comes with `return_lse=True`. A query that may see no key
-        gets output 0 and lse -inf.
+        gets output 0 and lse -inf. Zero batch rows, heads or lengths give empty results.
+
+        `scale` (default D ** -0.5) must be finite and at most float32's largest value in magnitude.
+        The kernels compute scores in float32: keeping the scaled, score-modified scores finite there is
+        the caller's part (the float64 oracle may be finite where they overflow). Under `torch.compile`
+        a float `scale` is a constant of the graph, one graph per value; to change it every step, fold it
+        into q: `kern(q * s, k, v, scale=1.0)` compiles once for a tensor `s` (twice for a float: the
+        second value makes it dynamic), and gives `s` a gradient.
+
+        Reverse-mode autograd, once: forward-mode AD (`torch.func.jvp`, `jacfwd`, `forward_ad`) and
+        double backward raise `NotImplementedError` (see `attnc/runtime/autograd.py`).
         """
         self._check_qkv(q, k, v)
         loc = self._bound.loc
@@ -419,6 +549,7 @@ class Kernel:
                     decl.loc,
                 )
         tensors = [inputs[d.name] for d in self._bound.inputs]
+        autograd.check_no_forward_ad([q, k, v, *tensors])
         out, lse = autograd.attention(q, k, v, tensors, self._key, self._scale(scale, dim))
         return (out, lse) if return_lse else out
 
@@ -427,7 +558,18 @@ class Kernel:
             return dim**-0.5
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
             raise InputError(f"scale must be a real number, got {scale!r}", self._bound.loc)
-        return float(scale)
+        scale = float(scale)
+        # The kernels multiply in float32: a scale float32 cannot hold would be inf there (and the
+        # output NaN). Scaled scores that overflow float32 are the caller's to avoid, as in any
+        # float32 attention kernel. Comparisons, not math.isfinite: under torch.compile the scale may
+        # be a SymFloat.
+        if scale != scale or abs(scale) > FLOAT32_MAX:  # NaN, infinite or too large
+            raise InputError(
+                f"scale must be finite and at most {FLOAT32_MAX:.7g} in magnitude (the kernels compute in "
+                f"float32), got {scale!r}",
+                self._bound.loc,
+            )
+        return scale
 
     def _check_qkv(self, q: Any, k: Any, v: Any) -> None:
         loc = self._bound.loc
@@ -447,7 +589,7 @@ class Kernel:
             raise InputError(f"q and k must have one head dim, got {q.shape[3]} and {k.shape[3]}", loc)
         if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
             raise InputError(f"k and v must have one [H, L], got {list(k.shape)} and {list(v.shape)}", loc)
-        if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        if (k.shape[1] == 0 and q.shape[1] != 0) or (k.shape[1] != 0 and q.shape[1] % k.shape[1] != 0):
             raise InputError(
                 f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})", loc
             )
@@ -470,13 +612,20 @@ class Kernel:
         unless `out_dtype` is given; lse (natural log) is float32, or float64 with out_dtype=float64.
         `precision` computes scores, score function and softmax in another float type instead (the
         mask stays exact): the same-dtype dense computation that kernel errors are judged against.
+        Its dense scores, B * Hq * Lq * Lkv, may have at most `DENSE_LIMIT` elements.
         """
         self._check_qkv(q, k, v)
         if precision not in (torch.float64, *DTYPES):
             raise InputError(f"precision must be a float dtype, got {precision!r}", self._bound.loc)
         batch, heads, q_len, dim = q.shape
         env = self._env(q_len, k.shape[2], batch, heads, inputs, q.device)
-        out, lse = oracle.attention(self._bound, env, q, k, v, self._scale(scale, dim), precision)
+        self._check_dense("the reference's scores", (batch, heads, q_len, k.shape[2]))
+        scale = self._scale(scale, dim)
+        if heads == 0:  # no heads: nothing to compute (and no key/value heads to group queries by)
+            out = q.new_zeros((batch, 0, q_len, v.shape[3]), dtype=torch.float64)
+            lse = q.new_zeros((batch, 0, q_len), dtype=torch.float64)
+        else:
+            out, lse = oracle.attention(self._bound, env, q, k, v, scale, precision)
         target = q.dtype if out_dtype is None else out_dtype
         out = out.to(target)
         lse = lse.to(torch.float64 if target == torch.float64 else torch.float32)

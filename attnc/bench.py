@@ -1327,9 +1327,29 @@ def failed(report: dict[str, Any]) -> bool:
     )
 
 
+def read_report(path: Path) -> dict[str, Any]:
+    """A report `attnc bench` wrote, read for `--merge`: a `BenchError` naming the file if it cannot be
+    read or is not one."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise BenchError(f"--merge {path}: {err.strerror or err}") from None
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise BenchError(f"--merge {path}: not a JSON report ({err})") from None
+    shapes = {"device": str, "settings": dict, "mask_checks": dict, "cases": list}
+    if not isinstance(report, dict) or any(not isinstance(report.get(k), t) for k, t in shapes.items()):
+        keys = ", ".join(shapes)
+        raise BenchError(f"--merge {path}: not an attnc bench report (an object with {keys})")
+    if not isinstance(report["settings"].get("modes"), list) or not all(
+        isinstance(c, dict) for c in report["cases"]
+    ):
+        raise BenchError(f"--merge {path}: not an attnc bench report (malformed settings or cases)")
+    return report
+
+
 def merge(paths: Sequence[Path]) -> dict[str, Any]:
     """Several reports of one device as one: the first one's header, every case, derived figures anew."""
-    reports = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
+    reports = [read_report(path) for path in paths]
     devices = {r["device"] for r in reports}
     if len(devices) > 1:
         raise BenchError(f"cannot merge reports of different devices: {', '.join(sorted(devices))}")
@@ -1339,8 +1359,30 @@ def merge(paths: Sequence[Path]) -> dict[str, Any]:
     merged["cases"] = [c for r in reports for c in r["cases"]]
     modes = {m for r in reports for m in r["settings"]["modes"]}
     merged["settings"] = {**reports[0]["settings"], "modes": [m for m in MODES if m in modes]}
-    derive(merged["cases"])
+    try:
+        derive(merged["cases"])
+        markdown(merged)  # what `write` renders: a case it cannot read fails here, before anything is written
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise BenchError(f"--merge: a case of {', '.join(map(str, paths))} is malformed ({err!r})") from None
     return merged
+
+
+def check_output(output: Path) -> None:
+    """Refuse an `--output` the report could not be written to, before anything runs: a directory at
+    the JSON's or the Markdown's path, or a folder that cannot be created or written."""
+    if output.suffix == ".md":
+        raise BenchError(f"--output {output}: the Markdown goes beside the JSON as .md; name the JSON .json")
+    for path in (output, output.with_suffix(".md")):
+        for target in (path, path.with_name(path.name + ".tmp")):
+            if target.is_dir():
+                raise BenchError(f"--output {output}: {target} is a directory")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output.parent, prefix=".attnc-bench-"):
+            pass  # the folder takes a file: the report's atomic writes will succeed
+    except OSError as err:
+        where = err.filename or output.parent
+        raise BenchError(f"--output {output}: cannot write to {where}: {err.strerror or err}") from None
 
 
 # ---- command line ---------------------------------------------------------------------------------------
@@ -1478,9 +1520,22 @@ def settings_from(args: argparse.Namespace) -> Settings:
         ("--heads", [heads]),
         ("--batch", [args.batch]),
         ("--repeats", [pick("repeats")]),
+        ("--check-len", [pick("check_len")]),
     ):
         if min(values) < 1:
             raise BenchError(f"{what} must be positive, got {values}")
+        if max(values) >= 2**31:  # sizes torch and the kernels index with 32-bit ints, or less
+            raise BenchError(f"{what} must be below 2**31, got {values}")
+    for what, value in (
+        ("--warmup-ms", args.warmup_ms),
+        ("--rep-ms", args.rep_ms),
+        ("--time-budget-s", args.time_budget_s),
+    ):
+        # `float` takes 'nan' and 'inf': a NaN budget is never exceeded, so it would silently be none.
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise BenchError(f"{what} must be a finite number at least 0, got {value}")
+    if not 0 <= args.seed < 2**63:
+        raise BenchError(f"--seed must be an int from 0 to 2**63 - 1, got {args.seed}")
     return Settings(
         smoke=args.smoke,
         patterns=tuple(args.patterns or PATTERNS),
@@ -1510,6 +1565,7 @@ def run_command(args: argparse.Namespace) -> int:
         if args.merge:
             if args.output is None:
                 raise BenchError("--merge needs --output")
+            check_output(args.output)
             report = merge(args.merge)
             write(report, args.output)
             print(markdown(report))
@@ -1526,6 +1582,7 @@ def run_command(args: argparse.Namespace) -> int:
             name = f"attention-{slug(device_name(device))}-{datetime.date.today().isoformat()}"
             folder = Path(tempfile.gettempdir()) if settings.smoke else RESULTS
             output = folder / f"{name}{'-smoke' if settings.smoke else ''}.json"
+        check_output(output)  # not after a run of hours
         report = run(settings, device, output)
     except BenchError as err:
         print(f"attnc bench: error: {err}", file=sys.stderr)

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
+import re
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from attnc.api import Module, Pattern, load
 from attnc.compiler import LOWER_STAGE, compile_pattern
-from attnc.errors import AttnError, ParameterError
+from attnc.errors import AttnError, InternalError, ParameterError
 from attnc.passes import PASSES
 from attnc.passes.manager import INPUT_STAGE
 from attnc.show import ShowError, render, save_png, tile_view
 
 STAGES = [INPUT_STAGE, *PASSES, LOWER_STAGE]
+# Seeds go to `torch.Generator.manual_seed`, which takes 64 bits; one range for every command.
+SEED_LIMIT = 2**63
+# The environment variables naming directories attnc writes to: an OS error on a path under one of
+# them says which variable chose it.
+PATH_VARIABLES = ("ATTNC_CACHE_DIR", "ATTNC_DUMP_DIR")
 
 
 def _parse_define(text: str) -> tuple[str, int | float | bool]:
@@ -37,6 +45,47 @@ def _parse_define(text: str) -> tuple[str, int | float | bool]:
                     f"{name}: expected a number, true or false, got {raw!r}"
                 ) from None
     return name.strip(), value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed is an int from 0 to 2**63 - 1, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _seconds(text: str, *, zero: bool) -> float:
+    # `float` accepts 'nan' and 'inf': a NaN deadline never passes and an infinite one never ends, so
+    # a time budget must be a finite number (a long run takes a large one).
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        least = "at least 0" if zero else "more than 0"
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds {least}, got {text}")
+    return value
+
+
+def _budget_seconds(text: str) -> float:
+    return _seconds(text, zero=False)
+
+
+def _shrink_seconds(text: str) -> float:
+    return _seconds(text, zero=True)
 
 
 def _parse_block(text: str) -> tuple[int, int]:
@@ -76,6 +125,16 @@ def _cmd_ir(args: argparse.Namespace) -> int:
             if key not in known:
                 raise ParameterError(
                     f"pattern '{args.pattern}' has no parameter '{key}'", patterns[0]._module_ir.entry.loc
+                )
+    else:
+        # Without -p a value goes to every pattern that has the parameter: a name none of them has is a
+        # typo, not a value to drop.
+        known = {p.name for pattern in patterns for p in pattern.params}
+        for key in defines:
+            if key not in known:
+                raise ShowError(
+                    f"-D {key}: no pattern of {args.file} has a parameter '{key}'"
+                    + (f" (parameters: {', '.join(sorted(known))})" if known else "")
                 )
     for pattern in patterns:
         params = {p.name: defines[p.name] for p in pattern.params if p.name in defines}
@@ -149,6 +208,12 @@ def _cmd_fuzz(args: argparse.Namespace) -> int:
         raise ShowError(f"attnc fuzz needs Hypothesis ({err}); pip install 'attnc[fuzz]'") from None
     if args.replay:
         return fuzz.replay_command(args.replay)
+    if args.pattern and args.pattern_file is None:
+        raise ShowError("-p NAME selects patterns of the --pattern FILE: give --pattern too")
+    if args.pattern_file is not None:
+        module = load(args.pattern_file)  # its diagnostics now, not after the first draw
+        for name in args.pattern or ():
+            module[name]  # a KeyError naming the file's patterns for an unknown name
     seed = args.seed if args.seed is not None else random.randrange(1 << 31)
     return fuzz.command(
         args.seconds,
@@ -215,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_parse_block,
         default=(128, 128),
         metavar="BM,BN",
-        help="tile size: queries x keys (default: 128,128)",
+        help="tile size: queries x keys, each side at most 4096 (default: 128,128)",
     )
     show.add_argument(
         "--batch",
@@ -233,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument(
         "--random-inputs",
-        type=int,
+        type=_seed,
         metavar="SEED",
         help="show a pattern with input tensors on random ones: sorted document ids for int inputs, "
         "coin flips for bool inputs, standard normal floats",
@@ -267,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--kv-len", type=int, metavar="M", help="number of keys (default: L)")
     run.add_argument("--kv-heads", type=int, metavar="HKV", help="key/value heads, dividing H (default: H)")
     run.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
-    run.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    run.add_argument("--seed", type=_seed, default=0, help="seed of the random inputs (default 0)")
     run.add_argument("--repeat", type=int, default=5, metavar="N", help="timed calls (default 5)")
     run.add_argument("--no-check", dest="check", action="store_false", help="skip the oracle comparison")
     run.add_argument(
@@ -283,8 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="differential fuzzing: random programs (or your file's patterns) and shapes, kernels vs the "
         "dense oracle, and the front end on mutated source",
     )
-    fuzz.add_argument("--seconds", type=float, default=60.0, metavar="N", help="time budget (default 60)")
-    fuzz.add_argument("--seed", type=int, metavar="S", help="seed of the run (default: random, printed)")
+    fuzz.add_argument(
+        "--seconds",
+        type=_budget_seconds,
+        default=60.0,
+        metavar="N",
+        help="time budget, finite and positive (default 60)",
+    )
+    fuzz.add_argument("--seed", type=_seed, metavar="S", help="seed of the run (default: random, printed)")
     fuzz.add_argument(
         "--pattern",
         dest="pattern_file",
@@ -301,7 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="what to fuzz (default all: kernels, then the front end for 15%% of the time)",
     )
     fuzz.add_argument("--no-grad", dest="grads", action="store_false", help="check forward kernels only")
-    fuzz.add_argument("--max-len", type=int, default=80, metavar="N", help="longest sequence (default 80)")
+    fuzz.add_argument(
+        "--max-len", type=_positive_int, default=80, metavar="N", help="longest sequence (default 80)"
+    )
     fuzz.add_argument(
         "--save",
         metavar="DIR",
@@ -310,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fuzz.add_argument(
         "--shrink-seconds",
-        type=float,
+        type=_shrink_seconds,
         default=120.0,
         metavar="N",
         help="how long to shrink a failure (default 120)",
@@ -329,22 +402,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    return lines[0].strip() if lines else type(err).__name__
+
+
+def _os_message(err: OSError) -> str:
+    """`FILE: REASON` for an error of the operating system (`args[0]` is only the errno), and the
+    environment variable that chose the path when one did."""
+    reason = err.strerror or _first_line(err)
+    if err.filename is None:
+        return reason
+    names = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else str(err.filename)
+    message = f"{names}: {reason}"
+    for variable in PATH_VARIABLES:
+        root = os.environ.get(variable)
+        if root and Path(os.fsdecode(err.filename)).is_relative_to(root):
+            message += f" (under {variable}={root})"
+            break
+    return message
+
+
+def _memory_message(err: BaseException) -> str | None:
+    """A one-line reason for an allocation failure (torch's CPU or CUDA allocator, or Python's), or None
+    for any other error."""
+    text = str(err)
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return f"out of memory: {_first_line(err)}" if text else "out of memory"
+    asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", text)
+    if asked:
+        return f"out of memory: could not allocate {int(asked[1]):,} bytes; try smaller sizes"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. A user's mistake — in the program, an option, a file, the environment — is
+    reported as one line (a diagnostic with its excerpt for `.attn` errors) with exit status 1, never
+    a traceback; a broken invariant of attnc itself (`InternalError`, `AssertionError`) keeps its
+    traceback, to be reported."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except AttnError as err:
-        print(err, file=sys.stderr)
-        return 1
-    except ShowError as err:
-        print(f"attnc: error: {err}", file=sys.stderr)
+        # An error without a place in a source (an environment variable, the cache) reads as the CLI's own.
+        print(err if err.loc is not None else f"attnc: error: {err.reason}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # piped into a reader that stopped (`attnc ir ... | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (FileNotFoundError, KeyError) as err:
+    except (InternalError, AssertionError):
+        traceback.print_exc()
+        print(
+            "attnc: internal error: a bug in attnc; please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 1
+    except KeyError as err:  # an unknown pattern name: the message is the key
         message = err.args[0] if err.args else str(err)
         print(f"attnc: error: {message}", file=sys.stderr)
+        return 1
+    except OSError as err:
+        print(f"attnc: error: {_os_message(err)}", file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError, ArithmeticError, MemoryError) as err:
+        # ShowError and the settings' own ValueErrors, allocation failures, and what torch, Triton and
+        # Hypothesis raise on values they refuse: the reason in one line.
+        print(f"attnc: error: {_memory_message(err) or _first_line(err)}", file=sys.stderr)
         return 1
 
 

@@ -35,7 +35,11 @@ class Loc:
 
     def excerpt(self) -> str:
         """The source line and a caret (`^~~~`) under the span."""
-        text = self.file.line(self.line).expandtabs(1)
+        # Control characters (an escape sequence) would reach the user's terminal: each is shown as
+        # one '?', so the caret keeps its column.
+        text = "".join(
+            "?" if ord(c) < 32 or ord(c) == 127 else c for c in self.file.line(self.line).expandtabs(1)
+        )
         width = 1
         if self.end_col is not None and self.end_col > self.col:
             width = min(self.end_col, len(text) + 1) - self.col
@@ -88,8 +92,32 @@ class ParameterError(AttnError):
     """A pattern parameter missing, unknown or of the wrong type when a kernel is made."""
 
 
+class ProgramTooLargeError(AttnError):
+    """A program whose compilation would build more IR than the budget allows (an expression whose
+    normal form is exponential in its source), reported instead of a compile that never ends."""
+
+
 class InputError(AttnError):
     """A tensor passed at call time that does not match its `input` declaration, or a bad call."""
+
+
+class _SettingError(AttnError):
+    """An error in a setting of the process (an environment variable, the cache directory): one line, no
+    source location."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, None)
+
+    def _format(self) -> str:
+        return f"attnc: error: {self.reason}"
+
+
+class CacheError(_SettingError):
+    """The kernel cache directory (`ATTNC_CACHE_DIR`) is refused, e.g. owned by another user."""
+
+
+class ConfigError(_SettingError, ValueError):
+    """An `ATTNC_*` environment variable with a value attnc does not accept."""
 
 
 class InternalError(AssertionError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -9,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from attnc.api import Kernel
+from attnc.api import Kernel, _dim_value
 from attnc.runtime.backend import INTERPRETER, active
 from attnc.show import ShowError, random_inputs
 from attnc.testing import Comparison, GradientComparison, compare, compare_gradients
@@ -65,6 +67,48 @@ class RunReport:
         return "\n".join(lines) + "\n"
 
 
+def memory_needed(
+    kernel: Kernel,
+    shape: tuple[int, int, int, int],
+    kv_len: int,
+    kv_heads: int,
+    check: bool,
+    backward: bool,
+) -> int:
+    """About how many bytes a run of these sizes holds at once: q, k, v and the output (drawn in
+    float32), the lse, the input tensors and, with the check, the float64 oracle's dense scores
+    [B, H, L, M] and their softmax; gradients double what they differentiate."""
+    batch, heads, q_len, dim = shape
+    tensors = 4 * (
+        2 * batch * heads * q_len * dim + 2 * batch * kv_heads * kv_len * dim + batch * heads * q_len
+    )
+    sizes = {"BATCH": batch, "NUM_HEADS": heads, "Q_LEN": q_len, "KV_LEN": kv_len}
+    for decl in kernel.pattern.inputs:
+        dims = [_dim_value(d, sizes) for d in decl.dims]
+        tensors += 8 * math.prod(max(n or 0, 0) for n in dims)
+    oracle = 2 * 8 * batch * heads * q_len * kv_len if check else 0
+    return (tensors + oracle) * (2 if backward else 1)
+
+
+def memory_available(device: torch.device) -> int | None:
+    """The memory of the device the run allocates on: the GPU's, or the machine's RAM (None: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def _gib(n: int) -> str:
+    size, unit = n / 2**30, "GiB"
+    for bigger in ("TiB", "PiB", "EiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:,.1f} {unit}"
+
+
 def _title(kernel: Kernel) -> str:
     return f"{kernel.name}({', '.join(f'{k}={v!r}' for k, v in kernel.params.items())})"
 
@@ -102,6 +146,16 @@ def run(
     if repeats < 1:
         raise ShowError(f"--repeat must be at least 1, got {repeats}")
     device = torch.device("cuda" if backend != INTERPRETER else "cpu")
+    # Sizes the memory cannot hold fail here, naming the option, rather than in the allocator mid-run.
+    needed = memory_needed(kernel, (batch, heads, q_len, dim), kv_len, kv_heads, check, backward)
+    available = memory_available(device)
+    if available is not None and needed > available:
+        checked = " and the oracle's float64 scores" if check else ""
+        raise ShowError(
+            f"--shape {batch},{heads},{q_len},{dim} (kv-len {kv_len}) needs about {_gib(needed)} for q, k, "
+            f"v, the output{checked}; {'the GPU' if device.type == 'cuda' else 'this machine'} has "
+            f"{_gib(available)}" + (": use smaller sizes, or --no-check" if check else ": use smaller sizes")
+        )
     torch_dtype = DTYPES[dtype]
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, q_len, dim, generator=generator).to(device, torch_dtype)

@@ -19,6 +19,12 @@ TEXT_LIMIT = 64
 IMAGE_LIMIT = 1024
 # The PNG's mask panel is drawn only when the dense mask has at most this many elements (it is O(N^2)).
 MASK_LIMIT = 4_000_000
+# The most tiles (over the batch rows and heads up to the one shown) a tile map is computed for: 2**26 is
+# a 1M x 1M map in tiles of 128 (seconds, and a few GB at most); past it a ShowError, not the allocator.
+TILE_LIMIT = 2**26
+# The largest tile side: the exact map evaluates the mask on every position of a PARTIAL tile, BM x BN
+# at once, so a tile of 4096 x 4096 (16M positions) is the most that stays cheap.
+BLOCK_LIMIT = 4096
 # Colours of EMPTY, PARTIAL and FULL in the PNG (allowed and masked pairs reuse FULL and EMPTY).
 COLOURS = ("#f2f2f2", "#f5a623", "#1f4e9c")
 
@@ -81,6 +87,16 @@ def tile_view(
             raise ShowError(f"{what} must be at least {least}, got {value}")
     if len(block) != 2 or min(block) < 1:
         raise ShowError(f"block must be two positive ints BM,BN, got {','.join(map(str, block))}")
+    if max(block) > BLOCK_LIMIT:
+        raise ShowError(f"block sides are at most {BLOCK_LIMIT} here, got {','.join(map(str, block))}")
+    rows, cols = -(-q_len // block[0]), -(-kv_len // block[1])
+    tiles = (batch + 1) * (head + 1) * rows * cols
+    if tiles > TILE_LIMIT:
+        raise ShowError(
+            f"the tile map would have {tiles:,} tiles ({batch + 1} batch rows x {head + 1} heads x {rows:,} "
+            f"x {cols:,}), more than attnc show's {TILE_LIMIT:,}: use shorter lengths, a larger block, or "
+            "a smaller batch row or head"
+        )
     sizes = {"BATCH": batch + 1, "NUM_HEADS": head + 1, "Q_LEN": q_len, "KV_LEN": kv_len}
     if seed is not None and inputs is not None:
         raise ShowError("give either random inputs (a seed) or the inputs, not both")

@@ -887,9 +887,9 @@ def test_mask_of_a_pattern_on_h_without_num_heads(inputs_module: attnc.Module) -
     check(err, InputError, 9, 9, "pass num_heads=")
 
 
-def test_mask_with_a_non_positive_batch(inputs_module: attnc.Module) -> None:
-    err = raised(lambda: inputs_module.batched().mask(8, 8, batch=0))
-    check(err, InputError, 6, 9, "batch must be a positive int, got 0")
+def test_mask_with_a_negative_batch(inputs_module: attnc.Module) -> None:
+    err = raised(lambda: inputs_module.batched().mask(8, 8, batch=-1))  # 0 is allowed: an empty mask
+    check(err, InputError, 6, 9, "batch must be a non-negative int, got -1")
 
 
 def test_mask_with_a_negative_length(inputs_module: attnc.Module) -> None:
@@ -899,7 +899,7 @@ def test_mask_with_a_negative_length(inputs_module: attnc.Module) -> None:
 
 def test_mask_with_a_bool_batch(inputs_module: attnc.Module) -> None:
     err = raised(lambda: inputs_module.batched().mask(8, 8, batch=True))
-    check(err, InputError, 6, 9, "batch must be a positive int, got True")
+    check(err, InputError, 6, 9, "batch must be a non-negative int, got True")
 
 
 def test_reference_missing_input(inputs_module: attnc.Module) -> None:

@@ -3,12 +3,16 @@
 Types in the kernel:
 
 - ints are int32 where the value ranges of every launch fit (`passes/value_ranges.py`), else int64;
-  operands are widened before an op that needs it, so no intermediate value overflows where the
-  oracle's int64 would not;
+  operands are widened before an op that needs it, so no intermediate value overflows int64 (see
+  below);
 - floats that feed the mask are float64, as the oracle computes them: a mask decided in float32 could
   differ from the oracle's on pairs near a boundary, and one differing pair changes a whole row of the
   output. Floats of the score are float32 (the score is float32 in the softmax anyway);
-- bools are int1; `input` loads are guarded (a position outside the input reads 0 / false).
+- bools are int1; `input` loads are guarded (a position outside the input reads 0 / false);
+- `floor` / `ceil` saturate at the ends of int64, as the oracle does (`value_ranges.FLOAT_TO_INT`).
+
+The passes guarantee that every int value of the expressions emitted here lies inside int64 for every
+launch (`bind-params` checks the program, and no rewrite leaves int64), so int64 arithmetic is exact.
 
 Floor `//` and `%` keep Python's meaning for every sign: by a power of two they are an arithmetic shift
 and a bit mask (exact for negative operands too), `udiv` / `umod` (operands proven non-negative by
@@ -62,9 +66,7 @@ def float64_nodes(roots: list[Node], lets: Mapping[str, Node]) -> frozenset[Node
     seen: set[Node] = set()
     while stack:
         root = stack.pop()
-        for n in root.walk():
-            if n in seen:
-                continue
+        for n in root.walk(skip=seen.__contains__):
             seen.add(n)
             if n.type is Type.FLOAT:
                 found.add(n)
@@ -123,9 +125,8 @@ class Emitter:
 
     def value(self, node: Node) -> str:
         """The text of the node's value, emitting what it needs."""
-        for n in node.walk():
-            if n not in self.names:
-                self.names[n] = self._emit(n)
+        for n in node.walk(skip=self.names.__contains__):  # what is emitted already is not walked again
+            self.names[n] = self._emit(n)
         return self.names[node]
 
     def cast(self, node: Node, dtype: str) -> str:
@@ -172,8 +173,20 @@ class Emitter:
         if op is Op.TOFLOAT:
             return self._assign(f"tl.cast({self.value(args[0])}, {dtype})")
         if op in (Op.FLOOR, Op.CEIL):
+            # Saturating, as the oracle (`value_ranges.FLOAT_TO_INT`): a bare cast of a float outside
+            # int64 is undefined, and differs between backends.
             fn = "tl.floor" if op is Op.FLOOR else "tl.ceil"
-            return self._assign(f"tl.cast({fn}({self.value(args[0])}), {INT64})")
+            x = self._assign(f"{fn}({self.value(args[0])})")
+            inside = self._assign(f"({x} > -9223372036854775808.0) & ({x} < 9223372036854775808.0)")
+            exact = self._assign(f"tl.cast(tl.where({inside}, {x}, 0.0), {INT64})")
+            top, bottom = (
+                f"tl.full([], {(1 << 63) - 1}, {INT64})",
+                f"tl.full([], {1 - (1 << 63)}, {INT64})",
+            )
+            edge = self._assign(
+                f"tl.where({x} > 0, {top}, tl.where({x} < 0, {bottom}, tl.full([], 0, {INT64})))"
+            )
+            return self._assign(f"tl.where({inside}, {exact}, {edge})")
         if op in _COMPARE:
             common = _common(self.dtype(args[0]), self.dtype(args[1]))
             a, b = (self.cast(x, common) for x in args)
@@ -194,9 +207,9 @@ class Emitter:
     def varies(self, n: Node) -> bool:
         """Whether the value reads `q`, `kv` or `s` (following lets): a row, column or tile, not a
         scalar."""
+        if n.free & {"q", "kv", "s"}:
+            return True
         for m in n.walk():
-            if (m.op is Op.VAR and m.attr in ("q", "kv")) or m.op is Op.SCORE:
-                return True
             if m.op is Op.REF and str(m.attr) in self.lets and self.varies(self.lets[str(m.attr)]):
                 return True
         return False
@@ -253,4 +266,6 @@ def _literal(value: int | float, dtype: str) -> str:
         text = repr(value) if math.isfinite(value) else f'float("{value}")'
         # A Python float in Triton code is a float32 constant: float64 ones are made explicitly.
         return f"tl.full([], {text}, {FP64})" if dtype == FP64 else text
+    if int(value) == -(1 << 63):  # the literal 2**63 under the minus is out of range for Triton
+        return f"({1 - (1 << 63)} - 1)"
     return str(int(value))

@@ -5,7 +5,9 @@ and hoisted lets of `fuse`, the sparsity of `block-sparsify`, the closed-form ra
 `derive-ranges` — and turns every expression into Triton statements (`emit.py`). `render` places the
 spec in the Jinja templates (`templates/*.py.jinja`, `StrictUndefined`: a name the template uses and
 the spec lacks is an error, never an empty string) and parses the result with Python's parser before
-Triton ever sees it.
+Triton ever sees it, checking that it defines exactly the template's kernels, constants and helpers and
+that no name but the inputs' parameters lies in the inputs' namespace. No name of the pattern is
+rendered (the spec holds none), so patterns of one structure share one source.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from pathlib import Path
 import jinja2
 
 from attnc.codegen.emit import FP32, INT32, INT64, Assign, Emitter, float64_nodes, input_arg
-from attnc.codegen.spec import BackwardSpec, Body, InputArg, InputGrad, KernelSpec, KeyRange
+from attnc.codegen.spec import INPUT_NAMESPACES, BackwardSpec, Body, InputArg, InputGrad, KernelSpec, KeyRange
 from attnc.errors import InternalError
-from attnc.ir.nodes import Node, Op, PatternIR, format_const
+from attnc.ir.nodes import Node, Op, PatternIR
 from attnc.passes.fuse import differentiable_inputs, grad_loads
 from attnc.passes.value_ranges import fits_int32
 
@@ -49,11 +51,6 @@ def _scalar(emitter: Emitter, node: Node) -> str:
         dtype = INT32 if fits_int32((int(node.attr), int(node.attr))) else INT64  # type: ignore[arg-type]
         return f"tl.full([], {int(node.attr)}, {dtype})"  # type: ignore[arg-type]
     return emitter.value(node)
-
-
-def _title(pattern: PatternIR) -> str:
-    bindings = ", ".join(f"{n}={format_const(v)}" for n, v in pattern.bindings or ())
-    return f"{pattern.name}({bindings})"
 
 
 def _check_fused(pattern: PatternIR) -> None:
@@ -163,15 +160,19 @@ class _Kernel:
             for load, value in grad_loads(pattern):
                 decl = pattern.input(str(load.attr))
                 assert decl is not None and load.op is Op.LOAD
-                arg = input_arg(decl.name)
+                arg = _input(decl)
                 indices = [emitter.value(i) for i in load.args]
                 offset = " + ".join(
-                    f"tl.cast({i}, {INT64}) * {arg}_grad_stride{axis}" for axis, i in enumerate(indices)
+                    f"tl.cast({i}, {INT64}) * {stride}"
+                    for i, stride in zip(indices, arg.grad_strides, strict=True)
                 )
-                valid = " & ".join(f"({i} >= 0) & ({i} < {arg}_dim{axis})" for axis, i in enumerate(indices))
+                valid = " & ".join(
+                    f"({i} >= 0) & ({i} < {dim})"
+                    for i, dim in zip(indices, arg.scalars[: arg.rank], strict=True)
+                )
                 input_grads.append(
                     InputGrad(
-                        input=_input(decl),
+                        input=arg,
                         value=emitter.cast(value, FP32),
                         offset=offset or "0",
                         valid=valid or "tl.full([], 1, tl.int1)",
@@ -210,7 +211,6 @@ def build_spec(pattern: PatternIR) -> KernelSpec:
     masked, full = kernel.body(with_mask=True), kernel.body(with_mask=False)
     metadata_b, metadata_h = _metadata_axes(pattern)
     return KernelSpec(
-        pattern=_title(pattern),
         inputs=tuple(_input(d) for d in pattern.inputs),
         prologue=tuple(kernel.rows.lines) + range_lines,
         kv_ranges=kv_ranges,
@@ -239,7 +239,6 @@ def build_backward_spec(pattern: PatternIR) -> BackwardSpec:
     with_grad = differentiable_inputs(pattern)
     metadata_b, metadata_h = _metadata_axes(pattern)
     return BackwardSpec(
-        pattern=_title(pattern),
         inputs=tuple(_input(d) for d in pattern.inputs),
         grad_inputs=tuple(_input(d) for d in pattern.inputs if d.name in with_grad),
         metadata_b=metadata_b,
@@ -271,15 +270,90 @@ def _environment() -> jinja2.Environment:
     )
 
 
+# What each template defines at module level, besides the helpers `_common.py.jinja` adds for a spec.
+_TEMPLATE_NAMES = {
+    "attention_fwd.py.jinja": frozenset({"triton", "tl", "LOG2E", "LN2", "attnc_fwd"}),
+    "attention_bwd.py.jinja": frozenset(
+        {"triton", "tl", "LOG2E", "attnc_bwd_preprocess", "attnc_bwd_dq", "attnc_bwd_dkv"}
+    ),
+}
+_IMPORTS = {("triton", None): "triton", ("triton.language", "tl"): "tl"}
+
+
+def _helper_names(spec: KernelSpec | BackwardSpec) -> frozenset[str]:
+    """The helper functions `_common.py.jinja` defines for a spec."""
+    names = {f"_{helper}" for helper in spec.helpers}
+    if "floormod" in spec.helpers:  # _floormod calls _floordiv
+        names.add("_floordiv")
+    if spec.analytic:
+        names.add("_tile_of")
+    return frozenset(names)
+
+
+def _input_arguments(spec: KernelSpec | BackwardSpec) -> frozenset[str]:
+    """The kernel arguments named after the spec's inputs."""
+    names = {name for arg in spec.inputs for name in (arg.ptr, *arg.scalars)}
+    for arg in spec.grad_inputs if isinstance(spec, BackwardSpec) else ():
+        names |= {arg.grad_ptr, *arg.grad_strides, arg.grad_flag}
+    return frozenset(names)
+
+
+def _definitions(tree: ast.Module) -> list[str]:
+    """The names a module defines at its top level; raises ValueError on any other statement (an
+    expression, a stray import, ...)."""
+    names = []
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Import) and all((a.name, a.asname) in _IMPORTS for a in stmt.names):
+            names += [_IMPORTS[a.name, a.asname] for a in stmt.names]
+        elif isinstance(stmt, ast.Assign) and [type(t) for t in stmt.targets] == [ast.Name]:
+            names.append(stmt.targets[0].id)  # type: ignore[attr-defined]
+        elif isinstance(stmt, ast.FunctionDef):
+            names.append(stmt.name)
+        else:
+            raise ValueError(f"a {type(stmt).__name__} statement at line {stmt.lineno}")
+    return names
+
+
+def _check_structure(tree: ast.Module, spec: KernelSpec | BackwardSpec, template: str) -> None:
+    """Raise ValueError unless the module defines exactly the template's names and the spec's helpers,
+    and the names in the inputs' namespaces are exactly the inputs' kernel parameters (so no template
+    name, and no other input, can take one of them)."""
+    defined = _definitions(tree)
+    expected = _TEMPLATE_NAMES[template] | _helper_names(spec)
+    if len(defined) != len(set(defined)) or set(defined) != expected:
+        raise ValueError(f"it defines {sorted(defined)}, not {sorted(expected)}")
+    parameters: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg) and node.arg.startswith(INPUT_NAMESPACES):
+            parameters.add(node.arg)
+        elif (
+            isinstance(node, ast.Name)
+            and isinstance(node.ctx, ast.Store)
+            and node.id.startswith(INPUT_NAMESPACES)
+        ):
+            raise ValueError(f"it assigns {node.id} at line {node.lineno}, a name of the inputs' namespace")
+    if parameters != _input_arguments(spec):
+        raise ValueError(
+            f"its input parameters are {sorted(parameters)}, not {sorted(_input_arguments(spec))}"
+        )
+
+
 def render(spec: KernelSpec | BackwardSpec, template: str = "attention_fwd.py.jinja") -> str:
     """The Triton source of a spec; raises InternalError (with the numbered source) if it does not
-    parse as Python."""
+    parse as Python, or defines other names than the template's kernels, constants and helpers."""
     source = _environment().get_template(template).render(spec=spec)
     try:
-        ast.parse(source)
+        _check_structure(ast.parse(source), spec, template)
     except SyntaxError as err:
-        numbered = "\n".join(f"{i:4} {line}" for i, line in enumerate(source.splitlines(), start=1))
         raise InternalError(
-            f"rendered {template} does not parse: {err.msg} at line {err.lineno}\n{numbered}"
+            f"rendered {template} does not parse: {err.msg} at line {err.lineno}\n{_numbered(source)}"
+        ) from None
+    except ValueError as err:
+        raise InternalError(
+            f"rendered {template} is not the expected module: {err}\n{_numbered(source)}"
         ) from None
     return source
+
+
+def _numbered(source: str) -> str:
+    return "\n".join(f"{i:4} {line}" for i, line in enumerate(source.splitlines(), start=1))

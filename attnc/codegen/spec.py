@@ -1,32 +1,71 @@
 """`KernelSpec`: everything the attention templates need to know about one compiled pattern.
 
 A spec is frozen and typed; each decision about the kernel is made once, here, and the templates only
-place what it holds. It depends on the pattern alone (never on lengths, head dims or dtypes, which are
-kernel arguments and `tl.constexpr`s), so one rendered source serves every launch of the pattern.
+place what it holds. It depends on the pattern's structure alone (never on lengths, head dims or dtypes,
+which are kernel arguments and `tl.constexpr`s, nor on the pattern's name), so one rendered source serves
+every launch of the pattern and every pattern of the same structure.
+
+User text reaches a rendered kernel only as input names inside identifiers, and only through
+`InputArg`: its names are the input's name, checked to be a plain ASCII identifier, inside a namespace
+no template name uses (`in_`, `grad_in_`, `GRAD_in_`), with a suffix free of underscores, so that no
+two inputs' arguments can be the same name (`lower.render` checks the rendered source for it).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
-from attnc.codegen.emit import Assign
+from attnc.codegen.emit import Assign, input_arg
+from attnc.errors import InternalError
+
+# What an input's name may be: the grammar's NAME. Anything else reaching the code generator is a bug.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z", re.ASCII)
+
+# The prefixes of every kernel argument named after an input (no name the templates define starts so).
+INPUT_NAMESPACES = ("in_", "grad_in_", "GRAD_in_")
 
 
 @dataclass(frozen=True)
 class InputArg:
-    """An `input` tensor as kernel arguments: `{arg}_ptr`, `{arg}_dim{i}` and `{arg}_stride{i}` for
-    each of its `rank` axes. Bool inputs are passed as uint8."""
+    """An `input` tensor as kernel arguments: `in_<name>_ptr`, `in_<name>_dim<i>` and
+    `in_<name>_stride<i>` for each of its `rank` axes (`arg` is `in_<name>`); in the backward, its
+    gradient buffer `grad_in_<name>_ptr`, `grad_in_<name>_stride<i>` and the flag `GRAD_in_<name>`.
+    Every suffix is free of underscores, so the name is what lies between the namespace and the last
+    underscore: two inputs never share an argument. Bool inputs are passed as uint8."""
 
     name: str
     arg: str
     dtype: str
     rank: int
 
+    def __post_init__(self) -> None:
+        if not _IDENTIFIER.match(self.name) or self.arg != input_arg(self.name):
+            raise InternalError(f"input {self.name!r} cannot name kernel arguments (as {self.arg!r})")
+
+    @property
+    def ptr(self) -> str:
+        return f"{self.arg}_ptr"
+
     @property
     def scalars(self) -> tuple[str, ...]:
         """Its int arguments: the dims, then the strides."""
         dims = tuple(f"{self.arg}_dim{i}" for i in range(self.rank))
         return dims + tuple(f"{self.arg}_stride{i}" for i in range(self.rank))
+
+    @property
+    def grad_ptr(self) -> str:
+        """The float64 buffer its gradient is added to (backward)."""
+        return f"grad_{self.arg}_ptr"
+
+    @property
+    def grad_strides(self) -> tuple[str, ...]:
+        return tuple(f"grad_{self.arg}_stride{i}" for i in range(self.rank))
+
+    @property
+    def grad_flag(self) -> str:
+        """The `tl.constexpr` that says whether to compute its gradient (`runtime/launch.py`)."""
+        return f"GRAD_{self.arg}"
 
 
 @dataclass(frozen=True)
@@ -74,7 +113,6 @@ class Body:
 class KernelSpec:
     """One pattern's forward kernel.
 
-    pattern:    the pattern's name with its parameters (for the header comment).
     inputs:     the `input` tensors, in declaration order.
     prologue:   statements run once per query tile: hoisted values (`fuse`) and the range bounds.
     kv_ranges:  analytic plans: one `KeyRange` per conjunct; None for metadata plans.
@@ -84,7 +122,6 @@ class KernelSpec:
     helpers:    the helper functions the statements call (`floordiv`, `floormod`, `tanh`).
     """
 
-    pattern: str
     inputs: tuple[InputArg, ...]
     prologue: tuple[Assign, ...]
     kv_ranges: tuple[KeyRange, ...] | None
@@ -105,7 +142,7 @@ class BackwardSpec:
     forward does) and the dK/dV kernel (a key tile, looping over the query tiles of each query head
     that shares it).
 
-    pattern, inputs, metadata_b, metadata_h, helpers: as in `KernelSpec`.
+    inputs, metadata_b, metadata_h, helpers: as in `KernelSpec`.
     grad_inputs: the inputs that can have a gradient (a float input the score reads, with a derivative
                  that is not zero), in declaration order.
     dq_rows:     values computed once per query tile for the dQ kernel (hoisted by `fuse`).
@@ -118,7 +155,6 @@ class BackwardSpec:
     dkv_masked, dkv_full: the dK/dV kernel's bodies.
     """
 
-    pattern: str
     inputs: tuple[InputArg, ...]
     grad_inputs: tuple[InputArg, ...]
     metadata_b: bool

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from attnc.errors import Loc, SourceFile
@@ -160,3 +161,37 @@ Decl = ImportDecl | FnDecl | PatternDecl
 class Module:
     file: SourceFile
     decls: tuple[Decl, ...]
+
+
+def children(node: Expr) -> list[Expr]:
+    """The sub-expressions of an expression, in source order (a keyword argument's value included)."""
+    found: list[Expr] = []
+    for name in node.__dataclass_fields__:
+        value = getattr(node, name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, KeywordArg):
+                found.append(item.value)
+            elif isinstance(item, Expr):
+                found.append(item)
+    return found
+
+
+def decl_exprs(decl: Decl) -> list[Expr]:
+    """The top-level expressions of a declaration, in source order."""
+    if isinstance(decl, FnDecl):
+        return [*(p.default for p in decl.params if p.default is not None), decl.body]
+    if isinstance(decl, PatternDecl):
+        exprs = [p.default for p in decl.params if p.default is not None]
+        for stmt in decl.stmts:
+            exprs.extend(stmt.dims if isinstance(stmt, InputStmt) else [stmt.value])
+        return exprs
+    return []
+
+
+def walk(roots: list[Expr]) -> Iterator[Expr]:
+    """Every expression under `roots`, parents before children, in source order, without recursion."""
+    stack = list(reversed(roots))
+    while stack:
+        node = stack.pop()
+        yield node
+        stack.extend(reversed(children(node)))

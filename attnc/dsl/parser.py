@@ -122,7 +122,8 @@ def _syntax_error(file: SourceFile, err: UnexpectedInput) -> AttnSyntaxError:
         return AttnSyntaxError(reason, loc)
     if isinstance(err, UnexpectedCharacters):
         char = file.text[err.pos_in_stream] if err.pos_in_stream < len(file.text) else ""
-        return AttnSyntaxError(f"unexpected character '{char}'", Loc(file, err.line, err.column))
+        shown = char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+        return AttnSyntaxError(f"unexpected character '{shown}'", Loc(file, err.line, err.column))
     if isinstance(err, UnexpectedEOF):
         lines = file.text.splitlines() or [""]
         loc = Loc(file, len(lines), len(lines[-1]) + 1)
@@ -289,38 +290,22 @@ def parse(text: str, filename: str = "<string>") -> ast.Module:
     return module
 
 
-def _children(node: object) -> list[ast.Expr]:
-    children: list[ast.Expr] = []
-    for name in getattr(node, "__dataclass_fields__", {}):
-        value = getattr(node, name)
-        items = value if isinstance(value, tuple) else (value,)
-        for item in items:
-            if isinstance(item, ast.KeywordArg):
-                children.append(item.value)
-            elif isinstance(item, ast.Expr):
-                children.append(item)
-    return children
-
-
 def _check_nesting(module: ast.Module) -> None:
-    """Expressions nested deeper than MAX_NESTING are an error, not a crash of the recursive passes."""
+    """Expressions nested deeper than MAX_NESTING are an error, not a crash of the recursive passes.
+
+    Nesting is what the front end recurses on: parentheses, unary operators, calls, indices, and the
+    operands of comparisons and `and`/`or`. A chain of binary operators (`a + b - c + ...`, left-folded
+    into a spine of `BinOp`s) is one level however long: it is lowered by a loop."""
     for decl in module.decls:
-        roots: list[object] = [decl]
-        stack = [(child, 1) for root in roots for child in _roots(root)]
+        if isinstance(decl, ast.ImportDecl):
+            continue
+        stack = [(expr, 1) for expr in ast.decl_exprs(decl)]
         while stack:
             node, depth = stack.pop()
             if depth > MAX_NESTING:
                 raise AttnSyntaxError(f"expression nested more than {MAX_NESTING} levels deep", node.loc)
-            stack.extend((child, depth + 1) for child in _children(node))
-
-
-def _roots(decl: object) -> list[ast.Expr]:
-    """The top-level expressions of a declaration."""
-    if isinstance(decl, ast.FnDecl):
-        return [decl.body, *(p.default for p in decl.params if p.default is not None)]
-    if isinstance(decl, ast.PatternDecl):
-        exprs = [p.default for p in decl.params if p.default is not None]
-        for stmt in decl.stmts:
-            exprs.extend(stmt.dims if isinstance(stmt, ast.InputStmt) else [stmt.value])
-        return exprs
-    return []
+            if isinstance(node, ast.BinOp):
+                stack.append((node.left, depth if isinstance(node.left, ast.BinOp) else depth + 1))
+                stack.append((node.right, depth + 1))
+            else:
+                stack.extend((child, depth + 1) for child in ast.children(node))

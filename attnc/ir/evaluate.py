@@ -2,7 +2,8 @@
 
 This is the judge every kernel is tested against, so it is written for clarity, not speed, and shares
 nothing with the kernel path but the IR it reads: each op's meaning is spelled out here once more,
-following `ir.fold` (floor `//` and `%`, division by zero giving 0, out-of-range loads giving 0/false).
+following `ir.fold` (floor `//` and `%`, division by zero giving 0, out-of-range loads giving 0/false),
+and `floor` / `ceil` saturating at the ends of int64 (`passes/value_ranges.py`, as the kernels do).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from attnc.ir.nodes import InputDecl, Node, Op, PatternIR, Type
 from attnc.ir.summaries import RangeTable
+from attnc.passes import value_ranges
 
 _DTYPES = {Type.INT: torch.int64, Type.FLOAT: torch.float64, Type.BOOL: torch.bool}
 
@@ -121,6 +123,15 @@ def _mod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(zero, a, torch.remainder(a, safe))
 
 
+def _to_int(x: torch.Tensor) -> torch.Tensor:
+    """An integral float as int64, saturating (`value_ranges.FLOAT_TO_INT`): at or beyond
+    +-(2**63 - 1) it is +-(2**63 - 1), NaN gives 0. A bare cast is undefined outside int64."""
+    inside = (x > -(2.0**63)) & (x < 2.0**63)  # the floats inside are at most 2**63 - 1024 in magnitude
+    exact = torch.where(inside, x, torch.zeros_like(x)).to(torch.int64)
+    edge = torch.where(x > 0, (1 << 63) - 1, torch.where(x < 0, 1 - (1 << 63), 0))
+    return torch.where(inside, exact, edge)
+
+
 _ELEMENTWISE = {
     Op.ADD: torch.add,
     Op.SUB: torch.sub,
@@ -178,9 +189,9 @@ def evaluate(root: Node, pattern: PatternIR, env: Env) -> torch.Tensor:
         elif op is Op.TOFLOAT:
             result = args[0].to(torch.float64)
         elif op is Op.FLOOR:
-            result = torch.floor(args[0]).to(torch.int64)
+            result = _to_int(torch.floor(args[0]))
         elif op is Op.CEIL:
-            result = torch.ceil(args[0]).to(torch.int64)
+            result = _to_int(torch.ceil(args[0]))
         elif op is Op.AND:
             result = args[0]
             for arg in args[1:]:
@@ -197,8 +208,16 @@ def evaluate(root: Node, pattern: PatternIR, env: Env) -> torch.Tensor:
     return values[root]
 
 
+def check_sizes(pattern: PatternIR, env: Env) -> None:
+    """An `InputError` for sizes beyond those whose int values `bind-params` proved inside int64."""
+    value_ranges.check_sizes(
+        pattern.loc, batch=env.batch, num_heads=env.num_heads, q_len=env.q_len, kv_len=env.kv_len
+    )
+
+
 def mask(pattern: PatternIR, env: Env) -> torch.Tensor:
     """The dense bool mask of a bound pattern, broadcastable to [B, H, Lq, Lkv]."""
+    check_sizes(pattern, env)
     grid = (1, 1, env.q_len, env.kv_len)
     if pattern.mask is None:
         return torch.ones(grid, dtype=torch.bool, device=env.device)
@@ -222,6 +241,7 @@ def attention(
     lower `precision` (scores, score function, softmax and output in that type; the mask is exact
     always) is the same-dtype dense computation the kernels' error is measured against.
     """
+    check_sizes(pattern, env)
     group = q.shape[1] // k.shape[1]
     k_ = k.to(precision).repeat_interleave(group, dim=1)
     v_ = v.to(precision).repeat_interleave(group, dim=1)

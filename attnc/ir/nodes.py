@@ -1,22 +1,26 @@
 """IR nodes and their typing rules.
 
-An expression is a tree of frozen `Node`s (op, type, args, attr). Nodes compare and hash structurally
-(the source location is carried but ignored), so equal sub-expressions are one value: common
-sub-expression elimination is a property of the representation, and the printer shows each once.
-Every op is documented once, in `OPS`, together with the rule that types it; the verifier and the
-builders share that rule.
+An expression is a DAG of frozen `Node`s (op, type, args, attr). Nodes are hash-consed: building a node
+structurally equal to a live one returns that one (see `Node`), so equal sub-expressions are one value,
+compared and hashed in O(1): common sub-expression elimination is a property of the representation,
+the printer shows each once, and every pass that memoises per node is linear in the DAG, however large
+the tree it stands for. Every op is documented once, in `OPS`, together with the rule that types it;
+the verifier and the builders share that rule.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Any
 
-from attnc.errors import Loc
+from attnc.errors import Loc, ProgramTooLargeError
 
 
 class Type(str, Enum):
@@ -106,32 +110,168 @@ INPUT_DTYPES = {
 }
 
 
-@dataclass(frozen=True)
-class Node:
-    """One IR value. `attr` holds a constant, a variable/size/let/param name, or a callee/input symbol."""
+NODE_BUDGET = 100_000
+"""How many nodes one pass may build (`node_budget`): fifty times what the largest stdlib or example
+pattern builds in its whole compilation (about 2,000), and reached within seconds."""
+
+
+class _Budget:
+    """Nodes left to build in the innermost `node_budget`, and where to point when they run out."""
+
+    def __init__(self, limit: int, loc: Loc | None, what: str) -> None:
+        self.left = limit
+        self.limit = limit
+        self.loc = loc
+        self.what = what
+
+
+class _Budgets(threading.local):
+    """The active budgets of this thread, innermost last (threads compiling at once each have theirs)."""
+
+    def __init__(self) -> None:
+        self.active: list[_Budget] = []
+
+
+_budgets = _Budgets()
+
+
+@contextmanager
+def node_budget(loc: Loc | None, what: str, limit: int | None = None) -> Iterator[None]:
+    """Raise `ProgramTooLargeError` at `loc` if more than `limit` (`NODE_BUDGET`) nodes are built inside
+    the block.
+
+    Every pass is linear in the DAG, so a pattern only exhausts this if some analysis must genuinely
+    expand it (a normal form of an expression whose size is exponential in the source): the budget turns
+    that into a located error instead of a compile that never ends."""
+    budget = _Budget(NODE_BUDGET if limit is None else limit, loc, what)
+    _budgets.active.append(budget)
+    try:
+        yield
+    finally:
+        _budgets.active.remove(budget)
+
+
+def _spend() -> None:
+    budget = _budgets.active[-1]
+    budget.left -= 1
+    if budget.left < 0:
+        budget.left = budget.limit  # let the error's own formatting build nodes, should it need to
+        raise ProgramTooLargeError(
+            f"{budget.what} is too large to compile: it would build more than {budget.limit:,} IR nodes "
+            "(a normal form that grows exponentially with the expression); simplify the expression",
+            budget.loc,
+        )
+
+
+def _attr_key(op: Op, type_: Type, attr: object) -> tuple[object, object]:
+    """(attr as stored, what identity sees of it). Python's 1 == 1.0 == True would let constants of
+    different types meet in containers keyed by attr alone, so float constants stay floats; and floats
+    are told apart by their exact bits: `0.0 == -0.0` and `nan != nan` under `==` would merge the two
+    zeros and keep NaN constants apart."""
+    if op is Op.CONST and type_ is Type.FLOAT and not isinstance(attr, float):
+        attr = float(attr)  # type: ignore[arg-type]
+    return attr, attr.hex() if isinstance(attr, float) else attr
+
+
+_TABLE: weakref.WeakValueDictionary[tuple[object, ...], Node] = weakref.WeakValueDictionary()
+"""The interned nodes, by (op, type, attr key, ids of the operands): those still in use somewhere."""
+_LOCK = threading.Lock()
+
+
+class _Interned(type):
+    """Builds `Node`s through the hash-consing table (see `Node`)."""
+
+    def __call__(
+        cls,
+        op: Op,
+        type: Type,
+        args: tuple[Node, ...] = (),
+        attr: int | float | bool | str | None = None,
+        loc: Loc | None = None,
+    ) -> Any:
+        args = tuple(args)
+        attr, key_attr = _attr_key(op, type, attr)
+        canonical = [a.canonical for a in args]
+        key = (op, type, key_attr, *map(id, canonical))
+        with _LOCK:
+            twin = _TABLE.get(key)
+            if twin is None:
+                if _budgets.active:
+                    _spend()
+                twin = super().__call__(op, type, tuple(canonical), attr, None)
+                object.__setattr__(twin, "attr_key", key_attr)
+                object.__setattr__(twin, "_id", id(twin))
+                _TABLE[key] = twin
+        if loc is None and all(a is c for a, c in zip(args, canonical, strict=True)):
+            return twin
+        # A located node (or one over located operands): a twin of the interned node that keeps the
+        # source locations for diagnostics, equal to it and hashing like it. Not interned itself, so
+        # a location never leaks into another program that builds the same expression.
+        if _budgets.active:
+            _spend()
+        node = super().__call__(op, type, args, attr, loc)
+        object.__setattr__(node, "attr_key", key_attr)
+        object.__setattr__(node, "_id", id(twin))
+        object.__setattr__(node, "_twin", twin)
+        return node
+
+
+@dataclass(frozen=True, eq=False)
+class Node(metaclass=_Interned):
+    """One IR value. `attr` holds a constant, a variable/size/let/param name, or a callee/input symbol.
+
+    Nodes are hash-consed: `Node(...)` (and `make`, `replace`, `with_args`) returns the one live node
+    with that op, type, attr and operands, interned by the identities of its operands, so structurally
+    equal expressions are the same object and equality and hashing are O(1). The table holds nodes
+    weakly: a process compiling many patterns keeps only the nodes still in use.
+
+    The source location is not part of a node's identity. A node built with a `loc` (the front end's)
+    is a located twin of the interned one: it carries its own location, compares equal to and hashes
+    like its interned twin (`canonical`), and is not shared, so diagnostics point at the user's own
+    source even where another live program built the same expression elsewhere.
+    """
 
     op: Op
     type: Type
     args: tuple[Node, ...] = ()
-    attr: int | float | bool | str | None = field(default=None, compare=False)
-    loc: Loc | None = field(default=None, compare=False, repr=False)
-    # What equality and hashing see of `attr`. Floats compare by their exact bits: `0.0 == -0.0` and
-    # `nan != nan` under `==` would let hash-consing merge the two zeros and keep NaN constants apart.
-    attr_key: object = field(init=False, repr=False)
+    attr: int | float | bool | str | None = None
+    loc: Loc | None = field(default=None, repr=False)
+    # What identity sees of `attr` (see `_attr_key`).
+    attr_key: object = field(init=False, repr=False, default=None)
 
-    def __post_init__(self) -> None:
-        # Python's 1 == 1.0 == True would let constants of different types compare equal inside
-        # containers keyed by attr alone; the type field keeps them apart, and floats stay floats.
-        if self.op is Op.CONST and self.type is Type.FLOAT and not isinstance(self.attr, float):
-            object.__setattr__(self, "attr", float(self.attr))
-        key = self.attr.hex() if isinstance(self.attr, float) else self.attr
-        object.__setattr__(self, "attr_key", key)
+    def __hash__(self) -> int:
+        return self._id  # type: ignore[attr-defined, no-any-return]
+
+    def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
+        if not isinstance(other, Node):
+            return NotImplemented
+        return self._id == other._id  # type: ignore[attr-defined, no-any-return]
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Unpickling rebuilds through the table, so a loaded node is the live node it equals.
+        return (Node, (self.op, self.type, self.args, self.attr, self.loc))
+
+    def __copy__(self) -> Node:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Node:
+        return self  # immutable
+
+    @property
+    def canonical(self) -> Node:
+        """The interned node equal to this one (itself unless it carries source locations)."""
+        return self.__dict__.get("_twin", self)  # type: ignore[no-any-return]
 
     def with_args(self, args: tuple[Node, ...]) -> Node:
-        return self if args == self.args else replace(self, args=args)
+        if len(args) == len(self.args) and all(a is b for a, b in zip(args, self.args, strict=True)):
+            return self
+        return replace(self, args=args)
 
-    def walk(self) -> Iterator[Node]:
-        """Every node of the expression, each distinct one once, children before parents."""
+    def walk(self, skip: Callable[[Node], bool] | None = None) -> Iterator[Node]:
+        """Every node of the expression, each distinct one once, children before parents; a node for
+        which `skip` holds is left out with everything under it (an evaluator's already-known values)."""
         seen: set[Node] = set()
         stack: list[tuple[Node, bool]] = [(self, False)]
         while stack:
@@ -142,8 +282,29 @@ class Node:
                 seen.add(node)
                 yield node
                 continue
+            if skip is not None and skip(node):
+                seen.add(node)
+                continue
             stack.append((node, True))
             stack.extend((a, False) for a in reversed(node.args) if a not in seen)
+
+    @property
+    def free(self) -> frozenset[str]:
+        """The index variables the value reads (`q`, `kv`, ...), and `s` if it reads the score; computed
+        once per interned node and kept on it, so asking it of every node of a DAG is linear."""
+        twin = self.canonical
+        found = twin.__dict__.get("_free")
+        if found is None:
+            for n in twin.walk(skip=lambda m: "_free" in m.__dict__):
+                if n.op is Op.VAR:
+                    names = frozenset((str(n.attr),))
+                elif n.op is Op.SCORE:
+                    names = frozenset("s")
+                else:
+                    names = frozenset().union(*(a.__dict__["_free"] for a in n.args))
+                object.__setattr__(n, "_free", names)
+            found = twin.__dict__["_free"]
+        return found  # type: ignore[no-any-return]
 
     @property
     def is_const(self) -> bool:

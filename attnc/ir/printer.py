@@ -39,8 +39,8 @@ class _Numbering:
 
     def define(self, root: Node) -> str:
         """Emit lines for every not-yet-named interior node under root; return root's operand text."""
-        for node in root.walk():
-            if node.op in _LEAVES or node in self.names:
+        for node in root.walk(skip=self.names.__contains__):  # named: printed with its operands
+            if node.op in _LEAVES:
                 continue
             name = f"%{len(self.names)}"
             args = ", ".join(self.operand(a) for a in node.args)

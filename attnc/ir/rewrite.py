@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from attnc.ir.nodes import Node, Op
 
 Rewriter = Callable[[Node], Node | None]
 
 
-def rewrite(root: Node, rule: Rewriter, memo: dict[Node, Node] | None = None) -> Node:
-    """Apply rule bottom-up: children first, then the node rebuilt on them; None keeps the node."""
+def rewrite(
+    root: Node, rule: Rewriter, memo: dict[Node, Node] | None = None, leave: Collection[Node] = ()
+) -> Node:
+    """Apply rule bottom-up: children first, then the node rebuilt on them; None keeps the node.
+
+    Each distinct node is rewritten once (`memo`, which a caller may share between calls: what is in
+    it is not walked again), so the cost is linear in the DAG. Nodes in `leave` are rebuilt on their
+    rewritten operands but not given to the rule."""
     memo = {} if memo is None else memo
-    for node in root.walk():
-        if node in memo:
-            continue
+    for node in root.walk(skip=memo.__contains__):
         rebuilt = node.with_args(tuple(memo[a] for a in node.args))
-        replaced = rule(rebuilt)
+        replaced = None if node in leave else rule(rebuilt)
         memo[node] = rebuilt if replaced is None else replaced
     return memo[root]
 

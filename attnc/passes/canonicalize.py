@@ -18,16 +18,17 @@ the kernel computes what the user wrote. Every rule is checked against the dense
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import lru_cache
 from typing import ClassVar
 
-from attnc.errors import AttnTypeError, InternalError
+from attnc.errors import InternalError
 from attnc.ir import fold
-from attnc.ir.nodes import INDEX_VARS, SIZES, TILE_VARS, ModuleIR, Node, Op, Type, const, make
+from attnc.ir.nodes import INDEX_VARS, SIZES, TILE_VARS, ModuleIR, Node, Op, PatternIR, Type, const, make
 from attnc.ir.rewrite import rewrite
+from attnc.passes.value_ranges import ValueRanges
 
 _MAX_ROUNDS = 64
 _DISTRIBUTE_LIMIT = 400  # nodes in a comparison beyond which min/max are not distributed
@@ -41,28 +42,76 @@ class Canonicalize:
         entry = module.entry
         result = replace(
             entry,
-            inputs=tuple(replace(d, dims=tuple(canonicalize(x) for x in d.dims)) for d in entry.inputs),
-            mask=None if entry.mask is None else canonicalize(entry.mask),
-            score=None if entry.score is None else canonicalize(entry.score),
+            inputs=tuple(
+                replace(d, dims=tuple(canonicalize(x, entry) for x in d.dims)) for d in entry.inputs
+            ),
+            mask=None if entry.mask is None else canonicalize(entry.mask, entry),
+            score=None if entry.score is None else canonicalize(entry.score, entry),
         )
         return module.with_entry(result)
 
 
-def canonicalize(root: Node) -> Node:
-    """Rewrite an expression to the fixed point of the rules."""
+def canonicalize(root: Node, pattern: PatternIR | None = None) -> Node:
+    """Rewrite an expression to the fixed point of the rules. A rule's result is kept only where its int
+    values stay inside int64 whenever the node's did (`value_ranges`; `pattern` gives the inputs'
+    dtypes, a load of an unknown one may be any int64): `q - kv <= c` is not made of `q <= kv + c`
+    where `kv + c` could overflow, and `q - kv < -2**63` keeps its `<`."""
     memo: dict[Node, Node] = {}
-    for _ in range(_MAX_ROUNDS):
-        new = rewrite(root, _apply_rules, memo)
-        if new == root:
-            return new
-        root = new
+    ranges = ValueRanges(pattern)
+    global _shared
+    outer = _shared
+    _shared = _Shared() if outer is None else outer
+    try:
+        for _ in range(_MAX_ROUNDS):
+            inner = _inner_linear(root)
+            new = rewrite(root, lambda node: _apply_rules(node, ranges), memo, leave=inner)
+            for node in inner:  # left alone this round only: its users may change
+                memo.pop(node, None)
+            if new == root:
+                return new
+            root = new
+    finally:
+        _shared = outer
     raise InternalError(f"canonicalize did not reach a fixed point in {_MAX_ROUNDS} rounds")
 
 
-def _apply_rules(node: Node) -> Node | None:
+class _Shared:
+    """What the rules of one `canonicalize` call compute about an operand, once per distinct node: a
+    rule looks at operands that other nodes share (`linear` forms, negations), and without these
+    tables a DAG whose tree is exponential (`let a1 = a0 + a0`, ...) would cost as much as its tree."""
+
+    def __init__(self) -> None:
+        self.linear: dict[Node, tuple[Terms, int]] = {}
+        self.negate: dict[Node, Node] = {}
+
+
+def _is_linear_step(node: Node) -> bool:
+    return (
+        node.type is Type.INT
+        and node.op in (Op.ADD, Op.SUB, Op.NEG, Op.MUL)
+        and (node.op is not Op.MUL or any(a.is_const for a in node.args))
+    )
+
+
+def _inner_linear(root: Node) -> set[Node]:
+    """The int `+ - *c` nodes whose every user is one too: the linear form of the outermost one covers
+    them, so normalising each of them as well would cost the square of a long sum's length."""
+    only_linear_users: dict[Node, bool] = {root: False}
+    for node in root.walk():
+        step = _is_linear_step(node)
+        for a in node.args:
+            only_linear_users[a] = only_linear_users.get(a, True) and step
+    return {n for n, inner in only_linear_users.items() if inner and _is_linear_step(n)}
+
+
+_shared: _Shared | None = None
+"""The tables of the `canonicalize` call under way (None outside one: the helpers then compute afresh)."""
+
+
+def _apply_rules(node: Node, ranges: ValueRanges) -> Node | None:
     for rule in _RULES.get(node.op, ()):
         result = rule(node)
-        if result is not None and result != node:
+        if result is not None and result != node and (ranges.fits(result) or not ranges.fits(node)):
             return result
     return None
 
@@ -84,7 +133,9 @@ def fold_constant(node: Node) -> Node | None:
     elif node.type is Type.INT:
         value = int(value)
         if not -(2**63) <= value < 2**63:
-            raise AttnTypeError(f"integer overflow: the constant {value} does not fit in 64 bits", node.loc)
+            # Left unfolded: `bind-params` reports the user's own overflow, located (value_ranges.py),
+            # and a derived expression that would need it is not made (or is not used).
+            return None
     return const(value, node.loc)
 
 
@@ -93,47 +144,102 @@ def fold_constant(node: Node) -> Node | None:
 Terms = dict[Node, int]
 
 
-@lru_cache(maxsize=65536)
-def _text(node: Node) -> str:
-    """A deterministic structural spelling, to order atoms."""
-    inner = ",".join(_text(a) for a in node.args)
-    return f"{node.op.value}[{node.attr}]({inner})"
+_TEXT_PREFIX = 256  # characters of the structural spelling that order atoms; a digest breaks ties
+
+
+def _text(node: Node) -> tuple[str, str]:
+    """A deterministic structural spelling, to order atoms: its first `_TEXT_PREFIX` characters (the
+    whole spelling, for any atom that fits), then a digest of the structure. Computed once per node and
+    kept on it: the full spelling of a DAG can be exponentially longer than the DAG."""
+    twin = node.canonical
+    cached = twin.__dict__.get("_order_text")
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    # Children first, so each spelling is built from its operands' in O(1); spelt ones are not walked.
+    for n in twin.walk(skip=lambda m: "_order_text" in m.__dict__):
+        parts = [_text(a) for a in n.args]  # already computed: the walk visits operands first
+        inner = ",".join(p[0] for p in parts)
+        prefix = f"{n.op.value}[{n.attr}]({inner})"[:_TEXT_PREFIX]
+        digest = hashlib.blake2b(
+            "\0".join([n.op.value, n.type.value, repr(n.attr_key), *(p[1] for p in parts)]).encode(),
+            digest_size=16,
+        ).hexdigest()
+        object.__setattr__(n, "_order_text", (prefix, digest))
+    return twin.__dict__["_order_text"]  # type: ignore[no-any-return]
 
 
 _VAR_ORDER = (*INDEX_VARS[2:], *INDEX_VARS[:2], *TILE_VARS)  # q, kv, b, h, then the tile box
 
 
-def atom_key(node: Node) -> tuple[int, int, str]:
+def atom_key(node: Node) -> tuple[int, int, str, str]:
     """The canonical order of atoms in a linear combination: q, kv, b, h, sizes, params, the rest."""
     if node.op is Op.VAR:
-        return (0, _VAR_ORDER.index(str(node.attr)), "")
+        return (0, _VAR_ORDER.index(str(node.attr)), "", "")
     if node.op is Op.SIZE:
-        return (1, SIZES.index(str(node.attr)), "")
+        return (1, SIZES.index(str(node.attr)), "", "")
     if node.op is Op.REF:
-        return (2, 0, str(node.attr))
-    return (3, 0, _text(node))
+        return (2, 0, str(node.attr), "")
+    return (3, 0, *_text(node))
 
 
 def linear(node: Node) -> tuple[Terms, int]:
-    """An int expression as sum(coefficient * atom) + constant; non-linear parts are atoms."""
-    if node.op is Op.CONST:
-        return {}, int(node.attr)  # type: ignore[arg-type]
-    if node.op in (Op.ADD, Op.SUB):
-        (ta, ca), (tb, cb) = linear(node.args[0]), linear(node.args[1])
-        sign = 1 if node.op is Op.ADD else -1
-        return _combine(ta, tb, sign), ca + sign * cb
+    """An int expression as sum(coefficient * atom) + constant; non-linear parts are atoms. The terms
+    may be shared (memoised within a `canonicalize` call): callers must not modify them."""
+    if _shared is None:
+        return _linear(node)
+    found = _shared.linear.get(node)
+    if found is None:
+        found = _shared.linear[node] = _linear(node)
+    return found
+
+
+def _linear_operands(node: Node) -> tuple[tuple[Node, int], ...]:
+    """The operands of a `+ - *c` node with the factor each contributes by; () for an atom."""
+    if node.op is Op.ADD:
+        return (node.args[0], 1), (node.args[1], 1)
+    if node.op is Op.SUB:
+        return (node.args[0], 1), (node.args[1], -1)
     if node.op is Op.NEG:
-        terms, c = linear(node.args[0])
-        return {a: -k for a, k in terms.items()}, -c
+        return ((node.args[0], -1),)
     if node.op is Op.MUL:
         a, b = node.args
         if b.is_const:
             a, b = b, a
         if a.is_const:
-            terms, c = linear(b)
-            k = int(a.attr)  # type: ignore[arg-type]
-            return ({t: v * k for t, v in terms.items() if v * k}, c * k)
-    return {node: 1}, 0
+            return ((b, int(a.attr)),)  # type: ignore[arg-type]
+    return ()
+
+
+def _linear(root: Node) -> tuple[Terms, int]:
+    # Each node's total coefficient is the sum over its users of theirs times the factor it enters
+    # them by: pushed from the root down in one pass over the DAG (users before operands), so shared
+    # operands (`a + a`) cost once however many paths reach them.
+    order: list[Node] = []  # operands before users
+    seen: set[Node] = set()
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+        elif node not in seen:
+            seen.add(node)
+            stack.append((node, True))
+            stack.extend((a, False) for a, _ in _linear_operands(node) if a not in seen)
+    coefficient: dict[Node, int] = {root: 1}
+    terms: Terms = {}
+    constant = 0
+    for node in reversed(order):
+        k = coefficient.pop(node, 0)
+        if not k:
+            continue
+        operands = _linear_operands(node)
+        if node.op is Op.CONST:
+            constant += k * int(node.attr)  # type: ignore[arg-type]
+        elif not operands:
+            terms[node] = terms.get(node, 0) + k
+        for a, factor in operands:
+            coefficient[a] = coefficient.get(a, 0) + k * factor
+    return {atom: k for atom, k in terms.items() if k}, constant
 
 
 def _combine(a: Terms, b: Terms, sign: int) -> Terms:
@@ -313,7 +419,21 @@ def _bool_equality(node: Node) -> Node | None:
 
 
 def _negate(node: Node) -> Node:
-    """not node, pushed one level down where that is exact."""
+    """not node, pushed one level down where that is exact (through and/or to their operands)."""
+    if _shared is None:
+        return _negate_one(node, _negate)
+    table = _shared.negate
+
+    def memoised(n: Node) -> Node:
+        found = table.get(n)
+        if found is None:
+            found = table[n] = _negate_one(n, memoised)
+        return found
+
+    return memoised(node)
+
+
+def _negate_one(node: Node, _negate: Callable[[Node], Node]) -> Node:
     if node.is_const:
         return const(not node.attr)
     if node.op is Op.NOT:

@@ -35,7 +35,7 @@ def classify(pattern: PatternIR) -> tuple[Node, Node]:
     if pattern.mask is None:
         return const(True), const(True)
     truth = IntervalAnalysis(pattern, TILE_BOX).truth(pattern.mask)
-    return canonicalize(truth.may), canonicalize(truth.must)
+    return canonicalize(truth.may, pattern), canonicalize(truth.must, pattern)
 
 
 def with_derived(pattern: PatternIR, values: dict[str, Node]) -> PatternIR:

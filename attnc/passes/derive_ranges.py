@@ -38,6 +38,7 @@ from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const, make, siz
 from attnc.passes.canonicalize import build_linear, canonicalize, linear
 from attnc.passes.classify_tiles import with_derived
 from attnc.passes.intervals import Interval, IntervalAnalysis
+from attnc.passes.value_ranges import ValueRanges
 
 MAX_CONJUNCTS = 16
 STRIDE_LIMIT = 16
@@ -51,24 +52,30 @@ class NotAnalytic(Exception):
     """The mask has no closed-form ranges; the reason is the message."""
 
 
-def dnf(mask: Node | None) -> list[list[Node]]:
-    """The mask as a disjunction of conjunctions of atoms (anything but and/or, and true/false)."""
+def dnf(mask: Node | None, memo: dict[Node, list[list[Node]]] | None = None) -> list[list[Node]]:
+    """The mask as a disjunction of conjunctions of atoms (anything but and/or, and true/false).
+    Each shared sub-expression is expanded once (`memo`); the size cap bounds the rest."""
     if mask is None:
         return [[]]
+    memo = {} if memo is None else memo
+    if mask in memo:
+        return memo[mask]
     if mask.is_const:
         return [[]] if mask.attr else []
     if mask.op is Op.OR:
-        result = [c for a in mask.args for c in dnf(a)]
+        result = [c for a in mask.args for c in dnf(a, memo)]
     elif mask.op is Op.AND:
         result = [[]]
         for a in mask.args:
-            result = [x + y for x in result for y in dnf(a)]
+            part = dnf(a, memo)
+            result = [x + y for x in result for y in part]
             if len(result) > MAX_CONJUNCTS:
                 break
     else:
         result = [[mask]]
     if len(result) > MAX_CONJUNCTS:
         raise NotAnalytic(f"the mask's normal form has more than {MAX_CONJUNCTS} conjuncts")
+    memo[mask] = result
     return result
 
 
@@ -246,6 +253,8 @@ class DeriveRanges:
             kv_ranges, q_ranges = derive(entry, "kv"), derive(entry, "q")
         except NotAnalytic:
             return module
+        if not ValueRanges(entry).fits(*(x for r in kv_ranges + q_ranges for x in r)):
+            return module  # a bound like `kv_last + c` could leave int64 (`value_ranges.py`): metadata
         values: dict[str, Node] = {"range_count": const(len(kv_ranges))}
         for target, ranges in (("kv", kv_ranges), ("q", q_ranges)):
             for j, (lo, hi, full_lo, full_hi) in enumerate(ranges):

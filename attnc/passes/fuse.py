@@ -20,7 +20,8 @@ Three rewrites, each keeping every value the same:
   `L op R + c` with the atoms over `kv` in R (`q - kv <= 1023` becomes `q <= kv + 1023`, and
   `doc[b, q] - doc[b, kv] == 0` becomes `doc[b, q] == doc[b, kv]`): each side is computed at the size
   of one axis of the grid, only the comparison at the size of the grid, and no difference of two input
-  values can overflow int32.
+  values can overflow int32. Not made where the moved form could leave int64 (`q - kv <= c` with c
+  near 2**63: `kv + c` would wrap), see `value_ranges.py`.
 - **Cheap division.** `a // d` and `a % d` where `a >= 0` and `d > 0` for every launch
   (`value_ranges.py`) become `udiv` / `umod`: truncating division, no sign fix-up.
 - **Hoisting.** Every largest sub-expression that depends on neither `kv` nor `s` (on `q`, `b`, `h`,
@@ -54,12 +55,12 @@ _LEAVES = (Op.CONST, Op.VAR, Op.SIZE, Op.SCORE, Op.REF)
 
 
 def _uses_kv(node: Node) -> bool:
-    return any(n.op is Op.VAR and n.attr == "kv" for n in node.walk())
+    return "kv" in node.free
 
 
 def _loop_invariant(node: Node) -> bool:
     """Whether the value is the same for every key tile of a query tile: it reads neither kv nor s."""
-    return not any((n.op is Op.VAR and n.attr == "kv") or n.op is Op.SCORE for n in node.walk())
+    return "kv" not in node.free and "s" not in node.free
 
 
 def kernel_form(root: Node, pattern: PatternIR) -> Node:
@@ -69,8 +70,8 @@ def kernel_form(root: Node, pattern: PatternIR) -> Node:
 
     def rule(node: Node) -> Node | None:
         split = split_comparison(node, _uses_kv)
-        if split is not None:
-            return split
+        if split is not None and (ranges.fits(split) or not ranges.fits(node)):
+            return split  # not where `kv + c` could leave int64 (`sliding_window(window=2**63 - 1)`)
         if node.op in cheap and ranges.nonnegative(node.args[0]) and ranges.positive(node.args[1]):
             return replace(node, op=cheap[node.op])
         return None
@@ -93,9 +94,7 @@ def hoist(roots: dict[str, Node], taken: set[str]) -> tuple[dict[str, Node], dic
     lets: dict[str, Node] = {}
     memo: dict[Node, Node] = {}
     for root in roots.values():
-        for n in root.walk():
-            if n in memo:
-                continue
+        for n in root.walk(skip=memo.__contains__):
             rebuilt = n.with_args(tuple(memo[a] for a in n.args))
             if invariant[n] and n.op not in _LEAVES and variant_user.get(n, False):
                 name = _fresh(len(lets), taken)

@@ -17,7 +17,8 @@ box are attained at its corners, so comparisons of affine expressions with const
 exactly. `min`, `max`, `abs`, `where`, floor `//` and `%` by constants are bounded soundly (exactly where
 they are monotone over the box). `input` loads are bounded by `range_min` / `range_max` summaries of
 the input over the box of their indices (`ir/summaries.py`). Anything else (floats that may be NaN or
-infinite, division by a variable) is unbounded, which only makes answers UNKNOWN.
+infinite, division by a variable) is unbounded, which only makes answers UNKNOWN. So is a comparison
+whose bounds could leave int64 when computed (`value_ranges.py`): the predicates are evaluated in int64.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from attnc.ir.nodes import Node, Op, PatternIR, Type, const, make
+from attnc.passes.value_ranges import ValueRanges
 
 # Far beyond any index, for the bounds of a range query whose index is unbounded; the summaries clamp.
 _FAR = 1 << 62
@@ -109,6 +111,7 @@ class IntervalAnalysis:
         self.box = dict(box)
         self._intervals: dict[Node, Interval] = {}
         self._truths: dict[Node, Truth] = {}
+        self._ranges = ValueRanges(pattern)
 
     # ---- numbers ---------------------------------------------------------------------------------
 
@@ -121,11 +124,13 @@ class IntervalAnalysis:
         return self._truths[node]
 
     def _visit(self, node: Node) -> None:
-        for n in node.walk():  # children first, so no recursion is needed
+        def known(n: Node) -> bool:  # then so are its operands: not walked again
+            return n in self._truths or n in self._intervals
+
+        for n in node.walk(skip=known):  # children first, so no recursion is needed
             if n.type is Type.BOOL:
-                if n not in self._truths:
-                    self._truths[n] = self._truth(n)
-            elif n not in self._intervals:
+                self._truths[n] = self._truth(n)
+            else:
                 self._intervals[n] = self._interval(n)
 
     def _interval(self, n: Node) -> Interval:
@@ -314,7 +319,7 @@ class IntervalAnalysis:
             return Truth(_not(a.must), _not(a.may))
         if op is Op.LOAD:
             bounds = self._load(n)
-            return Truth(bounds.hi, bounds.lo)  # type: ignore[arg-type]
+            return self._exact(Truth(bounds.hi, bounds.lo))  # type: ignore[arg-type]
         if op is Op.WHERE:
             c, a, b = (self._truths[x] for x in n.args)
             may = _or(_and(c.may, a.may), _and(_not(c.must), b.may))
@@ -326,8 +331,13 @@ class IntervalAnalysis:
             must = _or(_and(a.must, b.must), _and(_not(a.may), _not(b.may)))
             return Truth(may, must) if op is Op.EQ else Truth(_not(must), _not(may))
         if op in (Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE):
-            return self._compare(op, self._intervals[n.args[0]], self._intervals[n.args[1]])
+            return self._exact(self._compare(op, self._intervals[n.args[0]], self._intervals[n.args[1]]))
         return UNKNOWN
+
+    def _exact(self, truth: Truth) -> Truth:
+        """The truth, or UNKNOWN where computing it could leave int64 (a bound like `q_last + c` with c
+        near 2**63 would wrap): the tile predicates are evaluated in int64 (`value_ranges.py`)."""
+        return truth if self._ranges.fits(truth.may, truth.must) else UNKNOWN
 
     def _compare(self, op: Op, a: Interval, b: Interval) -> Truth:
         if op in (Op.GT, Op.GE):  # a > b is b < a

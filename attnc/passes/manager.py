@@ -1,5 +1,8 @@
 """The pass manager: runs a flat list of passes, verifying the IR after each and keeping every stage.
 
+Each pass runs under a node budget (`ir.nodes.node_budget`): passes are linear in the DAG, and one
+that would have to build an exponential normal form stops with a `ProgramTooLargeError` at the pattern.
+
 Each stage's text is kept (`stages["canonicalize"]`); `print_between` writes it as it goes
 (`attnc ir --print-between-passes`), and `$ATTNC_DUMP_DIR` receives one file per stage.
 """
@@ -12,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol, TextIO
 
-from attnc.ir.nodes import ModuleIR
+from attnc.ir.nodes import ModuleIR, node_budget
 from attnc.ir.printer import print_module
 from attnc.ir.verify import verify
 
@@ -61,7 +64,8 @@ class PassManager:
         stages = {INPUT_STAGE: print_module(module)}
         self.emit(0, INPUT_STAGE, module.entry.name, stages[INPUT_STAGE])
         for index, pass_ in enumerate(self.passes, start=1):
-            module = pass_.run(module)
+            with node_budget(module.entry.loc, f"pattern '{module.entry.name}' ({pass_.name})"):
+                module = pass_.run(module)
             verify(module, pass_.name)
             modules[pass_.name] = module
             stages[pass_.name] = print_module(module)

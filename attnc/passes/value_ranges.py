@@ -1,54 +1,127 @@
-"""Numeric value ranges of int expressions over every launch attnc accepts.
+"""Numeric value ranges of int expressions over every launch attnc accepts, and the int64 guarantee.
 
 The kernels compute index arithmetic in int32 where it cannot overflow and in int64 elsewhere, and use
 truncating division where it equals floor division (non-negative operands). Both decisions need bounds
 that hold for *every* launch, whatever the lengths: this analysis bounds each int expression by
 interval arithmetic on Python ints (exact, never overflowing), assuming what the launcher checks:
 
-- sizes (`BATCH`, `NUM_HEADS`, `Q_LEN`, `KV_LEN`) lie in `[0, SIZE_LIMIT]`;
+- sizes (`BATCH`, `NUM_HEADS`, `Q_LEN`, `KV_LEN`) lie in `[0, SIZE_LIMIT]` (every evaluator raises an
+  `InputError` for larger ones, `check_sizes`: the launcher, the oracle, the plans; an analytic `Plan`
+  may be made for any lengths, as it computes nothing until asked for its block map);
 - index variables and tile bounds in `[0, SIZE_LIMIT + POSITION_SLACK)` (a kernel's last tile reaches
-  past the length by less than a tile; those positions are computed, then discarded);
-- a loaded input lies in its dtype's range.
+  past the length by less than a tile, and tiles are at most `POSITION_SLACK` wide; those positions are
+  computed, then discarded);
+- a loaded input lies in its dtype's range; an int64 input in `INT64_INPUT`, half of int64 (the caller's
+  contract, documented with the `input` declaration);
+- `floor` / `ceil` of a float saturate (see `FLOAT_TO_INT`); the floats they read are bounded by a
+  float interval analysis, widened for float32 rounding.
 
-Unlike `intervals.py`, whose bounds are IR expressions over one tile box, these are plain numbers over
-all launches. Floats are not tracked.
+**Int64 by construction.** Every evaluator of the IR (the oracle, the launch plans, the kernels)
+computes ints in (at most) int64, where an overflow wraps silently. So: the program as written, with
+its parameter values, must keep every int value inside int64 for every launch (`bind-params` raises a
+located `AttnTypeError` otherwise, `check_fits`); and a rewrite (`canonicalize`, `fuse`, the
+plans' `separate_axes`, the tile analyses) is made only where the rewritten form keeps every int value
+inside int64 too (`ValueRanges.fits`). A program accepted is then computed exactly everywhere.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Iterable, Mapping
 
+from attnc.errors import AttnTypeError, InputError, Loc
+from attnc.ir import fold
 from attnc.ir.nodes import INDEX_VARS, TILE_VARS, Node, Op, PatternIR, Type
 
 SIZE_LIMIT = 1 << 30
 """The largest batch, head count or length a launch may have (the launcher enforces it)."""
 POSITION_SLACK = 1 << 10
+"""How far past a length a kernel's tile may reach: block sizes are at most this."""
 
 INT32 = (-(1 << 31), (1 << 31) - 1)
 INT64 = (-(1 << 63), (1 << 63) - 1)
-_INPUT_RANGES = {"int32": INT32, "int64": INT64, "bool": (0, 1)}
+INT64_INPUT = (-(1 << 62), (1 << 62) - 1)
+"""The values an `int64` input may hold: the caller's contract (not checked, which would cost a pass
+over the tensor and a device sync per call). Half of int64, so that the sum or difference of two such
+values is exact (`doc[q] - doc[kv]`, `limit[q] + group[h]`)."""
+_INPUT_RANGES = {"int32": INT32, "int64": INT64_INPUT, "bool": (0, 1)}
+
+FLOAT_TO_INT = (
+    "floor / ceil of a float are its floor / ceiling as an int64, saturating: at or below -(2**63 - 1) "
+    "gives -(2**63 - 1), at or above 2**63 - 1 gives 2**63 - 1, NaN gives 0"
+)
+SATURATED = (-((1 << 63) - 1), (1 << 63) - 1)
+"""The ints `floor` / `ceil` give: symmetric, so that their magnitude (`abs`, the kernels' division)
+stays inside int64 too."""
+# Float32 rounding may move a float of the kernel's score away from the float64 value bounded here.
+_FLOAT32_SLACK = 2.0**-16
 
 Range = tuple[int, int]
+FloatRange = tuple[float, float, bool]  # lo, hi (inclusive, may be infinite), may it be NaN
+_ANY_FLOAT: FloatRange = (-math.inf, math.inf, True)
+_MONOTONE = (Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.TANH, Op.SIGMOID)
 
 
 def fits_int32(r: Range) -> bool:
     return INT32[0] <= r[0] and r[1] <= INT32[1]
 
 
-class ValueRanges:
-    """Bounds of the int expressions of one pattern; `lets` gives the ranges of named values."""
+def fits_int64(r: Range) -> bool:
+    return INT64[0] <= r[0] and r[1] <= INT64[1]
 
-    def __init__(self, pattern: PatternIR, lets: Mapping[str, Node] | None = None) -> None:
+
+_HUGE = 1 << 126
+
+
+def _clamped(r: Range) -> Range:
+    """Bounds beyond +-2**126 cut there: such a value already cannot fit int64, which makes every
+    expression over it fail `fits`, and exact bounds of repeated squaring would grow without limit
+    (60 nested squares have bounds of 2**60 bits)."""
+    return max(min(r[0], _HUGE), -_HUGE), max(min(r[1], _HUGE), -_HUGE)
+
+
+def saturate(value: float) -> int:
+    """A float's integral value as int64 the way every evaluator converts it (`FLOAT_TO_INT`)."""
+    if math.isnan(value):
+        return 0
+    if math.isinf(value):
+        return SATURATED[0] if value < 0 else SATURATED[1]
+    return max(SATURATED[0], min(int(value), SATURATED[1]))
+
+
+def check_sizes(loc: Loc | None, **sizes: int) -> None:
+    """Raise an `InputError` for a size beyond what the analysis assumes (`SIZE_LIMIT`): whatever
+    evaluates a pattern at given sizes (the oracle, the plans, the launcher) calls this first."""
+    for name, value in sizes.items():
+        if value > SIZE_LIMIT:
+            raise InputError(f"{name} must be at most {SIZE_LIMIT} (2**30), got {value}", loc)
+
+
+class ValueRanges:
+    """Bounds of the int expressions of one pattern; `lets` gives the ranges of named values.
+
+    Inputs' dtypes come from `pattern` (or `dtypes`, by input name); a load of an input of unknown
+    dtype may be any int64."""
+
+    def __init__(
+        self,
+        pattern: PatternIR | None = None,
+        lets: Mapping[str, Node] | None = None,
+        dtypes: Mapping[str, str] | None = None,
+    ) -> None:
         self.pattern = pattern
         self.lets = dict(lets or {})
+        self.dtypes = dict(dtypes or {})
+        if pattern is not None:
+            self.dtypes.update({d.name: d.dtype for d in pattern.inputs})
         self._ranges: dict[Node, Range] = {}
+        self._floats: dict[Node, FloatRange] = {}
+        self._fits: dict[Node, bool] = {}  # every int value of the node's expression inside int64
 
     def of(self, node: Node) -> Range:
-        """Inclusive bounds of an int expression (the int64 range where nothing better is known)."""
+        """Inclusive bounds of an int expression (exact Python ints: they may lie outside int64)."""
         assert node.type is Type.INT, f"value ranges are for ints, got {node.type}"
-        for n in node.walk():
-            if n.type is Type.INT and n not in self._ranges:
-                self._ranges[n] = self._range(n)
+        self._visit(node)
         return self._ranges[node]
 
     def nonnegative(self, node: Node) -> bool:
@@ -56,6 +129,48 @@ class ValueRanges:
 
     def positive(self, node: Node) -> bool:
         return self.of(node)[0] > 0
+
+    def overflow(self, node: Node) -> Node | None:
+        """The first int value of the expression (operands before their users) that may leave int64
+        for some launch, or None: None means every evaluator computes the expression exactly."""
+        if self.fits(node):
+            return None
+        return next(n for n in node.walk() if not self._own_fits(n))
+
+    def fits(self, *nodes: Node) -> bool:
+        """Whether every int value of these expressions stays inside int64 for every launch."""
+        for node in nodes:
+            self._visit(node)
+        return all(self._fits[n] for n in nodes)
+
+    def _own_fits(self, n: Node) -> bool:
+        if n.type is Type.INT and not fits_int64(self._ranges[n]):
+            return False
+        return not (n.op in (Op.FLOORDIV, Op.MOD, Op.UDIV, Op.UMOD) and self._divides_min(n))
+
+    def _divides_min(self, n: Node) -> bool:
+        # The kernels divide magnitudes (|a| // |b|), and -2**63 // -1 overflows the hardware's quotient
+        # (x86 traps on it): an operand of a division may not be -2**63.
+        return min(self._ranges[n.args[0]][0], self._ranges[n.args[1]][0]) == INT64[0]
+
+    def _visit(self, node: Node) -> None:
+        if node in self._fits:
+            return
+        for n in node.walk(skip=self._fits.__contains__):  # then its operands are known too
+            if n.op is Op.REF and str(n.attr) in self.lets:
+                self._visit(self.lets[str(n.attr)])
+            if n.type is Type.INT:
+                self._ranges[n] = _clamped(self._range(n))
+            elif n.type is Type.FLOAT:
+                self._floats[n] = self._float(n)
+            ok = self._own_fits(n) and all(self._fits[a] for a in n.args)
+            if n.op is Op.REF and str(n.attr) in self.lets:
+                ok = ok and self._fits[self.lets[str(n.attr)]]
+            self._fits[n] = ok
+
+    def _input_range(self, name: str) -> Range:
+        dtype = self.dtypes.get(name)
+        return INT64 if dtype is None else _INPUT_RANGES.get(dtype, INT64)  # unknown: any int64
 
     def _range(self, n: Node) -> Range:
         op = n.op
@@ -68,10 +183,14 @@ class ValueRanges:
             return 0, SIZE_LIMIT
         if op is Op.REF:
             value = self.lets.get(str(n.attr))
-            return INT64 if value is None else self.of(value)
+            return INT64 if value is None else self.of(value)  # visits the let
         if op is Op.LOAD:
-            decl = self.pattern.input(str(n.attr))
-            return INT64 if decl is None else _INPUT_RANGES.get(decl.dtype, INT64)
+            return self._input_range(str(n.attr))
+        if op in (Op.RANGE_MIN, Op.RANGE_MAX):  # out-of-range positions read 0
+            lo, hi = self._input_range(str(n.attr))
+            return min(lo, 0), max(hi, 0)
+        if op in (Op.FLOOR, Op.CEIL):
+            return self._to_int(op, self._floats[n.args[0]])
         args = [self._ranges[a] for a in n.args if a.type is Type.INT]
         if op in (Op.ADD, Op.SUB, Op.MUL, Op.MIN, Op.MAX):
             (alo, ahi), (blo, bhi) = args
@@ -102,7 +221,77 @@ class ValueRanges:
         if op is Op.WHERE:
             (alo, ahi), (blo, bhi) = args
             return min(alo, blo), max(ahi, bhi)
-        return INT64  # floor / ceil of floats, and anything else: no static bound
+        return INT64  # nothing else yields an int; a bound that is always sound
+
+    @staticmethod
+    def _to_int(op: Op, f: FloatRange) -> Range:
+        lo, hi, nan = f
+        rounding = math.floor if op is Op.FLOOR else math.ceil
+        ends = []
+        for x, sign in ((lo, -1), (hi, 1)):
+            if math.isfinite(x):
+                x += sign * (abs(x) * _FLOAT32_SLACK + 1.0)
+                ends.append(saturate(rounding(x)) if math.isfinite(x) else saturate(x))
+            else:
+                ends.append(saturate(x))
+        low, high = ends
+        if nan:
+            low, high = min(low, 0), max(high, 0)
+        return max(low, SATURATED[0]), min(high, SATURATED[1])
+
+    # ---- floats (only to bound floor and ceil) ------------------------------------------------------
+
+    def _float(self, n: Node) -> FloatRange:
+        op = n.op
+        if op is Op.CONST:
+            value = float(n.attr)  # type: ignore[arg-type]
+            return _ANY_FLOAT if math.isnan(value) else (value, value, False)
+        if op is Op.TOFLOAT:
+            lo, hi = self._ranges[n.args[0]]
+            return float(lo), float(hi), False
+        if op is Op.REF and str(n.attr) in self.lets:
+            self._visit(self.lets[str(n.attr)])
+            return self._floats[self.lets[str(n.attr)]]
+        args = [self._floats[a] for a in n.args if a.type is Type.FLOAT]
+        if op in (Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MIN, Op.MAX):
+            (alo, ahi, anan), (blo, bhi, bnan) = args
+            if op is Op.SUB:
+                blo, bhi = -bhi, -blo
+            if op is Op.DIV and blo <= 0 <= bhi:
+                return _ANY_FLOAT
+            fn = {
+                Op.ADD: lambda x, y: x + y,
+                Op.SUB: lambda x, y: x + y,
+                Op.MUL: lambda x, y: x * y,
+                Op.DIV: lambda x, y: x / y,
+                Op.MIN: min,
+                Op.MAX: max,
+            }[op]
+            corners = [fn(x, y) for x in (alo, ahi) for y in (blo, bhi)]
+            if any(math.isnan(c) for c in corners):  # inf - inf, 0 * inf: anything
+                return _ANY_FLOAT
+            return min(corners), max(corners), anan or bnan
+        if op is Op.NEG:
+            lo, hi, nan = args[0]
+            return -hi, -lo, nan
+        if op is Op.ABS:
+            lo, hi, nan = args[0]
+            if lo >= 0:
+                return lo, hi, nan
+            return (0.0 if hi >= 0 else -hi), max(-lo, hi), nan
+        if op in _MONOTONE:
+            lo, hi, nan = args[0]
+            if op in (Op.LOG, Op.LOG2, Op.SQRT) and lo < 0:
+                lo, nan = 0.0, True
+                hi = max(hi, 0.0)
+            low, high = (fold.evaluate(op, [x]) for x in (lo, hi))
+            if math.isnan(low) or math.isnan(high):  # type: ignore[arg-type]
+                return _ANY_FLOAT
+            return float(low), float(high), nan  # type: ignore[arg-type]
+        if op is Op.WHERE:
+            (alo, ahi, anan), (blo, bhi, bnan) = args
+            return min(alo, blo), max(ahi, bhi), anan or bnan
+        return _ANY_FLOAT  # the score, float inputs, parameters not yet bound
 
     @staticmethod
     def _floordiv(a: Range, b: Range) -> Range:
@@ -132,3 +321,43 @@ class ValueRanges:
             return blo + 1, 0
         bound = max(abs(blo), abs(bhi)) - 1  # the sign of b, magnitude below |b|; or a itself for b == 0
         return min(-bound, alo), max(bound, ahi)
+
+
+def check_fits(pattern: PatternIR, roots: Iterable[Node]) -> None:
+    """Raise an `AttnTypeError` at the first int value of these expressions of the pattern that
+    may leave int64 for some launch (a sub-expression of the user's source where it has one)."""
+    ranges = ValueRanges(pattern, dict(pattern.lets))
+    for root in roots:
+        bad = ranges.overflow(root)
+        if bad is None:
+            continue
+        if bad.type is Type.INT and not fits_int64(ranges.of(bad)):
+            lo, hi = ranges.of(bad)
+            what = f"this int value can reach {hi if hi > INT64[1] else lo}, which does not fit in 64 bits"
+        else:
+            what = "this division's operand can be -2**63, whose magnitude does not fit in 64 bits"
+        raise AttnTypeError(
+            f"integer overflow: {what} (for lengths up to 2**30{_params(pattern)})",
+            _located(root, bad) or pattern.loc,
+        )
+
+
+def _params(pattern: PatternIR) -> str:
+    given = ", ".join(f"{k}={v!r}" for k, v in pattern.bindings or ())
+    return f", with parameters {given}" if given else ""
+
+
+def _located(root: Node, target: Node) -> Loc | None:
+    """The location of `target`, or of the nearest enclosing expression that has one."""
+    if target.loc is not None:
+        return target.loc
+    parents: dict[Node, Node] = {}
+    for n in root.walk():
+        for a in n.args:
+            parents.setdefault(a, n)
+    node = target
+    while node in parents:
+        node = parents[node]
+        if node.loc is not None:
+            return node.loc
+    return None

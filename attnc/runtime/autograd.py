@@ -11,12 +11,18 @@ pattern's `input` tensors travel as one list in declaration order. Gradients:
 - q, k, v: always (the dK/dV kernel sums the query heads that share a key/value head);
 - a float input the score reads (a bias table, a slope, a temperature): when it requires grad;
 - the lse (with `return_lse=True`): its gradient joins the softmax's (d lse / d score = P).
+
+Reverse mode, once. The kernels have no forward-mode formula (a tangent of a score function needs
+its derivative inside the forward kernel), so `torch.func.jvp`, `jacfwd` and `forward_ad` raise
+`check_no_forward_ad`'s error rather than drop the tangent; and the backward op's own gradient raises,
+so double backward (`create_graph=True`, `gradgradcheck`) says that the kernels are differentiable once.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from attnc.ir import evaluate as oracle
 from attnc.runtime.launch import Forward
@@ -28,6 +34,28 @@ def register(forward: Forward) -> Forward:
     """File a compiled pattern's kernels under their key (`forward.source.key`, which names them to
     the ops); patterns of one structure share one entry, which is returned."""
     return _FORWARDS.setdefault(forward.source.key, forward)
+
+
+FORWARD_AD_UNSUPPORTED = (
+    "attnc kernels support reverse-mode autograd only; forward-mode AD (torch.func.jvp, jacfwd, "
+    "torch.autograd.forward_ad) is not implemented"
+)
+DOUBLE_BACKWARD_UNSUPPORTED = (
+    "attnc kernels are differentiable once: their backward has no gradient (double backward, "
+    "create_graph=True through attnc, gradgradcheck and hessians are not supported)"
+)
+
+
+def check_no_forward_ad(tensors: list[Tensor]) -> None:
+    """Raise if any tensor carries a forward-mode tangent: the custom op would drop it and return a
+    silently zero tangent (its autograd rule is reverse mode only)."""
+    if torch.compiler.is_compiling():
+        # Dynamo's fake tensors carry no tangent to look at. Known gap: forward_ad through a
+        # torch.compile'd function that calls attnc still drops the tangent, in the custom op.
+        return
+    for t in tensors:
+        if forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(FORWARD_AD_UNSUPPORTED)
 
 
 def _env(forward: Forward, q: Tensor, k: Tensor, inputs: list[Tensor]) -> oracle.Env:
@@ -116,3 +144,10 @@ def _backward(ctx, dout: Tensor, dlse: Tensor | None):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _backward_of_backward(ctx, *grads):
+    raise NotImplementedError(DOUBLE_BACKWARD_UNSUPPORTED)
+
+
+attention_backward.register_autograd(_backward_of_backward)

@@ -1,14 +1,18 @@
 """Launch configurations (tile sizes, warps, stages): heuristics, forced ones, and autotuning.
 
-- `ATTNC_CONFIG=BLOCK_M,BLOCK_N[,WARPS[,STAGES]]` forces one configuration (debugging, tests).
+- `ATTNC_CONFIG=BLOCK_M,BLOCK_N[,WARPS[,STAGES]]` forces one configuration (debugging, tests); a value
+  that is not a launchable configuration is a `ConfigError` naming the variable.
 - Triton's interpreter (no GPU) uses `INTERPRETER_CONFIG`: warps and stages mean nothing there.
-- On a GPU with `ATTNC_AUTOTUNE=0`, `heuristic` picks the first of a short preference list that fits
-  the device's shared memory.
+- On a GPU with `ATTNC_AUTOTUNE=0` (or `false`, `no`, `off`, in any case; `1`, `true`, `yes`, `on`
+  keep it on, anything else is a `ConfigError`), `heuristic` picks the first of a short preference
+  list that fits the device's shared memory.
 - Otherwise the first launch in a *shape bucket* (dtype, head dims, GQA group, and the lengths and
   number of (batch, head) programs rounded up to powers of two) times every candidate that fits the
   device's shared memory and keeps the fastest. Results are kept per kernel key and device in
   `$ATTNC_CACHE_DIR/autotune/<key>.<device>.json` (written atomically), so a later process reuses
-  them. Tuning that takes more than a second shows a progress bar on stderr.
+  them; what such a file holds is checked (a bucket whose configuration is not a launchable one is
+  tuned again, a file that is not a JSON object is ignored). Tuning that takes more than a second shows
+  a progress bar on stderr.
 """
 
 from __future__ import annotations
@@ -20,11 +24,16 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TextIO
+from dataclasses import asdict, astuple, dataclass, fields
+from typing import Any, TextIO
 
-from attnc.runtime.cache import cache_dir, write_atomic
+from attnc.errors import ConfigError
+from attnc.runtime.cache import cache_dir, cache_subdir, read_regular, store
+
+# The largest tile side a configuration may have (Triton's tensors hold at most 2**20 elements).
+MAX_BLOCK = 1024
+MAX_WARPS = 32  # 1024 threads
+MAX_STAGES = 16
 
 
 @dataclass(frozen=True, order=True)
@@ -38,6 +47,18 @@ class Config:
         return (
             f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}"
         )
+
+    def problem(self) -> str | None:
+        """Why the configuration cannot be launched, or None if it can."""
+        if not all(type(value) is int for value in astuple(self)):
+            return "its values must be ints"
+        if not all(_is_pow2(b) and 16 <= b <= MAX_BLOCK for b in (self.block_m, self.block_n)):
+            return f"block sizes must be powers of two from 16 to {MAX_BLOCK}"
+        if not (_is_pow2(self.num_warps) and self.num_warps <= MAX_WARPS):
+            return f"warps must be a power of two from 1 to {MAX_WARPS}"
+        if not 1 <= self.num_stages <= MAX_STAGES:
+            return f"stages must be from 1 to {MAX_STAGES}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -93,6 +114,10 @@ def _pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << math.ceil(math.log2(n))
 
 
+def _is_pow2(n: int) -> bool:
+    return n >= 1 and n & (n - 1) == 0
+
+
 def padded(dim: int) -> int:
     """A head dim as the kernel holds it: the next power of two, at least 16."""
     return max(16, _pow2(dim))
@@ -135,19 +160,35 @@ def forced() -> Config | None:
         values = [int(x) for x in text.split(",")]
         config = Config(*values)  # type: ignore[arg-type]
     except (ValueError, TypeError):
-        raise ValueError(
+        raise ConfigError(
             f"ATTNC_CONFIG must be BLOCK_M,BLOCK_N[,WARPS[,STAGES]] (ints), got {text!r}"
         ) from None
-    if (
-        not all(_pow2(x) == x and x >= 1 for x in (config.block_m, config.block_n))
-        or min(config.block_m, config.block_n) < 16
-    ):
-        raise ValueError(f"ATTNC_CONFIG: block sizes must be powers of two >= 16, got {text!r}")
+    problem = config.problem()
+    if problem is not None:
+        raise ConfigError(f"ATTNC_CONFIG: {problem}, got {text!r}")
     return config
 
 
+_ON = ("1", "true", "yes", "on")
+_OFF = ("0", "false", "no", "off")
+
+
 def autotuning_enabled() -> bool:
-    return os.environ.get("ATTNC_AUTOTUNE", "1").strip() not in ("0", "false", "no", "off")
+    """Whether `ATTNC_AUTOTUNE` leaves autotuning on (its default), read in any case."""
+    text = os.environ.get("ATTNC_AUTOTUNE", "").strip()
+    if text.lower() in _OFF:
+        return False
+    if not text or text.lower() in _ON:
+        return True
+    raise ConfigError(f"ATTNC_AUTOTUNE must be one of {', '.join(_ON + _OFF)} (in any case), got {text!r}")
+
+
+def _saved_config(value: Any) -> Config | None:
+    """The configuration a tuning file saved for a bucket, or None if it is not a launchable one."""
+    if not isinstance(value, dict) or set(value) != {f.name for f in fields(Config)}:
+        return None
+    config = Config(**value)
+    return config if config.problem() is None else None
 
 
 class Progress:
@@ -186,13 +227,19 @@ class Tuner:
         self._chosen: dict[str, Config] | None = None
 
     def _load(self) -> dict[str, Config]:
+        """The saved configurations by bucket: only launchable ones, whatever the file holds."""
         if self._chosen is None:
             self._chosen = {}
+            cache_subdir("autotune")  # refused if another user owns it
+            data = read_regular(self.path)
             try:
-                raw = json.loads(Path(self.path).read_text(encoding="utf-8"))
-                self._chosen = {bucket: Config(**value) for bucket, value in raw.items()}
-            except (FileNotFoundError, json.JSONDecodeError, TypeError):
-                pass
+                raw = json.loads(data) if data is not None else None
+            except (ValueError, RecursionError):  # not UTF-8, not JSON, or nested too deep
+                raw = None
+            for bucket, value in raw.items() if isinstance(raw, dict) else ():
+                config = _saved_config(value)
+                if config is not None:
+                    self._chosen[bucket] = config
         return self._chosen
 
     def known(self, shape: LaunchShape) -> Config | None:
@@ -232,5 +279,6 @@ class Tuner:
             ) from first_error
         chosen_map = self._load()
         chosen_map[shape.bucket()] = best
-        write_atomic(self.path, json.dumps({b: asdict(c) for b, c in sorted(chosen_map.items())}, indent=1))
+        text = json.dumps({b: asdict(c) for b, c in sorted(chosen_map.items())}, indent=1)
+        self.path = store("autotune", self.path.name, text)
         return best

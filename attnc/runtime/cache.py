@@ -1,13 +1,22 @@
 """Kernel sources, cached in memory and on disk by content, loaded once per process and backend.
 
 A kernel's key is the sha256 of attnc's version, the template (its name, and the text of every template,
-as they import each other's macros), the pattern's IR
-after `fuse` (its name and parameter list left out: two patterns of the same structure share a
-kernel), the `KernelSpec` (without its title) and Triton's version. The rendered source lives in
-`$ATTNC_CACHE_DIR/kernels/<key>.py` (default `~/.cache/attnc`), written atomically (a temporary file,
-then `os.replace`), so concurrent processes never read half a file. A key found in memory or on disk
-is never rendered again; lengths, head dims, dtypes and input values are kernel arguments, so none of
-them changes the key.
+as they import each other's macros), the pattern's IR after `fuse` (its name and parameter list left
+out: two patterns of the same structure share a kernel), the `KernelSpec` and Triton's version. The spec
+holds no name of the pattern and the templates render nothing else, so the key determines every byte of
+the rendered source. A key found in memory or on disk is never rendered again; lengths, head dims,
+dtypes and input values are kernel arguments, so none of them changes the key.
+
+On disk the source lives in `$ATTNC_CACHE_DIR/kernels/<key>.py` (default `~/.cache/attnc`), written
+atomically (a temporary file, then `os.replace`), so concurrent processes never read half a file. Its
+last line is a seal, `# attnc-sha256 <hex>`: the sha256 of the key and the text above it. A file whose
+seal does not match (truncated, edited, garbage, or another key's kernel) is rendered again and
+overwritten. The module is compiled from the verified text, never read back from the file.
+
+The cache directory and its `kernels/` and `autotune/` directories are created private (0700), and a
+directory another user owns is refused (`CacheError`): a cache's kernels are run, so nobody else may
+write them. A cache that cannot be written (not a directory, read-only, unreachable) is still read; what
+this process must write goes to a private temporary directory instead, with a one-time warning.
 
 Per-device data (autotuning results, `runtime/autotune.py`) lives beside the source under the same key
 and the device's name, so DESIGN.md's single cache key (version, IR, spec, Triton, device) is split
@@ -19,10 +28,16 @@ compiled for the GPU or run by Triton's interpreter.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import errno
 import hashlib
-import importlib.util
+import linecache
 import os
+import shutil
+import stat
 import tempfile
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
@@ -31,6 +46,7 @@ import triton
 
 from attnc.codegen.lower import TEMPLATES, render
 from attnc.codegen.spec import BackwardSpec, KernelSpec
+from attnc.errors import CacheError
 from attnc.ir.nodes import PatternIR
 from attnc.ir.printer import print_pattern
 
@@ -55,8 +71,122 @@ def cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "attnc"
 
 
+def _refuse_foreign(directory: Path) -> None:
+    """Raise CacheError if the directory exists and another user owns it."""
+    getuid = getattr(os, "getuid", None)  # None on Windows, where ownership is not a uid
+    if getuid is None:
+        return
+    try:
+        owner = directory.stat().st_uid
+    except OSError:  # missing or unreachable: nothing is read from it, and a write falls back
+        return
+    if owner != getuid():
+        raise CacheError(
+            f"the kernel cache directory {directory} is owned by another user (uid {owner}), so attnc will "
+            "not run kernels from it: set ATTNC_CACHE_DIR to a directory of your own"
+        )
+
+
+def cache_subdir(name: str, create: bool = False) -> Path:
+    """`$ATTNC_CACHE_DIR/<name>` ("kernels" or "autotune"), refused if another user owns it or the
+    cache directory; created private (0700) when `create` (raising OSError if it cannot be)."""
+    root = cache_dir()
+    directory = root / name
+    _refuse_foreign(root)
+    if create:
+        if root.exists() and not root.is_dir():  # mkdir would say "File exists"
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root))
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
+    _refuse_foreign(directory)
+    return directory
+
+
+_FALLBACK: list[Path] = []  # this process's private directory, once one was needed
+_WARNED: set[Path] = set()
+
+
+def _fallback_subdir(name: str, error: OSError) -> Path:
+    """A private temporary `<name>` directory for what the configured cache cannot take (removed at
+    exit); warns once per cache directory."""
+    if not _FALLBACK:
+        root = Path(tempfile.mkdtemp(prefix="attnc-cache-"))  # mode 0700
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _FALLBACK.append(root)
+    configured = cache_dir()
+    if configured not in _WARNED:
+        _WARNED.add(configured)
+        reason = error.strerror or str(error)
+        warnings.warn(
+            f"attnc: cannot write to the cache {configured} (ATTNC_CACHE_DIR): {reason}; "
+            f"this process keeps what it caches in {_FALLBACK[0]} instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    directory = _FALLBACK[0] / name
+    directory.mkdir(mode=0o700, exist_ok=True)
+    return directory
+
+
+def store(name: str, filename: str, text: str) -> Path:
+    """Write `text` to `filename` in the cache's `name` directory, atomically, and return its path: in
+    `$ATTNC_CACHE_DIR`, or in this process's private directory where that cannot be written."""
+    try:
+        path = cache_subdir(name, create=True) / filename
+        write_atomic(path, text)
+    except OSError as error:
+        path = _fallback_subdir(name, error) / filename
+        write_atomic(path, text)
+    return path
+
+
+def read_regular(path: Path) -> bytes | None:
+    """The bytes of a regular file, or None if there is none at the path (or it cannot be read). A
+    FIFO or a device is never read: opening does not block, and it is not a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+_SEAL = "# attnc-sha256 "
+
+
+def _digest(key: str, body: str) -> str:
+    return hashlib.sha256(f"{key}\n{body}".encode()).hexdigest()
+
+
+def seal(key: str, body: str) -> str:
+    """A rendered source with its seal line: the sha256 of the key and the source."""
+    return f"{body}{_SEAL}{_digest(key, body)}\n"
+
+
+def unseal(key: str, data: bytes) -> str | None:
+    """The sealed text if `data` is the text of a kernel of `key` with its seal intact, else None."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    cut = text.rfind("\n", 0, len(text) - 1) + 1
+    body, last = text[:cut], text[cut:]
+    return text if body and last == f"{_SEAL}{_digest(key, body)}\n" else None
+
+
 @dataclass(frozen=True)
 class KernelSource:
+    """A kernel's sealed source text (verified), and the file that holds it."""
+
     key: str
     text: str
     path: Path
@@ -81,7 +211,7 @@ def kernel_key(pattern: PatternIR, spec: KernelSpec | BackwardSpec, template: st
         f"template {template}",
         *(f"{t.name}\n{t.read_text(encoding='utf-8')}" for t in sorted(TEMPLATES.glob("*.jinja"))),
         structure_text(pattern),
-        repr(replace(spec, pattern="")),
+        repr(spec),
     ]
     return hashlib.sha256("\n\0".join(parts).encode()).hexdigest()
 
@@ -102,40 +232,46 @@ def write_atomic(path: Path, text: str) -> None:
 def source(
     pattern: PatternIR, spec: KernelSpec | BackwardSpec, template: str = "attention_fwd.py.jinja"
 ) -> KernelSource:
-    """The kernel source of a spec: from memory, else from disk, else rendered and stored."""
+    """The kernel source of a spec: from memory, else from disk (if its seal holds), else rendered and
+    stored."""
     key = kernel_key(pattern, spec, template)
     found = _SOURCES.get(key)
     if found is not None:
         STATS.memory_hits += 1
         return found
-    path = cache_dir() / "kernels" / f"{key}.py"
-    try:
-        text = path.read_text(encoding="utf-8")
+    filename = f"{key}.py"
+    path = cache_subdir("kernels") / filename
+    data = read_regular(path)
+    text = unseal(key, data) if data is not None else None
+    if text is not None:
         STATS.disk_hits += 1
-    except (FileNotFoundError, UnicodeDecodeError):
-        text = render(spec, template)
+    else:
+        text = seal(key, render(spec, template))
         STATS.renders += 1
-        write_atomic(path, text)
+        path = store("kernels", filename, text)
     result = KernelSource(key, text, path)
     _SOURCES[key] = result
     return result
 
 
 def module(kernel: KernelSource, backend: str) -> ModuleType:
-    """The kernel's Python module for a backend, loaded once per process. Triton reads a jitted
-    function's source from its file, so the module is loaded from the cached file itself (rewritten if
-    it went missing)."""
+    """The kernel's Python module for a backend, loaded once per process. It is compiled from the
+    verified text, and Triton, which reads a jitted function's source through `linecache`, is given
+    the same text: nothing read from the file after the check runs. The file is rewritten if it went
+    missing or changed (in a directory that is still there), so that tools reading it see what runs."""
     assert backend in BACKENDS, backend
     loaded = _MODULES.get((kernel.key, backend))
     if loaded is not None:
         return loaded
-    if not kernel.path.exists() or kernel.path.read_text(encoding="utf-8") != kernel.text:
-        write_atomic(kernel.path, kernel.text)
-    name = f"attnc_kernel_{kernel.key[:16]}_{backend}"
-    spec = importlib.util.spec_from_file_location(name, kernel.path)
-    assert spec is not None and spec.loader is not None
-    loaded = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(loaded)
+    filename = str(kernel.path)
+    if kernel.path.parent.is_dir() and read_regular(kernel.path) != kernel.text.encode("utf-8"):
+        with contextlib.suppress(OSError):  # a read-only cache: the verified text below is what runs
+            write_atomic(kernel.path, kernel.text)
+    # An mtime of None: `linecache.checkcache` keeps the entry, whatever happens to the file.
+    linecache.cache[filename] = (len(kernel.text), None, kernel.text.splitlines(keepends=True), filename)
+    loaded = ModuleType(f"attnc_kernel_{kernel.key[:16]}_{backend}")
+    loaded.__file__ = filename
+    exec(compile(kernel.text, filename, "exec"), loaded.__dict__)
     STATS.module_loads += 1
     _MODULES[kernel.key, backend] = loaded
     return loaded

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -81,7 +82,8 @@ class Forward:
             return out, lse
         backend = active()
         shape = LaunchShape(DTYPES[q.dtype], dim, dim_v, heads // k.shape[1], q_len, kv_len, batch * heads)
-        kernel = module(self.source, backend).attnc_fwd
+        with _serialised(backend):  # loading too: never while another thread launches
+            kernel = module(self.source, backend).attnc_fwd
 
         def plan_args(config: Config) -> list[Any]:
             if self.spec.analytic:
@@ -106,7 +108,7 @@ class Forward:
             plan, scratch_out, scratch_lse = plan_args(config), torch.empty_like(out), torch.empty_like(lse)
             return _do_bench(lambda: launch(config, plan, scratch_out, scratch_lse))
 
-        with _on_device(q.device):
+        with _on_device(q.device), _serialised(backend):
             config = _config(self._tuners, self.source.key, self.name, backend, q.device, shape, measure)
             launch(config, plan_args(config), out, lse)
         self.last_config, self.last_backend = config, backend
@@ -134,6 +136,7 @@ def _config(
     backward: bool = False,
 ) -> Config:
     forced = autotune.forced()
+    tuning = autotune.autotuning_enabled()  # read on every backend, so that a bad value is never ignored
     if forced is not None:
         return forced
     if backend == INTERPRETER:
@@ -141,7 +144,7 @@ def _config(
     device_name, shared = _device_limits(
         device.index if device.index is not None else torch.cuda.current_device()
     )
-    if not autotune.autotuning_enabled():
+    if not tuning:
         return autotune.heuristic(shape, shared, backward)
     tuner = tuners.get(device_name)
     if tuner is None:
@@ -182,6 +185,16 @@ def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 while cuda:0 is
     current must not run on cuda:0)."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def _serialised(backend: str) -> contextlib.AbstractContextManager:
+    """Triton's interpreter is not thread-safe (a launch patches `triton.language` process-wide, sets
+    a global grid index, and restores both after): under it, one launch at a time. GPU launches are
+    not serialised."""
+    return _INTERPRETER_LOCK if backend == INTERPRETER else contextlib.nullcontext()
 
 
 def _do_bench(fn: Callable[[], None]) -> float:
@@ -238,7 +251,8 @@ class Backward:
                 {n: g.to(env.inputs[n].dtype) for n, g in grads.items()},
             )
         backend = active()
-        module_ = module(self.source, backend)
+        with _serialised(backend):
+            module_ = module(self.source, backend)
         shape = LaunchShape(DTYPES[q.dtype], dim, dim_v, heads // k.shape[1], q_len, kv_len, batch * heads)
         lse = lse.contiguous()
 
@@ -299,7 +313,7 @@ class Backward:
             scratch = new_result({n: torch.zeros_like(g) for n, g in grads.items()})
             return _do_bench(lambda: launch(config, plans, delta, scratch))
 
-        with _on_device(q.device):
+        with _on_device(q.device), _serialised(backend):
             config = _config(
                 self._tuners, self.source.key, f"{self.name} backward", backend, q.device, shape, measure,
                 backward=True,

@@ -25,11 +25,12 @@ from functools import lru_cache
 
 import torch
 
-from attnc.errors import InternalError
+from attnc.errors import InputError, InternalError, Loc
 from attnc.ir import evaluate as oracle
 from attnc.ir.nodes import Node, Op, PatternIR
 from attnc.ir.rewrite import rewrite
 from attnc.passes.canonicalize import split_comparison
+from attnc.passes.value_ranges import ValueRanges
 
 # Tiles evaluated at once while building metadata: bounds the temporary memory (a few int64 tensors
 # of this many elements), never the result.
@@ -62,7 +63,8 @@ class BlockSparse:
     pattern does not depend on `b` / `h` (use b = 0 / h = 0 then). For row r, the PARTIAL columns are
     `partial_indices[partial_offsets[r]:partial_offsets[r + 1]]`, ascending; FULL ones likewise.
 
-    partial_offsets, full_offsets: int32 [batches * heads * rows + 1], starting at 0.
+    partial_offsets, full_offsets: int32 [batches * heads * rows + 1], starting at 0 (so at most
+                                    `OFFSET_LIMIT` tiles of each class: more is an `InputError`).
     partial_indices, full_indices:  int32 [number of PARTIAL / FULL tiles], tile indices along the
                                     other axis.
     """
@@ -230,6 +232,7 @@ def tile_env(base: oracle.Env, points: dict[str, torch.Tensor], tiles: dict[str,
 
 def _ranges_map(ranges: tuple[Ranges, ...], plan: Plan, rows: str, cols: str) -> torch.Tensor:
     """Classes of the tiles from closed-form ranges: [B', H', row tiles, col tiles]."""
+    oracle.check_sizes(plan.pattern, plan.env)  # an analytic plan is made for any lengths, used for fewer
     lengths = {"q": plan.q_len, "kv": plan.kv_len}
     blocks = {"q": plan.block[0], "kv": plan.block[1]}
     device = plan.env.device
@@ -267,11 +270,21 @@ def _uses_kv_tile(node: Node) -> bool:
 
 
 @lru_cache(maxsize=256)
-def separate_axes(predicate: Node) -> Node:
+def separate_axes(predicate: Node, pattern: PatternIR | None = None) -> Node:
     """The predicate with each int comparison `R(q tile) + C(kv tile) op c` rewritten as
     `R op c - C` (`split_comparison`), so that evaluated over all tiles at once the int arithmetic runs
-    at the size of one axis and only the bool comparison at the size of the tile grid."""
-    return rewrite(predicate, lambda node: split_comparison(node, _uses_kv_tile))
+    at the size of one axis and only the bool comparison at the size of the tile grid. Not where
+    `c - C` could leave int64 and the comparison could not (`value_ranges`; `pattern` gives the
+    inputs' dtypes)."""
+    ranges = ValueRanges(pattern)
+
+    def split(node: Node) -> Node | None:
+        result = split_comparison(node, _uses_kv_tile)
+        if result is not None and (ranges.fits(result) or not ranges.fits(node)):
+            return result
+        return None
+
+    return rewrite(predicate, split)
 
 
 def predicate_classes(
@@ -287,8 +300,8 @@ def predicate_classes(
     if tile_any is None or tile_all is None:
         raise InternalError("the pattern was not compiled through classify-tiles")
     local = tile_env(env, points, tiles)
-    may = oracle.evaluate(separate_axes(tile_any), pattern, local)
-    must = oracle.evaluate(separate_axes(tile_all), pattern, local)
+    may = oracle.evaluate(separate_axes(tile_any, pattern), pattern, local)
+    must = oracle.evaluate(separate_axes(tile_all, pattern), pattern, local)
     # EMPTY + [may or must] + [must]: 0, 1 or 2, in int8 all along (the grid is the large part).
     classes = (may | must).to(torch.int8) + must.to(torch.int8)
     return classes.expand(shape)
@@ -335,7 +348,7 @@ def build_block_sparse(
         indices = (
             torch.cat(parts[value]) if parts[value] else torch.zeros(0, dtype=torch.int64, device=device)
         )
-        forward[value] = (_offsets(row_counts), indices)
+        forward[value] = (_offsets(row_counts, pattern.loc), indices)
         flat[value] = torch.repeat_interleave(torch.arange(n_rows, device=device), row_counts)
     (p_offsets, p_indices), (f_offsets, f_indices) = forward[PARTIAL], forward[FULL]
     kv_tiles = BlockSparse(
@@ -348,7 +361,7 @@ def build_block_sparse(
         key = rows // n_q * n_kv + cols_
         order = torch.sort(key, stable=True).indices
         row_counts = torch.bincount(key, minlength=batches * heads * n_kv)
-        transposed[value] = (_offsets(row_counts), (rows % n_q)[order].to(torch.int32))
+        transposed[value] = (_offsets(row_counts, pattern.loc), (rows % n_q)[order].to(torch.int32))
     q_tiles = BlockSparse(
         batches, heads, n_kv, n_q,
         transposed[PARTIAL][0], transposed[PARTIAL][1], transposed[FULL][0], transposed[FULL][1],
@@ -356,9 +369,23 @@ def build_block_sparse(
     return kv_tiles, q_tiles
 
 
-def _offsets(counts: torch.Tensor) -> torch.Tensor:
+OFFSET_LIMIT = (1 << 31) - 1
+"""The most non-empty tiles of one class a metadata plan may hold: its offsets are int32."""
+
+
+def _offsets(counts: torch.Tensor, loc: Loc | None = None) -> torch.Tensor:
+    """CSR offsets of per-row counts, int32; an `InputError` where the total does not fit int32 (the
+    offsets would wrap)."""
     zero = torch.zeros(1, dtype=torch.int64, device=counts.device)
-    return torch.cat([zero, torch.cumsum(counts, 0)]).to(torch.int32)
+    offsets = torch.cat([zero, torch.cumsum(counts, 0)])
+    total = int(offsets[-1])
+    if total > OFFSET_LIMIT:
+        raise InputError(
+            f"this launch has {total} non-empty tiles of one class, more than the {OFFSET_LIMIT} a "
+            f"metadata plan indexes in int32: use larger blocks or fewer batch rows and heads per call",
+            loc,
+        )
+    return offsets.to(torch.int32)
 
 
 def make_plan(pattern: PatternIR, env: oracle.Env, block: tuple[int, int]) -> Plan:
@@ -388,6 +415,7 @@ def make_plan(pattern: PatternIR, env: oracle.Env, block: tuple[int, int]) -> Pl
             pattern=pattern,
             env=env,
         )  # type: ignore[arg-type]
+    oracle.check_sizes(pattern, env)
     batches = env.batch if "b" in sparsity else 1
     heads = env.num_heads if "h" in sparsity else 1
     kv_tiles, q_tiles = build_block_sparse(pattern, env, block, batches, heads)
@@ -409,6 +437,7 @@ def exact_block_map(
     """Exact tile classes, int8 [batches, heads, query tiles, key tiles]: the tile predicates settle
     most tiles; the mask of the bound pattern (the oracle's) is evaluated on the positions of the
     tiles they leave PARTIAL, and only there."""
+    oracle.check_sizes(bound, env)
     device = env.device
     n_q, n_kv = _cdiv(env.q_len, block[0]), _cdiv(env.kv_len, block[1])
     q_first, q_last = tile_bounds(n_q, block[0], env.q_len, device)
@@ -437,6 +466,9 @@ def exact_block_map(
         q = m * bm + q_off
         kv = n * bn + kv_off
         inside = (q < env.q_len) & (kv < env.kv_len)
+        # The mask is evaluated inside the lengths only (where `value_ranges` bounds it): positions past
+        # them, in the last tiles, repeat the last one and are discarded.
+        q, kv = q.clamp(max=max(env.q_len - 1, 0)), kv.clamp(max=max(env.kv_len - 1, 0))
         local = tile_env(env, {"b": b, "h": h, "q": q, "kv": kv}, {})
         allowed = oracle.evaluate(bound.mask, bound, local).expand(inside.shape)
         anywhere = (allowed & inside).flatten(1).any(dim=1)

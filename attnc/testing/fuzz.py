@@ -8,20 +8,27 @@ budget: a failing case is shrunk by Hypothesis to a small program and written as
 first line holds the rest of the case (`Case.to_text`), which `replay` (and the test suite, for
 `tests/fuzz_corpus/`) runs again.
 
-The front end has its own fuzzer (`frontend_problem`, `sources`): mutated and random source text must
-load and compile or raise an `AttnError` whose location is inside the text, never anything else.
+The front end has its own fuzzer (`frontend_problem`, `sources`): mutated and random source text, odd
+names, programs whose trees are exponentially larger than their DAGs, and imports of odd files (FIFOs,
+links in a loop, devices, oversized files: `import_fixtures`) must load and compile or raise an
+`AttnError` whose location is inside the text, never anything else.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
+import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +39,17 @@ from hypothesis import strategies as st
 
 import attnc
 from attnc.api import _dim_value
+from attnc.dsl.source import MAX_SOURCE_BYTES
 from attnc.errors import AttnError
 from attnc.testing import compare, compare_gradients, tile_problems
-from attnc.testing.programs import Shape, programs, shapes
+from attnc.testing.programs import (
+    Shape,
+    dag_heavy_sources,
+    import_sources,
+    odd_name_sources,
+    programs,
+    shapes,
+)
 
 HEADER = "# attnc fuzz case: "
 BLOCKS = ((16, 16), (32, 32), (16, 32), (8, 24), (64, 16))
@@ -71,13 +86,17 @@ class Case:
 
     @staticmethod
     def from_text(text: str) -> Case:
+        """The case `to_text` wrote; a `ValueError` saying what is wrong for any other text."""
         header, _, source = text.partition("\n")
         if not header.startswith(HEADER):
             raise ValueError(f"not an attnc fuzz case (its first line must start with {HEADER.strip()!r})")
-        meta = json.loads(header[len(HEADER) :])
-        meta["shape"] = Shape(*meta["shape"])
-        meta["block"] = tuple(meta["block"])
-        return Case(source=None if meta.get("file") else source, **meta)
+        try:
+            meta = json.loads(header[len(HEADER) :])
+            meta["shape"] = Shape(*meta["shape"])
+            meta["block"] = tuple(meta["block"])
+            return Case(source=None if meta.get("file") else source, **meta)
+        except (ValueError, TypeError, KeyError) as error:  # a header edited by hand, or of another version
+            raise ValueError(f"not an attnc fuzz case: its first line is malformed ({error})") from None
 
     def describe(self) -> str:
         s = self.shape
@@ -232,9 +251,17 @@ def frontend_problem(text: str) -> str | None:
     """What is wrong with how attnc takes this source text (None: nothing). It must load and compile
     every pattern it declares with their defaults, or raise an `AttnError` whose message starts
     `FILE:LINE:COL: error: REASON` with LINE and COL inside the text. Any other exception escaping is a
-    bug: users must never see a Python traceback for their program."""
+    bug: users must never see a Python traceback for their program. A text that imports is loaded as
+    `main.attn` of the directory `import_fixtures` makes, so that its imports reach odd files."""
+    filename = "<fuzz>"
     try:
-        module = attnc.loads(text, filename="<fuzz>")
+        if "import" in text:
+            path = import_fixtures() / "main.attn"
+            path.write_text(text, encoding="utf-8", errors="surrogatepass")
+            filename = str(path)
+            module = attnc.load(path)
+        else:
+            module = attnc.loads(text, filename=filename)
         for name in module.own_patterns:
             module[name]()
     except AttnError as error:
@@ -242,7 +269,7 @@ def frontend_problem(text: str) -> str | None:
         found = _LOCATION.match(first)
         if found is None:
             return f"a diagnostic without a location: {first!r}"
-        if found["file"] != "<fuzz>":
+        if found["file"] != filename:
             return None  # in an imported file (the stdlib): its own text
         lines = text.splitlines() or [""]
         line, col = int(found["line"]), int(found["col"])
@@ -258,16 +285,56 @@ def frontend_problem(text: str) -> str | None:
     return None
 
 
+@cache
+def import_fixtures() -> Path:
+    """A directory (one per process) of files an import may reach: good and bad `.attn` files, two
+    files of one stem, a FIFO, links in a loop, a dangling link, a directory and links to devices and
+    `/proc` named `.attn`, a file over the size cap, and odd names (a newline, an escape sequence)."""
+    root = Path(tempfile.mkdtemp(prefix="attnc-fuzz-imports-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    (root / "sub").mkdir()
+    (root / "dir.attn").mkdir()
+    files = {
+        "lib.attn": "fn helper(x: int) = x + 1\npattern lib_p { mask = kv <= q }\n",
+        "sub/lib.attn": "fn helper(x: int) = x - 5\npattern sub_p { mask = helper(kv) <= q }\n",
+        "stdlib.attn": "pattern causal { mask = true }\n",
+        "bad.attn": "pattern p { mask = q < }\n",
+        "odd\nimport os\n#.attn": "pattern odd_p { mask = true }\n",
+        "sp ace.attn": "pattern space_p { mask = true }\n",
+        "é.attn": "pattern accent_p { mask = true }\n",
+        "big.attn": "#" * MAX_SOURCE_BYTES + "\n",
+    }
+    for name, text in files.items():
+        (root / name).write_text(text, encoding="utf-8")
+    (root / "latin1.attn").write_bytes(b"pattern caf\xe9 { mask = true }\n")
+    links = {
+        "loop1.attn": "loop2.attn",
+        "loop2.attn": "loop1.attn",
+        "dangling.attn": "nowhere.attn",
+        "zero.attn": "/dev/zero",
+        "environ.attn": "/proc/self/environ",
+        "odd.attn": "odd\nimport os\n#.attn",
+    }
+    for name, target in links.items():
+        os.symlink(target, root / name)
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(root / "fifo.attn")
+    return root
+
+
 def _stdlib_text() -> str:
     return (Path(attnc.__file__).parent / "stdlib.attn").read_text()
 
 
 @st.composite
 def sources(draw: st.DrawFn) -> str:
-    """Source text: a random program (or the stdlib) mutated a few times, or tokens at random."""
-    kind = draw(st.integers(0, 3))
+    """Source text: a random program (or the stdlib) mutated a few times, tokens at random, or a program
+    with odd names, with an exponentially large tree, or with imports of odd files."""
+    kind = draw(st.integers(0, 6))
     if kind == 3:
         return "".join(draw(st.lists(st.sampled_from(TOKENS), max_size=40)))
+    if kind >= 4:
+        return draw((odd_name_sources(), dag_heavy_sources(), import_sources())[kind - 4])
     text = draw(programs()).source if kind != 2 else _stdlib_text()
     for _ in range(draw(st.integers(1, 4))):
         i = draw(st.integers(0, len(text)))
@@ -413,6 +480,8 @@ def command(
     a failure."""
     from attnc.runtime.backend import active
 
+    if file and target == "frontend":
+        raise ValueError("--pattern FILE fuzzes the kernels of its patterns: not with --target frontend")
     jobs: list[tuple[str, st.SearchStrategy[Case], float]] = []
     if target in ("all", "kernels"):
         strategy = file_cases(file, patterns, grads, max_len) if file else cases(grads=grads, max_len=max_len)
@@ -446,12 +515,23 @@ def command(
     return 0
 
 
+def read_case(path: str | Path) -> Case:
+    """The case saved in the file at `path`; a `ValueError` naming the file if it is not one (an
+    `OSError` if it cannot be read)."""
+    try:
+        return Case.from_text(Path(path).read_text(encoding="utf-8"))
+    except ValueError as error:  # UnicodeDecodeError included
+        raise ValueError(f"{path}: {error}") from None
+
+
 def replay_command(paths: list[str], out: Callable[[str], None] = print) -> int:
-    """`attnc fuzz --replay FILE...`: run saved cases again; exit status 1 if any still fails."""
+    """`attnc fuzz --replay FILE...`: run saved cases again; exit status 1 if any still fails. Every
+    file is read first: one that is not a saved case stops the command before anything runs."""
+    cases = [(path, read_case(path)) for path in paths]
     failed = 0
-    for path in paths:
+    for path, case in cases:
         try:
-            replay(path)
+            run_case(case)
             out(f"{path}: ok")
         except (CaseFailure, Rejected) as error:
             failed += 1

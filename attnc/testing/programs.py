@@ -441,6 +441,89 @@ def programs(draw: st.DrawFn, max_depth: int = 3) -> Program:
     return Program("\n\n".join(lines) + "\n", "main", params)
 
 
+# ---- front-end stress: DAG-heavy programs, odd names, imports ----------------------------------------
+
+# Names that are Python keywords or builtins, keywords of the Python API (`attnc.reserved`), locals of
+# the kernel templates, and a very long one: legal or not in each role, they must never get past the
+# front end unreported, nor reach generated code unescaped.
+ODD_NAMES = (
+    "x", "def", "class", "lambda", "None", "True", "return", "yield", "__import__", "__init__", "self",
+    "scale", "return_lse", "batch", "num_heads", "q_len", "kv_len", "block", "device", "precision",
+    "out_dtype", "inputs", "k", "v", "q", "kv", "s", "exp", "causal", "q_idx", "kv_idx", "tl", "triton",
+    "LOG2E", "acc", "m_i", "BLOCK_M", "Out", "x_grad", "in_x_ptr", "t0", "_", "_0", "a" * 300,
+)  # fmt: skip
+# The roles a name can take; `{n}` is the name.
+NAME_ROLES = (
+    "fn {n}(a: int) = a + 1\npattern main {{ mask = {n}(q) > kv }}",
+    "fn f({n}: int) = {n} + 1\npattern main {{ mask = f(q) > kv }}",
+    "pattern {n} {{ mask = kv <= q }}",
+    "pattern main({n}: int = 3) {{ mask = kv <= q + {n} }}",
+    "pattern main {{\n    let {n} = q - kv\n    mask = {n} >= 0\n}}",
+    "pattern main {{\n    input {n}: int32[KV_LEN]\n    mask = {n}[kv] <= q\n}}",
+    "pattern main {{\n    input {n}: float32[KV_LEN]\n    score = s + {n}[kv]\n}}",
+    "pattern main {{ mask = f({n}=1) }}\nfn f({n}: int) = kv <= q + {n}",
+)
+
+
+@st.composite
+def odd_name_sources(draw: st.DrawFn) -> str:
+    """A small program with an odd name in one role."""
+    return draw(st.sampled_from(NAME_ROLES)).format(n=draw(st.sampled_from(ODD_NAMES)))
+
+
+@st.composite
+def dag_heavy_sources(draw: st.DrawFn) -> str:
+    """Programs whose expression trees are exponentially larger than their DAGs or their text (lets or
+    fns each using the previous twice), long flat chains, and nesting at the front end's limits."""
+    kind = draw(st.integers(0, 5))
+    n = draw(st.integers(1, 24))
+    op = draw(st.sampled_from(("+", "*", "-", "%")))
+    if kind == 0:
+        lets = "".join(f"    let a{i + 1} = a{i} {op} a{i} % 1000003\n" for i in range(n))
+        return f"pattern main {{\n    let a0 = q - kv\n{lets}    mask = a{n} >= 0\n}}\n"
+    if kind == 1:
+        fns = "".join(f"fn f{i + 1}(x: int) = f{i}(x) {op} f{i}(x + 1)\n" for i in range(n))
+        return f"fn f0(x: int) = x % 3\n{fns}pattern main {{ mask = f{n}(q) > kv }}\n"
+    if kind == 2:
+        patterns = "".join(f"pattern p{i + 1} {{ mask = p{i} or (p{i} and kv < {i}) }}\n" for i in range(n))
+        return f"pattern p0 {{ mask = kv <= q }}\n{patterns}"
+    if kind == 3:
+        terms = draw(st.integers(1, 3000))
+        chain = "".join(f" {draw(st.sampled_from(('+', '-')))} {i % 7}" for i in range(terms))
+        return f"pattern main {{ mask = kv <= q{chain} }}\n"
+    if kind == 4:
+        depth = draw(st.integers(390, 410))
+        return f"pattern main {{ mask = kv <= {'(' * depth}q{')' * depth} }}\n"
+    score = "s"
+    for i in range(n):
+        score = f"tanh({score} {op} {i}.5)" if op != "%" else f"abs({score} - {i}.5)"
+    return f"pattern main {{ score = {score} }}\n"
+
+
+# The files the import fuzzer's directory holds (see `attnc.testing.fuzz.import_fixtures`), and paths
+# naming them and other things an import may name.
+IMPORT_TARGETS = (
+    "lib.attn", "sub/lib.attn", "stdlib.attn", "main.attn", "bad.attn", "fifo.attn", "loop1.attn",
+    "dangling.attn", "dir.attn", "zero.attn", "environ.attn", "odd.attn", "big.attn", "latin1.attn",
+    "sp ace.attn", "é.attn", "x\x1b[31m.attn", "missing.attn", "lib", "", "/dev/zero", "/dev/urandom",
+    "/proc/self/environ", "/etc/passwd", "../lib.attn", "./lib.attn", "sub/../lib.attn", "sub",
+    ".attn", "/", "a" * 300 + ".attn",
+)  # fmt: skip
+
+
+@st.composite
+def import_sources(draw: st.DrawFn) -> str:
+    """A program importing some of `IMPORT_TARGETS` and using what `lib.attn` defines."""
+    targets = draw(st.lists(st.sampled_from(IMPORT_TARGETS), min_size=1, max_size=3))
+    imports = "".join(f'import "{t}"\n' for t in targets)
+    body = draw(
+        st.sampled_from(
+            ("pattern main { mask = lib_p and helper(q) > kv }", "pattern main { mask = causal }")
+        )
+    )
+    return imports + body + "\n"
+
+
 # ---- shapes ---------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,271 @@
+"""Kernel build time: `.attn` pattern to Triton source, in a warm process, without Triton's own compile.
+
+What a user waits for between `mod.pattern(...)` and a kernel they can call (DESIGN.md section 8:
+"<= 5 ms for StreamingLLM, <= 50 ms for any stdlib or example pattern"), and how many kernels a
+parameter sweep renders ("all values of a runtime parameter share one compiled kernel").
+
+Method:
+
+1. **Build time.** One worker process parses every file once (`attnc.load`, not timed) and builds one
+   kernel first, so that imports, the grammar and the Jinja templates are warm. Then, for every stdlib
+   pattern (at the parameter values below) and every pattern of `examples/*.attn` (at its defaults),
+   each repetition empties the in-memory source cache, points `ATTNC_CACHE_DIR` at a new empty
+   directory and times `module[name](**params)`: the whole pipeline (inline ... fuse), the kernel spec,
+   the Jinja render, the source's checks and its write to the disk cache. The median of `--reps` is
+   reported, with the minimum and maximum. Nothing here runs Triton's compiler or a kernel.
+2. **Programs whose DAG is small and whose tree is exponential** (a 40-deep chain of `fn`s each using
+   its argument twice; 60 `let`s each squaring the last): each in its own process with a timeout
+   (`--stress-timeout`, default 60 s), timed the same way; a timeout or an error is recorded as such.
+3. **Parameter sweeps.** `sliding_window(window=w)` for 32 values of w and `streaming_llm` for 8
+   (window, sinks) pairs, in a fresh cache: the number of forward kernel sources rendered (cache misses).
+
+Usage::
+
+    python benchmarks/build_time.py                       # everything; JSON under benchmarks/results/
+    python benchmarks/build_time.py --label before --reps 3
+    python benchmarks/build_time.py --markdown FILE.json  # the README table of a saved run
+
+Results: `benchmarks/results/build_time-<label>-<cpu>-<date>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+
+STDLIB_PARAMS: dict[str, dict[str, int | bool]] = {
+    "full": {},
+    "causal": {},
+    "causal_bottom_right": {},
+    "sliding_window": {"window": 1024},
+    "local": {"left": 256, "right": 256},
+    "sinks": {"count": 4},
+    "prefix_lm": {"prefix": 512},
+    "dilated": {"window": 256, "dilation": 4},
+    "neighborhood_1d": {"kernel": 7},
+    "neighborhood_2d": {"height": 32, "width": 32, "kernel_h": 7, "kernel_w": 7},
+    "neighborhood_3d": {
+        "depth": 8,
+        "height": 8,
+        "width": 8,
+        "kernel_d": 3,
+        "kernel_h": 3,
+        "kernel_w": 3,
+    },
+}
+
+
+def stress_sources() -> dict[str, str]:
+    """Programs of a few dozen DAG nodes whose expression trees have 2^40 and 2^60 leaves."""
+    fns = ["fn f0(x: int) = x + 1"]
+    fns += [f"fn f{i}(x: int) = f{i - 1}(x) + f{i - 1}(x)" for i in range(1, 40)]
+    doubling = "\n".join(fns) + "\npattern p { mask = f39(q - kv) >= 0 }\n"
+    lets = ["    let a0 = q - kv"]
+    lets += [f"    let a{i} = a{i - 1} * a{i - 1} % 1000003" for i in range(1, 60)]
+    squaring = "pattern p {\n" + "\n".join(lets) + "\n    mask = a59 >= 0\n}\n"
+    return {"fn_doubling_40": doubling, "let_squaring_60": squaring}
+
+
+def _fresh_cache() -> None:
+    from attnc.runtime import cache
+
+    cache.clear_memory()
+    os.environ["ATTNC_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnc-build-time-")
+
+
+def _time_build(module, name: str, params: dict, reps: int) -> list[float]:
+    times = []
+    for _ in range(reps):
+        _fresh_cache()
+        start = time.perf_counter()
+        module[name](**params)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _summary(times: list[float]) -> dict:
+    return {
+        "median_ms": statistics.median(times) * 1e3,
+        "min_ms": min(times) * 1e3,
+        "max_ms": max(times) * 1e3,
+        "times_s": times,
+    }
+
+
+def worker_patterns(reps: int) -> list[dict]:
+    import attnc
+
+    stdlib = attnc.stdlib()
+    _fresh_cache()
+    stdlib.causal()  # warm-up: imports, grammar, templates
+    cases = [("stdlib", stdlib, name, params) for name, params in STDLIB_PARAMS.items()]
+    for path in sorted((ROOT / "examples").glob("*.attn")):
+        module = attnc.load(path)
+        cases += [(f"examples/{path.name}", module, name, {}) for name in module.own_patterns]
+    rows = []
+    for source, module, name, params in cases:
+        rows.append(
+            {
+                "source": source,
+                "pattern": name,
+                "params": params,
+                **_summary(_time_build(module, name, params, reps)),
+            }
+        )
+        print(f"{source}:{name} {rows[-1]['median_ms']:.1f} ms", file=sys.stderr)
+    return rows
+
+
+def worker_stress(name: str, reps: int) -> dict:
+    import attnc
+
+    _fresh_cache()
+    attnc.stdlib().causal()
+    module = attnc.loads(stress_sources()[name], filename=f"<{name}>")
+    return {"source": "stress", "pattern": name, **_summary(_time_build(module, "p", {}, reps))}
+
+
+def worker_sweeps() -> list[dict]:
+    import attnc
+    from attnc.runtime import cache
+
+    stdlib = attnc.stdlib()
+    streaming = attnc.load(ROOT / "examples" / "streaming_llm.attn")
+    sweeps = [
+        ("sliding_window(window=w), 32 values", lambda i: stdlib.sliding_window(window=64 * (i + 1)), 32),
+        (
+            "streaming_llm(window, sinks), 8 pairs",
+            lambda i: streaming.streaming_llm(window=256 * (i + 1), sinks=1 + i % 4),
+            8,
+        ),
+    ]
+    rows = []
+    for label, make, count in sweeps:
+        _fresh_cache()
+        before = cache.STATS.renders
+        for i in range(count):
+            make(i)
+        rows.append(
+            {"sweep": label, "kernels_built": count, "sources_rendered": cache.STATS.renders - before}
+        )
+    return rows
+
+
+def _run_worker(args: list[str], timeout: float) -> dict:
+    command = [sys.executable, __file__, "--worker", *args]
+    try:
+        # The checkout this script lies in, whatever attnc the interpreter would otherwise import.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired:
+        return {"status": f"timeout after {timeout:.0f} s"}
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
+        return {"status": f"error: {tail[0]}"}
+    return {"status": "ok", "result": json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"Kernel build time (`.attn` to Triton source, warm process), median of {report['reps']}, "
+        f"{report['cpu']}, {report['date']}, attnc {report['attnc']} ({report['label']})",
+        "",
+        "| pattern | median ms | min ms | max ms |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in report["patterns"] + report["stress"]:
+        name = f"{row['source']}:{row['pattern']}"
+        if "median_ms" in row:
+            lines.append(f"| {name} | {row['median_ms']:.1f} | {row['min_ms']:.1f} | {row['max_ms']:.1f} |")
+        else:
+            lines.append(f"| {name} | {row['status']} | | |")
+    lines += ["", "| parameter sweep | kernels built | Triton sources rendered |", "|---|---:|---:|"]
+    lines += [f"| {s['sweep']} | {s['kernels_built']} | {s['sources_rendered']} |" for s in report["sweeps"]]
+    return "\n".join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--label", default="current")
+    parser.add_argument("--stress-timeout", type=float, default=60.0)
+    parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--markdown", type=Path, default=None, help="print the table of a saved run")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, *rest = args.worker
+        if kind == "patterns":
+            result = worker_patterns(args.reps)
+        elif kind == "stress":
+            result = worker_stress(rest[0], args.reps)
+        else:
+            result = worker_sweeps()
+        print(json.dumps(result))
+        return
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        return
+
+    import attnc
+
+    timeout = max(args.stress_timeout * args.reps, 600.0)
+    patterns = _run_worker(["patterns", "--reps", str(args.reps)], timeout)
+    if patterns["status"] != "ok":
+        raise SystemExit(f"build_time: the pattern worker failed: {patterns['status']}")
+    stress = []
+    for name in stress_sources():
+        done = _run_worker(["stress", name, "--reps", str(args.reps)], args.stress_timeout * args.reps)
+        stress.append(
+            done["result"]
+            if done["status"] == "ok"
+            else {"source": "stress", "pattern": name, "status": done["status"]}
+        )
+    sweeps = _run_worker(["sweeps"], 600.0)
+    report = {
+        "label": args.label,
+        "date": datetime.date.today().isoformat(),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "attnc": attnc.__version__,
+        "python": platform.python_version(),
+        "reps": args.reps,
+        "load_average": os.getloadavg(),
+        "patterns": patterns["result"],
+        "stress": stress,
+        "sweeps": sweeps.get(
+            "result", [{"sweep": "all", "kernels_built": 0, "sources_rendered": sweeps["status"]}]
+        ),
+    }
+    cpu = "-".join(_cpu_name().lower().split()[:3]).replace("/", "")
+    output = args.output or RESULTS / f"build_time-{args.label}-{cpu}-{report['date']}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=1) + "\n")
+    print(markdown(report))
+    print(f"\nwritten {output}")
+
+
+if __name__ == "__main__":
+    main()
