@@ -22,6 +22,7 @@ from attnc.errors import (
     InputError,
     InternalError,
     ParameterError,
+    ProgramTooLargeError,
     UnknownNameError,
 )
 
@@ -41,6 +42,7 @@ __all__ = [
     "Module",
     "ParameterError",
     "Pattern",
+    "ProgramTooLargeError",
     "UnknownNameError",
     "__version__",
     "load",

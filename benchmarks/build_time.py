@@ -70,7 +70,7 @@ STDLIB_PARAMS: dict[str, dict[str, int | bool]] = {
 def stress_sources() -> dict[str, str]:
     """Programs of a few dozen DAG nodes whose expression trees have 2^40 and 2^60 leaves."""
     fns = ["fn f0(x: int) = x + 1"]
-    fns += [f"fn f{i}(x: int) = f{i - 1}(x) + f{i - 1}(x)" for i in range(1, 40)]
+    fns += [f"fn f{i}(x: int) = (f{i - 1}(x) + f{i - 1}(x)) % 1000003" for i in range(1, 40)]
     doubling = "\n".join(fns) + "\npattern p { mask = f39(q - kv) >= 0 }\n"
     lets = ["    let a0 = q - kv"]
     lets += [f"    let a{i} = a{i - 1} * a{i - 1} % 1000003" for i in range(1, 60)]
@@ -172,8 +172,11 @@ def _run_worker(args: list[str], timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"status": f"timeout after {timeout:.0f} s"}
     if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"]
-        return {"status": f"error: {tail[0]}"}
+        lines = done.stderr.strip().splitlines()
+        reason = next(
+            (line for line in reversed(lines) if "error" in line.lower()), f"exit {done.returncode}"
+        )
+        return {"status": f"error: {reason.strip()}"}
     return {"status": "ok", "result": json.loads(done.stdout.strip().splitlines()[-1])}
 
 

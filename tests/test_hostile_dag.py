@@ -175,7 +175,8 @@ def _doubling(depth: int, loc: Loc | None = None) -> Node:
 
 def test_equal_expressions_built_separately_are_one_object() -> None:
     assert make(Op.SUB, var("q"), const(3)) is make(Op.SUB, var("q"), const(3))
-    assert _doubling(200) is _doubling(200)
+    same = _doubling(200) is _doubling(200)
+    assert same
 
 
 def test_equality_and_hash_do_not_walk_the_tree() -> None:
@@ -187,6 +188,12 @@ def test_equality_and_hash_do_not_walk_the_tree() -> None:
         lambda: (located == plain, hash(located) == hash(plain), located == _doubling(199))
     )
     assert equal and same_hash and not differ
+    assert seconds < 1.0
+
+
+def test_repr_of_a_huge_tree_is_short() -> None:
+    text, seconds = timed(lambda: repr(_doubling(200)))
+    assert len(text) <= 2000 and text.startswith("Node(op=<Op.ADD: 'add'>")  # type: ignore[union-attr]
     assert seconds < 1.0
 
 
@@ -230,7 +237,8 @@ def test_rewritten_node_is_the_interned_one() -> None:
 def test_pickled_node_loads_as_the_live_interned_node() -> None:
     node = _doubling(100)
     loaded, _ = timed(lambda: pickle.loads(pickle.dumps(node)))
-    assert loaded is node
+    same = loaded is node
+    assert same
 
 
 def test_kernel_survives_pickling() -> None:

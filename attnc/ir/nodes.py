@@ -216,7 +216,11 @@ class _Interned(type):
         return node
 
 
-@dataclass(frozen=True, eq=False)
+_REPR_LIMIT = 2000
+"""Characters of a node's repr: the full text of a DAG can be exponentially longer than the DAG."""
+
+
+@dataclass(frozen=True, eq=False, repr=False)
 class Node(metaclass=_Interned):
     """One IR value. `attr` holds a constant, a variable/size/let/param name, or a callee/input symbol.
 
@@ -248,6 +252,16 @@ class Node(metaclass=_Interned):
         if not isinstance(other, Node):
             return NotImplemented
         return self._id == other._id  # type: ignore[attr-defined, no-any-return]
+
+    def __repr__(self) -> str:
+        # As a dataclass writes it, each distinct operand spelt once per call and cut at _REPR_LIMIT.
+        texts: dict[Node, str] = {}
+        for n in self.walk():
+            args = "".join(f"{texts[a]}, " for a in n.args)
+            args = f"({args[:-2]},)" if len(n.args) == 1 else f"({args[:-2]})"
+            text = f"Node(op={n.op!r}, type={n.type!r}, args={args}, attr={n.attr!r})"
+            texts[n] = text if len(text) <= _REPR_LIMIT else text[: _REPR_LIMIT - 3] + "..."
+        return texts[self]
 
     def __reduce__(self) -> tuple[object, ...]:
         # Unpickling rebuilds through the table, so a loaded node is the live node it equals.
