@@ -17,6 +17,7 @@ from attnc.dsl.lower import Program, load_program, stdlib_program
 from attnc.dsl.source import SourceReadError, read_source, shown_path
 from attnc.errors import AttnImportError, InputError, Loc, ParameterError, SourceFile
 from attnc.ir import evaluate as oracle
+from attnc.ir import fold
 from attnc.ir.nodes import INPUT_DTYPES, Node, Op, ParamDecl, PatternIR, Type
 from attnc.ir.printer import print_module
 from attnc.passes import PASSES
@@ -195,13 +196,12 @@ def _dim_value(dim: Node, sizes: Mapping[str, Any]) -> Any:
             known[str(n.attr)] = value
     values: dict[Node, Any] = {}
     for n in dim.walk():
-        rule = _INT_RULES.get(n.op)
         if n.op is Op.SIZE:
             values[n] = known[str(n.attr)]
         elif n.op is Op.CONST and n.type is not Type.FLOAT:
             values[n] = n.attr
-        elif rule is not None and n.type is not Type.FLOAT and all(a.type is not Type.FLOAT for a in n.args):
-            values[n] = rule(*(values[a] for a in n.args))
+        elif fold.foldable(n.op) and all(m.type is not Type.FLOAT for m in (n, *n.args)):
+            values[n] = _int_value(n.op, [values[a] for a in n.args])
         else:
             return _dim_by_oracle(dim, known)
     return values[dim]
@@ -220,45 +220,16 @@ def _dim_by_oracle(dim: Node, known: Mapping[str, Any]) -> int:
     return int(oracle.evaluate(dim, PatternIR("dims"), env).item())
 
 
-def _floordiv(a: Any, b: Any) -> Any:
-    return 0 if b == 0 else a // b  # the language's `x // 0` is 0 (attnc/ir/evaluate.py)
+def _int_value(op: Op, args: list[Any]) -> Any:
+    """An int/bool op on plain or symbolic ints: `fold`'s exact arithmetic (`x // 0` is 0, ...), with
+    torch's `sym_min`/`sym_max`, which keep a `torch.SymInt` symbolic where `min` would guard on it."""
+    if op is Op.MIN:
+        return torch.sym_min(*args)
+    if op is Op.MAX:
+        return torch.sym_max(*args)
+    return fold.evaluate(op, args)
 
 
-def _mod(a: Any, b: Any) -> Any:
-    return a if b == 0 else a % b  # and `x % 0` is x
-
-
-def _all(*args: Any) -> bool:
-    return all(args)
-
-
-def _any(*args: Any) -> bool:
-    return any(args)
-
-
-_INT_RULES: dict[Op, Any] = {
-    Op.ADD: lambda a, b: a + b,
-    Op.SUB: lambda a, b: a - b,
-    Op.MUL: lambda a, b: a * b,
-    Op.FLOORDIV: _floordiv,
-    Op.UDIV: _floordiv,
-    Op.MOD: _mod,
-    Op.UMOD: _mod,
-    Op.NEG: lambda a: -a,
-    Op.ABS: abs,
-    Op.MIN: torch.sym_min,
-    Op.MAX: torch.sym_max,
-    Op.EQ: lambda a, b: a == b,
-    Op.NE: lambda a, b: a != b,
-    Op.LT: lambda a, b: a < b,
-    Op.LE: lambda a, b: a <= b,
-    Op.GT: lambda a, b: a > b,
-    Op.GE: lambda a, b: a >= b,
-    Op.AND: _all,
-    Op.OR: _any,
-    Op.NOT: lambda a: not a,
-    Op.WHERE: lambda c, a, b: a if c else b,
-}
 """Integer and bool operations of a shape expression, as Python (or `torch.SymInt`) arithmetic with
 the oracle's semantics: floor division and modulo, `x // 0 = 0`, `x % 0 = x`."""
 
