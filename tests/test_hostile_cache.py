@@ -245,6 +245,18 @@ def test_a_cache_directory_owned_by_another_user_is_refused(
         Tuner("k" * 64, "gpu").known(SHAPE)
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o720, 0o702])
+def test_a_cache_directory_others_can_write_is_refused(
+    mode: int, cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache_root.mkdir()
+    cache_root.chmod(mode)
+    with pytest.raises(CacheError, match=re.escape(str(cache_root)) + " can be written by other users"):
+        attnc.stdlib().sliding_window(window=7)
+    cache_root.chmod(0o755)  # others may read a cache of sealed kernels, only its owner write it
+    attnc.stdlib().sliding_window(window=7)
+
+
 # ---- row 15: a cache that cannot be written ------------------------------------------------------------
 
 

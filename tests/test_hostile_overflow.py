@@ -19,7 +19,7 @@ import torch
 import attnc
 from attnc.errors import AttnTypeError, InputError, ParameterError
 from attnc.runtime import plan as plan_module
-from attnc.testing import compare, tile_problems
+from attnc.testing import compare, compare_gradients, tile_problems
 
 STD = attnc.stdlib()
 MAX = sys.maxsize  # 2**63 - 1
@@ -182,3 +182,25 @@ def test_metadata_with_more_tiles_than_int32_offsets_index_is_refused(
     monkeypatch.setattr(plan_module, "OFFSET_LIMIT", 15)
     with pytest.raises(InputError, match="16 non-empty tiles of one class, more than the 15"):
         doc.plan(64, 64, block=(16, 16), doc=ids)
+
+
+# ---- the backward's derivatives are canonicalized under the same guard ------------------------------
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        # `a <= b` must not become `a - b >= 0`: the difference of these loads leaves int64
+        "x[kv] * 4294967296 <= x[kv + 1] * 4294967295",
+        # the constant must not be moved across: `row_0 <= x[kv] - 2**63 - 1` cannot be computed
+        "x[q] - x[kv] < -9223372036854775807 - 1",
+    ],
+)
+def test_score_derivatives_keep_comparisons_that_would_overflow(condition: str) -> None:
+    kern = attnc.loads(
+        f"pattern p {{\n    input x: int32[KV_LEN]\n    score = where({condition}, s, s * 2.0)\n}}\n"
+    ).p()
+    x = torch.tensor([2**31 - 1, -(2**31)] * 4, dtype=torch.int32)
+    q, k, v = (torch.randn(1, 1, 8, 16) for _ in range(3))
+    result = compare_gradients(kern, q, k, v, x=x)
+    assert result.ok, result.describe()

@@ -20,22 +20,24 @@ simplified by `canonicalize`.
 
 from __future__ import annotations
 
-from attnc.ir.nodes import Node, Op, Type, const, make
+from attnc.ir.nodes import Node, Op, PatternIR, Type, const, make
 from attnc.passes.canonicalize import canonicalize
 
 _ONE, _HALF, _TWO = const(1.0), const(0.5), const(2.0)
 _LN2 = const(0.6931471805599453)
 
 
-def derivative(root: Node, wrt: Node) -> Node | None:
-    """d root / d wrt (None: identically zero), canonicalized."""
+def derivative(root: Node, wrt: Node, pattern: PatternIR | None = None) -> Node | None:
+    """d root / d wrt (None: identically zero), canonicalized. `pattern` (the one `root` belongs to)
+    gives `canonicalize` its inputs' dtypes, so that no rewrite of the result can overflow where the
+    pattern's own values do not (the derivative keeps the score's comparisons: `where(c, a', b')`)."""
     if root.type is not Type.FLOAT or wrt.type is not Type.FLOAT:
         raise ValueError("derivatives are of float expressions by float leaves")
     memo: dict[Node, Node | None] = {}
     for node in root.walk():  # children before parents
         memo[node] = _rule(node, wrt, memo)
     result = memo[root]
-    return None if result is None else canonicalize(result)
+    return None if result is None else canonicalize(result, pattern)
 
 
 def _rule(n: Node, wrt: Node, d: dict[Node, Node | None]) -> Node | None:

@@ -383,6 +383,18 @@ def _int_compare(node: Node) -> Node | None:
     return make(op, build_linear(terms, 0), const(c))
 
 
+def _larger_than(terms: Terms, limit: int) -> bool:
+    """Whether the terms hold more than `limit` nodes, counting at most `limit + 1` of them: a
+    comparison over a large shared DAG costs O(limit) here, not O(DAG) per comparison."""
+    count = 0
+    for term in terms:
+        for _ in term.walk():
+            count += 1
+            if count > limit:
+                return True
+    return False
+
+
 def _distribute(terms: Terms, op: Op, c: int) -> Node | None:
     """`k * min(x, y) + R <= c` is `k*x + R <= c or k*y + R <= c` (for k > 0); likewise max, abs, >=."""
     if op not in (Op.LE, Op.GE):
@@ -390,7 +402,7 @@ def _distribute(terms: Terms, op: Op, c: int) -> Node | None:
     for atom, k in _ordered(terms):
         if atom.op not in (Op.MIN, Op.MAX, Op.ABS):
             continue
-        if sum(1 for t in terms for _ in t.walk()) > _DISTRIBUTE_LIMIT:
+        if _larger_than(terms, _DISTRIBUTE_LIMIT):
             return None
         x, y = (atom.args[0], make(Op.NEG, atom.args[0])) if atom.op is Op.ABS else atom.args
         behaves_like_max = (atom.op in (Op.MAX, Op.ABS)) == (k > 0)

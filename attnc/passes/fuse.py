@@ -118,12 +118,12 @@ def score_gradients(pattern: PatternIR) -> tuple[Node | None, list[tuple[Node, N
     if score is None or score.op is Op.SCORE:
         return None, []
     scores = [n for n in score.walk() if n.op is Op.SCORE]
-    dscore = derivative(score, scores[0]) if scores else None
+    dscore = derivative(score, scores[0], pattern) if scores else None
     dscore = const(0.0) if dscore is None else None if dscore == const(1.0) else dscore
     loads = []
     for n in score.walk():
         if n.op is Op.LOAD and n.type is Type.FLOAT:
-            grad = derivative(score, n)
+            grad = derivative(score, n, pattern)
             if grad is not None:
                 loads.append((n, grad))
     return dscore, loads

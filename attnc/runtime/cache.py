@@ -11,12 +11,13 @@ On disk the source lives in `$ATTNC_CACHE_DIR/kernels/<key>.py` (default `~/.cac
 atomically (a temporary file, then `os.replace`), so concurrent processes never read half a file. Its
 last line is a seal, `# attnc-sha256 <hex>`: the sha256 of the key and the text above it. A file whose
 seal does not match (truncated, edited, garbage, or another key's kernel) is rendered again and
-overwritten. The module is compiled from the verified text, never read back from the file.
+overwritten. The module is compiled from the verified text, not read back from the file.
 
 The cache directory and its `kernels/` and `autotune/` directories are created private (0700), and a
-directory another user owns is refused (`CacheError`): a cache's kernels are run, so nobody else may
-write them. A cache that cannot be written (not a directory, read-only, unreachable) is still read; what
-this process must write goes to a private temporary directory instead, with a one-time warning.
+directory another user owns, or that others may write, is refused (`CacheError`): a cache's kernels are
+run, so nobody else may write them. A cache that cannot be written (not a directory, read-only,
+unreachable) is still read; what this process must write goes to a private temporary directory
+instead, with a one-time warning.
 
 Per-device data (autotuning results, `runtime/autotune.py`) lives beside the source under the same key
 and the device's name, so DESIGN.md's single cache key (version, IR, spec, Triton, device) is split
@@ -72,18 +73,25 @@ def cache_dir() -> Path:
 
 
 def _refuse_foreign(directory: Path) -> None:
-    """Raise CacheError if the directory exists and another user owns it."""
+    """Raise CacheError if the directory exists and another user owns it or may write to it."""
     getuid = getattr(os, "getuid", None)  # None on Windows, where ownership is not a uid
     if getuid is None:
         return
     try:
-        owner = directory.stat().st_uid
+        info = directory.stat()
     except OSError:  # missing or unreachable: nothing is read from it, and a write falls back
         return
-    if owner != getuid():
+    if info.st_uid != getuid():
         raise CacheError(
-            f"the kernel cache directory {directory} is owned by another user (uid {owner}), so attnc will "
-            "not run kernels from it: set ATTNC_CACHE_DIR to a directory of your own"
+            f"the kernel cache directory {directory} is owned by another user (uid {info.st_uid}), so attnc "
+            "will not run kernels from it: set ATTNC_CACHE_DIR to a directory of your own"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        # The seal is a plain hash, which anyone who can write a kernel can recompute.
+        raise CacheError(
+            f"the kernel cache directory {directory} can be written by other users (mode "
+            f"{stat.S_IMODE(info.st_mode):o}), so attnc will not run kernels from it: `chmod go-w` it, or "
+            "set ATTNC_CACHE_DIR to a private directory"
         )
 
 
@@ -257,8 +265,10 @@ def source(
 def module(kernel: KernelSource, backend: str) -> ModuleType:
     """The kernel's Python module for a backend, loaded once per process. It is compiled from the
     verified text, and Triton, which reads a jitted function's source through `linecache`, is given
-    the same text: nothing read from the file after the check runs. The file is rewritten if it went
-    missing or changed (in a directory that is still there), so that tools reading it see what runs."""
+    the same text. (Should something clear `linecache` before a kernel's first call, Triton reads the
+    file again: the cache directory being private is what keeps that file the verified text.) The file
+    is rewritten if it went missing or changed (in a directory that is still there), so that tools
+    reading it see what runs."""
     assert backend in BACKENDS, backend
     loaded = _MODULES.get((kernel.key, backend))
     if loaded is not None:
