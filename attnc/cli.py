@@ -469,6 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Hypothesis raise on values they refuse: the reason in one line.
         print(f"attnc: error: {_memory_message(err) or _first_line(err)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the user's own stop, not a failure to explain
+        print("attnc: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

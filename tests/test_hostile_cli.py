@@ -114,6 +114,17 @@ def test_an_internal_error_keeps_its_traceback(
     assert err.splitlines()[-1].startswith("attnc: internal error: a bug in attnc; please report it")
 
 
+def test_ctrl_c_is_one_line_and_the_shells_status(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_check", interrupted)
+    assert main(["check", "x.attn"]) == 130
+    assert capsys.readouterr().err == "attnc: interrupted\n"
+
+
 # ---- row 17: sizes, seeds, environment and files that raised tracebacks ------------------------------
 
 
