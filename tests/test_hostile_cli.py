@@ -28,14 +28,20 @@ CASE_HEADER = (
 )
 
 
-def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str], *names: str) -> str:
-    """Run `attnc ARGV...`: it must exit 1 with exactly one line on stderr, `attnc: error: ...`,
-    naming each of `names`. That line."""
-    assert main(argv) == 1
+def one_line_error(
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    *names: str,
+    status: int = 1,
+    prefix: str = "attnc: error: ",
+) -> str:
+    """Run `attnc ARGV...`: it must exit with `status` and exactly one line on stderr, starting with
+    `prefix` and naming each of `names`. That line."""
+    assert main(argv) == status
     err = capsys.readouterr().err
     assert "Traceback" not in err
     lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("attnc: error: "), err
+    assert len(lines) == 1 and lines[0].startswith(prefix), err
     for name in names:
         assert name in lines[0]
     return lines[0]
@@ -55,14 +61,7 @@ def usage_error(capsys: pytest.CaptureFixture[str], argv: list[str], option: str
 
 def bench_error(capsys: pytest.CaptureFixture[str], argv: list[str], *names: str) -> str:
     """Run `attnc bench ARGV...`: a bad setting, one line `attnc bench: error: ...`, exit status 2."""
-    assert main(["bench", *argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("attnc bench: error: "), err
-    for name in names:
-        assert name in lines[0]
-    return lines[0]
+    return one_line_error(capsys, ["bench", *argv], *names, status=2, prefix="attnc bench: error: ")
 
 
 def attnc(*argv: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:

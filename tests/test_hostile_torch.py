@@ -100,24 +100,23 @@ def _compiled_document_masking(dynamic: bool | None) -> tuple[Any, Any]:
     )
 
 
-def test_compile_fullgraph_document_masking_survives_new_lengths() -> None:
-    """The probe's reproduction: L=8 then L=9 raised a data-dependent guard error from the input-shape
-    check. Now the second length recompiles once, as dynamic, and later lengths reuse that graph."""
-    counter, f = _compiled_document_masking(None)
-    for length in (8, 9, 10, 12):
+@pytest.mark.parametrize(
+    ("dynamic", "lengths", "frames"),
+    [
+        # The probe's reproduction: L=8 then L=9 raised a data-dependent guard error from the input-shape
+        # check. Now the second length recompiles once, as dynamic, and later lengths reuse that graph.
+        (None, (8, 9, 10, 12), 2),
+        (True, (8, 9, 12), 1),
+    ],
+    ids=["fullgraph-survives-new-lengths", "dynamic-compiles-once"],
+)
+def test_compile_document_masking(dynamic: bool | None, lengths: tuple[int, ...], frames: int) -> None:
+    counter, f = _compiled_document_masking(dynamic)
+    for length in lengths:
         q, k, v = _qkv(length)
         d = _docs(length)
         torch.testing.assert_close(f(q, k, v, d), DOC.reference(q, k, v, doc=d))
-    assert counter.frame_count == 2
-
-
-def test_compile_dynamic_document_masking_compiles_once() -> None:
-    counter, f = _compiled_document_masking(True)
-    for length in (8, 9, 12):
-        q, k, v = _qkv(length)
-        d = _docs(length)
-        torch.testing.assert_close(f(q, k, v, d), DOC.reference(q, k, v, doc=d))
-    assert counter.frame_count == 1
+    assert counter.frame_count == frames
 
 
 def test_compile_dynamic_document_masking_gradients() -> None:

@@ -77,23 +77,32 @@ def resolve_import(base: Path, written: str) -> Path:
     return target
 
 
-def read_source(path: Path) -> str:
-    """The text of the regular file `path`, or `SourceReadError` saying why not.
+def read_regular(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of the regular file `path` (at most `limit` of them, else `SourceReadError`), or
+    `SourceReadError` saying why not.
 
     `stat` comes first so that nothing but a regular file is opened; the open is non-blocking and the
     opened file is checked again, so a file swapped for a FIFO in between cannot hang the read; and at
-    most one byte more than the cap is read, whatever size the file claims (`/proc` files claim 0).
+    most one byte more than the limit is read, whatever size the file claims (`/proc` files claim 0).
+    The kernel cache reads its files this way too.
     """
     try:
         _require_regular(os.stat(path).st_mode)
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
         with os.fdopen(fd, "rb") as file:
             _require_regular(os.fstat(file.fileno()).st_mode)
-            data = file.read(MAX_SOURCE_BYTES + 1)
+            data = file.read(-1 if limit is None else limit + 1)
     except OSError as err:
         raise SourceReadError(err.strerror or type(err).__name__) from None
-    if len(data) > MAX_SOURCE_BYTES:
-        raise SourceReadError(size_error(MAX_SOURCE_BYTES, "it"))
+    if limit is not None and len(data) > limit:
+        raise SourceReadError(size_error(limit, "it"))
+    return data
+
+
+def read_source(path: Path) -> str:
+    """The text of the regular file `path`, at most `MAX_SOURCE_BYTES`, or `SourceReadError` saying why
+    not (see `read_regular`)."""
+    data = read_regular(path, MAX_SOURCE_BYTES)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:

@@ -80,7 +80,7 @@ def dnf(mask: Node | None, memo: dict[Node, list[list[Node]]] | None = None) -> 
 
 
 def _uses(node: Node, name: str) -> bool:
-    return any(n.op is Op.VAR and n.attr == name for n in node.walk())
+    return name in node.free
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ import triton
 
 from attnc.codegen.lower import TEMPLATES, render
 from attnc.codegen.spec import BackwardSpec, KernelSpec
+from attnc.dsl import source as source_file
 from attnc.errors import CacheError
 from attnc.ir.nodes import PatternIR
 from attnc.ir.printer import print_pattern
@@ -149,23 +150,12 @@ def store(name: str, filename: str, text: str) -> Path:
 
 
 def read_regular(path: Path) -> bytes | None:
-    """The bytes of a regular file, or None if there is none at the path (or it cannot be read). A
-    FIFO or a device is never read: opening does not block, and it is not a regular file."""
+    """The bytes of a regular file, or None if there is none at the path (or it cannot be read): a
+    FIFO or a device is never opened (`attnc.dsl.source.read_regular`)."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
+        return source_file.read_regular(path)
+    except source_file.SourceReadError:
         return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 _SEAL = "# attnc-sha256 "

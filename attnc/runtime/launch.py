@@ -283,7 +283,7 @@ class Backward:
         def launch(config: Config, plans: tuple[list[Any], list[Any]], delta: torch.Tensor, result) -> None:
             dq, dk, dv, grad_buffers = result
             common = _constants(config, dim, dim_v, q.dtype, backend)
-            common.update({f"GRAD_{a.arg}": a.name in grad_buffers for a in self.spec.grad_inputs})
+            common.update({a.grad_flag: a.name in grad_buffers for a in self.spec.grad_inputs})
             inputs = _input_args(self.spec.inputs, env)
             for a in self.spec.grad_inputs:
                 buffer = grad_buffers.get(a.name)

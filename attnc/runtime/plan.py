@@ -27,7 +27,7 @@ import torch
 
 from attnc.errors import InputError, InternalError, Loc
 from attnc.ir import evaluate as oracle
-from attnc.ir.nodes import Node, Op, PatternIR
+from attnc.ir.nodes import Node, PatternIR
 from attnc.ir.rewrite import rewrite
 from attnc.passes.canonicalize import split_comparison
 from attnc.passes.value_ranges import ValueRanges
@@ -204,7 +204,7 @@ def schedule(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, bool]]:
 
 def uses(nodes: list[Node], name: str) -> bool:
     """Whether any of the expressions uses the index variable `name`."""
-    return any(n.op is Op.VAR and n.attr == name for root in nodes for n in root.walk())
+    return any(name in root.free for root in nodes)
 
 
 def tile_bounds(
@@ -266,7 +266,7 @@ def _ranges_map(ranges: tuple[Ranges, ...], plan: Plan, rows: str, cols: str) ->
 
 
 def _uses_kv_tile(node: Node) -> bool:
-    return any(n.op is Op.VAR and n.attr in ("kv_first", "kv_last") for n in node.walk())
+    return not node.free.isdisjoint(("kv_first", "kv_last"))
 
 
 @lru_cache(maxsize=256)
