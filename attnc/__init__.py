@@ -25,8 +25,7 @@ from attnc.errors import (
     ProgramTooLargeError,
     UnknownNameError,
 )
-
-__version__ = "0.1.0"
+from attnc.version import __version__
 
 __all__ = [
     "ArityError",

@@ -13,17 +13,17 @@ from typing import Any
 
 import torch
 
+from attnc import oracle
+from attnc.analysis.value_ranges import SIZE_LIMIT
 from attnc.dsl.lower import Program, load_program, stdlib_program
 from attnc.dsl.source import SourceReadError, read_source, shown_path
 from attnc.errors import AttnImportError, InputError, Loc, ParameterError, SourceFile
-from attnc.ir import evaluate as oracle
 from attnc.ir import fold
 from attnc.ir.nodes import INPUT_DTYPES, Node, Op, ParamDecl, PatternIR, Type
 from attnc.ir.printer import print_module
 from attnc.passes import PASSES
 from attnc.passes.fuse import differentiable_inputs
 from attnc.passes.manager import INPUT_STAGE
-from attnc.passes.value_ranges import SIZE_LIMIT
 from attnc.runtime import autograd, backend
 from attnc.runtime.launch import DTYPES, MAX_HEAD_DIM, Forward
 from attnc.runtime.plan import Plan, exact_block_map, make_plan, uses

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnc
-from attnc.ir import evaluate as oracle
+from attnc import oracle
 from attnc.ir.nodes import const
 from attnc.ir.printer import print_module
 from attnc.ir.rewrite import substitute

@@ -1,4 +1,4 @@
-"""Symbolic derivatives of score functions (`ir/derivative.py`) against autograd through the oracle.
+"""Symbolic derivatives of score functions (`analysis/derivative.py`) against autograd through the oracle.
 
 Random well-typed score expressions over `s`, two float inputs and the index variables are compiled;
 the derivative by `s` and by each load, evaluated by the oracle, must equal what torch's autograd
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import attnc
-from attnc.ir import evaluate as oracle
-from attnc.ir.derivative import derivative
+from attnc import oracle
+from attnc.analysis.derivative import derivative
 from attnc.ir.nodes import Node, Op, Type, const, make
 from attnc.passes.fuse import score_gradients
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import attnc
+from attnc import oracle
 from attnc.compiler import compile_pattern
 from attnc.errors import InternalError
-from attnc.ir import evaluate as oracle
 from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const, var
 from attnc.ir.parser import IRParseError, parse_module
 from attnc.ir.printer import print_module

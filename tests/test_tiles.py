@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from test_canonicalize_soundness import PARAMS, SOUNDNESS, bool_exprs, source
 
 import attnc
+from attnc import oracle
+from attnc.analysis.summaries import CHUNK, RangeTable
 from attnc.errors import InputError
-from attnc.ir import evaluate as oracle
 from attnc.ir.nodes import Op, Type
-from attnc.ir.summaries import CHUNK, RangeTable
 from attnc.runtime.plan import (
     EMPTY,
     FULL,

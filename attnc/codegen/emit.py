@@ -2,7 +2,7 @@
 
 Types in the kernel:
 
-- ints are int32 where the value ranges of every launch fit (`passes/value_ranges.py`), else int64;
+- ints are int32 where the value ranges of every launch fit (`analysis/value_ranges.py`), else int64;
   operands are widened before an op that needs it, so no intermediate value overflows int64 (see
   below);
 - floats that feed the mask are float64, as the oracle computes them: a mask decided in float32 could
@@ -26,8 +26,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from attnc.analysis.value_ranges import ValueRanges, fits_int32
 from attnc.ir.nodes import Node, Op, PatternIR, Type
-from attnc.passes.value_ranges import ValueRanges, fits_int32
 
 INT1, INT32, INT64 = "tl.int1", "tl.int32", "tl.int64"
 FP32, FP64 = "tl.float32", "tl.float64"

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import jinja2
 
+from attnc.analysis.value_ranges import fits_int32
 from attnc.codegen.emit import FP32, INT32, INT64, Assign, Emitter, float64_nodes, input_arg
 from attnc.codegen.spec import INPUT_NAMESPACES, BackwardSpec, Body, InputArg, InputGrad, KernelSpec, KeyRange
 from attnc.errors import InternalError
 from attnc.ir.nodes import Node, Op, PatternIR
 from attnc.passes.fuse import differentiable_inputs, grad_loads
-from attnc.passes.value_ranges import fits_int32
 
 TEMPLATES = Path(__file__).parent / "templates"
 

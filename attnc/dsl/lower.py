@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import TypeVar
 
+from attnc.analysis.value_ranges import ValueRanges
 from attnc.dsl import ast
 from attnc.dsl.parser import parse
 from attnc.dsl.source import (
@@ -63,7 +64,6 @@ from attnc.ir.nodes import (
     deep_recursion,
     make,
 )
-from attnc.passes.value_ranges import ValueRanges
 from attnc.reserved import RESERVED_NAMES, RESERVED_PARAMETER_NAMES
 
 INT64_MAX = 2**63 - 1

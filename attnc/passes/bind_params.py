@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+from attnc.analysis.normal_form import fold_constant
+from attnc.analysis.value_ranges import ValueRanges, check_fits
 from attnc.errors import AttnTypeError, InternalError
 from attnc.ir.nodes import ModuleIR, Node, PatternIR, Type, const, format_const
 from attnc.ir.rewrite import rewrite, substitute
-from attnc.passes.canonicalize import fold_constant
-from attnc.passes.value_ranges import ValueRanges, check_fits
 
 
 @dataclass(frozen=True)

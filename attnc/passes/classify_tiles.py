@@ -2,7 +2,7 @@
 
 A tile is the box `q in [q_first, q_last]`, `kv in [kv_first, kv_last]` of one batch row `b` and head
 `h` (`q_last` and `kv_last` already cut at the lengths). The pass derives, by the three-valued
-interval analysis of `passes/intervals.py`:
+interval analysis of `analysis/intervals.py`:
 
     derive tile_any = ...   false only if the mask is false at every position of the tile: EMPTY
     derive tile_all = ...   true only if the mask is true at every position of the tile:   FULL
@@ -23,9 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
+from attnc.analysis.intervals import IntervalAnalysis
+from attnc.analysis.normal_form import canonicalize
 from attnc.ir.nodes import ModuleIR, Node, PatternIR, const, var
-from attnc.passes.canonicalize import canonicalize
-from attnc.passes.intervals import IntervalAnalysis
 
 TILE_BOX = {"q": (var("q_first"), var("q_last")), "kv": (var("kv_first"), var("kv_last"))}
 

@@ -34,11 +34,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from attnc.analysis.intervals import Interval, IntervalAnalysis
+from attnc.analysis.normal_form import build_linear, canonicalize, linear
+from attnc.analysis.value_ranges import ValueRanges
 from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const, make, size, var
-from attnc.passes.canonicalize import build_linear, canonicalize, linear
 from attnc.passes.classify_tiles import with_derived
-from attnc.passes.intervals import Interval, IntervalAnalysis
-from attnc.passes.value_ranges import ValueRanges
 
 MAX_CONJUNCTS = 16
 STRIDE_LIMIT = 16

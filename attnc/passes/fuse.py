@@ -7,7 +7,7 @@ expressions into the form that body runs, written back as derived values:
     derive kernel_mask = ...    the mask (absent when every key is allowed)
     derive kernel_score = ...   the score function of `s` (absent when the score is `s`)
 
-and what the backward kernels need, the score's derivatives (`ir/derivative.py`):
+and what the backward kernels need, the score's derivatives (`analysis/derivative.py`):
 
     derive kernel_dscore = ...  d score / d s (absent when it is 1: no score function, or `s + bias`)
     derive kernel_grad_load_K = load x[...]
@@ -40,12 +40,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from attnc.ir.derivative import derivative
+from attnc.analysis.derivative import derivative
+from attnc.analysis.normal_form import split_comparison
+from attnc.analysis.value_ranges import ValueRanges
 from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const
 from attnc.ir.rewrite import rewrite
-from attnc.passes.canonicalize import split_comparison
 from attnc.passes.classify_tiles import with_derived
-from attnc.passes.value_ranges import ValueRanges
 
 HOIST_PREFIX = "row_"
 KERNEL_VALUES = ("kernel_mask", "kernel_score", "kernel_dscore")

@@ -51,6 +51,7 @@ from attnc.dsl import source as source_file
 from attnc.errors import CacheError
 from attnc.ir.nodes import PatternIR
 from attnc.ir.printer import print_pattern
+from attnc.version import __version__
 
 BACKENDS = ("cuda", "interpreter")
 
@@ -201,8 +202,6 @@ def structure_text(pattern: PatternIR) -> str:
 
 
 def kernel_key(pattern: PatternIR, spec: KernelSpec | BackwardSpec, template: str) -> str:
-    from attnc import __version__
-
     parts = [
         f"attnc {__version__}",
         f"triton {triton.__version__}",

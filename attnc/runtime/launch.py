@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
+from attnc import oracle
 from attnc.codegen.lower import build_backward_spec
 from attnc.codegen.spec import BackwardSpec, InputArg, KernelSpec
 from attnc.errors import InternalError
-from attnc.ir import evaluate as oracle
 from attnc.ir.nodes import PatternIR
 from attnc.runtime import autotune, cache
 from attnc.runtime.autotune import Config, LaunchShape

@@ -25,12 +25,12 @@ from functools import lru_cache
 
 import torch
 
+from attnc import oracle
+from attnc.analysis.normal_form import split_comparison
+from attnc.analysis.value_ranges import ValueRanges
 from attnc.errors import InputError, InternalError, Loc
-from attnc.ir import evaluate as oracle
 from attnc.ir.nodes import Node, PatternIR
 from attnc.ir.rewrite import rewrite
-from attnc.passes.canonicalize import split_comparison
-from attnc.passes.value_ranges import ValueRanges
 
 # Tiles evaluated at once while building metadata: bounds the temporary memory (a few int64 tensors
 # of this many elements), never the result.

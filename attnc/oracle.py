@@ -3,7 +3,7 @@
 This is the judge every kernel is tested against, so it is written for clarity, not speed, and shares
 nothing with the kernel path but the IR it reads: each op's meaning is spelled out here once more,
 following `ir.fold` (floor `//` and `%`, division by zero giving 0, out-of-range loads giving 0/false),
-and `floor` / `ceil` saturating at the ends of int64 (`passes/value_ranges.py`, as the kernels do).
+and `floor` / `ceil` saturating at the ends of int64 (`analysis/value_ranges.py`, as the kernels do).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from attnc.analysis import value_ranges
+from attnc.analysis.summaries import RangeTable
 from attnc.ir.nodes import InputDecl, Node, Op, PatternIR, Type
-from attnc.ir.summaries import RangeTable
-from attnc.passes import value_ranges
 
 _DTYPES = {Type.INT: torch.int64, Type.FLOAT: torch.float64, Type.BOOL: torch.bool}
 

@@ -16,7 +16,7 @@ Exactness: the bounds of an affine expression of independent variables (`q`, `kv
 box are attained at its corners, so comparisons of affine expressions with constants are classified
 exactly. `min`, `max`, `abs`, `where`, floor `//` and `%` by constants are bounded soundly (exactly where
 they are monotone over the box). `input` loads are bounded by `range_min` / `range_max` summaries of
-the input over the box of their indices (`ir/summaries.py`). Anything else (floats that may be NaN or
+the input over the box of their indices (`analysis/summaries.py`). Anything else (floats that may be NaN or
 infinite, division by a variable) is unbounded, which only makes answers UNKNOWN. So is a comparison
 whose bounds could leave int64 when computed (`value_ranges.py`): the predicates are evaluated in int64.
 """
@@ -26,8 +26,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from attnc.analysis.value_ranges import ValueRanges
 from attnc.ir.nodes import Node, Op, PatternIR, Type, const, make
-from attnc.passes.value_ranges import ValueRanges
 
 # Far beyond any index, for the bounds of a range query whose index is unbounded; the summaries clamp.
 _FAR = 1 << 62

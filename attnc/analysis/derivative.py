@@ -20,8 +20,8 @@ simplified by `canonicalize`.
 
 from __future__ import annotations
 
+from attnc.analysis.normal_form import canonicalize
 from attnc.ir.nodes import Node, Op, PatternIR, Type, const, make
-from attnc.passes.canonicalize import canonicalize
 
 _ONE, _HALF, _TWO = const(1.0), const(0.5), const(2.0)
 _LN2 = const(0.6931471805599453)

@@ -1,0 +1,579 @@
+"""The normal form of expressions (`canonicalize`): constant folding, algebraic and boolean
+simplification, and a normal form for integer comparisons that the other analyses match. The
+`canonicalize` pass applies it to a pattern; the tile analyses, derivatives and plans apply it to what
+they build.
+
+The normal form is a fixed point of the rules below. Every int comparison reads `E op c`: op one of
+`le ge eq ne`, c a constant, and E a linear combination of atoms in a fixed order (`q`, `kv`, `b`, `h`,
+sizes, params, then other sub-expressions), with coprime coefficients and a positive leading one —
+so `kv <= q` becomes `ge(sub(q, kv), 0)` and `q - kv < 256` becomes `le(sub(q, kv), 255)`. `abs`,
+`min` and `max` inside such comparisons are distributed into `and`/`or` of comparisons, so that
+windows like `abs(q - kv) <= w` expose their two affine bounds. Negations are pushed down to the
+comparisons (negation normal form); `and`/`or` are flattened, deduplicated, absorbed, and bounds on the
+same linear expression are merged (a contradiction folds to false). Identical sub-expressions are one
+node (the IR is hash-consed), which is common sub-expression elimination.
+
+Float arithmetic is only folded and rewritten where exact (`x * 1.0`, `-(-x)`), never reassociated, so
+the kernel computes what the user wrote. Every rule is checked against the dense oracle in the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable
+
+from attnc.analysis.value_ranges import ValueRanges
+from attnc.errors import InternalError
+from attnc.ir import fold
+from attnc.ir.nodes import INDEX_VARS, SIZES, TILE_VARS, Node, Op, PatternIR, Type, const, make
+from attnc.ir.rewrite import rewrite
+
+_MAX_ROUNDS = 64
+_DISTRIBUTE_LIMIT = 400  # nodes in a comparison beyond which min/max are not distributed
+
+
+def canonicalize(root: Node, pattern: PatternIR | None = None) -> Node:
+    """Rewrite an expression to the fixed point of the rules. A rule's result is kept only where its int
+    values stay inside int64 whenever the node's did (`value_ranges`; `pattern` gives the inputs'
+    dtypes, a load of an unknown one may be any int64): `q - kv <= c` is not made of `q <= kv + c`
+    where `kv + c` could overflow, and `q - kv < -2**63` keeps its `<`."""
+    memo: dict[Node, Node] = {}
+    ranges = ValueRanges(pattern)
+    global _shared
+    outer = _shared
+    _shared = _Shared() if outer is None else outer
+    try:
+        for _ in range(_MAX_ROUNDS):
+            inner = _inner_linear(root)
+            new = rewrite(root, lambda node: _apply_rules(node, ranges), memo, leave=inner)
+            for node in inner:  # left alone this round only: its users may change
+                memo.pop(node, None)
+            if new == root:
+                return new
+            root = new
+    finally:
+        _shared = outer
+    raise InternalError(f"canonicalize did not reach a fixed point in {_MAX_ROUNDS} rounds")
+
+
+class _Shared:
+    """What the rules of one `canonicalize` call compute about an operand, once per distinct node: a
+    rule looks at operands that other nodes share (`linear` forms, negations), and without these
+    tables a DAG whose tree is exponential (`let a1 = a0 + a0`, ...) would cost as much as its tree."""
+
+    def __init__(self) -> None:
+        self.linear: dict[Node, tuple[Terms, int]] = {}
+        self.negate: dict[Node, Node] = {}
+
+
+def _is_linear_step(node: Node) -> bool:
+    return (
+        node.type is Type.INT
+        and node.op in (Op.ADD, Op.SUB, Op.NEG, Op.MUL)
+        and (node.op is not Op.MUL or any(a.is_const for a in node.args))
+    )
+
+
+def _inner_linear(root: Node) -> set[Node]:
+    """The int `+ - *c` nodes whose every user is one too: the linear form of the outermost one covers
+    them, so normalising each of them as well would cost the square of a long sum's length."""
+    only_linear_users: dict[Node, bool] = {root: False}
+    for node in root.walk():
+        step = _is_linear_step(node)
+        for a in node.args:
+            only_linear_users[a] = only_linear_users.get(a, True) and step
+    return {n for n, inner in only_linear_users.items() if inner and _is_linear_step(n)}
+
+
+_shared: _Shared | None = None
+"""The tables of the `canonicalize` call under way (None outside one: the helpers then compute afresh)."""
+
+
+def _apply_rules(node: Node, ranges: ValueRanges) -> Node | None:
+    for rule in _RULES.get(node.op, ()):
+        result = rule(node)
+        if result is not None and result != node and (ranges.fits(result) or not ranges.fits(node)):
+            return result
+    return None
+
+
+# ---- constants ---------------------------------------------------------------------------------------
+
+
+def fold_constant(node: Node) -> Node | None:
+    """An op whose operands are all constants becomes its value; so does `where` on a constant."""
+    if node.op is Op.WHERE and node.args[0].is_const:
+        return node.args[1] if node.args[0].attr else node.args[2]
+    if not node.args or not all(a.is_const for a in node.args) or not fold.foldable(node.op):
+        return None
+    value = fold.evaluate(node.op, [a.attr for a in node.args])  # type: ignore[misc]
+    if value is None:
+        return None
+    if node.type is Type.FLOAT:
+        value = float(value)
+    elif node.type is Type.INT:
+        value = int(value)
+        if not -(2**63) <= value < 2**63:
+            # Left unfolded: `bind-params` reports the user's own overflow, located (value_ranges.py),
+            # and a derived expression that would need it is not made (or is not used).
+            return None
+    return const(value, node.loc)
+
+
+# ---- linear integer expressions ----------------------------------------------------------------------
+
+Terms = dict[Node, int]
+
+
+_TEXT_PREFIX = 256  # characters of the structural spelling that order atoms; a digest breaks ties
+
+
+def _text(node: Node) -> tuple[str, str]:
+    """A deterministic structural spelling, to order atoms: its first `_TEXT_PREFIX` characters (the
+    whole spelling, for any atom that fits), then a digest of the structure. Computed once per node and
+    kept on it: the full spelling of a DAG can be exponentially longer than the DAG."""
+    twin = node.canonical
+    cached = twin.__dict__.get("_order_text")
+    if cached is not None:
+        return cached  # type: ignore[no-any-return]
+    # Children first, so each spelling is built from its operands' in O(1); spelt ones are not walked.
+    for n in twin.walk(skip=lambda m: "_order_text" in m.__dict__):
+        parts = [_text(a) for a in n.args]  # already computed: the walk visits operands first
+        inner = ",".join(p[0] for p in parts)
+        prefix = f"{n.op.value}[{n.attr}]({inner})"[:_TEXT_PREFIX]
+        digest = hashlib.blake2b(
+            "\0".join([n.op.value, n.type.value, repr(n.attr_key), *(p[1] for p in parts)]).encode(),
+            digest_size=16,
+        ).hexdigest()
+        object.__setattr__(n, "_order_text", (prefix, digest))
+    return twin.__dict__["_order_text"]  # type: ignore[no-any-return]
+
+
+_VAR_ORDER = (*INDEX_VARS[2:], *INDEX_VARS[:2], *TILE_VARS)  # q, kv, b, h, then the tile box
+
+
+def atom_key(node: Node) -> tuple[int, int, str, str]:
+    """The canonical order of atoms in a linear combination: q, kv, b, h, sizes, params, the rest."""
+    if node.op is Op.VAR:
+        return (0, _VAR_ORDER.index(str(node.attr)), "", "")
+    if node.op is Op.SIZE:
+        return (1, SIZES.index(str(node.attr)), "", "")
+    if node.op is Op.REF:
+        return (2, 0, str(node.attr), "")
+    return (3, 0, *_text(node))
+
+
+def linear(node: Node) -> tuple[Terms, int]:
+    """An int expression as sum(coefficient * atom) + constant; non-linear parts are atoms. The terms
+    may be shared (memoised within a `canonicalize` call): callers must not modify them."""
+    if _shared is None:
+        return _linear(node)
+    found = _shared.linear.get(node)
+    if found is None:
+        found = _shared.linear[node] = _linear(node)
+    return found
+
+
+def _linear_operands(node: Node) -> tuple[tuple[Node, int], ...]:
+    """The operands of a `+ - *c` node with the factor each contributes by; () for an atom."""
+    if node.op is Op.ADD:
+        return (node.args[0], 1), (node.args[1], 1)
+    if node.op is Op.SUB:
+        return (node.args[0], 1), (node.args[1], -1)
+    if node.op is Op.NEG:
+        return ((node.args[0], -1),)
+    if node.op is Op.MUL:
+        a, b = node.args
+        if b.is_const:
+            a, b = b, a
+        if a.is_const:
+            return ((b, int(a.attr)),)  # type: ignore[arg-type]
+    return ()
+
+
+def _linear(root: Node) -> tuple[Terms, int]:
+    # Each node's total coefficient is the sum over its users of theirs times the factor it enters
+    # them by: pushed from the root down in one pass over the DAG (users before operands), so shared
+    # operands (`a + a`) cost once however many paths reach them.
+    order: list[Node] = []  # operands before users
+    seen: set[Node] = set()
+    stack: list[tuple[Node, bool]] = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+        elif node not in seen:
+            seen.add(node)
+            stack.append((node, True))
+            stack.extend((a, False) for a, _ in _linear_operands(node) if a not in seen)
+    coefficient: dict[Node, int] = {root: 1}
+    terms: Terms = {}
+    constant = 0
+    for node in reversed(order):
+        k = coefficient.pop(node, 0)
+        if not k:
+            continue
+        operands = _linear_operands(node)
+        if node.op is Op.CONST:
+            constant += k * int(node.attr)  # type: ignore[arg-type]
+        elif not operands:
+            terms[node] = terms.get(node, 0) + k
+        for a, factor in operands:
+            coefficient[a] = coefficient.get(a, 0) + k * factor
+    return {atom: k for atom, k in terms.items() if k}, constant
+
+
+def _combine(a: Terms, b: Terms, sign: int) -> Terms:
+    result = dict(a)
+    for atom, k in b.items():
+        result[atom] = result.get(atom, 0) + sign * k
+    return {atom: k for atom, k in result.items() if k}
+
+
+def _ordered(terms: Terms) -> list[tuple[Node, int]]:
+    return sorted(terms.items(), key=lambda item: atom_key(item[0]))
+
+
+def build_linear(terms: Terms, constant: int) -> Node:
+    """The canonical tree of a linear combination: `q - kv + 3`, `2 * q - kv`."""
+    result: Node | None = None
+    for atom, k in _ordered(terms):
+        if result is None:
+            result = atom if k == 1 else make(Op.NEG, atom) if k == -1 else make(Op.MUL, const(k), atom)
+            continue
+        magnitude = atom if abs(k) == 1 else make(Op.MUL, const(abs(k)), atom)
+        result = make(Op.ADD if k > 0 else Op.SUB, result, magnitude)
+    if result is None:
+        return const(constant)
+    if constant:
+        result = make(Op.ADD if constant > 0 else Op.SUB, result, const(abs(constant)))
+    return result
+
+
+COMPARISONS = (Op.EQ, Op.NE, Op.LT, Op.LE, Op.GT, Op.GE)
+_MIRROR = {Op.EQ: Op.EQ, Op.NE: Op.NE, Op.LT: Op.GT, Op.LE: Op.GE, Op.GT: Op.LT, Op.GE: Op.LE}
+
+
+def split_comparison(node: Node, right: Callable[[Node], bool]) -> Node | None:
+    """An int comparison rewritten as `L op R + c`, with the atoms for which `right` holds (moved with
+    their signs flipped) in R and the others in L; None if that leaves either side without atoms.
+
+    The inverse of the canonical form `E op c`, for evaluators that pay by the size of their operands:
+    with `right` selecting the atoms over one axis of a grid, both sides are computed at the size of
+    one axis and only the comparison at the size of the grid."""
+    if node.op not in COMPARISONS or node.args[0].type is not Type.INT:
+        return None
+    terms_a, c_a = linear(node.args[0])
+    terms_b, c_b = linear(node.args[1])
+    terms = _combine(terms_a, terms_b, -1)
+    left = {a: k for a, k in terms.items() if not right(a)}
+    moved = {a: -k for a, k in terms.items() if right(a)}
+    if not left or not moved:
+        return None
+    op, constant = node.op, c_b - c_a
+    if _ordered(left)[0][1] < 0:  # -L op -R is L op' R: no negation left on the leading term
+        left = {a: -k for a, k in left.items()}
+        moved = {a: -k for a, k in moved.items()}
+        op, constant = _MIRROR[op], -constant
+    return make(op, build_linear(left, 0), build_linear(moved, constant))
+
+
+def _int_arith(node: Node) -> Node | None:
+    # add/sub/mul/neg of ints: collect into the canonical linear form.
+    if node.type is not Type.INT:
+        return None
+    return build_linear(*linear(node))
+
+
+def _int_division(node: Node) -> Node | None:
+    # x // 1 == x, x // -1 == -x, x % 1 == x % -1 == 0.
+    x, d = node.args
+    if d.is_const and d.attr in (1, -1):
+        if node.op is Op.MOD:
+            return const(0)
+        return x if d.attr == 1 else make(Op.NEG, x)
+    return None
+
+
+def _float_identity(node: Node) -> Node | None:
+    # Exact float identities only: x * 1.0, x / 1.0, x - 0.0, -(-x).
+    if node.type is not Type.FLOAT:
+        return None
+    if node.op is Op.NEG:
+        return node.args[0].args[0] if node.args[0].op is Op.NEG else None
+    a, b = node.args
+    if node.op is Op.MUL and a.is_const and a.attr == 1.0:
+        return b
+    if node.op in (Op.MUL, Op.DIV) and b.is_const and b.attr == 1.0:
+        return a
+    if node.op is Op.SUB and b.is_const and b.attr == 0.0:
+        return a
+    return None
+
+
+def _min_max_same(node: Node) -> Node | None:
+    # min(x, x) == max(x, x) == x.
+    return node.args[0] if node.args[0] == node.args[1] else None
+
+
+def _abs_abs(node: Node) -> Node | None:
+    # abs(abs(x)) == abs(x); abs(-x) == abs(x).
+    inner = node.args[0]
+    if inner.op is Op.ABS:
+        return inner
+    if inner.op is Op.NEG:
+        return make(Op.ABS, inner.args[0])
+    return None
+
+
+# ---- comparisons -------------------------------------------------------------------------------------
+
+_FLIP = {Op.LE: Op.GE, Op.GE: Op.LE, Op.EQ: Op.EQ, Op.NE: Op.NE}
+
+
+def _int_compare(node: Node) -> Node | None:
+    # `a op b` on ints becomes `E op c` with E canonical (see the module docstring).
+    a, b = node.args
+    if a.type is not Type.INT:
+        return None
+    ta, ca = linear(a)
+    tb, cb = linear(b)
+    terms, c = _combine(ta, tb, -1), cb - ca
+    op = node.op
+    if op is Op.LT:
+        op, c = Op.LE, c - 1
+    elif op is Op.GT:
+        op, c = Op.GE, c + 1
+    if not terms:
+        return const(bool(fold.evaluate(op, [0, c])))
+    distributed = _distribute(terms, op, c)
+    if distributed is not None:
+        return distributed
+    g = math.gcd(*terms.values())
+    if op is Op.LE:
+        c = c // g
+    elif op is Op.GE:
+        c = -((-c) // g)
+    elif c % g:
+        return const(op is Op.NE)
+    else:
+        c //= g
+    terms = {t: k // g for t, k in terms.items()}
+    if _ordered(terms)[0][1] < 0:
+        terms, c, op = {t: -k for t, k in terms.items()}, -c, _FLIP[op]
+    return make(op, build_linear(terms, 0), const(c))
+
+
+def _larger_than(terms: Terms, limit: int) -> bool:
+    """Whether the terms hold more than `limit` nodes, counting at most `limit + 1` of them: a
+    comparison over a large shared DAG costs O(limit) here, not O(DAG) per comparison."""
+    count = 0
+    for term in terms:
+        for _ in term.walk():
+            count += 1
+            if count > limit:
+                return True
+    return False
+
+
+def _distribute(terms: Terms, op: Op, c: int) -> Node | None:
+    """`k * min(x, y) + R <= c` is `k*x + R <= c or k*y + R <= c` (for k > 0); likewise max, abs, >=."""
+    if op not in (Op.LE, Op.GE):
+        return None
+    for atom, k in _ordered(terms):
+        if atom.op not in (Op.MIN, Op.MAX, Op.ABS):
+            continue
+        if _larger_than(terms, _DISTRIBUTE_LIMIT):
+            return None
+        x, y = (atom.args[0], make(Op.NEG, atom.args[0])) if atom.op is Op.ABS else atom.args
+        behaves_like_max = (atom.op in (Op.MAX, Op.ABS)) == (k > 0)
+        rest = {t: v for t, v in terms.items() if t != atom}
+        sides = [make(op, build_linear(_combine(rest, {v: k}, 1), 0), const(c)) for v in (x, y)]
+        # max(x, y) <= c needs both; min(x, y) <= c needs either. >= is the mirror image.
+        conjunction = behaves_like_max == (op is Op.LE)
+        return make(Op.AND if conjunction else Op.OR, *sides)
+    return None
+
+
+def _bool_equality(node: Node) -> Node | None:
+    # x == true is x, x == false is not x, and their != mirrors.
+    a, b = node.args
+    if a.type is not Type.BOOL:
+        return None
+    if a.is_const:
+        a, b = b, a
+    if not b.is_const:
+        return None
+    keep = bool(b.attr) == (node.op is Op.EQ)
+    return a if keep else make(Op.NOT, a)
+
+
+# ---- booleans ----------------------------------------------------------------------------------------
+
+
+def _negate(node: Node) -> Node:
+    """not node, pushed one level down where that is exact (through and/or to their operands)."""
+    if _shared is None:
+        return _negate_one(node, _negate)
+    table = _shared.negate
+
+    def memoised(n: Node) -> Node:
+        found = table.get(n)
+        if found is None:
+            found = table[n] = _negate_one(n, memoised)
+        return found
+
+    return memoised(node)
+
+
+def _negate_one(node: Node, _negate: Callable[[Node], Node]) -> Node:
+    if node.is_const:
+        return const(not node.attr)
+    if node.op is Op.NOT:
+        return node.args[0]
+    if node.op in (Op.AND, Op.OR):
+        return make(Op.OR if node.op is Op.AND else Op.AND, *(_negate(a) for a in node.args))
+    if node.op in (Op.EQ, Op.NE):
+        return make(Op.NE if node.op is Op.EQ else Op.EQ, *node.args)
+    if node.op in (Op.LE, Op.GE, Op.LT, Op.GT) and node.args[0].type is Type.INT:
+        # Ints are totally ordered; floats are not (NaN), so float comparisons keep their `not`.
+        flipped = {Op.LE: Op.GT, Op.GE: Op.LT, Op.LT: Op.GE, Op.GT: Op.LE}[node.op]
+        return make(flipped, *node.args)
+    return make(Op.NOT, node)
+
+
+def _not(node: Node) -> Node | None:
+    # Negation normal form: not pushed down to comparisons and loads.
+    result = _negate(node.args[0])
+    return None if result.op is Op.NOT and result.args[0] == node.args[0] else result
+
+
+def _where(node: Node) -> Node | None:
+    cond, a, b = node.args
+    if a == b:  # where(c, a, a) == a
+        return a
+    if node.type is Type.BOOL:  # a bool where is (c and a) or (not c and b), which analyses can read
+        return make(Op.OR, make(Op.AND, cond, a), make(Op.AND, make(Op.NOT, cond), b))
+    return None
+
+
+def _bound(node: Node) -> tuple[Node, Op, int] | None:
+    """A canonical comparison `E op c` as (E, op, c)."""
+    if node.op in (Op.LE, Op.GE, Op.EQ) and node.args[0].type is Type.INT and node.args[1].is_const:
+        return node.args[0], node.op, int(node.args[1].attr)  # type: ignore[arg-type]
+    return None
+
+
+def _junction(node: Node) -> Node | None:
+    # and/or: flatten, drop identities, absorb, deduplicate, complement, merge bounds.
+    is_and = node.op is Op.AND
+    operands: list[Node] = []
+    for arg in node.args:
+        operands.extend(arg.args if arg.op is node.op else [arg])
+    kept: list[Node] = []
+    for arg in operands:
+        if arg.is_const:
+            if bool(arg.attr) != is_and:  # false in and, true in or
+                return const(not is_and)
+            continue
+        if arg not in kept:
+            kept.append(arg)
+    present = set(kept)
+    for arg in kept:  # x and not x
+        if _negate(arg) in present:
+            return const(not is_and)
+    other = Op.OR if is_and else Op.AND
+    kept = [a for a in kept if not (a.op is other and any(x in present for x in a.args))]  # absorption
+    merged = _merge_bounds(kept, is_and)
+    if isinstance(merged, bool):
+        return const(merged)
+    kept = merged
+    if not kept:
+        return const(is_and)
+    if len(kept) == 1:
+        return kept[0]
+    return make(node.op, *kept)
+
+
+def _merge_bounds(operands: list[Node], is_and: bool) -> list[Node] | bool:
+    """Within and: the tightest bounds on each E, or False if they contradict. Within or: the loosest,
+    or True if they cover every int."""
+    lows: dict[Node, int] = {}
+    highs: dict[Node, int] = {}
+    equal: dict[Node, set[int]] = {}
+    pick_low, pick_high = (max, min) if is_and else (min, max)
+    for arg in operands:
+        bound = _bound(arg)
+        if bound is None:
+            continue
+        expr, op, c = bound
+        if op is Op.EQ:
+            equal.setdefault(expr, set()).add(c)
+        elif op is Op.GE:
+            lows[expr] = pick_low(lows[expr], c) if expr in lows else c
+        else:
+            highs[expr] = pick_high(highs[expr], c) if expr in highs else c
+    if is_and:
+        for expr, values in equal.items():
+            if len(values) > 1:
+                return False
+            (v,) = values
+            if lows.get(expr, v) > v or highs.get(expr, v) < v:
+                return False
+        for expr in lows.keys() & highs.keys():
+            if lows[expr] > highs[expr]:
+                return False
+    else:
+        for expr in lows.keys() & highs.keys():
+            if lows[expr] <= highs[expr] + 1:
+                return True
+    result: list[Node] = []
+    emitted: set[tuple[Node, Op, int]] = set()
+    for arg in operands:
+        bound = _bound(arg)
+        if bound is None:
+            result.append(arg)
+            continue
+        expr, op, c = bound
+        if is_and and expr in equal and op is not Op.EQ:
+            continue  # implied by the equality, which was checked against it above
+        key = (expr, op, c if op is Op.EQ else 0)  # distinct equalities are distinct constraints
+        if key in emitted:
+            continue
+        emitted.add(key)
+        if op is Op.EQ:
+            result.append(arg)
+        else:
+            result.append(make(op, expr, const(lows[expr] if op is Op.GE else highs[expr])))
+    return result
+
+
+Rule = Callable[[Node], Node | None]
+_RULES: dict[Op, tuple[Rule, ...]] = {}
+for _op in Op:
+    _rules: list[Rule] = []
+    if fold.foldable(_op):
+        _rules.append(fold_constant)
+    if _op in (Op.ADD, Op.SUB, Op.MUL, Op.NEG):
+        _rules += [_int_arith, _float_identity]
+    if _op is Op.DIV:
+        _rules.append(_float_identity)
+    if _op in (Op.FLOORDIV, Op.MOD):
+        _rules.append(_int_division)
+    if _op in (Op.MIN, Op.MAX):
+        _rules.append(_min_max_same)
+    if _op is Op.ABS:
+        _rules.append(_abs_abs)
+    if _op in (Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE):
+        _rules.append(_int_compare)
+    if _op in (Op.EQ, Op.NE):
+        _rules.append(_bool_equality)
+    if _op is Op.NOT:
+        _rules.append(_not)
+    if _op is Op.WHERE:
+        _rules.append(_where)
+    if _op in (Op.AND, Op.OR):
+        _rules.append(_junction)
+    if _rules:
+        _RULES[_op] = tuple(_rules)
