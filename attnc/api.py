@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +17,26 @@ import torch
 
 from attnc import oracle
 from attnc.analysis.value_ranges import SIZE_LIMIT
+from attnc.compiler import CompiledPattern, compile_pattern
 from attnc.dsl.lower import Program, load_program, stdlib_program
 from attnc.dsl.source import SourceReadError, read_source, shown_path
-from attnc.errors import AttnImportError, InputError, Loc, ParameterError, SourceFile
+from attnc.errors import AttnError, AttnImportError, InputError, Loc, ParameterError, SourceFile
 from attnc.ir import fold
-from attnc.ir.nodes import INPUT_DTYPES, Node, Op, ParamDecl, PatternIR, Type
+from attnc.ir.nodes import INPUT_DTYPES, ModuleIR, Node, Op, ParamDecl, PatternIR, Type
 from attnc.ir.printer import print_module
+from attnc.ir.results import differentiable_inputs
 from attnc.passes import PASSES
-from attnc.passes.fuse import differentiable_inputs
+from attnc.passes.bind_params import runtime_params, static_params
 from attnc.passes.manager import INPUT_STAGE
-from attnc.runtime import autograd, backend
+from attnc.runtime import autograd, backend, cache
 from attnc.runtime.launch import DTYPES, MAX_HEAD_DIM, Forward
 from attnc.runtime.plan import Plan, exact_block_map, make_plan, uses
 
 Value = int | float | bool
+
+RUNTIME_INT_LIMIT = 2**30
+"""A runtime int parameter takes values in [-RUNTIME_INT_LIMIT, RUNTIME_INT_LIMIT]: the analyses prove
+the kernels' int arithmetic safe for every value in that range (a `static` one may take any int64)."""
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 """The largest `scale` the kernels accept: they compute in float32."""
@@ -115,9 +123,14 @@ class Pattern:
         return self._module_ir.entry.params
 
     def __call__(self, *args: Value, **params: Value) -> Kernel:
-        return Kernel(self.name, self._module_ir, self._bind(args, params))
+        values = self._bind(args, params)
+        return Kernel(self.name, _pipeline(self._program, self._module_ir, values), values)
 
-    def _bind(self, args: tuple[Value, ...], params: dict[str, Value]) -> tuple[tuple[str, Value], ...]:
+    def _bind(
+        self, args: tuple[Value, ...], params: dict[str, Value], specialize: frozenset[str] = frozenset()
+    ) -> tuple[tuple[str, Value], ...]:
+        """Every parameter's value, checked (a runtime int within ±2**30); `specialize` names parameters
+        compiled as static (`attnc ir -D`), which may take any value of their type."""
         entry = self._module_ir.entry
         decls = entry.params
         if len(args) > len(decls):
@@ -135,12 +148,17 @@ class Pattern:
             if key in given:
                 raise ParameterError(f"parameter '{key}' of pattern '{self.name}' given twice", entry.loc)
             given[key] = value
+        runtime = {d.name for d in runtime_params(entry, specialize)}
         values = []
         for decl in decls:
             if decl.name in given:
-                values.append((decl.name, _check_param(decl, given[decl.name], self.name)))
-            elif decl.default is not None:
-                values.append((decl.name, decl.default.attr))
+                values.append(
+                    (decl.name, _check_param(decl, given[decl.name], self.name, decl.name in runtime))
+                )
+            elif decl.default is not None:  # checked too: a runtime int's default must be in range
+                values.append(
+                    (decl.name, _check_param(decl, decl.default.attr, self.name, decl.name in runtime))
+                )
             else:
                 raise ParameterError(
                     f"parameter '{decl.name}' of pattern '{self.name}' has no default and was not given",
@@ -149,32 +167,86 @@ class Pattern:
         return tuple(values)  # type: ignore[return-value]
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{p.name}: {p.type}" for p in self.params)
+        params = ", ".join(
+            f"{'static ' if p.static and p.type is not Type.BOOL else ''}{p.name}: {p.type}"
+            for p in self.params
+        )
         return f"<attnc.Pattern {self.name}({params})>"
 
 
-def _check_param(decl: ParamDecl, value: Any, pattern: str) -> Value:
+def _check_param(
+    decl: ParamDecl, value: Any, pattern: str, runtime: bool, error: type[AttnError] = ParameterError
+) -> Value:
+    """`value` as the parameter's type, or a located `error`; a `runtime` int must lie within
+    ±`RUNTIME_INT_LIMIT`. Under `torch.compile` a runtime value may be a `torch.SymInt` /
+    `torch.SymFloat`: it is kept symbolic (`int()` would specialise the graph on it), and the range
+    check becomes a guard."""
     if decl.type is Type.BOOL:
         if isinstance(value, bool):
             return value
     elif isinstance(value, bool):
         pass
-    elif decl.type is Type.INT and isinstance(value, numbers.Integral) and -(2**63) <= value < 2**63:
-        return int(value)
+    elif decl.type is Type.INT and isinstance(value, numbers.Integral | torch.SymInt):
+        low, high = (-RUNTIME_INT_LIMIT, RUNTIME_INT_LIMIT) if runtime else (-(2**63), 2**63 - 1)
+        if low <= value <= high:
+            return value if isinstance(value, torch.SymInt) else int(value)
+        if runtime:
+            raise error(
+                f"parameter '{decl.name}' of pattern '{pattern}' is a runtime int: it must lie in "
+                f"[-2**30, 2**30], got {_shown(value)} (a `static` parameter may take any int64 value)",
+                decl.loc,
+            )
+    elif decl.type is Type.FLOAT and isinstance(value, torch.SymFloat):
+        return value  # type: ignore[return-value]
     elif decl.type is Type.FLOAT and isinstance(value, numbers.Real):
         try:
             return float(value)
         except OverflowError:  # an int (or Fraction) beyond float's range, like 10**400
-            raise ParameterError(
+            raise error(
                 f"parameter '{decl.name}' of pattern '{pattern}' is float, got {type(value).__name__} "
-                f"{repr(value)[:24]}{'...' if len(repr(value)) > 24 else ''}, beyond any float",
+                f"{_shown(value)}, beyond any float",
                 decl.loc,
             ) from None
-    raise ParameterError(
+    raise error(
         f"parameter '{decl.name}' of pattern '{pattern}' is {decl.type}, "
         f"got {type(value).__name__} {value!r}",
         decl.loc,
     )
+
+
+def _shown(value: Any) -> str:
+    """A value for a message, at most 24 characters of it (an int may have thousands of digits)."""
+    text = repr(value)
+    return text[:24] + ("..." if len(text) > 24 else "")
+
+
+_PIPELINES: weakref.WeakKeyDictionary[Program, dict[tuple[str, ...], CompiledPattern]] = (
+    weakref.WeakKeyDictionary()
+)
+"""Compiled pipelines of each loaded program, by pattern and static parameter values: a kernel of a
+pattern for new runtime values (`mod.sliding_window(window=w)` in a sweep) runs no pass again."""
+
+PIPELINES_PER_PROGRAM = 256
+"""At most this many compilations are kept per program (the oldest is dropped first)."""
+
+
+def _pipeline(
+    program: Program, module_ir: ModuleIR, values: tuple[tuple[str, Value], ...]
+) -> CompiledPattern:
+    """The pattern compiled for `values`, from the memo when only runtime values differ. Runtime values
+    do not enter the pipeline's output (they become `Op.PARAM` leaves), so the key holds the static
+    ones only; `repr` tells 0.0 from -0.0, which compare equal but may compile differently. The kernel
+    source is asked of the cache again (a dictionary hit, normally): the cache stays its one authority."""
+    entry = module_ir.entry
+    static = static_params(entry)
+    key = (entry.name, *(f"{name}={value!r}" for name, value in values if name in static))
+    compiled = _PIPELINES.setdefault(program, {})
+    if key not in compiled:
+        if len(compiled) >= PIPELINES_PER_PROGRAM:
+            del compiled[next(iter(compiled))]
+        compiled[key] = compile_pattern(module_ir, values)
+        return compiled[key]
+    return replace(compiled[key], source=cache.source(compiled[key].entry, compiled[key].spec))
 
 
 def _uses(pattern: PatternIR, *names: str) -> bool:
@@ -182,7 +254,8 @@ def _uses(pattern: PatternIR, *names: str) -> bool:
 
 
 def _dim_value(dim: Node, sizes: Mapping[str, Any]) -> Any:
-    """A shape expression (constants and sizes only, once bound) evaluated; None if a size is unknown.
+    """A shape expression (constants and sizes only, once bound: a parameter in a shape is static) evaluated;
+    None if a size is unknown.
 
     Plain integer arithmetic, so that under `torch.compile` a symbolic size (a `torch.SymInt`) stays
     symbolic: the shape check becomes a guard on the sizes, not a data-dependent `.item()`. A shape that
@@ -235,15 +308,18 @@ the oracle's semantics: floor division and modulo, `x // 0 = 0`, `x % 0 = x`."""
 
 
 class Kernel:
-    """A pattern compiled for fixed parameter values."""
+    """A pattern compiled for parameter values. The static ones shape the kernel; the runtime ones are
+    kernel arguments, and `params` holds the values a call uses unless it gives others by keyword
+    (`kern(q, k, v, window=512)`, likewise `reference`, `mask`, `plan` and `block_map`)."""
 
-    def __init__(self, name: str, module_ir, values: tuple[tuple[str, Value], ...]) -> None:
-        from attnc.compiler import compile_pattern
-
+    def __init__(self, name: str, compiled: CompiledPattern, values: tuple[tuple[str, Value], ...]) -> None:
         self.name = name
         self.params: dict[str, Value] = dict(values)
-        self._compiled = compile_pattern(module_ir, values)
-        self._bound = self._compiled.passes.modules[PASSES["bind-params"].name].entry
+        self._compiled = compiled
+        self._declared = compiled.passes.modules[INPUT_STAGE].entry.params
+        self._bound = compiled.passes.modules[PASSES["bind-params"].name].entry
+        # After bind-params a pattern's `params` are exactly its runtime parameters.
+        self._runtime: dict[str, ParamDecl] = {d.name: d for d in self._bound.params}
         self.pattern: PatternIR = self._compiled.entry
         # Patterns of one structure share their kernels (and their autotuning) through the registry.
         self._forward = autograd.register(
@@ -271,6 +347,28 @@ class Kernel:
         """Each `input` tensor: its dtype and rank."""
         return {d.name: (d.dtype, len(d.dims)) for d in self._bound.inputs}
 
+    @property
+    def runtime_params(self) -> tuple[str, ...]:
+        """The runtime parameters, in declaration order: a call may give them other values by keyword."""
+        return tuple(self._runtime)
+
+    def _split(self, keywords: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Value]]:
+        """A call's keywords as (input tensors, runtime parameter values): each runtime parameter a
+        keyword names takes that value for this call (checked as at binding), the others the kernel's."""
+        inputs: dict[str, Any] = {}
+        params = {name: self.params[name] for name in self._runtime}
+        static = {d.name: d for d in self._declared if d.name not in self._runtime}
+        for key, value in keywords.items():
+            if key in self._runtime:
+                params[key] = _check_param(self._runtime[key], value, self.name, True, InputError)
+            elif key in static:
+                raise InputError(
+                    f"parameter '{key}' is static: bind it with mod.{self.name}({key}=...)", static[key].loc
+                )
+            else:
+                inputs[key] = value
+        return inputs, params
+
     def _env(
         self,
         q_len: int,
@@ -278,6 +376,7 @@ class Kernel:
         batch: int | None,
         num_heads: int | None,
         inputs: Mapping[str, Any],
+        params: Mapping[str, Value],
         device: torch.device | None,
     ) -> oracle.Env:
         pattern = self._bound
@@ -285,7 +384,13 @@ class Kernel:
         for key in inputs:
             if pattern.input(key) is None:
                 names = ", ".join(d.name for d in pattern.inputs) or "none"
-                raise InputError(f"pattern '{self.name}' has no input '{key}' (its inputs: {names})", loc)
+                if not self._runtime:
+                    raise InputError(f"pattern '{self.name}' has no input '{key}' (its inputs: {names})", loc)
+                raise InputError(
+                    f"pattern '{self.name}' has no input or runtime parameter '{key}' (its inputs: {names}; "
+                    f"its runtime parameters: {', '.join(self._runtime)})",
+                    loc,
+                )
         for decl in pattern.inputs:
             if decl.name not in inputs:
                 raise InputError(f"input '{decl.name}' was not given", decl.loc)
@@ -346,6 +451,7 @@ class Kernel:
             kv_len,
             device or torch.device("cpu"),
             dict(inputs),
+            params=dict(params),
         )
 
     def mask(
@@ -358,8 +464,8 @@ class Kernel:
         **inputs: Any,
     ) -> torch.Tensor:
         """The dense bool mask, [B or 1, H or 1, q_len, kv_len]: may query q see key kv. At most
-        `DENSE_LIMIT` elements."""
-        env = self._env(q_len, kv_len, batch, num_heads, inputs, None)
+        `DENSE_LIMIT` elements. `inputs`: the pattern's inputs and runtime parameter values."""
+        env = self._env(q_len, kv_len, batch, num_heads, *self._split(inputs), None)
         self._check_dense("the mask", (env.batch, env.num_heads, q_len, kv_len))
         result = oracle.mask(self._bound, env)
         shape = (
@@ -386,7 +492,12 @@ class Kernel:
         `attnc.runtime.plan.Plan`. `block` is the (query, key) tile size metadata is built for."""
         block = self._block(block)
         env = self._env(
-            q_len, kv_len, batch, num_heads, inputs, None if device is None else torch.device(device)
+            q_len,
+            kv_len,
+            batch,
+            num_heads,
+            *self._split(inputs),
+            None if device is None else torch.device(device),
         )
         return make_plan(self.pattern, env, block)
 
@@ -405,16 +516,9 @@ class Kernel:
         tiles; the mask is evaluated only on the positions of the tiles it leaves undecided. At most
         `DENSE_LIMIT` tiles (before broadcasting over batch rows and heads the pattern ignores)."""
         bm, bn = self._block(block)
-        env = self._env(q_len, kv_len, batch, num_heads, inputs, None)
-        roots = [
-            r
-            for r in (
-                self._bound.mask,
-                self.pattern.derived_value("tile_any"),
-                self.pattern.derived_value("tile_all"),
-            )
-            if r is not None
-        ]
+        env = self._env(q_len, kv_len, batch, num_heads, *self._split(inputs), None)
+        tiles = () if self.pattern.tiles is None else tuple(self.pattern.tiles.roots())
+        roots = [r for r in (self._bound.mask, *tiles) if r is not None]
         batches = env.batch if uses(roots, "b") else 1
         heads = env.num_heads if uses(roots, "h") else 1
         self._check_dense("the block map", (batches, heads, -(-q_len // bm), -(-kv_len // bn)))
@@ -464,9 +568,12 @@ class Kernel:
 
         q [B, Hq, Lq, D], k [B, Hkv, Lkv, D], v [B, Hkv, Lkv, Dv], Hq % Hkv == 0 (GQA); float16,
         bfloat16 or float32, all one dtype, on one device; D and Dv at most 256. `inputs` are the
-        pattern's input tensors, by name, on the same device. `out` [B, Hq, Lq, Dv] has q's dtype; lse
-        [B, Hq, Lq] (natural log, float32) comes with `return_lse=True`. A query that may see no key
-        gets output 0 and lse -inf. Zero batch rows, heads or lengths give empty results.
+        pattern's input tensors, by name, on the same device, and values of its runtime parameters for
+        this call (`window=512`; the others are `self.params`'). Under `torch.compile` an int value
+        becomes dynamic on its second value (one graph for all later ones); a float one is specialised.
+        `out` [B, Hq, Lq, Dv] has q's dtype; lse [B, Hq, Lq] (natural log, float32) comes with
+        `return_lse=True`. A query that may see no key gets output 0 and lse -inf. Zero batch rows,
+        heads or lengths give empty results.
 
         `scale` (default D ** -0.5) must be finite and at most float32's largest value in magnitude.
         The kernels compute scores in float32: keeping the scaled, score-modified scores finite there is
@@ -511,7 +618,8 @@ class Kernel:
         if not isinstance(return_lse, bool):
             raise InputError(f"return_lse must be a bool, got {return_lse!r}", loc)
         batch, heads, q_len, dim = q.shape
-        self._env(q_len, k.shape[2], batch, heads, inputs, q.device)
+        inputs, params = self._split(inputs)
+        self._env(q_len, k.shape[2], batch, heads, inputs, params, q.device)
         for decl in self._bound.inputs:
             if inputs[decl.name].requires_grad and decl.name not in self._differentiable:
                 raise InputError(
@@ -521,7 +629,8 @@ class Kernel:
                 )
         tensors = [inputs[d.name] for d in self._bound.inputs]
         autograd.check_no_forward_ad([q, k, v, *tensors])
-        out, lse = autograd.attention(q, k, v, tensors, self._key, self._scale(scale, dim))
+        ints, floats = autograd.param_lists(self.pattern, params)
+        out, lse = autograd.attention(q, k, v, tensors, self._key, self._scale(scale, dim), ints, floats)
         return (out, lse) if return_lse else out
 
     def _scale(self, scale: Any, dim: int) -> float:
@@ -589,7 +698,7 @@ class Kernel:
         if precision not in (torch.float64, *DTYPES):
             raise InputError(f"precision must be a float dtype, got {precision!r}", self._bound.loc)
         batch, heads, q_len, dim = q.shape
-        env = self._env(q_len, k.shape[2], batch, heads, inputs, q.device)
+        env = self._env(q_len, k.shape[2], batch, heads, *self._split(inputs), q.device)
         self._check_dense("the reference's scores", (batch, heads, q_len, k.shape[2]))
         scale = self._scale(scale, dim)
         if heads == 0:  # no heads: nothing to compute (and no key/value heads to group queries by)
@@ -603,7 +712,11 @@ class Kernel:
         return (out, lse) if return_lse else out
 
     def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        """The parameter values, `static` marking those the kernel is specialised on (as in the source);
+        the others are the values calls use unless they give their own."""
+        params = ", ".join(
+            f"{'' if k in self._runtime else 'static '}{k}={v!r}" for k, v in self.params.items()
+        )
         return f"<attnc.Kernel {self.name}({params})>"
 
 

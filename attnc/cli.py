@@ -1,4 +1,4 @@
-"""The `attnc` command line: `check`, `ir`, `show`, `run`, `fuzz` and `bench`."""
+"""The `attnc` command line: `check`, `ir`, `opt`, `show`, `run`, `fuzz` and `bench`."""
 
 from __future__ import annotations
 
@@ -13,13 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from attnc.api import Module, Pattern, load
-from attnc.compiler import LOWER_STAGE, compile_pattern
+from attnc.compiler import STAGES, IRTextError, compile_pattern, optimize
+from attnc.dsl.source import MAX_SOURCE_BYTES, SourceReadError, read_source, size_error
 from attnc.errors import AttnError, InternalError, ParameterError
-from attnc.passes import PASSES
-from attnc.passes.manager import INPUT_STAGE
 from attnc.show import ShowError, render, save_png, tile_view
 
-STAGES = [INPUT_STAGE, *PASSES, LOWER_STAGE]
 # Seeds go to `torch.Generator.manual_seed`, which takes 64 bits; one range for every command.
 SEED_LIMIT = 2**63
 # The environment variables naming directories attnc writes to: an OS error on a path under one of
@@ -138,13 +136,47 @@ def _cmd_ir(args: argparse.Namespace) -> int:
                 )
     for pattern in patterns:
         params = {p.name: defines[p.name] for p in pattern.params if p.name in defines}
+        # -D specialises: a parameter given a value is static here; the other runtime ones stay symbols
+        # (`!name`), shown with their defaults.
+        specialize = frozenset(params)
         values = pattern._bind((), params)
         if args.print_between_passes:
-            compile_pattern(pattern._module_ir, values, print_between=sys.stdout)
+            compile_pattern(pattern._module_ir, values, print_between=sys.stdout, specialize=specialize)
             continue
-        compiled = compile_pattern(pattern._module_ir, values)
+        compiled = compile_pattern(pattern._module_ir, values, specialize=specialize)
         stage = args.after or list(compiled.passes.stages)[-1]
         sys.stdout.write(compiled.stages[stage])
+    return 0
+
+
+def _read_ir(path: str) -> tuple[str, str]:
+    """The IR text of a file, or of standard input for `-`, with the name its errors show."""
+    if path != "-":
+        try:
+            return read_source(Path(path)), path
+        except SourceReadError as err:
+            raise IRTextError(f"{path}: {err.reason}", None) from None
+    data = sys.stdin.buffer.read(MAX_SOURCE_BYTES + 1)
+    if len(data) > MAX_SOURCE_BYTES:
+        raise IRTextError(f"<stdin>: {size_error(MAX_SOURCE_BYTES, 'IR text')}", None)
+    try:
+        return data.decode("utf-8"), "<stdin>"
+    except UnicodeDecodeError:
+        raise IRTextError("<stdin>: it is not UTF-8 text", None) from None
+
+
+def _passes(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",")]
+
+
+def _cmd_opt(args: argparse.Namespace) -> int:
+    text, name = _read_ir(args.file)
+    between = sys.stdout if args.print_between_passes else None
+    result = optimize(text, args.passes, dict(args.define), print_between=between, filename=name)
+    if args.output is not None:
+        Path(args.output).write_text(result)
+    elif between is None:
+        sys.stdout.write(result)
     return 0
 
 
@@ -260,6 +292,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     when.add_argument("--print-between-passes", action="store_true", help="print the IR after every pass")
     ir.set_defaults(run=_cmd_ir)
+
+    opt = commands.add_parser(
+        "opt",
+        help="run passes on IR text (as `attnc ir` prints it) and print the result",
+        description="Read IR text from FILE (`-`: standard input), run the passes named by --passes in "
+        "that order, verifying the IR before and after each, and print the resulting IR (after "
+        "lower-triton, which may come last: the Triton source). A pass whose input lacks what it "
+        "requires is an error naming the pass that provides it.",
+    )
+    opt.add_argument("file", metavar="FILE", help="the IR text, or - for standard input")
+    opt.add_argument(
+        "--passes",
+        type=_passes,
+        required=True,
+        metavar="P1,P2,...",
+        help=f"the passes to run, in order: any of {', '.join(STAGES[1:])}",
+    )
+    opt.add_argument(
+        "-D",
+        "--define",
+        action="append",
+        type=_parse_define,
+        default=[],
+        metavar="NAME=VALUE",
+        help="a parameter value for bind-params (repeatable), specialising the parameter; static "
+        "parameters not given take their defaults",
+    )
+    opt.add_argument("--print-between-passes", action="store_true", help="print the IR after every pass")
+    opt.add_argument("-o", "--output", metavar="OUT", help="write the result to OUT instead of printing it")
+    opt.set_defaults(run=_cmd_opt)
 
     show = commands.add_parser(
         "show",

@@ -25,7 +25,9 @@ class Env:
     """What names mean during one evaluation. Grids broadcast to [B, H, Lq, Lkv].
 
     `points` replaces the grid of some index variables by given index tensors (to evaluate the mask on
-    chosen positions only); `tiles` gives the tile box variables of derived expressions.
+    chosen positions only); `tiles` gives the tile box variables of derived expressions. `params` gives
+    the runtime parameters' values by name (`Op.PARAM`, see `passes/bind_params.py`): every evaluator
+    of a bound pattern (this oracle, the plans, the launchers) reads them from here.
     """
 
     batch: int
@@ -39,6 +41,7 @@ class Env:
     tiles: Mapping[str, torch.Tensor] = field(default_factory=dict)
     tables: dict[tuple[str, int], RangeTable] = field(default_factory=dict, repr=False)
     float_dtype: torch.dtype = torch.float64  # the type floats are computed in (see `attention`)
+    params: Mapping[str, int | float] = field(default_factory=dict)
 
     def var(self, name: str) -> torch.Tensor:
         if name in self.points:
@@ -175,6 +178,11 @@ def evaluate(root: Node, pattern: PatternIR, env: Env) -> torch.Tensor:
             result = env.var(str(node.attr))
         elif op is Op.SIZE:
             result = _scalar(env.size(str(node.attr)), Type.INT, env)
+        elif op is Op.PARAM:
+            assert str(node.attr) in env.params, f"no value for the runtime parameter {node.attr}"
+            # As given (the dtype converts an int given for a float): a `torch.SymInt` under torch.compile
+            # is not forced to a constant here.
+            result = _scalar(env.params[str(node.attr)], node.type, env)
         elif op is Op.SCORE:
             assert env.score is not None, "the score is only defined inside score"
             result = env.score

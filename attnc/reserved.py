@@ -1,10 +1,12 @@
 """Names no `input` or parameter may take: the keywords of the Python API's calls (DESIGN.md §3).
 
 An input is passed to a kernel by keyword (`kern(q, k, v, doc=ids)`), next to the calls' own keywords
-(`scale`, `return_lse`, `batch`, ...), so an input named like one of them could never be given; a pattern
-parameter is passed to `Pattern.__call__`, where only `self` collides. The front end rejects such a
-declaration with a located error. This module imports nothing (no torch), so the
-front end can use it; a test checks that every keyword of the public `Kernel` and `Pattern` methods is here.
+(`scale`, `return_lse`, `batch`, ...), so an input named like one of them could never be given. So is a
+runtime parameter's value for one call (`kern(q, k, v, window=512)`): a runtime parameter may not take
+those names either. A `static` parameter is passed to `Pattern.__call__` only, where just `self`
+collides. The front end rejects such a declaration with a located error. This module imports nothing
+(no torch), so the front end can use it; a test checks that every keyword of the public `Kernel` and
+`Pattern` methods is here.
 """
 
 from __future__ import annotations
@@ -47,9 +49,15 @@ RESERVED_NAMES: frozenset[str] = frozenset(
         "enable_gqa",
     }
 )
-"""Names no `input` may take: every keyword of a `Kernel` method, present or reserved."""
+"""Names no `input` or runtime parameter may take: every keyword of a `Kernel` method, present or
+reserved."""
 
 RESERVED_PARAMETER_NAMES: frozenset[str] = frozenset({"self"})
-"""Names no pattern parameter may take. Parameters are passed to `Pattern.__call__(*args, **params)`,
-whose only named argument is `self`; the kernel's keywords (`block`, `scale`, ...) do not collide with
-them, and examples use `block` as a parameter (`power_attention(block=64)`)."""
+"""Names no pattern parameter may take, static ones included. Parameters are passed to
+`Pattern.__call__(*args, **params)`, whose only named argument is `self`; a `static` parameter is given
+nowhere else, so the kernel's keywords (`block`, `scale`, ...) do not collide with it, and examples
+use `block` as one (`power_attention(block=64)`)."""
+
+RESERVED_RUNTIME_PARAMETER_NAMES: frozenset[str] = RESERVED_NAMES
+"""Names no runtime parameter may take: it may also be given by keyword to a `Kernel` method's call
+(`kern(q, k, v, window=512)`), so it shares the inputs' reservation."""

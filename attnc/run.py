@@ -12,6 +12,7 @@ import torch
 import triton
 
 from attnc.api import Kernel, _dim_value
+from attnc.ir.results import Sparsity
 from attnc.runtime.backend import INTERPRETER, active
 from attnc.show import ShowError, random_inputs
 from attnc.testing import Comparison, GradientComparison, compare, compare_gradients
@@ -30,7 +31,7 @@ class RunReport:
     backend: str
     device: str
     config: str
-    sparsity: str
+    sparsity: Sparsity
     times_s: list[float]
     comparison: Comparison | None
     backward_times_s: list[float] | None = None  # forward + backward, with --backward
@@ -50,7 +51,7 @@ class RunReport:
             f"k/v [{b}, {self.kv_heads}, {self.kv_len}, {d}]",
             f"backend: {self.backend} ({self.device}; Triton {triton.__version__})",
             f"launch: {self.config}; plan: {self.sparsity}"
-            + (" (no metadata)" if self.sparsity == "analytic" else " (block-sparse metadata)"),
+            + (" (no metadata)" if self.sparsity.analytic else " (block-sparse metadata)"),
         ]
         if self.comparison is not None:
             lines.append(f"kernel vs float64 oracle: {self.comparison.describe()}")
@@ -194,6 +195,8 @@ def run(
         gradients = compare_gradients(kernel, q, k, v, seed=seed, **inputs) if check else None
     forward = kernel._forward
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    sparsity = kernel.pattern.sparsity
+    assert sparsity is not None, "a kernel is compiled through block-sparsify"
     return RunReport(
         kernel=kernel,
         shape=(batch, heads, q_len, dim),
@@ -203,7 +206,7 @@ def run(
         backend=backend,
         device=name,
         config=str(forward.last_config) if forward.last_config is not None else "no launch (empty output)",
-        sparsity=kernel.pattern.sparsity or "",
+        sparsity=sparsity,
         times_s=times,
         comparison=comparison,
         backward_times_s=backward_times,

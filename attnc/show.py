@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from attnc.api import Kernel, _dim_value
+from attnc.ir.results import Sparsity
 from attnc.runtime.plan import EMPTY, FULL, PARTIAL
 
 CHARS = {EMPTY: ".", PARTIAL: "+", FULL: "#"}
@@ -53,7 +54,7 @@ class TileView:
     head: int
     classes: torch.Tensor
     planned: torch.Tensor
-    sparsity: str
+    sparsity: Sparsity
     metadata: dict[str, torch.Tensor]
     inputs: dict[str, torch.Tensor]
     seed: int | None
@@ -115,6 +116,8 @@ def tile_view(
     planned = plan.block_map()
     # The plan has size-1 batch / head axes where the pattern does not depend on b / h.
     planned = planned[min(batch, planned.shape[0] - 1), min(head, planned.shape[1] - 1)]
+    sparsity = kernel.pattern.sparsity
+    assert sparsity is not None, "a kernel is compiled through block-sparsify"
     return TileView(
         kernel=kernel,
         q_len=q_len,
@@ -124,7 +127,7 @@ def tile_view(
         head=head,
         classes=classes,
         planned=planned,
-        sparsity=plan.sparsity,
+        sparsity=sparsity,
         metadata=plan.tensors(),
         inputs=inputs,
         seed=seed,

@@ -12,7 +12,10 @@ Method:
    each repetition empties the in-memory source cache, points `ATTNC_CACHE_DIR` at a new empty
    directory and times `module[name](**params)`: the whole pipeline (inline ... fuse), the kernel spec,
    the Jinja render, the source's checks and its write to the disk cache. The median of `--reps` is
-   reported, with the minimum and maximum. Nothing here runs Triton's compiler or a kernel.
+   reported, with the minimum, the maximum and the first build (the only one whose IR nodes no earlier
+   build of the same pattern made), and per pass (its verification included; `lower-triton` is the
+   rest: the kernel spec, the cache key, the render, its checks and the write). Nothing here runs
+   Triton's compiler or a kernel.
 2. **Programs whose DAG is small and whose tree is exponential** (a 40-deep chain of `fn`s each using
    its argument twice; 60 `let`s each squaring the last): each in its own process with a timeout
    (`--stress-timeout`, default 60 s), timed the same way; a timeout or an error is recorded as such.
@@ -23,7 +26,9 @@ Usage::
 
     python benchmarks/build_time.py                       # everything; JSON under benchmarks/results/
     python benchmarks/build_time.py --label before --reps 3
+    python benchmarks/build_time.py --only streaming_llm --only neighborhood_3d  # some patterns only
     python benchmarks/build_time.py --markdown FILE.json  # the README table of a saved run
+    python benchmarks/build_time.py --markdown FILE.json --breakdown  # and the per-pass table
 
 Results: `benchmarks/results/build_time-<label>-<cpu>-<date>.json`.
 """
@@ -85,26 +90,36 @@ def _fresh_cache() -> None:
     os.environ["ATTNC_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnc-build-time-")
 
 
-def _time_build(module, name: str, params: dict, reps: int) -> list[float]:
-    times = []
+def _time_build(module, name: str, params: dict, reps: int) -> tuple[list[float], list[dict[str, float]]]:
+    """The seconds of each build, and of each pass in it (`lower-triton`: the rest of the build)."""
+    times, passes = [], []
     for _ in range(reps):
         _fresh_cache()
         start = time.perf_counter()
-        module[name](**params)
+        kernel = module[name](**params)
         times.append(time.perf_counter() - start)
-    return times
+        seconds = dict(kernel._compiled.passes.seconds)
+        seconds["lower-triton"] = times[-1] - sum(seconds.values())
+        passes.append(seconds)
+    return times, passes
 
 
-def _summary(times: list[float]) -> dict:
+def _summary(times: list[float], passes: list[dict[str, float]]) -> dict:
     return {
         "median_ms": statistics.median(times) * 1e3,
         "min_ms": min(times) * 1e3,
         "max_ms": max(times) * 1e3,
+        "first_ms": times[0] * 1e3,
+        "passes_ms": {stage: statistics.median(p[stage] for p in passes) * 1e3 for stage in passes[0]},
         "times_s": times,
     }
 
 
-def worker_patterns(reps: int) -> list[dict]:
+def _selected(source: str, name: str, only: list[str] | None) -> bool:
+    return not only or name in only or f"{source}:{name}" in only
+
+
+def worker_patterns(reps: int, only: list[str] | None) -> list[dict]:
     import attnc
 
     stdlib = attnc.stdlib()
@@ -116,12 +131,14 @@ def worker_patterns(reps: int) -> list[dict]:
         cases += [(f"examples/{path.name}", module, name, {}) for name in module.own_patterns]
     rows = []
     for source, module, name, params in cases:
+        if not _selected(source, name, only):
+            continue
         rows.append(
             {
                 "source": source,
                 "pattern": name,
                 "params": params,
-                **_summary(_time_build(module, name, params, reps)),
+                **_summary(*_time_build(module, name, params, reps)),
             }
         )
         print(f"{source}:{name} {rows[-1]['median_ms']:.1f} ms", file=sys.stderr)
@@ -134,7 +151,7 @@ def worker_stress(name: str, reps: int) -> dict:
     _fresh_cache()
     attnc.stdlib().causal()
     module = attnc.loads(stress_sources()[name], filename=f"<{name}>")
-    return {"source": "stress", "pattern": name, **_summary(_time_build(module, "p", {}, reps))}
+    return {"source": "stress", "pattern": name, **_summary(*_time_build(module, "p", {}, reps))}
 
 
 def worker_sweeps() -> list[dict]:
@@ -180,23 +197,43 @@ def _run_worker(args: list[str], timeout: float) -> dict:
     return {"status": "ok", "result": json.loads(done.stdout.strip().splitlines()[-1])}
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, breakdown: bool = False) -> str:
     lines = [
         f"Kernel build time (`.attn` to Triton source, warm process), median of {report['reps']}, "
         f"{report['cpu']}, {report['date']}, attnc {report['attnc']} ({report['label']})",
         "",
-        "| pattern | median ms | min ms | max ms |",
-        "|---|---:|---:|---:|",
+        "| pattern | median ms | min ms | max ms | first ms |",
+        "|---|---:|---:|---:|---:|",
     ]
     for row in report["patterns"] + report["stress"]:
         name = f"{row['source']}:{row['pattern']}"
         if "median_ms" in row:
-            lines.append(f"| {name} | {row['median_ms']:.1f} | {row['min_ms']:.1f} | {row['max_ms']:.1f} |")
+            first = f"{row['first_ms']:.1f}" if "first_ms" in row else ""  # not in runs before it was kept
+            times = f"{row['median_ms']:.1f} | {row['min_ms']:.1f} | {row['max_ms']:.1f} | {first}"
+            lines.append(f"| {name} | {times} |")
         else:
-            lines.append(f"| {name} | {row['status']} | | |")
-    lines += ["", "| parameter sweep | kernels built | Triton sources rendered |", "|---|---:|---:|"]
-    lines += [f"| {s['sweep']} | {s['kernels_built']} | {s['sources_rendered']} |" for s in report["sweeps"]]
+            lines.append(f"| {name} | {row['status']} | | | |")
+    if report["sweeps"]:
+        lines += ["", "| parameter sweep | kernels built | Triton sources rendered |", "|---|---:|---:|"]
+        lines += [
+            f"| {s['sweep']} | {s['kernels_built']} | {s['sources_rendered']} |" for s in report["sweeps"]
+        ]
+    if breakdown:
+        lines += ["", *_breakdown(report["patterns"] + report["stress"])]
     return "\n".join(lines)
+
+
+def _breakdown(rows: list[dict]) -> list[str]:
+    """Per pass, the median ms (a pass with its verification; `lower-triton` is the rest of the build)."""
+    timed = [row for row in rows if "passes_ms" in row]
+    if not timed:
+        return []
+    stages = list(timed[0]["passes_ms"])
+    lines = [f"| pattern | {' | '.join(stages)} |", "|---|" + "---:|" * len(stages)]
+    for row in timed:
+        cells = " | ".join(f"{row['passes_ms'].get(stage, 0.0):.1f}" for stage in stages)
+        lines.append(f"| {row['source']}:{row['pattern']} | {cells} |")
+    return lines
 
 
 def _cpu_name() -> str:
@@ -216,12 +253,19 @@ def main() -> None:
     parser.add_argument("--stress-timeout", type=float, default=60.0)
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--markdown", type=Path, default=None, help="print the table of a saved run")
+    parser.add_argument("--breakdown", action="store_true", help="with the table, the per-pass one")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="time only this pattern (a name, or SOURCE:NAME as in the table; repeatable); no sweeps",
+    )
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         kind, *rest = args.worker
         if kind == "patterns":
-            result = worker_patterns(args.reps)
+            result = worker_patterns(args.reps, args.only)
         elif kind == "stress":
             result = worker_stress(rest[0], args.reps)
         else:
@@ -229,24 +273,27 @@ def main() -> None:
         print(json.dumps(result))
         return
     if args.markdown:
-        print(markdown(json.loads(args.markdown.read_text())))
+        print(markdown(json.loads(args.markdown.read_text()), args.breakdown))
         return
 
     import attnc
 
     timeout = max(args.stress_timeout * args.reps, 600.0)
-    patterns = _run_worker(["patterns", "--reps", str(args.reps)], timeout)
+    only = [flag for name in args.only or () for flag in ("--only", name)]
+    patterns = _run_worker(["patterns", "--reps", str(args.reps), *only], timeout)
     if patterns["status"] != "ok":
         raise SystemExit(f"build_time: the pattern worker failed: {patterns['status']}")
     stress = []
     for name in stress_sources():
+        if not _selected("stress", name, args.only):
+            continue
         done = _run_worker(["stress", name, "--reps", str(args.reps)], args.stress_timeout * args.reps)
         stress.append(
             done["result"]
             if done["status"] == "ok"
             else {"source": "stress", "pattern": name, "status": done["status"]}
         )
-    sweeps = _run_worker(["sweeps"], 600.0)
+    sweeps = _run_worker(["sweeps"], 600.0) if not args.only else {"status": "ok", "result": []}
     report = {
         "label": args.label,
         "date": datetime.date.today().isoformat(),
@@ -266,7 +313,7 @@ def main() -> None:
     output = args.output or RESULTS / f"build_time-{args.label}-{cpu}-{report['date']}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n")
-    print(markdown(report))
+    print(markdown(report, args.breakdown))
     print(f"\nwritten {output}")
 
 

@@ -183,15 +183,16 @@ def compile_mask(expr: str, params: dict[str, int]) -> attnc.Kernel:
     return attnc.loads(source(expr)).p(**params)
 
 
-def env() -> oracle.Env:
-    return oracle.Env(BATCH, HEADS, Q_LEN, KV_LEN, torch.device("cpu"), {})
+def env(kern: attnc.Kernel) -> oracle.Env:
+    """The grid, with the kernel's parameter values (the runtime ones are read from `params`)."""
+    return oracle.Env(BATCH, HEADS, Q_LEN, KV_LEN, torch.device("cpu"), {}, params=kern.params)
 
 
 def bound_and_final_masks(kern: attnc.Kernel) -> tuple[torch.Tensor, torch.Tensor]:
     bound = kern._compiled.passes.modules["bind-params"].entry
     final = kern._compiled.passes.modules["canonicalize"].entry
-    m1 = oracle.mask(bound, env()).expand(SHAPE)
-    m2 = oracle.mask(final, env()).expand(SHAPE)
+    m1 = oracle.mask(bound, env(kern)).expand(SHAPE)
+    m2 = oracle.mask(final, env(kern)).expand(SHAPE)
     return m1, m2
 
 
@@ -200,7 +201,7 @@ def unfolded_mask(kern: attnc.Kernel) -> torch.Tensor:
     inlined = kern._compiled.passes.modules["inline"].entry
     values = {name: const(value) for name, value in kern.params.items()}
     raw = replace(inlined, params=(), mask=substitute(inlined.mask, values))
-    return oracle.mask(raw, env()).expand(SHAPE)
+    return oracle.mask(raw, env(kern)).expand(SHAPE)
 
 
 def first_difference(a: torch.Tensor, b: torch.Tensor) -> str:

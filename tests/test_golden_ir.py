@@ -1,6 +1,8 @@
 """Golden IR tests: each `tests/golden/<pass>/<case>.attn` compiles to the IR in `<case>.ir` after that
-pass. The first line, `# RUN: -p PATTERN [-D NAME=VALUE ...]`, says what to compile. Set
-ATTNC_UPDATE_GOLDEN=1 to rewrite the expected files (then read the diff before committing it)."""
+pass. The first line, `# RUN: -p PATTERN [-D NAME=VALUE ...]`, says what to compile; as in `attnc ir`,
+`-D` specialises the kernel on the value (the parameter is static there), and the other runtime
+parameters stay symbols (`!name`). Set ATTNC_UPDATE_GOLDEN=1 to rewrite the expected files (then read
+the diff before committing it)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import pytest
 
 import attnc
 from attnc.cli import _parse_define
+from attnc.compiler import CompiledPattern, compile_pattern
 from attnc.ir.parser import parse_module
 from attnc.ir.printer import print_module
 from attnc.passes import PASSES
@@ -20,17 +23,24 @@ GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(GOLDEN.glob("*/*.attn"))
 
 
-def _compile(path: Path) -> attnc.Kernel:
+BindArgs = tuple[tuple[tuple[str, int | float | bool], ...], frozenset[str]]
+"""What `bind-params` runs with: the parameter values, and the names `-D` specialises."""
+
+
+def _compile(path: Path) -> tuple[CompiledPattern, BindArgs]:
+    """The case compiled, and the arguments its `bind-params` ran with."""
     words = shlex.split(path.read_text().splitlines()[0].removeprefix("# RUN:"))
-    pattern = words[words.index("-p") + 1]
+    pattern = attnc.load(path)[words[words.index("-p") + 1]]
     params = dict(_parse_define(words[i + 1]) for i, w in enumerate(words) if w == "-D")
-    return attnc.load(path)[pattern](**params)
+    specialize = frozenset(params)
+    values = pattern._bind((), params)
+    return compile_pattern(pattern._module_ir, values, specialize=specialize), (values, specialize)
 
 
 @pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_pass_output_matches_golden(path: Path) -> None:
     stage = path.parent.name
-    actual = _compile(path).ir(stage)
+    actual = _compile(path)[0].stages[stage]
     expected_path = path.with_suffix(".ir")
     if os.environ.get("ATTNC_UPDATE_GOLDEN") == "1":
         expected_path.write_text(actual)
@@ -46,9 +56,9 @@ def test_golden_ir_round_trips(path: Path) -> None:
 @pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_running_the_pass_twice_changes_nothing(path: Path) -> None:
     stage = path.parent.name
-    kernel = _compile(path)
-    once = kernel._compiled.passes.modules[stage]
-    pass_ = PASSES[stage](tuple(kernel.params.items())) if stage == "bind-params" else PASSES[stage]()
+    compiled, bind_args = _compile(path)
+    once = compiled.passes.modules[stage]
+    pass_ = PASSES[stage](*bind_args) if stage == "bind-params" else PASSES[stage]()
     assert pass_.run(once) == once
 
 

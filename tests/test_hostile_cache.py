@@ -27,6 +27,9 @@ from attnc.runtime import autotune, cache
 from attnc.runtime.autotune import Config, LaunchShape, Tuner
 
 SHAPE = LaunchShape("bfloat16", 128, 128, 1, 5000, 5000, 32)
+# A sliding window whose kernel is specialised on the window (the stdlib's is a runtime parameter, one
+# kernel for every value): each window below is a kernel of its own.
+WINDOWS = attnc.loads("pattern sliding_window_static(static window: int) { mask = sliding_window(window) }")
 PAYLOAD = 'x\nimport pathlib; pathlib.Path("PWNED").touch()\n#'  # run in the test's own directory
 
 
@@ -181,32 +184,32 @@ def _truncate(text: str) -> str:
     ids=["truncated", "empty", "cut-mid-line", "edited", "garbage"],
 )
 def test_a_corrupted_cached_kernel_is_rendered_again(cache_root: Path, corrupt) -> None:
-    kern = attnc.stdlib().sliding_window(window=4)
+    kern = WINDOWS.sliding_window_static(window=4)
     path = kernel_file(kern, cache_root)
     good = path.read_text()
     path.write_text(corrupt(good))
     cache.clear_memory()  # as a new process would start
     renders = cache.STATS.renders
-    again = attnc.stdlib().sliding_window(window=4)
+    again = WINDOWS.sliding_window_static(window=4)
     assert cache.STATS.renders == renders + 1
     assert path.read_text() == good == again.ir("lower-triton")
     assert_matches_oracle(again)
 
 
 def test_another_patterns_valid_kernel_under_a_key_is_rendered_again(cache_root: Path) -> None:
-    kern = attnc.stdlib().sliding_window(window=4)
-    other = attnc.stdlib().sliding_window(window=9)
+    kern = WINDOWS.sliding_window_static(window=4)
+    other = WINDOWS.sliding_window_static(window=9)
     path = kernel_file(kern, cache_root)
     good = path.read_text()
     path.write_text(kernel_file(other, cache_root).read_text())  # sealed, but for another key
     cache.clear_memory()
-    assert attnc.stdlib().sliding_window(window=4).ir("lower-triton") == good == path.read_text()
+    assert WINDOWS.sliding_window_static(window=4).ir("lower-triton") == good == path.read_text()
 
 
 def test_the_module_runs_the_verified_text_even_if_the_file_changes(
     cache_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    kern = attnc.stdlib().sliding_window(window=5)
+    kern = WINDOWS.sliding_window_static(window=5)
     source = kern._compiled.source
     marker = tmp_path / "PWNED"
     source.path.write_text(f'import pathlib; pathlib.Path("{marker}").touch()\n')
@@ -225,7 +228,7 @@ def test_the_module_runs_the_verified_text_even_if_the_file_changes(
 
 
 def test_the_cache_directories_are_created_private(cache_root: Path) -> None:
-    attnc.stdlib().sliding_window(window=6)
+    WINDOWS.sliding_window_static(window=6)
     Tuner("k" * 64, "gpu").tune(SHAPE, [Config(64, 64)], lambda config: 1.0, "p")
     for directory in (cache_root, cache_root / "kernels", cache_root / "autotune"):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
@@ -239,7 +242,7 @@ def test_a_cache_directory_owned_by_another_user_is_refused(
     with pytest.raises(
         CacheError, match=re.escape(str(cache_root)) + " is owned by another user .*ATTNC_CACHE_DIR"
     ) as error:
-        attnc.stdlib().sliding_window(window=7)
+        WINDOWS.sliding_window_static(window=7)
     assert "\n" not in str(error.value)
     with pytest.raises(CacheError, match="owned by another user"):
         Tuner("k" * 64, "gpu").known(SHAPE)
@@ -252,9 +255,9 @@ def test_a_cache_directory_others_can_write_is_refused(
     cache_root.mkdir()
     cache_root.chmod(mode)
     with pytest.raises(CacheError, match=re.escape(str(cache_root)) + " can be written by other users"):
-        attnc.stdlib().sliding_window(window=7)
+        WINDOWS.sliding_window_static(window=7)
     cache_root.chmod(0o755)  # others may read a cache of sealed kernels, only its owner write it
-    attnc.stdlib().sliding_window(window=7)
+    WINDOWS.sliding_window_static(window=7)
 
 
 # ---- row 15: a cache that cannot be written ------------------------------------------------------------
@@ -271,20 +274,20 @@ def test_an_unusable_cache_directory_falls_back_to_a_private_one_with_one_warnin
     with pytest.warns(
         RuntimeWarning, match=re.escape(f"cannot write to the cache {configured} (ATTNC_CACHE_DIR)")
     ):
-        kern = attnc.stdlib().sliding_window(window=8)
+        kern = WINDOWS.sliding_window_static(window=8)
     path = kern._compiled.source.path
     assert not path.is_relative_to(configured) and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert_matches_oracle(kern)
     with warnings.catch_warnings(record=True) as later:  # once per process
         warnings.simplefilter("always")
-        attnc.stdlib().sliding_window(window=10)
+        WINDOWS.sliding_window_static(window=10)
     assert not [w for w in later if "ATTNC_CACHE_DIR" in str(w.message)]
 
 
 def test_a_warm_read_only_cache_runs_forward_and_backward(
     cache_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    attnc.stdlib().sliding_window(window=11)  # warm: the forward kernel only
+    WINDOWS.sliding_window_static(window=11)  # warm: the forward kernel only
     cache.clear_memory()
     write = cache.write_atomic
 
@@ -295,7 +298,7 @@ def test_a_warm_read_only_cache_runs_forward_and_backward(
 
     monkeypatch.setattr(cache, "write_atomic", read_only)
     hits = cache.STATS.disk_hits
-    kern = attnc.stdlib().sliding_window(window=11)
+    kern = WINDOWS.sliding_window_static(window=11)
     assert cache.STATS.disk_hits == hits + 1
     q, k, v = qkv(requires_grad=True)
     with pytest.warns(RuntimeWarning, match="Read-only file system"):
@@ -385,7 +388,7 @@ def test_a_forced_configuration_must_be_launchable(text: str, monkeypatch: pytes
 def test_a_kernel_call_with_a_bad_variable_fails_on_every_backend(
     variable: str, value: str, cache_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    kern = attnc.stdlib().sliding_window(window=12)
+    kern = WINDOWS.sliding_window_static(window=12)
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=variable):
         kern(*qkv())

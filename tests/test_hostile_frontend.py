@@ -216,15 +216,16 @@ def test_an_input_named_like_a_keyword_of_the_kernel_calls_is_a_located_error(na
     assert err.reason.startswith(f"'{name}' is reserved: it is a keyword of kern(...)")
 
 
-def test_self_is_the_only_reserved_pattern_parameter_name() -> None:
-    err = raised(lambda: attnc.loads("pattern p(self: int = 1) { mask = kv <= q + self }"))
-    assert type(err) is DuplicateError and (err.loc.line, err.loc.col) == (1, 11), err
+def test_self_is_the_only_reserved_static_parameter_name() -> None:
+    err = raised(lambda: attnc.loads("pattern p(static self: int = 1) { mask = kv <= q + self }"))
+    assert type(err) is DuplicateError and (err.loc.line, err.loc.col) == (1, 18), err
     assert err.reason.startswith("'self' is reserved")
-    # Parameters are passed to `Pattern.__call__`, fn parameters and lets not at all: the kernel's
-    # keywords are fine there.
+    # Static parameters are passed to `Pattern.__call__` only, fn parameters and lets not at all: the
+    # kernel's keywords are fine there (runtime parameters: tests/test_runtime_params_api.py).
     text = (
         "fn near(scale: int, batch: int) = scale - batch < 3\n"
-        "pattern p(block: int = 2) {\n    let device = q - kv\n    mask = device >= 0 and near(q, kv)\n}\n"
+        "pattern p(static block: int = 2) {\n"
+        "    let device = q - kv\n    mask = device >= 0 and near(q, kv)\n}\n"
     )
     i = torch.arange(6)
     expected = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 3)

@@ -22,6 +22,13 @@ from attnc.runtime import plan as plan_module
 from attnc.testing import compare, compare_gradients, tile_problems
 
 STD = attnc.stdlib()
+# The stdlib's windows are runtime parameters, which lie in [-2**30, 2**30]; the int64 extremes are for
+# static ones, so the stdlib patterns are wrapped with their parameters static.
+STATIC = attnc.loads("""
+pattern sliding_window_static(static window: int) { mask = sliding_window(window) }
+pattern local_static(static left: int, static right: int) { mask = local(left, right) }
+pattern dilated_static(static window: int, static dilation: int) { mask = dilated(window, dilation) }
+""")
 MAX = sys.maxsize  # 2**63 - 1
 L = 40
 
@@ -51,21 +58,21 @@ def causal_mask() -> torch.Tensor:
 
 
 def test_sliding_window_of_the_largest_window_is_causal_in_kernel_plan_and_block_map() -> None:
-    assert_exact(STD.sliding_window(window=MAX), causal_mask())
+    assert_exact(STATIC.sliding_window_static(window=MAX), causal_mask())
 
 
 def test_local_band_reaching_the_int64_limit_to_the_left_is_exact() -> None:
-    assert_exact(STD.local(left=MAX, right=0), causal_mask())
+    assert_exact(STATIC.local_static(left=MAX, right=0), causal_mask())
 
 
 @pytest.mark.parametrize(("window", "dilation"), [(MAX, 1), (1, MAX)])
 def test_dilated_window_at_the_int64_limit_is_exact(window: int, dilation: int) -> None:
-    assert_exact(STD.dilated(window, dilation))
+    assert_exact(STATIC.dilated_static(window, dilation))
 
 
 def test_window_below_int64_min_keeps_its_comparison_and_masks_everything() -> None:
     # `q - kv <= w - 1` would need a constant below int64, and solving for kv one of `q - w`: kept as `<`.
-    kern = attnc.loads("pattern p(w: int) { mask = q - kv < w }").p(w=-(2**63))
+    kern = attnc.loads("pattern p(static w: int) { mask = q - kv < w }").p(w=-(2**63))
     assert_exact(kern, torch.zeros(1, 1, L, L, dtype=torch.bool))
 
 
@@ -73,8 +80,8 @@ def test_window_below_int64_min_keeps_its_comparison_and_masks_everything() -> N
 
 
 OVERFLOWING = [
-    ("local(0, MAX)", lambda: STD.local(0, MAX), "q + right"),
-    ("local(MAX, MAX)", lambda: STD.local(MAX, MAX), "q + right"),
+    ("local(0, MAX)", lambda: STATIC.local_static(0, MAX), "q + right"),
+    ("local(MAX, MAX)", lambda: STATIC.local_static(MAX, MAX), "q + right"),
     (
         "neighborhood_1d dilation MAX",
         lambda: STD.neighborhood_1d(kernel=3, dilation=MAX),
@@ -84,7 +91,7 @@ OVERFLOWING = [
     ("kv + MAX", lambda: attnc.loads("pattern p { mask = kv + 9223372036854775807 > q }").p(), "kv + 92"),
     (
         "(w - 1 + q) // -1",
-        lambda: attnc.loads("pattern p(w: int) { mask = (w - 1 + q) // -1 > kv }").p(w=-(2**63) + 1),
+        lambda: attnc.loads("pattern p(static w: int) { mask = (w - 1 + q) // -1 > kv }").p(w=-(2**63) + 1),
         "w - 1 + q) // -1",
     ),
     (
@@ -117,7 +124,7 @@ def test_a_program_whose_values_leave_int64_gets_a_located_error(make, excerpt: 
 
 def test_the_overflow_error_names_the_parameters() -> None:
     with pytest.raises(AttnTypeError, match=r"parameters left=0, right=9223372036854775807\)"):
-        STD.local(0, MAX)
+        STATIC.local_static(0, MAX)
 
 
 def test_neighborhood_with_the_largest_kernel_is_exact() -> None:

@@ -21,7 +21,7 @@ from torch.autograd import forward_ad
 import attnc
 from attnc import InputError, api
 from attnc.api import DENSE_LIMIT, Kernel, Pattern
-from attnc.reserved import RESERVED_NAMES, RESERVED_PARAMETER_NAMES
+from attnc.reserved import RESERVED_NAMES, RESERVED_PARAMETER_NAMES, RESERVED_RUNTIME_PARAMETER_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 CAUSAL = attnc.stdlib().causal()
@@ -321,6 +321,11 @@ def test_reserved_names_cover_every_kernel_keyword() -> None:
 def test_reserved_parameter_names_cover_the_pattern_call() -> None:
     assert _keywords(Pattern) == {"self"} <= RESERVED_PARAMETER_NAMES
     assert RESERVED_PARAMETER_NAMES <= RESERVED_NAMES
+
+
+def test_reserved_runtime_parameter_names_cover_every_kernel_keyword() -> None:
+    """A runtime parameter's value may be given to any `Kernel` call by keyword, as an input is."""
+    assert _keywords(Kernel) | RESERVED_PARAMETER_NAMES <= RESERVED_RUNTIME_PARAMETER_NAMES
 
 
 def test_reserved_names_include_the_designed_keywords() -> None:

@@ -58,7 +58,7 @@ def test_every_stage_round_trips_through_text(name: str, kernel: attnc.Kernel) -
 def test_canonical_ir_means_what_the_source_means(name: str, kernel: attnc.Kernel) -> None:
     sizes = {"BATCH": 1, "NUM_HEADS": 1, "Q_LEN": 12, "KV_LEN": 12}
     inputs = random_inputs(kernel, sizes, seed=3)  # sorted ids for int inputs, coin flips for bools
-    env = oracle.Env(1, 1, 12, 12, torch.device("cpu"), inputs)
+    env = oracle.Env(1, 1, 12, 12, torch.device("cpu"), inputs, params=kernel.params)  # runtime values
     expected = oracle.mask(kernel._compiled.passes.modules["bind-params"].entry, env)
     actual = oracle.mask(kernel.pattern, env)
     assert torch.equal(actual.expand(1, 1, 12, 12), expected.expand(1, 1, 12, 12))
@@ -107,7 +107,7 @@ def test_ir_parser_rejects_a_use_before_definition() -> None:
 def test_print_between_passes_writes_every_stage() -> None:
     out = io.StringIO()
     module = attnc.stdlib()["sliding_window"]._module_ir
-    compile_pattern(module, (("window", 4),), print_between=out)
+    compile_pattern(module, (("window", 4),), print_between=out, specialize=frozenset({"window"}))
     text = out.getvalue()
     for stage in ("input", "inline", "bind-params", "canonicalize"):
         assert f"// ----- IR after {stage} -----" in text

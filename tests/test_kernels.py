@@ -226,10 +226,13 @@ def test_a_second_compile_hits_the_cache_and_renders_nothing() -> None:
     again = STD.sliding_window(window=77)
     assert STATS.renders == renders
     # Same structure under another name: the same kernel.
-    twin = attnc.loads("pattern twin { mask = kv <= q and q - kv < 77 }").twin()
+    twin = attnc.loads("pattern twin(window: int) { mask = kv <= q and q - kv < window }").twin(77)
     assert twin._compiled.source.key == again._compiled.source.key and STATS.renders == renders
+    # The window is a runtime parameter: every value shares the kernel. A static one specialises it.
     other = STD.sliding_window(window=78)
-    assert other._compiled.source.key != again._compiled.source.key
+    assert other._compiled.source.key == again._compiled.source.key and STATS.renders == renders
+    static = attnc.loads("pattern sw(static window: int) { mask = kv <= q and q - kv < window }").sw
+    assert static(window=77)._compiled.source.key != static(window=78)._compiled.source.key
 
 
 def test_the_disk_cache_serves_a_new_process(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ from attnc import oracle
 from attnc.analysis.summaries import CHUNK, RangeTable
 from attnc.errors import InputError
 from attnc.ir.nodes import Op, Type
+from attnc.ir.results import Sparsity
 from attnc.runtime.plan import (
     EMPTY,
     FULL,
@@ -87,7 +88,7 @@ BLOCKS = [(16, 16), (8, 32), (32, 8), (5, 7), (1, 1)]
 
 @pytest.mark.parametrize(("kern", "tight"), ANALYTIC, ids=_ids)
 def test_analytic_patterns(kern: attnc.Kernel, tight: bool) -> None:
-    assert kern.pattern.sparsity == "analytic"
+    assert kern.pattern.sparsity == Sparsity("analytic")
     for (q_len, kv_len), block in itertools.product(SHAPES, BLOCKS):
         plan = check(kern, q_len, kv_len, block, tight)
         assert plan.analytic and plan.tensors() == {}
@@ -104,7 +105,7 @@ def test_kernel_schedule_visits_every_non_empty_tile_once(kern: attnc.Kernel, ti
     first, last = tile_bounds(classes.shape[0], bm, q_len, torch.device("cpu"))
     for m in range(classes.shape[0]):
         tile = {"q_first": first[m], "q_last": last[m]}
-        local = oracle.Env(1, 1, q_len, kv_len, torch.device("cpu"), {}, tiles=tile)
+        local = oracle.Env(1, 1, q_len, kv_len, torch.device("cpu"), {}, tiles=tile, params=plan.env.params)
         spans = []
         for r in plan.kv_ranges:
             values = [oracle.evaluate(x, plan.pattern, local) for x in (r.lo, r.hi, r.full_lo, r.full_hi)]
@@ -138,7 +139,7 @@ METADATA = [
 
 @pytest.mark.parametrize(("kern", "sparsity", "kw"), METADATA, ids=_ids)
 def test_patterns_without_closed_form_get_metadata(kern: attnc.Kernel, sparsity: str, kw: dict) -> None:
-    assert kern.pattern.sparsity == sparsity
+    assert str(kern.pattern.sparsity) == sparsity
     length = 42 if "neighborhood_2d" in kern.name else 36
     for block in BLOCKS[:4]:
         plan = check(kern, length, length, block, tight=False, **kw)
@@ -250,9 +251,8 @@ def test_tile_predicates_do_int_arithmetic_per_axis() -> None:
         "kv_last": kv_last.reshape(1, 1, -1),
     }
     local = tile_env(env, {"b": torch.arange(2).reshape(-1, 1, 1)}, tiles)
-    for name in ("tile_any", "tile_all"):
-        predicate = DOC.pattern.derived_value(name)
-        assert predicate is not None
+    assert DOC.pattern.tiles is not None
+    for name, predicate in (("any", DOC.pattern.tiles.any), ("all", DOC.pattern.tiles.all)):
         separated = separate_axes(predicate)
         assert separated != predicate
         for node in separated.walk():

@@ -43,8 +43,9 @@ def derivative(root: Node, wrt: Node, pattern: PatternIR | None = None) -> Node 
 def _rule(n: Node, wrt: Node, d: dict[Node, Node | None]) -> Node | None:
     if n == wrt:
         return _ONE
-    if n.type is not Type.FLOAT or n.op in (Op.CONST, Op.SCORE, Op.LOAD, Op.VAR, Op.SIZE, Op.TOFLOAT):
-        return None  # an int or bool value, a constant, or another leaf
+    leaves = (Op.CONST, Op.SCORE, Op.LOAD, Op.VAR, Op.SIZE, Op.PARAM, Op.TOFLOAT)
+    if n.type is not Type.FLOAT or n.op in leaves:
+        return None  # an int or bool value, a constant (a runtime parameter is one), or another leaf
     args = n.args
     da = [d.get(a) for a in args]
     op = n.op

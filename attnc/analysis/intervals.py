@@ -12,7 +12,8 @@ the evaluator, printed in golden tests, or inlined into a kernel.
   the box) and `must` (true only where it is true at every point). Three-valued: TRUE is `must`, FALSE
   is `not may`, UNKNOWN otherwise.
 
-Exactness: the bounds of an affine expression of independent variables (`q`, `kv`, the sizes) over a
+Exactness: the bounds of an affine expression of independent variables (`q`, `kv`, the sizes, the
+runtime int parameters, which like the sizes are one value per launch: symbols in the bounds) over a
 box are attained at its corners, so comparisons of affine expressions with constants are classified
 exactly. `min`, `max`, `abs`, `where`, floor `//` and `%` by constants are bounded soundly (exactly where
 they are monotone over the box). `input` loads are bounded by `range_min` / `range_max` summaries of
@@ -145,7 +146,7 @@ class IntervalAnalysis:
         if op is Op.VAR:
             lo, hi = self.box.get(str(n.attr), (n, n))
             return Interval(lo, hi)
-        if op is Op.SIZE:
+        if op in (Op.SIZE, Op.PARAM):  # one value for every tile of a launch: the symbol itself
             return Interval(n, n)
         if op is Op.LOAD:
             return self._load(n)
@@ -288,7 +289,9 @@ class IntervalAnalysis:
             )
         if op in (Op.ADD, Op.SUB, Op.NEG, Op.MUL, Op.ABS, Op.MIN, Op.MAX):
             return self._arith(n, [self._intervals[a] for a in n.args])
-        return UNBOUNDED  # loads of float inputs (any value, NaN included), transcendental functions
+        # Loads of float inputs and runtime float parameters (any value, NaN included), transcendental
+        # functions.
+        return UNBOUNDED
 
     def _load(self, n: Node) -> Interval:
         decl = self.pattern.input(str(n.attr))

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from attnc.analysis.value_ranges import ValueRanges
 from attnc.errors import InternalError
@@ -37,34 +39,100 @@ def canonicalize(root: Node, pattern: PatternIR | None = None) -> Node:
     """Rewrite an expression to the fixed point of the rules. A rule's result is kept only where its int
     values stay inside int64 whenever the node's did (`value_ranges`; `pattern` gives the inputs'
     dtypes, a load of an unknown one may be any int64): `q - kv <= c` is not made of `q <= kv + c`
-    where `kv + c` could overflow, and `q - kv < -2**63` keeps its `<`."""
+    where `kv + c` could overflow, and `q - kv < -2**63` keeps its `<`.
+
+    Inside `shared_tables` (a compilation), calls share what they learn: which nodes are already normal
+    forms (given to no rule again) and the normal form of each root, so the analyses, which canonicalise
+    many expressions with canonical parts in common, pay for each part once."""
+    with shared_tables() as tables:
+        ranges = ValueRanges(pattern)
+        key = tuple(sorted(ranges.dtypes.items()))  # all that the rules read of the pattern
+        context = tables.contexts.get(key)
+        if context is None:
+            context = tables.contexts[key] = _Context(ranges)
+        return _canonicalize(root, context)
+
+
+def _canonicalize(root: Node, context: _Context) -> Node:
+    if root in context.normal:
+        return root
+    interned = root is root.canonical  # a located root's normal form keeps its locations: not shared
+    if interned and root in context.forms:
+        return context.forms[root]
+    start = root
     memo: dict[Node, Node] = {}
-    ranges = ValueRanges(pattern)
-    global _shared
-    outer = _shared
-    _shared = _Shared() if outer is None else outer
-    try:
-        for _ in range(_MAX_ROUNDS):
-            inner = _inner_linear(root)
-            new = rewrite(root, lambda node: _apply_rules(node, ranges), memo, leave=inner)
-            for node in inner:  # left alone this round only: its users may change
-                memo.pop(node, None)
-            if new == root:
-                return new
-            root = new
-    finally:
-        _shared = outer
+
+    def rule(node: Node) -> Node | None:
+        return None if node in context.normal else _apply_rules(node, context.ranges)
+
+    settled = context.settled
+    for _ in range(_MAX_ROUNDS):
+        inner = _inner_linear(root, settled)
+        new = rewrite(root, rule, memo, leave=inner, keep=settled.__contains__)
+        for node in inner:  # left alone this round only: its users may change
+            memo.pop(node, None)
+        if new == root:
+            # A node the memo maps to itself was left by the rules with its operands unchanged, so it
+            # is a normal form as a root too (a node left under linear users, `_inner_linear`, is left
+            # under the same users there).
+            context.normal.update(node for node, rewritten in memo.items() if node is rewritten)
+            context.normal.add(new)
+            for node in new.walk(skip=settled.__contains__):
+                if node in context.normal and all(a in settled for a in node.args):
+                    settled.add(node)
+            if interned:
+                context.forms[start] = new
+            return new
+        root = new
     raise InternalError(f"canonicalize did not reach a fixed point in {_MAX_ROUNDS} rounds")
 
 
-class _Shared:
-    """What the rules of one `canonicalize` call compute about an operand, once per distinct node: a
-    rule looks at operands that other nodes share (`linear` forms, negations), and without these
-    tables a DAG whose tree is exponential (`let a1 = a0 + a0`, ...) would cost as much as its tree."""
+class _Tables:
+    """What the rules compute about nodes, once per distinct node: for one `canonicalize` call, or for
+    every call inside `shared_tables`. A rule looks at operands that other nodes share (`linear` forms,
+    negations), and without these tables a DAG whose tree is exponential (`let a1 = a0 + a0`, ...)
+    would cost as much as its tree."""
 
     def __init__(self) -> None:
         self.linear: dict[Node, tuple[Terms, int]] = {}
         self.negate: dict[Node, Node] = {}
+        self.contexts: dict[object, _Context] = {}
+
+
+class _Context:
+    """What holds under one pattern's input dtypes: value ranges, the nodes known to be normal forms (as
+    the root of a `canonicalize`), those whose every node is one (`settled`: in any expression the
+    rules leave all of it as it is, so it is not walked again), and the normal forms of interned
+    roots."""
+
+    def __init__(self, ranges: ValueRanges) -> None:
+        self.ranges = ranges
+        self.normal: set[Node] = set()
+        self.settled: set[Node] = set()
+        self.forms: dict[Node, Node] = {}
+
+
+class _Open(threading.local):
+    """The tables open in this thread (threads compiling at once each have theirs)."""
+
+    tables: _Tables | None = None
+
+
+_open = _Open()
+
+
+@contextmanager
+def shared_tables() -> Iterator[_Tables]:
+    """Share the normal form's tables among the `canonicalize` calls inside the block (the pass manager
+    opens it around a compilation); the tables, and the nodes they hold, go when it closes."""
+    if _open.tables is not None:
+        yield _open.tables
+        return
+    _open.tables = _Tables()
+    try:
+        yield _open.tables
+    finally:
+        _open.tables = None
 
 
 def _is_linear_step(node: Node) -> bool:
@@ -75,19 +143,16 @@ def _is_linear_step(node: Node) -> bool:
     )
 
 
-def _inner_linear(root: Node) -> set[Node]:
+def _inner_linear(root: Node, settled: set[Node]) -> set[Node]:
     """The int `+ - *c` nodes whose every user is one too: the linear form of the outermost one covers
-    them, so normalising each of them as well would cost the square of a long sum's length."""
+    them, so normalising each of them as well would cost the square of a long sum's length. Settled
+    nodes are not walked (no user of an unsettled node is settled)."""
     only_linear_users: dict[Node, bool] = {root: False}
-    for node in root.walk():
+    for node in root.walk(skip=settled.__contains__):
         step = _is_linear_step(node)
         for a in node.args:
             only_linear_users[a] = only_linear_users.get(a, True) and step
     return {n for n, inner in only_linear_users.items() if inner and _is_linear_step(n)}
-
-
-_shared: _Shared | None = None
-"""The tables of the `canonicalize` call under way (None outside one: the helpers then compute afresh)."""
 
 
 def _apply_rules(node: Node, ranges: ValueRanges) -> Node | None:
@@ -159,19 +224,20 @@ def atom_key(node: Node) -> tuple[int, int, str, str]:
         return (0, _VAR_ORDER.index(str(node.attr)), "", "")
     if node.op is Op.SIZE:
         return (1, SIZES.index(str(node.attr)), "", "")
-    if node.op is Op.REF:
-        return (2, 0, str(node.attr), "")
+    if node.op in (Op.REF, Op.PARAM):  # an unbound or a runtime parameter (or a let)
+        return (2, 0 if node.op is Op.REF else 1, str(node.attr), "")
     return (3, 0, *_text(node))
 
 
 def linear(node: Node) -> tuple[Terms, int]:
     """An int expression as sum(coefficient * atom) + constant; non-linear parts are atoms. The terms
-    may be shared (memoised within a `canonicalize` call): callers must not modify them."""
-    if _shared is None:
+    may be shared (memoised while `shared_tables` are open): callers must not modify them."""
+    tables = _open.tables
+    if tables is None:
         return _linear(node)
-    found = _shared.linear.get(node)
+    found = tables.linear.get(node)
     if found is None:
-        found = _shared.linear[node] = _linear(node)
+        found = tables.linear[node] = _linear(node)
     return found
 
 
@@ -414,9 +480,10 @@ def _bool_equality(node: Node) -> Node | None:
 
 def _negate(node: Node) -> Node:
     """not node, pushed one level down where that is exact (through and/or to their operands)."""
-    if _shared is None:
+    tables = _open.tables
+    if tables is None:
         return _negate_one(node, _negate)
-    table = _shared.negate
+    table = tables.negate
 
     def memoised(n: Node) -> Node:
         found = table.get(n)

@@ -11,6 +11,8 @@ interval arithmetic on Python ints (exact, never overflowing), assuming what the
 - index variables and tile bounds in `[0, SIZE_LIMIT + POSITION_SLACK)` (a kernel's last tile reaches
   past the length by less than a tile, and tiles are at most `POSITION_SLACK` wide; those positions are
   computed, then discarded);
+- a runtime int parameter (`Op.PARAM`) lies in `PARAM_RANGE` (the API checks each value given, at
+  binding and at call time); a runtime float parameter may be any float64;
 - a loaded input lies in its dtype's range; an int64 input in `INT64_INPUT`, half of int64 (the caller's
   contract, documented with the `input` declaration);
 - `floor` / `ceil` of a float saturate (see `FLOAT_TO_INT`); the floats they read are bounded by a
@@ -38,6 +40,9 @@ SIZE_LIMIT = 1 << 30
 POSITION_SLACK = 1 << 10
 """How far past a length a kernel's tile may reach: block sizes are at most this."""
 
+PARAM_RANGE = (-(1 << 30), 1 << 30)
+"""The values a runtime int parameter may take: inside int32 (a Python int kernel argument is int32),
+with room for a sum or difference of two of them, or of one and a size, to stay inside int32 too."""
 INT32 = (-(1 << 31), (1 << 31) - 1)
 INT64 = (-(1 << 63), (1 << 63) - 1)
 INT64_INPUT = (-(1 << 62), (1 << 62) - 1)
@@ -181,6 +186,8 @@ class ValueRanges:
             return 0, SIZE_LIMIT + POSITION_SLACK - 1
         if op is Op.SIZE:
             return 0, SIZE_LIMIT
+        if op is Op.PARAM:
+            return PARAM_RANGE
         if op is Op.REF:
             value = self.lets.get(str(n.attr))
             return INT64 if value is None else self.of(value)  # visits the let
@@ -344,7 +351,11 @@ def check_fits(pattern: PatternIR, roots: Iterable[Node]) -> None:
 
 def _params(pattern: PatternIR) -> str:
     given = ", ".join(f"{k}={v!r}" for k, v in pattern.bindings or ())
-    return f", with parameters {given}" if given else ""
+    runtime = [p.name for p in pattern.params if p.type is Type.INT] if pattern.bindings is not None else []
+    text = f", with parameters {given}" if given else ""
+    if runtime:
+        text += f", and runtime {', '.join(runtime)} anywhere in [-2**30, 2**30]"
+    return text
 
 
 def _located(root: Node, target: Node) -> Loc | None:

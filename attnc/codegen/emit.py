@@ -8,6 +8,9 @@ Types in the kernel:
 - floats that feed the mask are float64, as the oracle computes them: a mask decided in float32 could
   differ from the oracle's on pairs near a boundary, and one differing pair changes a whole row of the
   output. Floats of the score are float32 (the score is float32 in the softmax anyway);
+- a runtime int parameter is its int32 kernel argument (`PARAM_RANGE`); a runtime float parameter
+  arrives as the int64 bit pattern of its float64 value (a Python float argument would be rounded to
+  float32) and is bitcast back, exact;
 - bools are int1; `input` loads are guarded (a position outside the input reads 0 / false);
 - `floor` / `ceil` saturate at the ends of int64, as the oracle does (`value_ranges.FLOAT_TO_INT`).
 
@@ -59,6 +62,12 @@ def input_arg(name: str) -> str:
     return f"in_{name}"
 
 
+def param_arg(index: int) -> str:
+    """The kernel argument of the runtime parameter at `index` among the pattern's `params`: named by
+    position, so no user text reaches the kernel (`spec.ParamArg`)."""
+    return f"param_{index}"
+
+
 def float64_nodes(roots: list[Node], lets: Mapping[str, Node]) -> frozenset[Node]:
     """The float nodes the roots compute, following lets: these are computed in float64."""
     found: set[Node] = set()
@@ -94,6 +103,7 @@ class Emitter:
         self.ranges = ValueRanges(self.pattern, self.lets)
         self.names: dict[Node, str] = dict(self.known)
         self._dtypes: dict[Node, str] = {}
+        self.params = {p.name: param_arg(i) for i, p in enumerate(self.pattern.params)}
 
     # ---- types -----------------------------------------------------------------------------------
 
@@ -108,7 +118,7 @@ class Emitter:
         if n.type is Type.FLOAT:
             return FP64 if n in self.float64 else FP32
         op = n.op
-        if op in (Op.VAR, Op.SIZE):
+        if op in (Op.VAR, Op.SIZE, Op.PARAM):
             return INT32
         if op is Op.REF:
             return self.dtype(self.lets[str(n.attr)])
@@ -151,6 +161,13 @@ class Emitter:
             return self.leaves[str(n.attr)]
         if op is Op.SCORE:
             return self.leaves["s"]
+        if op is Op.PARAM:
+            arg = self.params[str(n.attr)]
+            if n.type is Type.INT:
+                return arg
+            # The bit pattern may arrive typed int32 (a small one): widened first, the bitcast is exact.
+            exact = f"{arg}.to({INT64}).to({FP64}, bitcast=True)"
+            return self._assign(exact if dtype == FP64 else f"{exact}.to({dtype})")
         if op is Op.REF:
             return str(n.attr)
         if op is Op.LOAD:

@@ -13,17 +13,28 @@ rendered (the spec holds none), so patterns of one structure share one source.
 from __future__ import annotations
 
 import ast
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
 import jinja2
 
 from attnc.analysis.value_ranges import fits_int32
-from attnc.codegen.emit import FP32, INT32, INT64, Assign, Emitter, float64_nodes, input_arg
-from attnc.codegen.spec import INPUT_NAMESPACES, BackwardSpec, Body, InputArg, InputGrad, KernelSpec, KeyRange
+from attnc.codegen.emit import FP32, INT32, INT64, Assign, Emitter, float64_nodes, input_arg, param_arg
+from attnc.codegen.spec import (
+    INPUT_NAMESPACES,
+    PARAM_NAMESPACE,
+    BackwardSpec,
+    Body,
+    InputArg,
+    InputGrad,
+    KernelSpec,
+    KeyRange,
+    ParamArg,
+)
 from attnc.errors import InternalError
 from attnc.ir.nodes import Node, Op, PatternIR
-from attnc.passes.fuse import differentiable_inputs, grad_loads
+from attnc.ir.results import KernelValues, Sparsity, differentiable_inputs, grad_loads
 
 TEMPLATES = Path(__file__).parent / "templates"
 
@@ -53,14 +64,11 @@ def _scalar(emitter: Emitter, node: Node) -> str:
     return emitter.value(node)
 
 
-def _check_fused(pattern: PatternIR) -> None:
-    if pattern.sparsity is None:
+def _check_fused(pattern: PatternIR) -> tuple[KernelValues, Sparsity]:
+    """The kernel values and sparsity of a pattern compiled through `block-sparsify` and `fuse`."""
+    if pattern.sparsity is None or pattern.kernel is None:
         raise InternalError("lower-triton runs after block-sparsify and fuse")
-    mask, score = pattern.mask, pattern.score
-    if (mask is not None and pattern.derived_value("kernel_mask") is None and not mask.is_const) or (
-        score is not None and pattern.derived_value("kernel_score") is None and score.op is not Op.SCORE
-    ):
-        raise InternalError("lower-triton runs after fuse")
+    return pattern.kernel, pattern.sparsity
 
 
 def _lets_used(pattern: PatternIR, roots: list[Node]) -> list[str]:
@@ -77,17 +85,18 @@ def _lets_used(pattern: PatternIR, roots: list[Node]) -> list[str]:
 
 
 def _depends(node: Node, name: str, lets: dict[str, Node]) -> bool:
-    """Whether the value reads the index variable `name` (or, for "s", the score), following lets."""
+    """Whether the value reads the index variable `name` (or, for "s", the score), following lets.
+    `Node.free` answers for each value; only the lets it refers to are looked for, each node once."""
     stack, seen = [node], set()
     while stack:
-        for n in stack.pop().walk():
-            if n in seen:
-                continue
-            seen.add(n)
-            if (n.op is Op.VAR and n.attr == name) or (n.op is Op.SCORE and name == "s"):
-                return True
-            if n.op is Op.REF and str(n.attr) in lets:
-                stack.append(lets[str(n.attr)])
+        value = stack.pop()
+        if name in value.free:
+            return True
+        if lets:
+            for n in value.walk(skip=seen.__contains__):
+                seen.add(n)
+                if n.op is Op.REF and str(n.attr) in lets:
+                    stack.append(lets[str(n.attr)])
     return False
 
 
@@ -113,18 +122,15 @@ class _Kernel:
     def ranges(self, axis: str) -> tuple[tuple[Assign, ...], tuple[KeyRange, ...] | None]:
         """The analytic plan's ranges of positions along `axis` ("kv" or "q"), as statements (computed
         where the tile of the other axis is known), or None for metadata plans."""
-        if self.pattern.sparsity != "analytic":
+        sparsity, analytic = self.pattern.sparsity, self.pattern.ranges
+        if sparsity is None or not sparsity.analytic or analytic is None:
             return (), None
         bounds = "kb" if axis == "kv" else "qb"
         emitter = Emitter(self.pattern, KERNEL_NAMES, self.float64, prefix=f"{self.prefix}{bounds}")
-        count = self.pattern.derived_value("range_count")
-        assert count is not None
         ranges = []
-        for j in range(int(count.attr)):  # type: ignore[arg-type]
+        for j, axis_range in enumerate(analytic.axis(axis)):
             values = []
-            for part in ("lo", "hi", "full_lo", "full_hi"):
-                node = self.pattern.derived_value(f"{axis}_{part}_{j}")
-                assert node is not None
+            for part, node in axis_range.named().items():
                 emitter.lines.append(Assign(f"{axis}_{part}_{j}", _scalar(emitter, node)))
                 values.append(f"{axis}_{part}_{j}")
             ranges.append(KeyRange(*values))
@@ -140,8 +146,8 @@ class _Kernel:
             known=self.rows.names,
             prefix=f"{self.prefix}{'m' if with_mask else 'f'}",
         )
-        kernel_score = pattern.derived_value("kernel_score")
-        kernel_mask = pattern.derived_value("kernel_mask")
+        kernel_values, _ = _check_fused(pattern)
+        kernel_score, kernel_mask = kernel_values.score, kernel_values.mask
         lets = dict(pattern.lets)
         score = emitter.cast(kernel_score, FP32) if kernel_score is not None else None
         if kernel_score is not None and not _tile_shaped(kernel_score, lets):
@@ -154,7 +160,7 @@ class _Kernel:
         dscore = None
         input_grads: list[InputGrad] = []
         if backward:
-            node = pattern.derived_value("kernel_dscore")
+            node = kernel_values.dscore
             dscore = emitter.cast(node, FP32) if node is not None else None
         if grads:
             for load, value in grad_loads(pattern):
@@ -188,30 +194,28 @@ def _input(decl) -> InputArg:
     return InputArg(decl.name, input_arg(decl.name), decl.dtype, len(decl.dims))
 
 
-def _metadata_axes(pattern: PatternIR) -> tuple[bool, bool]:
-    sparsity = pattern.sparsity or ""
-    axes = sparsity.removeprefix("metadata") if sparsity.startswith("metadata") else ""
-    return "b" in axes, "h" in axes
+def _params(pattern: PatternIR) -> tuple[ParamArg, ...]:
+    return tuple(ParamArg(i, param_arg(i), str(p.type)) for i, p in enumerate(pattern.params))
 
 
-def _float64(pattern: PatternIR) -> frozenset[Node]:
-    kernel_mask = pattern.derived_value("kernel_mask")
-    return float64_nodes([kernel_mask] if kernel_mask is not None else [], dict(pattern.lets))
+def _float64(kernel: KernelValues, pattern: PatternIR) -> frozenset[Node]:
+    return float64_nodes([kernel.mask] if kernel.mask is not None else [], dict(pattern.lets))
 
 
-def _values(pattern: PatternIR, *names: str) -> list[Node]:
-    return [v for v in (pattern.derived_value(n) for n in names) if v is not None]
+def _present(*values: Node | None) -> list[Node]:
+    return [v for v in values if v is not None]
 
 
 def build_spec(pattern: PatternIR) -> KernelSpec:
     """The forward kernel's spec of a pattern compiled through `fuse`."""
-    _check_fused(pattern)
-    kernel = _Kernel(pattern, _values(pattern, "kernel_mask", "kernel_score"), _float64(pattern), "")
+    values, sparsity = _check_fused(pattern)
+    kernel = _Kernel(pattern, _present(values.mask, values.score), _float64(values, pattern), "")
     range_lines, kv_ranges = kernel.ranges("kv")
     masked, full = kernel.body(with_mask=True), kernel.body(with_mask=False)
-    metadata_b, metadata_h = _metadata_axes(pattern)
+    metadata_b, metadata_h = "b" in sparsity.axes, "h" in sparsity.axes
     return KernelSpec(
         inputs=tuple(_input(d) for d in pattern.inputs),
+        params=_params(pattern),
         prologue=tuple(kernel.rows.lines) + range_lines,
         kv_ranges=kv_ranges,
         metadata_b=metadata_b,
@@ -224,9 +228,9 @@ def build_spec(pattern: PatternIR) -> KernelSpec:
 
 def build_backward_spec(pattern: PatternIR) -> BackwardSpec:
     """The backward kernels' spec of a pattern compiled through `fuse`."""
-    _check_fused(pattern)
-    float64 = _float64(pattern)
-    scores = _values(pattern, "kernel_mask", "kernel_score", "kernel_dscore")
+    values, sparsity = _check_fused(pattern)
+    float64 = _float64(values, pattern)
+    scores = _present(values.mask, values.score, values.dscore)
     loads = grad_loads(pattern)
     dq = _Kernel(pattern, scores + [n for load, value in loads for n in (load, value)], float64, "dq_")
     dq_prologue, kv_ranges = dq.ranges("kv")
@@ -237,9 +241,10 @@ def build_backward_spec(pattern: PatternIR) -> BackwardSpec:
     dkv_masked = dkv.body(with_mask=True, backward=True)
     dkv_full = dkv.body(with_mask=False, backward=True)
     with_grad = differentiable_inputs(pattern)
-    metadata_b, metadata_h = _metadata_axes(pattern)
+    metadata_b, metadata_h = "b" in sparsity.axes, "h" in sparsity.axes
     return BackwardSpec(
         inputs=tuple(_input(d) for d in pattern.inputs),
+        params=_params(pattern),
         grad_inputs=tuple(_input(d) for d in pattern.inputs if d.name in with_grad),
         metadata_b=metadata_b,
         metadata_h=metadata_h,
@@ -314,27 +319,55 @@ def _definitions(tree: ast.Module) -> list[str]:
     return names
 
 
+def _bindings(tree: ast.Module) -> Iterator[ast.arg | ast.Name]:
+    """Every argument (`ast.arg`) and every name the module stores to (`ast.Name` in a store context),
+    in any order: what `ast.walk` would find of them, at half its cost (a kernel's tree has thousands of
+    nodes, and the check runs on every render)."""
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is ast.arg:
+            yield node  # type: ignore[misc]
+        elif kind is ast.Name:
+            if type(node.ctx) is ast.Store:  # type: ignore[attr-defined]
+                yield node  # type: ignore[misc]
+        else:
+            for name in node._fields:
+                value = getattr(node, name, None)
+                if type(value) is list:
+                    stack.extend(v for v in value if isinstance(v, ast.AST))
+                elif isinstance(value, ast.AST):
+                    stack.append(value)
+
+
 def _check_structure(tree: ast.Module, spec: KernelSpec | BackwardSpec, template: str) -> None:
     """Raise ValueError unless the module defines exactly the template's names and the spec's helpers,
     and the names in the inputs' namespaces are exactly the inputs' kernel parameters (so no template
-    name, and no other input, can take one of them)."""
+    name, and no other input, can take one of them); likewise the runtime parameters' namespace."""
     defined = _definitions(tree)
     expected = _TEMPLATE_NAMES[template] | _helper_names(spec)
     if len(defined) != len(set(defined)) or set(defined) != expected:
         raise ValueError(f"it defines {sorted(defined)}, not {sorted(expected)}")
     parameters: set[str] = set()
-    for node in ast.walk(tree):
+    runtime: set[str] = set()
+    namespaces = (*INPUT_NAMESPACES, PARAM_NAMESPACE)
+    for node in _bindings(tree):
         if isinstance(node, ast.arg) and node.arg.startswith(INPUT_NAMESPACES):
             parameters.add(node.arg)
+        elif isinstance(node, ast.arg) and node.arg.startswith(PARAM_NAMESPACE):
+            runtime.add(node.arg)
         elif (
-            isinstance(node, ast.Name)
-            and isinstance(node.ctx, ast.Store)
-            and node.id.startswith(INPUT_NAMESPACES)
+            isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id.startswith(namespaces)
         ):
-            raise ValueError(f"it assigns {node.id} at line {node.lineno}, a name of the inputs' namespace")
+            raise ValueError(f"it assigns {node.id} at line {node.lineno}, a name of an arguments' namespace")
     if parameters != _input_arguments(spec):
         raise ValueError(
             f"its input parameters are {sorted(parameters)}, not {sorted(_input_arguments(spec))}"
+        )
+    if runtime != {p.arg for p in spec.params}:
+        raise ValueError(
+            f"its runtime parameter arguments are {sorted(runtime)}, not {sorted(p.arg for p in spec.params)}"
         )
 
 

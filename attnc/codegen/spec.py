@@ -8,7 +8,9 @@ every launch of the pattern and every pattern of the same structure.
 User text reaches a rendered kernel only as input names inside identifiers, and only through
 `InputArg`: its names are the input's name, checked to be a plain ASCII identifier, inside a namespace
 no template name uses (`in_`, `grad_in_`, `GRAD_in_`), with a suffix free of underscores, so that no
-two inputs' arguments can be the same name (`lower.render` checks the rendered source for it).
+two inputs' arguments can be the same name (`lower.render` checks the rendered source for it). Runtime
+parameters are kernel arguments named by position (`ParamArg`: `param_0`, `param_1`, ...), in a
+namespace of their own (`PARAM_NAMESPACE`), checked the same way: no parameter's name is rendered.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from attnc.codegen.emit import Assign, input_arg
+from attnc.codegen.emit import Assign, input_arg, param_arg
 from attnc.errors import InternalError
 
 # What an input's name may be: the grammar's NAME. Anything else reaching the code generator is a bug.
@@ -24,6 +26,24 @@ _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z", re.ASCII)
 
 # The prefixes of every kernel argument named after an input (no name the templates define starts so).
 INPUT_NAMESPACES = ("in_", "grad_in_", "GRAD_in_")
+# The prefix of every kernel argument that passes a runtime parameter.
+PARAM_NAMESPACE = "param_"
+
+
+@dataclass(frozen=True)
+class ParamArg:
+    """A runtime parameter as a kernel argument `arg` (`param_<index>`, its position among the bound
+    pattern's `params`), listed in the kernels' `do_not_specialize`. `type` is "int" (passed as a
+    Python int, int32 in the kernel) or "float" (passed as the int64 bit pattern of the float64 value,
+    which the kernel bitcasts back: `runtime/launch.py`)."""
+
+    index: int
+    arg: str
+    type: str
+
+    def __post_init__(self) -> None:
+        if self.arg != param_arg(self.index) or self.type not in ("int", "float"):
+            raise InternalError(f"bad runtime parameter argument {self!r}")
 
 
 @dataclass(frozen=True)
@@ -114,6 +134,7 @@ class KernelSpec:
     """One pattern's forward kernel.
 
     inputs:     the `input` tensors, in declaration order.
+    params:     the runtime parameters, in the bound pattern's order (after the inputs' arguments).
     prologue:   statements run once per query tile: hoisted values (`fuse`) and the range bounds.
     kv_ranges:  analytic plans: one `KeyRange` per conjunct; None for metadata plans.
     metadata_b, metadata_h: metadata plans: whether the metadata has a batch / head axis.
@@ -123,6 +144,7 @@ class KernelSpec:
     """
 
     inputs: tuple[InputArg, ...]
+    params: tuple[ParamArg, ...]
     prologue: tuple[Assign, ...]
     kv_ranges: tuple[KeyRange, ...] | None
     metadata_b: bool
@@ -142,7 +164,8 @@ class BackwardSpec:
     forward does) and the dK/dV kernel (a key tile, looping over the query tiles of each query head
     that shares it).
 
-    inputs, metadata_b, metadata_h, helpers: as in `KernelSpec`.
+    inputs, params, metadata_b, metadata_h, helpers: as in `KernelSpec` (the parameters' arguments
+                 follow the gradient buffers').
     grad_inputs: the inputs that can have a gradient (a float input the score reads, with a derivative
                  that is not zero), in declaration order.
     dq_rows:     values computed once per query tile for the dQ kernel (hoisted by `fuse`).
@@ -156,6 +179,7 @@ class BackwardSpec:
     """
 
     inputs: tuple[InputArg, ...]
+    params: tuple[ParamArg, ...]
     grad_inputs: tuple[InputArg, ...]
     metadata_b: bool
     metadata_h: bool

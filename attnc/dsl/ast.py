@@ -99,6 +99,7 @@ class Param:
     default: Expr | None
     loc: Loc
     type_loc: Loc
+    static_loc: Loc | None = None  # where `static` is written, if it is
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ from attnc.ir.nodes import (
     deep_recursion,
     make,
 )
-from attnc.reserved import RESERVED_NAMES, RESERVED_PARAMETER_NAMES
+from attnc.reserved import RESERVED_NAMES, RESERVED_PARAMETER_NAMES, RESERVED_RUNTIME_PARAMETER_NAMES
 
 INT64_MAX = 2**63 - 1
 PARAM_TYPES = {"int": Type.INT, "float": Type.FLOAT, "bool": Type.BOOL}
@@ -768,8 +768,11 @@ def _params(
     params: tuple[ast.Param, ...],
     owner: str,
     python_names: frozenset[str] = frozenset(),
+    pattern: bool = False,
 ) -> tuple[ParamDecl, ...]:
-    """The declared parameters; `python_names` are the names a parameter passed from Python cannot take."""
+    """The declared parameters; `python_names` are the names a parameter passed from Python cannot take.
+    A pattern's parameter is static if declared so, or a bool; a fn's arguments are inlined, so
+    `static` means nothing there (bools are static for both, so a fn's IR reads as a pattern's)."""
     result: list[ParamDecl] = []
     seen: dict[str, ast.Param] = {}
     for p in params:
@@ -790,7 +793,21 @@ def _params(
         default = None
         if p.default is not None:
             default = _constant(program, scope, p.default, type_, f"the default of '{p.name}'")
-        result.append(ParamDecl(p.name, type_, default, p.loc))
+        if p.static_loc is not None and not pattern:
+            raise AttnSyntaxError(
+                f"'static' is for pattern parameters: fn '{owner}' is inlined, and its argument "
+                f"'{p.name}' takes whatever each call passes",
+                p.static_loc,
+            )
+        static = p.static_loc is not None or type_ is Type.BOOL
+        if pattern and not static and p.name in RESERVED_RUNTIME_PARAMETER_NAMES:
+            raise DuplicateError(
+                f"'{p.name}' is reserved: a runtime parameter may be given by keyword to kern(...) and "
+                f"its methods, where '{p.name}' is a keyword; declare it 'static {p.name}' or choose another "
+                "name",
+                p.loc,
+            )
+        result.append(ParamDecl(p.name, type_, default, p.loc, static=static))
     return tuple(result)
 
 
@@ -848,7 +865,9 @@ class _PatternLowerer(_ExprLowerer):
         self.locals[name] = _Local(kind, loc, type_)
 
     def lower(self) -> PatternIR:
-        params = _params(self.program, self.scope, self.decl.params, self.decl.name, RESERVED_PARAMETER_NAMES)
+        params = _params(
+            self.program, self.scope, self.decl.params, self.decl.name, RESERVED_PARAMETER_NAMES, pattern=True
+        )
         for p in params:
             assert p.loc is not None
             self._declare(p.name, "param", p.loc, p.type)

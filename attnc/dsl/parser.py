@@ -173,6 +173,24 @@ class _ToAst(Transformer_NonRecursive):
         )
 
     @v_args(meta=True)
+    def modified_param(self, meta, children) -> ast.Param:
+        # `static` is a word only here (no keyword), so it stays usable as a name everywhere else.
+        modifier, name, type_name, *default = children
+        if str(modifier) != "static":
+            raise AttnSyntaxError(
+                f"unexpected '{modifier}' before parameter '{name}'; the only modifier is 'static'",
+                self._tok(modifier),
+            )
+        return ast.Param(
+            str(name),
+            str(type_name),
+            default[0] if default else None,
+            self._tok(name),
+            self._tok(type_name),
+            self._tok(modifier),
+        )
+
+    @v_args(meta=True)
     def input_stmt(self, meta, children) -> ast.InputStmt:
         name, dtype, *dims = children
         return ast.InputStmt(str(name), str(dtype), tuple(dims), self._tok(name), self._tok(dtype))

@@ -18,9 +18,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from attnc.errors import Loc, ProgramTooLargeError
+
+if TYPE_CHECKING:  # the typed analysis results hold nodes; they are only annotations here
+    from attnc.ir.results import KernelValues, Ranges, Sparsity, TileClasses
 
 
 class Type(str, Enum):
@@ -36,6 +39,7 @@ class Op(str, Enum):
     CONST = "const"
     VAR = "var"
     SIZE = "size"
+    PARAM = "param"
     SCORE = "score"
     REF = "ref"
     LOAD = "load"
@@ -98,7 +102,7 @@ def deep_recursion(limit: int = 20_000) -> Iterator[None]:
 
 INDEX_VARS = ("b", "h", "q", "kv")
 TILE_VARS = ("q_first", "q_last", "kv_first", "kv_last")
-"""The bounds (inclusive) of a tile box; only the tile analyses' derived expressions use them."""
+"""The bounds (inclusive) of a tile box; only the tile analyses' results (`ir/results.py`) use them."""
 SIZES = ("BATCH", "NUM_HEADS", "Q_LEN", "KV_LEN")
 INPUT_DTYPES = {
     "bool": Type.BOOL,
@@ -410,6 +414,13 @@ OPS: dict[Op, OpInfo] = {
         OpInfo(Op.CONST, "a literal; attr is the Python int, float or bool", 0, None),
         OpInfo(Op.VAR, "an index variable: attr one of b, h, q, kv (int)", 0, None),
         OpInfo(Op.SIZE, "a size: attr one of BATCH, NUM_HEADS, Q_LEN, KV_LEN (int)", 0, None),
+        OpInfo(
+            Op.PARAM,
+            "a runtime parameter: attr its name; int (a kernel argument in [-2**30, 2**30]) or float "
+            "(any float64); its value comes with each launch (`oracle.Env.params`)",
+            0,
+            None,
+        ),
         OpInfo(Op.SCORE, "the incoming score s = (q . k) * scale (float); only inside score", 0, None),
         OpInfo(
             Op.REF, "a named value: a pattern parameter, a fn argument or a let; attr is the name", 0, None
@@ -497,6 +508,11 @@ def size(name: str, loc: Loc | None = None) -> Node:
     return Node(Op.SIZE, Type.INT, (), name, loc)
 
 
+def param(name: str, type_: Type, loc: Loc | None = None) -> Node:
+    """A runtime parameter (`Op.PARAM`): an opaque symbol, like a size, whose value each launch gives."""
+    return Node(Op.PARAM, type_, (), name, loc)
+
+
 SCORE = Node(Op.SCORE, Type.FLOAT)
 
 
@@ -519,12 +535,15 @@ def format_const(value: int | float | bool) -> str:
 
 @dataclass(frozen=True)
 class ParamDecl:
-    """A pattern parameter or fn argument; `default` is a constant node or None."""
+    """A pattern parameter or fn argument; `default` is a constant node or None. `static`: the
+    kernel is specialised on the parameter's value (declared `static`, and every bool); otherwise a
+    pattern parameter is a runtime value, a kernel argument (`Op.PARAM` after `bind-params`)."""
 
     name: str
     type: Type
     default: Node | None = None
     loc: Loc | None = field(default=None, compare=False, repr=False)
+    static: bool = False
 
 
 @dataclass(frozen=True)
@@ -553,11 +572,12 @@ class FnIR:
 class PatternIR:
     """A pattern: parameters (or, once bound, their values), inputs, lets, mask and score.
 
-    `mask` None means every key; `score` None means `s`. `bindings` is set by `bind-params`, which
-    removes `params`: a bound pattern is specialised on those values. `derived` holds named
-    expressions the tile analyses add (over the tile box variables `TILE_VARS`, see
-    `passes/classify_tiles.py` and `passes/derive_ranges.py`); `sparsity` is how the kernel finds its
-    tiles, decided by `block-sparsify` (see `passes/block_sparsify.py`).
+    `mask` None means every key; `score` None means `s`. `bindings` is set by `bind-params`: the values
+    of the static parameters, on which the bound pattern is specialised; its `params` are then exactly
+    the runtime parameters, read in the expressions as `Op.PARAM` leaves. The typed results of the
+    passes (`ir/results.py`), None until their pass runs: `tiles` (`classify-tiles`, over the tile box
+    variables `TILE_VARS`), `ranges` (`derive-ranges`; stays None for a mask without closed-form
+    ranges), `sparsity` (`block-sparsify`: how the kernel finds its tiles) and `kernel` (`fuse`).
     """
 
     name: str
@@ -568,14 +588,16 @@ class PatternIR:
     score: Node | None = None
     bindings: tuple[tuple[str, int | float | bool], ...] | None = None
     loc: Loc | None = field(default=None, compare=False, repr=False)
-    derived: tuple[tuple[str, Node], ...] = ()
-    sparsity: str | None = None
+    tiles: TileClasses | None = None
+    ranges: Ranges | None = None
+    sparsity: Sparsity | None = None
+    kernel: KernelValues | None = None
 
     def input(self, name: str) -> InputDecl | None:
         return next((i for i in self.inputs if i.name == name), None)
 
     def roots(self) -> Iterator[Node]:
-        """Every expression of the pattern: input dims, lets, mask, score, derived values."""
+        """Every expression of the pattern: input dims, lets, mask, score, and the analyses' results."""
         for decl in self.inputs:
             yield from decl.dims
         for _, value in self.lets:
@@ -584,11 +606,9 @@ class PatternIR:
             yield self.mask
         if self.score is not None:
             yield self.score
-        for _, value in self.derived:
-            yield value
-
-    def derived_value(self, name: str) -> Node | None:
-        return next((v for n, v in self.derived if n == name), None)
+        for result in (self.tiles, self.ranges, self.kernel):
+            if result is not None:
+                yield from result.roots()
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 from attnc.errors import InternalError
 from attnc.ir.nodes import (
@@ -22,10 +23,19 @@ from attnc.ir.nodes import (
     Type,
     const,
 )
+from attnc.ir.results import (
+    RANGE_AXES,
+    AxisRange,
+    KernelValues,
+    Ranges,
+    ScoreGradient,
+    Sparsity,
+    TileClasses,
+)
 
 _TOKEN = re.compile(
     r"\s*(?:(?P<num>-?(?:inf|nan|\d+\.\d*(?:e[-+]?\d+)?|\d+e[-+]?\d+|\d+))(?![\w.])"
-    r"|(?P<ssa>%\d+)|(?P<ref>\$\w+)|(?P<sym>@[\w.:]+)|(?P<name>[A-Za-z_][\w.]*)|(?P<punct>->|[()\[\]{},:=]))"
+    r"|(?P<ssa>%\d+)|(?P<ref>\$\w+)|(?P<param>!\w+)|(?P<sym>@[\w.:]+)|(?P<name>[A-Za-z_][\w.]*)|(?P<punct>->|[()\[\]{},:=]))"
 )
 
 
@@ -33,7 +43,12 @@ _SYMBOL_OPS = (Op.LOAD, Op.CALL, Op.PATTERN, Op.RANGE_MIN, Op.RANGE_MAX)
 
 
 class IRParseError(InternalError):
-    """IR text that the printer could not have written."""
+    """IR text that the printer could not have written: `reason`, at IR line `line` (1-based) if known."""
+
+    def __init__(self, reason: str, line: int | None = None, text: str | None = None) -> None:
+        self.reason, self.line = reason, line
+        where = "" if line is None else f"IR line {line}: "
+        super().__init__(where + reason + ("" if text is None else f": {text!r}"))
 
 
 class _Line:
@@ -55,7 +70,7 @@ class _Line:
         self.pos = 0
 
     def error(self, reason: str) -> IRParseError:
-        return IRParseError(f"IR line {self.number}: {reason}: {self.text!r}")
+        return IRParseError(reason, self.number, self.text)
 
     def peek(self) -> str | None:
         return self.tokens[self.pos][1] if self.pos < len(self.tokens) else None
@@ -91,6 +106,7 @@ class _Scope:
         self.refs = dict(refs)
         self.values: dict[str, Node] = {}
         self.inputs: dict[str, Type] = {}
+        self.params: dict[str, Type] = {}  # the runtime parameters of a bound pattern (`!name`)
 
     def operand(self, line: _Line) -> Node:
         kind = line.tokens[line.pos][0] if not line.done() else None
@@ -104,6 +120,11 @@ class _Scope:
             if name not in self.refs:
                 raise line.error(f"unknown name {text}")
             return Node(Op.REF, self.refs[name], (), name)
+        if kind == "param":
+            name = text[1:]
+            if name not in self.params:
+                raise line.error(f"{text} is not a runtime parameter of the pattern")
+            return Node(Op.PARAM, self.params[name], (), name)
         if kind == "num" or text in ("true", "false"):
             return const(_parse_const(text))
         if text in INDEX_VARS or text in TILE_VARS:
@@ -133,6 +154,102 @@ class _Scope:
         self.values[target] = Node(op, type_, tuple(args), symbol)
 
 
+class _Results:
+    """The lines of the analyses' typed results in one pattern (`ir/results.py` shows them), gathered
+    into the `PatternIR` fields they stand for."""
+
+    KEYWORDS = ("tiles", "ranges", "range", "kernel", "sparsity")
+
+    def __init__(self, scope: _Scope) -> None:
+        self.scope = scope
+        self.tiles: TileClasses | None = None
+        self.conjuncts: int | None = None
+        self.ranges: dict[str, list[AxisRange]] = {axis: [] for axis in RANGE_AXES}
+        self.kernel: tuple[Node | None, ...] | None = None
+        self.gradients: list[ScoreGradient] = []
+        self.sparsity: Sparsity | None = None
+        self.last: _Line | None = None
+
+    def values(self, line: _Line, names: tuple[str, ...], optional: bool = False) -> list[Node | None]:
+        """`name = operand` for each of the names, in order, comma-separated, ending the line; with
+        `optional`, an operand may be `none` (an absent value)."""
+        values: list[Node | None] = []
+        for i, name in enumerate(names):
+            if i:
+                line.take(value=",")
+            line.take(value=name)
+            line.take(value="=")
+            if optional and line.peek() == "none":
+                line.take()
+                values.append(None)
+            else:
+                values.append(self.scope.operand(line))
+        if not line.done():
+            raise line.error(f"unexpected {line.peek()!r}")
+        return values
+
+    def index(self, line: _Line, expected: int) -> None:
+        """`K:` where K must be the next index of its kind."""
+        if line.take("num") != str(expected):
+            raise line.error(f"expected index {expected}")
+        line.take(value=":")
+
+    def line(self, line: _Line) -> None:
+        self.last = line
+        keyword = line.take("name")
+        if keyword == "tiles":
+            self.tiles = TileClasses(*self.values(line, TileClasses.PARTS))
+        elif keyword == "ranges":
+            line.take(value="conjuncts")
+            line.take(value="=")
+            self.conjuncts = int(line.take("num"))
+            if not line.done():
+                raise line.error(f"unexpected {line.peek()!r}")
+        elif keyword == "range":
+            axis = line.take("name")
+            if axis not in self.ranges or self.conjuncts is None:
+                raise line.error(f"a range {axis!r} outside 'ranges'")
+            self.index(line, len(self.ranges[axis]))
+            self.ranges[axis].append(AxisRange(*self.values(line, AxisRange.PARTS)))
+        elif keyword == "kernel":
+            name = line.peek()
+            if name == "grad":
+                line.take()
+                self.index(line, len(self.gradients))
+                self.gradients.append(ScoreGradient(*self.values(line, ("load", "value"))))
+            else:
+                self.kernel = tuple(self.values(line, ("mask", "score", "dscore"), optional=True))
+        else:
+            kind = line.take("name")
+            axes = []
+            if line.peek() == "[":
+                line.take()
+                while line.peek() != "]":
+                    axes.append(line.take("name"))
+                    if line.peek() == ",":
+                        line.take()
+                line.take(value="]")
+            if not line.done():
+                raise line.error(f"unexpected {line.peek()!r}")
+            self.sparsity = Sparsity(kind, tuple(axes))  # type: ignore[arg-type]  # verify checks the kind
+
+    def fields(self) -> dict[str, Any]:
+        """The `PatternIR` fields of the lines read."""
+        ranges = None
+        if self.conjuncts is not None:
+            if any(len(r) != self.conjuncts for r in self.ranges.values()):
+                assert self.last is not None
+                raise self.last.error(f"'ranges' announces {self.conjuncts} conjuncts per axis")
+            ranges = Ranges(tuple(self.ranges["kv"]), tuple(self.ranges["q"]))
+        kernel = None
+        if self.kernel is not None:
+            kernel = KernelValues(*self.kernel, gradients=tuple(self.gradients))
+        elif self.gradients:
+            assert self.last is not None
+            raise self.last.error("kernel gradients without the kernel's values")
+        return {"tiles": self.tiles, "ranges": ranges, "sparsity": self.sparsity, "kernel": kernel}
+
+
 class _ModuleParser:
     def __init__(self, text: str) -> None:
         self.lines = [(i + 1, t) for i, t in enumerate(text.splitlines()) if t.strip()]
@@ -149,6 +266,9 @@ class _ModuleParser:
         params = []
         while line.peek() != close:
             name = line.take("name")
+            static = name == "static" and line.peek() != ":"
+            if static:
+                name = line.take("name")
             line.take(value=":")
             type_ = Type(line.take("name"))
             default = None
@@ -157,7 +277,7 @@ class _ModuleParser:
                 default = const(_parse_const(line.take()))
                 if type_ is Type.FLOAT:
                     default = const(float(default.attr))  # type: ignore[arg-type]
-            params.append(ParamDecl(name, type_, default))
+            params.append(ParamDecl(name, type_, default, static=static or type_ is Type.BOOL))
             if line.peek() == ",":
                 line.take()
         line.take(value=close)
@@ -196,16 +316,20 @@ class _ModuleParser:
                     line.take()
             line.take(value="]")
             bindings = tuple(bindings)
+            if line.peek() == "(":  # its runtime parameters
+                line.take()
+                params = self.params(line, ")")
         else:
             line.take(value="(")
             params = self.params(line, ")")
         line.take(value="{")
-        scope = _Scope(self, {p.name: p.type for p in params})
+        scope = _Scope(self, {} if bindings is not None else {p.name: p.type for p in params})
+        if bindings is not None:
+            scope.params = {p.name: p.type for p in params}
         inputs: list[InputDecl] = []
         lets: list[tuple[str, Node]] = []
         mask = score = None
-        derived: list[tuple[str, Node]] = []
-        sparsity = None
+        results = _Results(scope)
         while True:
             body = self.next_line()
             word = body.peek()
@@ -232,14 +356,8 @@ class _ModuleParser:
                 value = scope.operand(body)
                 lets.append((let_name, value))
                 scope.refs[let_name] = value.type
-            elif word == "derive":
-                body.take()
-                derived_name = body.take("name")
-                body.take(value="=")
-                derived.append((derived_name, scope.operand(body)))
-            elif word == "sparsity":
-                body.take()
-                sparsity = body.text.split("sparsity", 1)[1].strip()
+            elif word in _Results.KEYWORDS:
+                results.line(body)
             elif word in ("mask", "score"):
                 body.take()
                 body.take(value="=")
@@ -250,7 +368,7 @@ class _ModuleParser:
             else:
                 scope.definition(body)
         return PatternIR(
-            name, params, tuple(inputs), tuple(lets), mask, score, bindings, None, tuple(derived), sparsity
+            name, params, tuple(inputs), tuple(lets), mask, score, bindings, None, **results.fields()
         )
 
     def module(self) -> ModuleIR:
@@ -270,4 +388,12 @@ class _ModuleParser:
 
 def parse_module(text: str) -> ModuleIR:
     """Parse IR text (as printed by `print_module`) into a module."""
-    return _ModuleParser(text).module()
+    parser = _ModuleParser(text)
+    try:
+        return parser.module()
+    except (ValueError, IndexError) as err:
+        # An op or type name the enums refuse, or text that ends inside a definition: located at the
+        # line read last, as every other parse error is.
+        number, line = parser.lines[parser.pos - 1] if parser.pos else (None, None)
+        reason = "the text ends inside a definition" if isinstance(err, IndexError) else str(err)
+        raise IRParseError(reason, number, line) from None

@@ -8,14 +8,18 @@
     }
 
 `ir.parser.parse_module` reads it back to equal nodes (round-trip). A bound pattern's header lists its
-parameter values in brackets: `pattern gemma_local[window=512, cap=50.0] {`.
+static parameters' values in brackets, then its runtime parameters, if any, in parentheses:
+`pattern gemma_local[cap=50.0](window: int = 4096) {`; a runtime parameter in an expression is
+`!window` (a let or an unbound parameter is `$name`). A parameter declared static shows it:
+`pattern dilated(window: int, static dilation: int)`.
 """
 
 from __future__ import annotations
 
-from attnc.ir.nodes import FnIR, ModuleIR, Node, Op, ParamDecl, PatternIR, format_const
+from attnc.ir.nodes import FnIR, ModuleIR, Node, Op, ParamDecl, PatternIR, Type, format_const
+from attnc.ir.results import RANGE_AXES
 
-_LEAVES = (Op.CONST, Op.VAR, Op.SIZE, Op.SCORE, Op.REF)
+_LEAVES = (Op.CONST, Op.VAR, Op.SIZE, Op.PARAM, Op.SCORE, Op.REF)
 _SYMBOL_OPS = (Op.LOAD, Op.CALL, Op.PATTERN, Op.RANGE_MIN, Op.RANGE_MAX)
 
 
@@ -35,6 +39,8 @@ class _Numbering:
             return "s"
         if node.op is Op.REF:
             return f"${node.attr}"
+        if node.op is Op.PARAM:
+            return f"!{node.attr}"
         return self.names[node]
 
     def define(self, root: Node) -> str:
@@ -54,7 +60,8 @@ def _params(params: tuple[ParamDecl, ...]) -> str:
     parts = []
     for p in params:
         default = "" if p.default is None else f" = {format_const(p.default.attr)}"  # type: ignore[arg-type]
-        parts.append(f"{p.name}: {p.type}{default}")
+        static = "static " if p.static and p.type is not Type.BOOL else ""  # bools: static always
+        parts.append(f"{static}{p.name}: {p.type}{default}")
     return ", ".join(parts)
 
 
@@ -72,6 +79,8 @@ def print_fn(fn: FnIR) -> str:
 def print_pattern(pattern: PatternIR) -> str:
     if pattern.bindings is not None:
         header = "[" + ", ".join(f"{n}={format_const(v)}" for n, v in pattern.bindings) + "]"
+        if pattern.params:
+            header += f"({_params(pattern.params)})"
     else:
         header = f"({_params(pattern.params)})"
     numbering = _Numbering()
@@ -84,11 +93,35 @@ def print_pattern(pattern: PatternIR) -> str:
         numbering.lines.append(f"  mask = {numbering.define(pattern.mask)}")
     if pattern.score is not None:
         numbering.lines.append(f"  score = {numbering.define(pattern.score)}")
-    for name, value in pattern.derived:
-        numbering.lines.append(f"  derive {name} = {numbering.define(value)}")
-    if pattern.sparsity is not None:
-        numbering.lines.append(f"  sparsity {pattern.sparsity}")
+    _results(numbering, pattern)
     return "\n".join([f"pattern {pattern.name}{header} {{", *numbering.lines, "}"])
+
+
+def _fields(numbering: _Numbering, values: dict[str, Node | None]) -> str:
+    """`name = operand, ...` (`none` for an absent value), every value defined first, in this order."""
+    return ", ".join(
+        f"{name} = {'none' if value is None else numbering.define(value)}" for name, value in values.items()
+    )
+
+
+def _results(numbering: _Numbering, pattern: PatternIR) -> None:
+    """The lines of the analyses' typed results (`ir/results.py`), in the order the passes set them."""
+    lines = numbering.lines
+    if pattern.tiles is not None:
+        lines.append(f"  tiles {_fields(numbering, pattern.tiles.named())}")
+    if pattern.ranges is not None:
+        lines.append(f"  ranges conjuncts = {pattern.ranges.conjuncts}")
+        for axis in RANGE_AXES:
+            for j, r in enumerate(pattern.ranges.axis(axis)):
+                lines.append(f"  range {axis} {j}: {_fields(numbering, r.named())}")
+    if pattern.kernel is not None:
+        kernel = pattern.kernel
+        values = {"mask": kernel.mask, "score": kernel.score, "dscore": kernel.dscore}
+        lines.append(f"  kernel {_fields(numbering, values)}")
+        for k, g in enumerate(kernel.gradients):
+            lines.append(f"  kernel grad {k}: {_fields(numbering, {'load': g.load, 'value': g.value})}")
+    if pattern.sparsity is not None:
+        lines.append(f"  sparsity {pattern.sparsity}")
 
 
 def print_module(module: ModuleIR) -> str:

@@ -10,19 +10,44 @@ Rewriter = Callable[[Node], Node | None]
 
 
 def rewrite(
-    root: Node, rule: Rewriter, memo: dict[Node, Node] | None = None, leave: Collection[Node] = ()
+    root: Node,
+    rule: Rewriter,
+    memo: dict[Node, Node] | None = None,
+    leave: Collection[Node] = (),
+    keep: Callable[[Node], bool] | None = None,
 ) -> Node:
     """Apply rule bottom-up: children first, then the node rebuilt on them; None keeps the node.
 
     Each distinct node is rewritten once (`memo`, which a caller may share between calls: what is in
     it is not walked again), so the cost is linear in the DAG. Nodes in `leave` are rebuilt on their
-    rewritten operands but not given to the rule."""
+    rewritten operands but not given to the rule. A node for which `keep` holds is its own rewrite,
+    and nothing under it is walked: the caller knows the rule would leave all of it as it is."""
     memo = {} if memo is None else memo
-    for node in root.walk(skip=memo.__contains__):
-        rebuilt = node.with_args(tuple(memo[a] for a in node.args))
+
+    def known(node: Node) -> bool:
+        if node in memo:
+            return True
+        if keep is not None and keep(node):
+            memo[node] = node
+            return True
+        return False
+
+    for node in root.walk(skip=known):
+        rebuilt = _rebuilt(node, memo)
         replaced = None if node in leave else rule(rebuilt)
         memo[node] = rebuilt if replaced is None else replaced
     return memo[root]
+
+
+def _rebuilt(node: Node, memo: dict[Node, Node]) -> Node:
+    """The node over its operands' rewrites: itself where none changed, else built directly (what
+    `Node.with_args` does through `dataclasses.replace`, at a fraction of the cost: rebuilding is much
+    of what the analyses spend)."""
+    args = tuple([memo[a] for a in node.args])
+    for new, old in zip(args, node.args, strict=True):
+        if new is not old:
+            return Node(node.op, node.type, args, node.attr, node.loc)
+    return node
 
 
 def substitute(root: Node, values: dict[str, Node]) -> Node:

@@ -17,14 +17,34 @@ from attnc.ir.nodes import (
     Op,
     PatternIR,
     Type,
+    const,
     infer_type,
 )
 from attnc.ir.printer import print_module
+from attnc.ir.results import METADATA_AXES, RANGE_AXES, KernelValues, Sparsity
 
-SPARSITY_KINDS = ("analytic", "metadata", "metadata[b]", "metadata[h]", "metadata[b, h]")
-SCORE_DERIVED = ("kernel_score", "kernel_dscore", "kernel_grad_")
-"""Derived values that are functions of the score `s`, by name or name prefix (the others are functions
-of the mask's inputs)."""
+# What each typed result (`ir/results.py`) may read: the tile box of its own kind, b, h (and the sizes,
+# runtime parameters and inputs, which every expression may); a kernel value, the positions and `s`.
+_TILES_READ = frozenset({*TILE_VARS, "b", "h"})
+_RANGE_READ = {
+    "kv": frozenset({"q_first", "q_last", "b", "h"}),
+    "q": frozenset({"kv_first", "kv_last", "b", "h"}),
+}
+_KERNEL_READ = frozenset({*INDEX_VARS, "s"})
+
+
+_CONTEXTUAL = (Op.VAR, Op.SCORE, Op.PARAM, Op.REF, Op.LOAD, Op.RANGE_MIN, Op.RANGE_MAX, Op.CALL, Op.PATTERN)
+"""The ops whose check in `_Verifier.one` depends on where the expression stands (the tile variables and
+the score are allowed in some expressions only, names resolve against a scope or a declaration)."""
+_SYMBOLS = "_verified_symbols"
+"""On an interned node that passed `one` with everything under it: the (interned) nodes of `_CONTEXTUAL`
+ops under it; not itself, which would keep it alive until a garbage collection (`_symbols` adds it)."""
+
+
+def _symbols(node: Node) -> frozenset[Node]:
+    """The nodes of `_CONTEXTUAL` ops in a marked node's expression, itself included."""
+    below: frozenset[Node] = node.canonical.__dict__[_SYMBOLS]
+    return below | {node.canonical} if node.op in _CONTEXTUAL else below
 
 
 class _Verifier:
@@ -32,6 +52,8 @@ class _Verifier:
         self.module = module
         self.errors: list[str] = []
         self.tile_vars = False  # whether the expression being checked may use the tile box variables
+        self.runtime: dict[str, Type] = {}  # the runtime parameters of the bound pattern being checked
+        self.let_reads: dict[str, frozenset[str]] = {}  # per let of the pattern: the variables it reads
 
     def fail(self, where: str, reason: str) -> None:
         self.errors.append(f"{where}: {reason}")
@@ -39,8 +61,29 @@ class _Verifier:
     def node(
         self, where: str, node: Node, refs: dict[str, Type], pattern: PatternIR | None, allow_score: bool
     ) -> None:
-        for n in node.walk():
+        """Check every node of the expression (`one`). A node that passed, over operands that did, is
+        marked (`_SYMBOLS`) and never walked again, in any verification: what `one` checks of it
+        depends only on the node, except for its symbols (variables, the score, parameters, refs,
+        loads, calls), whose meaning depends on where the expression stands, so those are checked
+        again in each context, and the mark keeps them."""
+        boundary: list[frozenset[Node]] = []
+
+        def marked(n: Node) -> bool:
+            if _SYMBOLS not in n.canonical.__dict__:
+                return False
+            boundary.append(_symbols(n))
+            return True
+
+        walked: set[Node] = set()
+        for n in node.walk(skip=marked):
+            failures = len(self.errors)
             self.one(where, n, refs, pattern, allow_score)
+            walked.add(n)
+            if len(self.errors) == failures and all(_SYMBOLS in a.canonical.__dict__ for a in n.args):
+                below = frozenset[Node]().union(*(_symbols(a) for a in n.args))
+                object.__setattr__(n.canonical, _SYMBOLS, below)
+        for symbol in frozenset().union(*boundary) - walked:
+            self.one(where, symbol, refs, pattern, allow_score)
 
     def one(
         self, where: str, n: Node, refs: dict[str, Type], pattern: PatternIR | None, allow_score: bool
@@ -59,6 +102,9 @@ class _Verifier:
         elif op is Op.SIZE:
             if n.attr not in SIZES or n.type is not Type.INT:
                 self.fail(where, f"bad size {n.attr!r}")
+        elif op is Op.PARAM:
+            if self.runtime.get(str(n.attr)) is not n.type:
+                self.fail(where, f"!{n.attr} is not a {n.type} runtime parameter of a bound pattern")
         elif op is Op.SCORE:
             if not allow_score or n.type is not Type.FLOAT:
                 self.fail(where, "the score s used outside score")
@@ -76,7 +122,7 @@ class _Verifier:
         elif op in (Op.RANGE_MIN, Op.RANGE_MAX):
             decl = pattern.input(str(n.attr)) if pattern is not None else None
             if not self.tile_vars:
-                self.fail(where, f"{op} outside a derived expression")
+                self.fail(where, f"{op} outside the tile analyses' results")
             if decl is None:
                 self.fail(where, f"{op} of undeclared input @{n.attr}")
             elif len(n.args) != 2 * len(decl.dims) or n.type is not decl.type or decl.type is Type.FLOAT:
@@ -111,10 +157,15 @@ class _Verifier:
 
     def pattern(self, pattern: PatternIR) -> None:
         where = f"pattern {pattern.name}"
-        if pattern.bindings is not None and pattern.params:
-            self.fail(where, "both parameters and bindings")
+        bound = pattern.bindings is not None
+        if bound and any(p.static for p in pattern.params):
+            self.fail(where, "a bound pattern's parameters must be its runtime ones, not static")
+        if bound and {n for n, _ in pattern.bindings or ()} & {p.name for p in pattern.params}:
+            self.fail(where, "a parameter is both bound and runtime")
         self.params(where, pattern.params)
-        refs = {p.name: p.type for p in pattern.params}
+        # Before `bind-params` parameters are refs; after it the runtime ones are `!name` leaves.
+        refs = {} if bound else {p.name: p.type for p in pattern.params}
+        self.runtime = {p.name: p.type for p in pattern.params} if bound else {}
         names = (
             [p.name for p in pattern.params] + [i.name for i in pattern.inputs] + [n for n, _ in pattern.lets]
         )
@@ -135,21 +186,112 @@ class _Verifier:
             self.node(where, pattern.mask, refs, pattern, allow_score=False)
             if pattern.mask.type is not Type.BOOL:
                 self.fail(where, "mask is not bool")
-            if any(n.op is Op.REF and n.attr in score_lets for n in pattern.mask.walk()):
+            if score_lets and any(n.op is Op.REF and n.attr in score_lets for n in pattern.mask.walk()):
                 self.fail(where, "mask uses a let that uses the score")
         if pattern.score is not None:
             self.node(where, pattern.score, refs, pattern, allow_score=True)
             if pattern.score.type is not Type.FLOAT:
                 self.fail(where, "score is not float")
-        derived_names = [n for n, _ in pattern.derived]
-        if len(set(derived_names)) != len(derived_names):
-            self.fail(where, "a derived value is named twice")
+        self.results(where, pattern, refs)
+
+    def result(
+        self,
+        where: str,
+        what: str,
+        value: Node,
+        type_: Type,
+        may_read: frozenset[str],
+        refs: dict[str, Type],
+        pattern: PatternIR,
+    ) -> None:
+        """One expression of a typed result: its nodes, its type and the variables it reads."""
+        self.node(where, value, refs, pattern, allow_score="s" in may_read)
+        if value.type is not type_:
+            self.fail(where, f"{what} is not {type_}")
+        extra = self.reads(value) - may_read
+        if extra:
+            self.fail(where, f"{what} reads {', '.join(sorted(extra))}")
+
+    def reads(self, value: Node) -> frozenset[str]:
+        """The variables the value reads, through the lets it refers to (found among the symbols `node`
+        marked on a verified value, without walking it again)."""
+        if not self.let_reads:
+            return value.free
+        symbols = value.canonical.__dict__.get(_SYMBOLS)
+        found = set(value.free)
+        for n in value.walk() if symbols is None else symbols:
+            if n.op is Op.REF and str(n.attr) in self.let_reads:
+                found |= self.let_reads[str(n.attr)]
+        return frozenset(found)
+
+    def results(self, where: str, pattern: PatternIR, refs: dict[str, Type]) -> None:
+        """The analyses' typed results: what each may read, their types, and that they agree."""
+        self.let_reads = {}
+        for name, value in pattern.lets:
+            self.let_reads[name] = self.reads(value)
         self.tile_vars = True
-        for name, value in pattern.derived:
-            self.node(where, value, refs, pattern, allow_score=name.startswith(SCORE_DERIVED))
+        if pattern.tiles is not None:
+            for part, value in pattern.tiles.named().items():
+                self.result(where, f"tiles {part}", value, Type.BOOL, _TILES_READ, refs, pattern)
+        if pattern.ranges is not None:
+            kv, q = pattern.ranges.kv, pattern.ranges.q
+            if len(kv) != len(q):
+                self.fail(where, f"ranges have {len(kv)} kv conjuncts and {len(q)} q conjuncts")
+            for axis in RANGE_AXES:
+                for j, r in enumerate(pattern.ranges.axis(axis)):
+                    for part, value in r.named().items():
+                        what = f"range {axis} {j} {part}"
+                        self.result(where, what, value, Type.INT, _RANGE_READ[axis], refs, pattern)
         self.tile_vars = False
-        if pattern.sparsity is not None and pattern.sparsity not in SPARSITY_KINDS:
-            self.fail(where, f"unknown sparsity {pattern.sparsity!r}")
+        if pattern.kernel is not None:
+            self.kernel(where, pattern, pattern.kernel, refs)
+        if pattern.sparsity is not None:
+            self.sparsity(where, pattern, pattern.sparsity)
+
+    def kernel(self, where: str, pattern: PatternIR, kernel: KernelValues, refs: dict[str, Type]) -> None:
+        if kernel.mask is not None:
+            self.result(where, "kernel mask", kernel.mask, Type.BOOL, _KERNEL_READ - {"s"}, refs, pattern)
+        for name, value in (("score", kernel.score), ("dscore", kernel.dscore)):
+            if value is not None:
+                self.result(where, f"kernel {name}", value, Type.FLOAT, _KERNEL_READ, refs, pattern)
+        # `fuse` gives the kernel a mask exactly when the pattern's mask is not `true`, a score exactly
+        # when it is not `s`: without them the kernel would compute another pattern.
+        has_mask = pattern.mask is not None and pattern.mask != const(True)
+        has_score = pattern.score is not None and pattern.score.op is not Op.SCORE
+        for name, needed, value in (("mask", has_mask, kernel.mask), ("score", has_score, kernel.score)):
+            if needed and value is None:
+                self.fail(where, f"kernel {name} missing for a pattern with a {name}")
+            elif value is not None and not needed:
+                self.fail(where, f"kernel {name} for a pattern without a {name}")
+        lets = dict(pattern.lets)
+        for k, gradient in enumerate(kernel.gradients):
+            what = f"kernel grad {k} value"
+            self.result(where, what, gradient.value, Type.FLOAT, _KERNEL_READ, refs, pattern)
+            self.node(where, gradient.load, refs, pattern, allow_score=False)
+            load = gradient.input_load(lets)
+            decl = pattern.input(str(load.attr)) if load.op is Op.LOAD else None
+            if decl is None or decl.type is not Type.FLOAT:
+                self.fail(where, f"kernel grad {k} load is not a load of a float input")
+
+    def sparsity(self, where: str, pattern: PatternIR, sparsity: Sparsity) -> None:
+        if sparsity.kind not in ("analytic", "metadata"):
+            self.fail(where, f"unknown sparsity kind {sparsity.kind!r}")
+        elif sparsity.analytic and pattern.ranges is None:
+            self.fail(where, "sparsity analytic without ranges")
+        elif not sparsity.analytic and pattern.ranges is not None:
+            self.fail(where, "sparsity metadata for a mask with ranges")
+        if sparsity.analytic and sparsity.axes:
+            self.fail(where, f"sparsity analytic with axes {list(sparsity.axes)}")
+        if sparsity.axes != tuple(a for a in METADATA_AXES if a in sparsity.axes):
+            self.fail(where, f"sparsity axes must be b and/or h, in that order, got {list(sparsity.axes)}")
+        if sparsity.kind == "metadata":
+            if pattern.tiles is None:
+                self.fail(where, "sparsity metadata without tile classes")
+                return
+            read = self.reads(pattern.tiles.any) | self.reads(pattern.tiles.all)
+            missing = [a for a in METADATA_AXES if a in read and a not in sparsity.axes]
+            if missing:
+                self.fail(where, f"sparsity {sparsity} is not per {', '.join(missing)}, which the tiles read")
 
     def module_(self) -> None:
         names = [f.name for f in self.module.fns] + [p.name for p in self.module.patterns]

@@ -1,8 +1,16 @@
-"""`bind-params`: substitute the pattern's parameter values, then fold constants.
+"""`bind-params`: substitute the values of the static parameters and fold constants; the runtime
+parameters become `Op.PARAM` leaves, symbols whose values each launch passes.
 
-**Requires:** an inlined module; `values` gives every parameter of the entry a constant of its type
-(the API checks this against the declarations and reports located errors).
-**Ensures:** no parameter refs remain; the entry's `params` are replaced by `bindings`; every int value
+A parameter is static if it is declared `static`, is a bool, is named in `specialize` (`attnc ir -D`,
+the golden tests), or appears in an input's shape (the shape checks, and the kernel's load guards, need
+the dimension's value before the launch); every other int or float parameter is runtime, so that all
+its values share one kernel.
+
+**Requires:** an inlined module; `values` gives every static parameter of the entry a constant of its
+type (the API checks this against the declarations and reports located errors); values of runtime
+parameters are ignored.
+**Ensures:** no parameter refs remain; the entry's `bindings` hold the static parameters' values and its
+`params` exactly the runtime parameters (in declaration order, not static); every int value
 of the bound program stays inside int64 for every launch (`value_ranges.check_fits`), else a located
 `AttnTypeError` is raised: the oracle, the plans and the kernels all compute ints in int64.
 """
@@ -15,7 +23,7 @@ from typing import ClassVar
 from attnc.analysis.normal_form import fold_constant
 from attnc.analysis.value_ranges import ValueRanges, check_fits
 from attnc.errors import AttnTypeError, InternalError
-from attnc.ir.nodes import ModuleIR, Node, PatternIR, Type, const, format_const
+from attnc.ir.nodes import ModuleIR, Node, Op, ParamDecl, PatternIR, Type, const, format_const, param
 from attnc.ir.rewrite import rewrite, substitute
 
 
@@ -23,20 +31,25 @@ from attnc.ir.rewrite import rewrite, substitute
 class BindParams:
     name: ClassVar[str] = "bind-params"
     values: tuple[tuple[str, int | float | bool], ...] = ()
+    specialize: frozenset[str] = frozenset()
 
     def run(self, module: ModuleIR) -> ModuleIR:
         entry = module.entry
-        given = dict(self.values)
-        nodes: dict[str, Node] = {}
-        for param in entry.params:
-            if param.name not in given:
-                raise InternalError(f"bind-params: no value for parameter {param.name}")
-            value = given[param.name]
-            if param.type is Type.FLOAT:
-                value = float(value)
-            nodes[param.name] = const(value)
-        if entry.bindings is not None and not entry.params:
+        if entry.bindings is not None:
             return module  # already bound
+        given = dict(self.values)
+        static = static_params(entry, self.specialize)
+        nodes: dict[str, Node] = {}
+        for decl in entry.params:
+            if decl.name not in static:
+                nodes[decl.name] = param(decl.name, decl.type)
+                continue
+            if decl.name not in given:
+                raise InternalError(f"bind-params: no value for parameter {decl.name}")
+            value = given[decl.name]
+            if decl.type is Type.FLOAT:
+                value = float(value)
+            nodes[decl.name] = const(value)
 
         def bind(root: Node) -> Node:
             return rewrite(substitute(root, nodes), fold_constant)
@@ -44,15 +57,31 @@ class BindParams:
         inputs = tuple(replace(d, dims=tuple(bind(x) for x in d.dims)) for d in entry.inputs)
         bound = replace(
             entry,
-            params=(),
+            params=tuple(p for p in entry.params if p.name not in static),
             inputs=inputs,
             mask=None if entry.mask is None else bind(entry.mask),
             score=None if entry.score is None else bind(entry.score),
-            bindings=tuple((p.name, nodes[p.name].attr) for p in entry.params),
+            bindings=tuple((p.name, nodes[p.name].attr) for p in entry.params if p.name in static),
         )
         check_fits(bound, bound.roots())
         _check_dimensions(bound)
         return module.with_entry(bound)
+
+
+def static_params(pattern: PatternIR, specialize: frozenset[str] = frozenset()) -> frozenset[str]:
+    """The names of the parameters the kernel of `pattern` (unbound) is specialised on (see above)."""
+    in_shapes = {
+        str(n.attr) for decl in pattern.inputs for dim in decl.dims for n in dim.walk() if n.op is Op.REF
+    }
+    return frozenset(
+        p.name for p in pattern.params if p.static or p.type is Type.BOOL or p.name in specialize | in_shapes
+    )
+
+
+def runtime_params(pattern: PatternIR, specialize: frozenset[str] = frozenset()) -> tuple[ParamDecl, ...]:
+    """The parameters of `pattern` (unbound) that its kernel takes as arguments, in declaration order."""
+    static = static_params(pattern, specialize)
+    return tuple(p for p in pattern.params if p.name not in static)
 
 
 def _check_dimensions(pattern: PatternIR) -> None:

@@ -4,18 +4,18 @@ For masks built from bounds on affine forms of `q` and `kv` (causal, bottom-righ
 windows, local bands, sinks, prefix LM, blocked forms like `q // 64 == kv // 64`, their unions and
 intersections) the keys a query tile may see are a small union of intervals whose ends are simple
 expressions of the tile's bounds. The pass writes the mask in disjunctive normal form and, for each
-conjunct `j`, solves its constraints for `kv` over the query tile `q in [q_first, q_last]`:
+conjunct `j`, solves its constraints for `kv` over the query tile `q in [q_first, q_last]`, giving
+the entry's `Ranges` (`ir/results.py`), an `AxisRange` per conjunct and axis:
 
-    derive kv_lo_j, kv_hi_j            every key the conjunct allows for some query of the tile lies
-                                       in [kv_lo_j, kv_hi_j] (a sound hull; empty when lo > hi)
-    derive kv_full_lo_j, kv_full_hi_j  every key in [kv_full_lo_j, kv_full_hi_j] is allowed for every
-                                       query of the tile (a sound core; empty when lo > hi)
+    range kv j: lo, hi            every key the conjunct allows for some query of the tile lies in
+                                  [lo, hi] (a sound hull; empty when lo > hi)
+                full_lo, full_hi  every key in [full_lo, full_hi] is allowed for every query of the
+                                  tile (a sound core; empty when full_lo > full_hi)
 
-and likewise `q_lo_j ... q_full_hi_j` over a key tile `kv in [kv_first, kv_last]`, the transposed
-ranges the backward pass iterates. All are element positions, clipped to the lengths; a kernel turns
-them into tile indices with its own block sizes, so they serve every tile shape, and `range_count`
-says how many conjuncts there are. A key tile is visited if it meets some hull, and is FULL if it lies
-in some core (`runtime/plan.py` spells this out).
+and likewise `range q j` over a key tile `kv in [kv_first, kv_last]`, the transposed ranges the
+backward pass iterates. All are element positions, clipped to the lengths; a kernel turns them into
+tile indices with its own block sizes, so they serve every tile shape. A key tile is visited if it
+meets some hull, and is FULL if it lies in some core (`runtime/plan.py` spells this out).
 
 A constraint `E op c` with `E` affine is solved for `kv` when `kv` appears in `E` once, as `kv` or as
 `kv // d` (d > 0 constant); the rest of `E` is bounded over the tile by interval analysis. Constraints
@@ -25,20 +25,20 @@ as it is (tiles of at least 16 keys still meet them) and empty the core. Any oth
 of an input, or a normal form with more than `MAX_CONJUNCTS` conjuncts: no ranges are derived, and
 `block-sparsify` builds metadata instead.
 
-**Requires:** a canonicalized, bound entry pattern. **Ensures:** either no `*_lo_*` values, or
-`range_count` = n and the eight values above for each j < n, canonical.
+**Requires:** a canonicalized, bound entry pattern. **Ensures:** either no `ranges`, or `ranges` with
+the same number of conjuncts on both axes, every bound canonical.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from attnc.analysis.intervals import Interval, IntervalAnalysis
 from attnc.analysis.normal_form import build_linear, canonicalize, linear
 from attnc.analysis.value_ranges import ValueRanges
 from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const, make, size, var
-from attnc.passes.classify_tiles import with_derived
+from attnc.ir.results import AxisRange, Ranges
 
 MAX_CONJUNCTS = 16
 STRIDE_LIMIT = 16
@@ -255,11 +255,5 @@ class DeriveRanges:
             return module
         if not ValueRanges(entry).fits(*(x for r in kv_ranges + q_ranges for x in r)):
             return module  # a bound like `kv_last + c` could leave int64 (`value_ranges.py`): metadata
-        values: dict[str, Node] = {"range_count": const(len(kv_ranges))}
-        for target, ranges in (("kv", kv_ranges), ("q", q_ranges)):
-            for j, (lo, hi, full_lo, full_hi) in enumerate(ranges):
-                values[f"{target}_lo_{j}"] = lo
-                values[f"{target}_hi_{j}"] = hi
-                values[f"{target}_full_lo_{j}"] = full_lo
-                values[f"{target}_full_hi_{j}"] = full_hi
-        return module.with_entry(with_derived(entry, values))
+        ranges = Ranges(tuple(AxisRange(*r) for r in kv_ranges), tuple(AxisRange(*r) for r in q_ranges))
+        return module.with_entry(replace(entry, ranges=ranges))

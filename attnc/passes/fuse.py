@@ -2,17 +2,17 @@
 
 A kernel program owns one query tile and loops over key tiles; each iteration evaluates the score
 function and, on PARTIAL tiles only, the mask, over a `[BLOCK_M, BLOCK_N]` grid. This pass rewrites both
-expressions into the form that body runs, written back as derived values:
+expressions into the form that body runs, and adds the derivatives the backward kernels need: the
+entry's `KernelValues` (`ir/results.py`):
 
-    derive kernel_mask = ...    the mask (absent when every key is allowed)
-    derive kernel_score = ...   the score function of `s` (absent when the score is `s`)
-
-and what the backward kernels need, the score's derivatives (`analysis/derivative.py`):
-
-    derive kernel_dscore = ...  d score / d s (absent when it is 1: no score function, or `s + bias`)
-    derive kernel_grad_load_K = load x[...]
-    derive kernel_grad_K = ...  for the K-th load of a float input in the score with a derivative
-                                that is not zero: the load, and d score / d load
+    kernel mask = ..., score = ..., dscore = ...
+        mask     the mask (none when every key is allowed)
+        score    the score function of `s` (none when the score is `s`)
+        dscore   d score / d s, for the backward kernels (none when it is 1: no score function, or
+                 `s + bias`)
+    kernel grad K: load = ..., value = ...
+                 for the K-th load of a float input in the score whose derivative is not identically
+                 zero (`analysis/derivative.py`): the load, and d score / d load (`ScoreGradient`)
 
 Three rewrites, each keeping every value the same:
 
@@ -30,13 +30,14 @@ Three rewrites, each keeping every value the same:
 
 The pattern's own `mask` and `score` stay as they are: the tile analyses and the oracle read those.
 
-**Requires:** a canonicalized, bound entry pattern without lets. **Ensures:** the derived kernel values
+**Requires:** a canonicalized, bound entry pattern without lets. **Ensures:** the entry's `kernel`, as
 above; lets `row_N` (hoisted values, used only by them), each used at least once. A kernel computes
 only the lets its own values use (the forward kernel never computes a derivative's).
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -44,14 +45,11 @@ from attnc.analysis.derivative import derivative
 from attnc.analysis.normal_form import split_comparison
 from attnc.analysis.value_ranges import ValueRanges
 from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const
+from attnc.ir.results import KernelValues, ScoreGradient
 from attnc.ir.rewrite import rewrite
-from attnc.passes.classify_tiles import with_derived
 
 HOIST_PREFIX = "row_"
-KERNEL_VALUES = ("kernel_mask", "kernel_score", "kernel_dscore")
-GRAD_PREFIX = "kernel_grad_"
-GRAD_LOAD_PREFIX = "kernel_grad_load_"
-_LEAVES = (Op.CONST, Op.VAR, Op.SIZE, Op.SCORE, Op.REF)
+_LEAVES = (Op.CONST, Op.VAR, Op.SIZE, Op.PARAM, Op.SCORE, Op.REF)
 
 
 def _uses_kv(node: Node) -> bool:
@@ -79,9 +77,9 @@ def kernel_form(root: Node, pattern: PatternIR) -> Node:
     return rewrite(root, rule)
 
 
-def hoist(roots: dict[str, Node], taken: set[str]) -> tuple[dict[str, Node], dict[str, Node]]:
+def hoist(roots: dict[Hashable, Node], taken: set[str]) -> tuple[dict[str, Node], dict[Hashable, Node]]:
     """The largest loop-invariant interior sub-expressions of the roots as lets, and the roots
-    referring to them: (lets by name, in dependency order; the rewritten roots by name). A node is
+    referring to them: (lets by name, in dependency order; the rewritten roots by key). A node is
     hoisted when it is loop invariant and is a root or has a user that is not."""
     invariant: dict[Node, bool] = {}
     variant_user: dict[Node, bool] = {}
@@ -129,50 +127,28 @@ def score_gradients(pattern: PatternIR) -> tuple[Node | None, list[tuple[Node, N
     return dscore, loads
 
 
-def grad_loads(pattern: PatternIR) -> list[tuple[Node, Node]]:
-    """(load, d score / d load) for each `kernel_grad_K` of a fused pattern, in order of K; a load that
-    `fuse` hoisted is given as the load itself, not its let."""
-    lets = dict(pattern.lets)
-    found = []
-    k = 0
-    while (value := pattern.derived_value(f"{GRAD_PREFIX}{k}")) is not None:
-        load = pattern.derived_value(f"{GRAD_LOAD_PREFIX}{k}")
-        assert load is not None
-        while load.op is Op.REF and str(load.attr) in lets:
-            load = lets[str(load.attr)]
-        found.append((load, value))
-        k += 1
-    return found
-
-
-def differentiable_inputs(pattern: PatternIR) -> set[str]:
-    """The inputs of a fused pattern that can have a gradient: float inputs the score reads where
-    its derivative is not identically zero."""
-    return {str(load.attr) for load, _ in grad_loads(pattern)}
-
-
-def _is_kernel_value(name: str) -> bool:
-    return name in KERNEL_VALUES or name.startswith(GRAD_PREFIX)
-
-
 def fuse(pattern: PatternIR) -> PatternIR:
     """The pattern with its kernel values and hoisted lets (see the module docstring)."""
     pattern = replace(pattern, lets=tuple((n, v) for n, v in pattern.lets if not n.startswith(HOIST_PREFIX)))
-    roots: dict[str, Node] = {}
+    roots: dict[Hashable, Node] = {}
     if pattern.mask is not None and pattern.mask != const(True):
-        roots["kernel_mask"] = kernel_form(pattern.mask, pattern)
+        roots["mask"] = kernel_form(pattern.mask, pattern)
     if pattern.score is not None and pattern.score.op is not Op.SCORE:
-        roots["kernel_score"] = kernel_form(pattern.score, pattern)
+        roots["score"] = kernel_form(pattern.score, pattern)
     dscore, loads = score_gradients(pattern)
     if dscore is not None:
-        roots["kernel_dscore"] = kernel_form(dscore, pattern)
+        roots["dscore"] = kernel_form(dscore, pattern)
     for k, (load, grad) in enumerate(loads):
-        roots[f"{GRAD_LOAD_PREFIX}{k}"] = kernel_form(load, pattern)
-        roots[f"{GRAD_PREFIX}{k}"] = kernel_form(grad, pattern)
+        roots["load", k] = kernel_form(load, pattern)
+        roots["value", k] = kernel_form(grad, pattern)
     lets, fused = hoist(roots, {d.name for d in pattern.inputs})
-    derived = tuple((n, v) for n, v in pattern.derived if not _is_kernel_value(n))
-    result = replace(pattern, lets=pattern.lets + tuple(lets.items()), derived=derived)
-    return with_derived(result, fused)
+    kernel = KernelValues(
+        mask=fused.get("mask"),
+        score=fused.get("score"),
+        dscore=fused.get("dscore"),
+        gradients=tuple(ScoreGradient(fused["load", k], fused["value", k]) for k in range(len(loads))),
+    )
+    return replace(pattern, lets=pattern.lets + tuple(lets.items()), kernel=kernel)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,10 @@ without a graph break, and AOT autograd sees the backward as one opaque op too.
 
 A custom op takes tensors and plain values only, so a compiled pattern is named by its kernel key
 (`runtime/cache.py`): `register` files a pattern's `Forward` under it, and the ops look it up. The
-pattern's `input` tensors travel as one list in declaration order. Gradients:
+pattern's `input` tensors travel as one list in declaration order, its runtime parameter values as two
+(`int_params`, a `SymInt[]`, and `float_params`), each in the pattern's parameter order: an int value
+that changes between calls of a `torch.compile`d function becomes dynamic, one graph for all later
+values (a float is specialised, one graph per value, as dynamo does for float arguments). Gradients:
 
 - q, k, v: always (the dK/dV kernel sums the query heads that share a key/value head);
 - a float input the score reads (a bias table, a slope, a temperature): when it requires grad;
@@ -25,6 +28,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from attnc import oracle
+from attnc.ir.nodes import PatternIR, Type
 from attnc.runtime.launch import Forward
 
 _FORWARDS: dict[str, Forward] = {}
@@ -58,25 +62,68 @@ def check_no_forward_ad(tensors: list[Tensor]) -> None:
             raise NotImplementedError(FORWARD_AD_UNSUPPORTED)
 
 
-def _env(forward: Forward, q: Tensor, k: Tensor, inputs: list[Tensor]) -> oracle.Env:
+def param_lists(pattern: PatternIR, values: dict[str, int | float]) -> tuple[list[int], list[float]]:
+    """A compiled pattern's runtime parameter values (its `params`) as the ops take them: the ints, then
+    the floats, each in parameter order."""
+    ints = [values[d.name] for d in pattern.params if d.type is Type.INT]
+    floats = [values[d.name] for d in pattern.params if d.type is Type.FLOAT]
+    return ints, floats  # type: ignore[return-value]
+
+
+def _params(pattern: PatternIR, int_params: list[int], float_params: list[float]) -> dict[str, int | float]:
+    """`param_lists` undone: the runtime values by name, as `oracle.Env.params` holds them."""
+    ints, floats = iter(int_params), iter(float_params)
+    values = {d.name: next(ints) if d.type is Type.INT else next(floats) for d in pattern.params}
+    assert next(ints, None) is None and next(floats, None) is None, "more runtime values than parameters"
+    return values
+
+
+def _env(
+    forward: Forward,
+    q: Tensor,
+    k: Tensor,
+    inputs: list[Tensor],
+    int_params: list[int],
+    float_params: list[float],
+) -> oracle.Env:
     names = [d.name for d in forward.pattern.inputs]
     return oracle.Env(
-        q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device, dict(zip(names, inputs, strict=True))
+        q.shape[0],
+        q.shape[1],
+        q.shape[2],
+        k.shape[2],
+        q.device,
+        dict(zip(names, inputs, strict=True)),
+        params=_params(forward.pattern, int_params, float_params),
     )
 
 
 @torch.library.custom_op("attnc::attention", mutates_args=())
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, inputs: list[Tensor], key: str, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    inputs: list[Tensor],
+    key: str,
+    scale: float,
+    int_params: list[int],
+    float_params: list[float],
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of the pattern filed under `key` (arguments checked by `Kernel.__call__`)."""
     forward = _FORWARDS[key]
-    return forward.run(q, k, v, _env(forward, q, k, inputs), scale)
+    return forward.run(q, k, v, _env(forward, q, k, inputs, int_params, float_params), scale)
 
 
 @attention.register_fake
 def _attention_fake(
-    q: Tensor, k: Tensor, v: Tensor, inputs: list[Tensor], key: str, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    inputs: list[Tensor],
+    key: str,
+    scale: float,
+    int_params: list[int],
+    float_params: list[float],
 ) -> tuple[Tensor, Tensor]:
     out = q.new_empty((*q.shape[:3], v.shape[3]))
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
@@ -95,15 +142,16 @@ def attention_backward(
     inputs: list[Tensor],
     key: str,
     scale: float,
+    int_params: list[int],
+    float_params: list[float],
     wanted: list[bool],
 ) -> list[Tensor]:
     """[dq, dk, dv, then the gradient of each input whose `wanted` flag is set]."""
     forward = _FORWARDS[key]
     names = [d.name for d in forward.pattern.inputs]
     chosen = tuple(n for n, w in zip(names, wanted, strict=True) if w)
-    dq, dk, dv, grads = forward.backward.run(
-        q, k, v, out, lse, dout, dlse, _env(forward, q, k, inputs), scale, chosen
-    )
+    env = _env(forward, q, k, inputs, int_params, float_params)
+    dq, dk, dv, grads = forward.backward.run(q, k, v, out, lse, dout, dlse, env, scale, chosen)
     return [dq, dk, dv, *(grads[n] for n in chosen)]
 
 
@@ -119,6 +167,8 @@ def _attention_backward_fake(
     inputs: list[Tensor],
     key: str,
     scale: float,
+    int_params: list[int],
+    float_params: list[float],
     wanted: list[bool],
 ) -> list[Tensor]:
     # The op returns input gradients contiguous (t.new_empty), whatever the input's strides.
@@ -127,20 +177,40 @@ def _attention_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, tensors, key, scale = inputs
+    q, k, v, tensors, key, scale, int_params, float_params = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *tensors)
-    ctx.key, ctx.scale = key, scale
+    ctx.key, ctx.scale, ctx.int_params, ctx.float_params = key, scale, int_params, float_params
     ctx.wanted = [t.requires_grad for t in tensors]
 
 
 def _backward(ctx, dout: Tensor, dlse: Tensor | None):
     q, k, v, out, lse, *tensors = ctx.saved_tensors
-    grads = attention_backward(q, k, v, out, lse, dout, dlse, tensors, ctx.key, ctx.scale, ctx.wanted)
+    grads = attention_backward(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        dout,
+        dlse,
+        tensors,
+        ctx.key,
+        ctx.scale,
+        ctx.int_params,
+        ctx.float_params,
+        ctx.wanted,
+    )
     dq, dk, dv, *rest = grads
     chosen = iter(rest)
     input_grads = [next(chosen) if w else None for w in ctx.wanted]
-    return dq, dk, dv, input_grads, None, None
+    return dq, dk, dv, input_grads, None, None, _no_gradient(ctx.int_params), _no_gradient(ctx.float_params)
+
+
+def _no_gradient(values: list) -> list | None:
+    """The gradient of a list of numbers as `torch.library` checks it against the argument's structure:
+    None for `[1, 2]` (a leaf), but `[]` for an empty list (to its pytree, a list of no tensors)."""
+    return [] if len(values) == 0 else None
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

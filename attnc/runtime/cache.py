@@ -32,6 +32,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import errno
+import functools
 import hashlib
 import linecache
 import os
@@ -196,9 +197,23 @@ _MODULES: dict[tuple[str, str], ModuleType] = {}
 
 
 def structure_text(pattern: PatternIR) -> str:
-    """The pattern's IR without its name and parameter list: what its kernel depends on."""
+    """The pattern's IR without its name and parameter list: what its kernel depends on. Its runtime
+    parameters' names stay (`!window`): a launcher registered under the key reads their values by name
+    (`oracle.Env.params`), so two patterns share a kernel only where those names agree."""
     text = print_pattern(replace(pattern, name="_", bindings=()))
     return text.split("\n", 1)[1]
+
+
+def _templates_text() -> str:
+    """The name and text of every template (they import each other's macros), read from disk again only
+    when a file's size or modification time changed."""
+    files = sorted(TEMPLATES.glob("*.jinja"))
+    return _read_templates(tuple((t, t.stat().st_mtime_ns, t.stat().st_size) for t in files))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_templates(files: tuple[tuple[Path, int, int], ...]) -> str:
+    return "\n\0".join(f"{t.name}\n{t.read_text(encoding='utf-8')}" for t, _, _ in files)
 
 
 def kernel_key(pattern: PatternIR, spec: KernelSpec | BackwardSpec, template: str) -> str:
@@ -206,7 +221,7 @@ def kernel_key(pattern: PatternIR, spec: KernelSpec | BackwardSpec, template: st
         f"attnc {__version__}",
         f"triton {triton.__version__}",
         f"template {template}",
-        *(f"{t.name}\n{t.read_text(encoding='utf-8')}" for t in sorted(TEMPLATES.glob("*.jinja"))),
+        _templates_text(),
         structure_text(pattern),
         repr(spec),
     ]

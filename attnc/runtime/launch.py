@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 
 from attnc import oracle
 from attnc.codegen.lower import build_backward_spec
-from attnc.codegen.spec import BackwardSpec, InputArg, KernelSpec
+from attnc.codegen.spec import BackwardSpec, InputArg, KernelSpec, ParamArg
 from attnc.errors import InternalError
 from attnc.ir.nodes import PatternIR
 from attnc.runtime import autotune, cache
@@ -97,6 +98,7 @@ class Forward:
             kernel[grid](
                 q, k, v, out, lse,
                 *_input_args(self.spec.inputs, env),
+                *_param_args(self.spec.params, self.pattern, env),
                 *plan,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(),
                 batch, heads, q_len, kv_len, shape.group, scale,
@@ -113,6 +115,20 @@ class Forward:
             launch(config, plan_args(config), out, lse)
         self.last_config, self.last_backend = config, backend
         return out, lse
+
+
+def _param_args(params: tuple[ParamArg, ...], pattern: PatternIR, env: oracle.Env) -> list[Any]:
+    """The runtime parameters' values from `env.params`, in the spec's order: an int as itself, a
+    float as the int64 bit pattern of its float64 value (the kernel bitcasts it back; a Python float
+    argument would reach the kernel as float32)."""
+    args: list[Any] = []
+    for arg in params:
+        value = env.params[pattern.params[arg.index].name]
+        if arg.type == "float":
+            args.append(struct.unpack("<q", struct.pack("<d", float(value)))[0])
+        else:
+            args.append(int(value))
+    return args
 
 
 def _input_args(inputs: tuple[InputArg, ...], env: oracle.Env) -> list[Any]:
@@ -292,6 +308,7 @@ class Backward:
                         env.inputs[a.name].shape
                     )
                 inputs += [buffer, *buffer.stride()]
+            inputs += _param_args(self.spec.params, self.pattern, env)
             sizes = (batch, heads, q_len, kv_len, shape.group, scale)
             strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
             grid = (-(-q_len // config.block_m) * batch * heads,)

@@ -30,6 +30,7 @@ from attnc.analysis.normal_form import split_comparison
 from attnc.analysis.value_ranges import ValueRanges
 from attnc.errors import InputError, InternalError, Loc
 from attnc.ir.nodes import Node, PatternIR
+from attnc.ir.results import AxisRange
 from attnc.ir.rewrite import rewrite
 
 # Tiles evaluated at once while building metadata: bounds the temporary memory (a few int64 tensors
@@ -39,19 +40,6 @@ _CHUNK_TILES = 1 << 21
 _CHUNK_POSITIONS = 1 << 22
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class Ranges:
-    """One conjunct's closed-form range of positions along one axis, over a tile of the other axis
-    (expressions of `q_first`/`q_last` for key ranges, `kv_first`/`kv_last` for query ranges, and of
-    `b`, `h` and the sizes). Hull `[lo, hi]`: every allowed position is inside (empty if lo > hi). Core
-    `[full_lo, full_hi]`: every position inside is allowed for the whole tile (empty if lo > hi)."""
-
-    lo: Node
-    hi: Node
-    full_lo: Node
-    full_hi: Node
 
 
 @dataclass(frozen=True)
@@ -107,10 +95,10 @@ class BlockSparse:
 class Plan:
     """What a launch needs to know about the pattern's tiles (see the module docstring).
 
-    sparsity:  "analytic" or "metadata[...]" (the `block-sparsify` decision).
+    sparsity:  "analytic" or "metadata[...]": the text of the `block-sparsify` decision (`Sparsity`).
     block:     (BLOCK_M, BLOCK_N) the metadata was built for (analytic plans serve any block).
-    kv_ranges: analytic: per conjunct, key `Ranges` over a query tile; None for metadata plans.
-    q_ranges:  analytic: per conjunct, query `Ranges` over a key tile (the backward pass's loops).
+    kv_ranges: analytic: per conjunct, the key `AxisRange` over a query tile; None for metadata plans.
+    q_ranges:  analytic: per conjunct, the query `AxisRange` over a key tile (the backward pass's loops).
     kv_tiles:  metadata: key tiles per query tile; None for analytic plans.
     q_tiles:   metadata: query tiles per key tile (the transpose).
     """
@@ -121,8 +109,8 @@ class Plan:
     batch: int
     num_heads: int
     block: tuple[int, int]
-    kv_ranges: tuple[Ranges, ...] | None
-    q_ranges: tuple[Ranges, ...] | None
+    kv_ranges: tuple[AxisRange, ...] | None
+    q_ranges: tuple[AxisRange, ...] | None
     kv_tiles: BlockSparse | None
     q_tiles: BlockSparse | None
     pattern: PatternIR
@@ -227,10 +215,11 @@ def tile_env(base: oracle.Env, points: dict[str, torch.Tensor], tiles: dict[str,
         points=points,
         tiles=tiles,
         tables=base.tables,
+        params=base.params,
     )
 
 
-def _ranges_map(ranges: tuple[Ranges, ...], plan: Plan, rows: str, cols: str) -> torch.Tensor:
+def _ranges_map(ranges: tuple[AxisRange, ...], plan: Plan, rows: str, cols: str) -> torch.Tensor:
     """Classes of the tiles from closed-form ranges: [B', H', row tiles, col tiles]."""
     oracle.check_sizes(plan.pattern, plan.env)  # an analytic plan is made for any lengths, used for fewer
     lengths = {"q": plan.q_len, "kv": plan.kv_len}
@@ -296,12 +285,11 @@ def predicate_classes(
 ) -> torch.Tensor:
     """Tile classes by the `classify-tiles` predicates, int8 of `shape`, for tiles given as broadcasting
     tensors of their bounds (and of `b`, `h`)."""
-    tile_any, tile_all = pattern.derived_value("tile_any"), pattern.derived_value("tile_all")
-    if tile_any is None or tile_all is None:
+    if pattern.tiles is None:
         raise InternalError("the pattern was not compiled through classify-tiles")
     local = tile_env(env, points, tiles)
-    may = oracle.evaluate(separate_axes(tile_any, pattern), pattern, local)
-    must = oracle.evaluate(separate_axes(tile_all, pattern), pattern, local)
+    may = oracle.evaluate(separate_axes(pattern.tiles.any, pattern), pattern, local)
+    must = oracle.evaluate(separate_axes(pattern.tiles.all, pattern), pattern, local)
     # EMPTY + [may or must] + [must]: 0, 1 or 2, in int8 all along (the grid is the large part).
     classes = (may | must).to(torch.int8) + must.to(torch.int8)
     return classes.expand(shape)
@@ -394,33 +382,25 @@ def make_plan(pattern: PatternIR, env: oracle.Env, block: tuple[int, int]) -> Pl
     if sparsity is None:
         raise InternalError("the pattern was not compiled through block-sparsify")
     common = dict(q_len=env.q_len, kv_len=env.kv_len, batch=env.batch, num_heads=env.num_heads, block=block)
-    if sparsity == "analytic":
-        count = pattern.derived_value("range_count")
-        assert count is not None
-
-        def ranges(target: str) -> tuple[Ranges, ...]:
-            names = ("lo", "hi", "full_lo", "full_hi")
-            return tuple(
-                Ranges(*(pattern.derived_value(f"{target}_{n}_{j}") for n in names))  # type: ignore[arg-type]
-                for j in range(int(count.attr))  # type: ignore[arg-type]
-            )
-
+    if sparsity.analytic:
+        if pattern.ranges is None:
+            raise InternalError("an analytic pattern without ranges")
         return Plan(
-            sparsity,
+            str(sparsity),
             **common,
-            kv_ranges=ranges("kv"),
-            q_ranges=ranges("q"),
+            kv_ranges=pattern.ranges.kv,
+            q_ranges=pattern.ranges.q,
             kv_tiles=None,
             q_tiles=None,
             pattern=pattern,
             env=env,
         )  # type: ignore[arg-type]
     oracle.check_sizes(pattern, env)
-    batches = env.batch if "b" in sparsity else 1
-    heads = env.num_heads if "h" in sparsity else 1
+    batches = env.batch if "b" in sparsity.axes else 1
+    heads = env.num_heads if "h" in sparsity.axes else 1
     kv_tiles, q_tiles = build_block_sparse(pattern, env, block, batches, heads)
     return Plan(
-        sparsity,
+        str(sparsity),
         **common,
         kv_ranges=None,
         q_ranges=None,

@@ -1,0 +1,169 @@
+"""What keeps a kernel build fast (issue 16, "Measure"): stage texts printed on demand, the normal form's
+tables shared by the passes of a compilation, verification once per interned node, the rendered
+kernel's check and the cache key without repeated work. Each test states the saving and that the
+result is the one the slow way gives."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import attnc
+from attnc.analysis import normal_form
+from attnc.analysis.normal_form import canonicalize, shared_tables
+from attnc.codegen import lower
+from attnc.errors import InternalError
+from attnc.ir import verify as verify_module
+from attnc.ir.nodes import ModuleIR, Node, Op, ParamDecl, PatternIR, Type, make, var
+from attnc.ir.printer import print_module
+from attnc.ir.verify import verify
+from attnc.passes import manager
+from attnc.runtime import cache
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+
+
+@pytest.fixture
+def cache_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache of the test's own, so that every build renders its kernel."""
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "cache"))
+    cache.clear_memory()
+    return tmp_path / "cache"
+
+
+def counting(monkeypatch: pytest.MonkeyPatch, owner: object, name: str, argument: int = 0) -> list[object]:
+    """Replace `owner.name` by a wrapper that records each call's argument at that position."""
+    calls: list[object] = []
+    original: Callable[..., object] = getattr(owner, name)
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        calls.append(args[argument] if len(args) > argument else None)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return calls
+
+
+def bound_masks() -> list[Node]:
+    """The masks of a few patterns as `bind-params` leaves them (before `canonicalize`)."""
+    stdlib = attnc.stdlib()
+    kernels = [
+        stdlib.causal(),
+        stdlib.sliding_window(window=8),
+        stdlib.neighborhood_2d(height=4, width=4, kernel_h=3, kernel_w=3),
+        attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm(),
+        attnc.load(EXAMPLES / "natten.attn").na_1d(),
+    ]
+    masks = [k._compiled.passes.modules["bind-params"].entry.mask for k in kernels]
+    return [m for m in masks if m is not None]
+
+
+# ---- stage texts -------------------------------------------------------------------------------------
+
+
+def test_a_build_prints_no_stage_until_one_is_read(cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    printed = counting(monkeypatch, manager, "print_module")
+    kernel = attnc.stdlib().sliding_window(window=16)
+    assert printed == []
+    text = kernel.ir("canonicalize")
+    assert text == print_module(kernel._compiled.passes.modules["canonicalize"])
+    assert kernel.ir("canonicalize") == text
+    assert len(printed) == 1
+
+
+# ---- the normal form's shared tables -----------------------------------------------------------------
+
+
+def test_inside_shared_tables_an_expression_is_normalised_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    mask = bound_masks()[-1].canonical  # the interned twin, without the source's locations
+    applied = counting(monkeypatch, normal_form, "_apply_rules")
+    with shared_tables():
+        first = canonicalize(mask)
+        rules_once = len(applied)
+        again = canonicalize(mask)
+        of_normal_form = canonicalize(first)
+    assert rules_once > 0
+    assert again is first and of_normal_form is first
+    assert len(applied) == rules_once
+
+
+def test_shared_tables_give_each_expression_the_normal_form_a_fresh_call_gives() -> None:
+    masks = bound_masks()
+    with shared_tables() as tables:
+        shared = [canonicalize(m) for m in masks]
+        normal = [n for context in tables.contexts.values() for n in context.normal]
+        settled = [n for context in tables.contexts.values() for n in context.settled]
+    assert shared == [canonicalize(m) for m in masks]  # each outside any table: computed afresh
+    assert len(normal) > 20 and len(settled) > 20
+    assert all(canonicalize(n) == n for n in normal)  # what the tables call normal is, on its own
+    assert all(canonicalize(m) == m for n in settled for m in n.walk())  # and so is all of a settled one
+
+
+def test_the_pass_manager_shares_the_tables_between_passes(
+    cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    natten = attnc.load(EXAMPLES / "natten.attn")
+    opened = counting(monkeypatch, normal_form, "_Tables")
+    natten.na_1d()
+    assert len(opened) == 1  # one compilation, one set of tables, however many canonicalize calls
+
+
+# ---- verification ------------------------------------------------------------------------------------
+
+
+def module_with_mask(mask: Node, params: tuple[ParamDecl, ...]) -> ModuleIR:
+    return ModuleIR(fns=(), patterns=(PatternIR("p", params=params, mask=mask),))
+
+
+def test_a_verified_expression_is_checked_again_only_in_its_symbols(monkeypatch: pytest.MonkeyPatch) -> None:
+    window = Node(Op.REF, Type.INT, (), "verify_speed_window")
+    distance = make(Op.SUB, make(Op.MUL, var("q"), var("q")), make(Op.ABS, var("kv")))
+    mask = make(Op.AND, make(Op.LE, distance, window), make(Op.GE, var("q"), var("kv")))
+    verify(module_with_mask(mask, (ParamDecl("verify_speed_window", Type.INT),)))
+    checked = counting(monkeypatch, verify_module._Verifier, "one", argument=2)  # (self, where, node, ...)
+    with pytest.raises(InternalError, match=r"\$verify_speed_window does not name a int in scope"):
+        verify(module_with_mask(mask, ()))  # the same nodes, in a scope without the parameter
+    assert {n.op for n in checked} == {Op.VAR, Op.REF}  # type: ignore[attr-defined]
+
+
+# ---- the rendered kernel's check and the cache key ---------------------------------------------------
+
+
+def test_the_check_finds_every_argument_and_stored_name_ast_walk_finds(cache_root: Path) -> None:
+    source = attnc.load(EXAMPLES / "natten.attn").na_1d().ir("lower-triton")
+    tree = ast.parse(source)
+
+    def spelt(nodes: object) -> list[tuple[str, str, int]]:
+        found = [
+            ("arg", n.arg, n.lineno) if isinstance(n, ast.arg) else ("store", n.id, n.lineno)
+            for n in nodes  # type: ignore[attr-defined]
+            if isinstance(n, ast.arg) or (isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store))
+        ]
+        return sorted(found)
+
+    assert spelt(lower._bindings(tree)) == spelt(ast.walk(tree))
+    assert len(spelt(ast.walk(tree))) > 50
+
+
+def test_the_kernel_key_reads_the_templates_once_and_stays_the_key_it_was(
+    cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kernel = attnc.stdlib().causal()
+    pattern, spec = kernel._compiled.entry, kernel._compiled.spec
+    cache.kernel_key(pattern, spec, "attention_fwd.py.jinja")
+    reads = counting(monkeypatch, Path, "read_text")
+    key = cache.kernel_key(pattern, spec, "attention_fwd.py.jinja")
+    assert reads == []
+    parts = [
+        f"attnc {attnc.__version__}",
+        f"triton {cache.triton.__version__}",
+        "template attention_fwd.py.jinja",
+        *(f"{t.name}\n{t.read_text(encoding='utf-8')}" for t in sorted(lower.TEMPLATES.glob("*.jinja"))),
+        cache.structure_text(pattern),
+        repr(spec),
+    ]
+    assert key == hashlib.sha256("\n\0".join(parts).encode()).hexdigest()  # kernels on disk stay valid
