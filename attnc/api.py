@@ -22,11 +22,22 @@ from attnc.dsl.lower import Program, load_program, stdlib_program
 from attnc.dsl.source import SourceReadError, read_source, shown_path
 from attnc.errors import AttnError, AttnImportError, InputError, Loc, ParameterError, SourceFile
 from attnc.ir import fold
-from attnc.ir.nodes import INPUT_DTYPES, ModuleIR, Node, Op, ParamDecl, PatternIR, Type
+from attnc.ir.nodes import (
+    INPUT_DTYPES,
+    ModuleIR,
+    Node,
+    Op,
+    ParamDecl,
+    PatternIR,
+    Type,
+    deep_recursion,
+    node_budget,
+)
 from attnc.ir.printer import print_module
 from attnc.ir.results import differentiable_inputs
 from attnc.passes import PASSES
-from attnc.passes.bind_params import runtime_params, static_params
+from attnc.passes.bind_params import static_params
+from attnc.passes.inline import Inline
 from attnc.passes.manager import INPUT_STAGE
 from attnc.runtime import autograd, backend, cache
 from attnc.runtime.launch import DTYPES, MAX_HEAD_DIM, Forward
@@ -119,12 +130,24 @@ class Pattern:
         self._module_ir = program.module(name)
 
     @property
+    def static_names(self) -> frozenset[str]:
+        """The parameters its kernel is specialised on, as `bind-params` decides them: declared `static`,
+        bools, and those that reach an input's shape, also through a pattern it refers to (so decided
+        after inlining). The others are runtime kernel arguments."""
+        known = _STATIC_NAMES.setdefault(self._program, {})
+        if self.name not in known:
+            entry = self._module_ir.entry
+            with deep_recursion(), node_budget(entry.loc, f"pattern '{self.name}' (inline)"):
+                known[self.name] = static_params(Inline().run(self._module_ir).entry)
+        return known[self.name]
+
+    @property
     def params(self) -> tuple[ParamDecl, ...]:
         return self._module_ir.entry.params
 
     def __call__(self, *args: Value, **params: Value) -> Kernel:
         values = self._bind(args, params)
-        return Kernel(self.name, _pipeline(self._program, self._module_ir, values), values)
+        return Kernel(self.name, _pipeline(self._program, self._module_ir, values, self.static_names), values)
 
     def _bind(
         self, args: tuple[Value, ...], params: dict[str, Value], specialize: frozenset[str] = frozenset()
@@ -148,7 +171,7 @@ class Pattern:
             if key in given:
                 raise ParameterError(f"parameter '{key}' of pattern '{self.name}' given twice", entry.loc)
             given[key] = value
-        runtime = {d.name for d in runtime_params(entry, specialize)}
+        runtime = {d.name for d in decls if d.name not in self.static_names | specialize}
         values = []
         for decl in decls:
             if decl.name in given:
@@ -226,19 +249,30 @@ _PIPELINES: weakref.WeakKeyDictionary[Program, dict[tuple[str, ...], CompiledPat
 """Compiled pipelines of each loaded program, by pattern and static parameter values: a kernel of a
 pattern for new runtime values (`mod.sliding_window(window=w)` in a sweep) runs no pass again."""
 
+_STATIC_NAMES: weakref.WeakKeyDictionary[Program, dict[str, frozenset[str]]] = weakref.WeakKeyDictionary()
+"""`Pattern.static_names` of each loaded program, by pattern (`module[name]` makes a new `Pattern`)."""
+
+
+def clear_memory() -> None:
+    """Forget the compiled pipelines and static parameter sets of every program (the kernel sources
+    are `runtime.cache.clear_memory`'s): the next kernel of a pattern runs every pass again."""
+    _PIPELINES.clear()
+    _STATIC_NAMES.clear()
+
+
 PIPELINES_PER_PROGRAM = 256
 """At most this many compilations are kept per program (the oldest is dropped first)."""
 
 
 def _pipeline(
-    program: Program, module_ir: ModuleIR, values: tuple[tuple[str, Value], ...]
+    program: Program, module_ir: ModuleIR, values: tuple[tuple[str, Value], ...], static: frozenset[str]
 ) -> CompiledPattern:
     """The pattern compiled for `values`, from the memo when only runtime values differ. Runtime values
-    do not enter the pipeline's output (they become `Op.PARAM` leaves), so the key holds the static
-    ones only; `repr` tells 0.0 from -0.0, which compare equal but may compile differently. The kernel
-    source is asked of the cache again (a dictionary hit, normally): the cache stays its one authority."""
+    do not enter the pipeline's output (they become `Op.PARAM` leaves), so the key holds the values of
+    `static` only (`Pattern.static_names`: as bind-params decides, after inlining); `repr` tells 0.0
+    from -0.0, which compare equal but may compile differently. The kernel source is asked of the
+    cache again (a dictionary hit, normally): the cache stays its one authority."""
     entry = module_ir.entry
-    static = static_params(entry)
     key = (entry.name, *(f"{name}={value!r}" for name, value in values if name in static))
     compiled = _PIPELINES.setdefault(program, {})
     if key not in compiled:

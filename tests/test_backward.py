@@ -25,7 +25,7 @@ from cases import (
 from cases import pattern_id as _id
 
 import attnc
-from attnc.codegen.lower import build_backward_spec, render
+from attnc.codegen.lower import build_backward_spec, checked_code, render
 from attnc.errors import InputError
 from attnc.testing import compare_gradients
 
@@ -286,7 +286,7 @@ def test_backward_kernels_skip_the_mask_on_full_tiles() -> None:
         spec = build_backward_spec(kern.pattern)
         assert spec.dq_masked.mask is not None and spec.dkv_masked.mask is not None
         assert spec.dq_full.mask is None and spec.dkv_full.mask is None
-        render(spec, "attention_bwd.py.jinja")  # parses
+        checked_code(render(spec, "attention_bwd.py.jinja"), spec, "attention_bwd.py.jinja")  # parses
 
 
 def test_the_score_derivative_is_symbolic_in_the_ir() -> None:

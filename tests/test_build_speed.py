@@ -6,6 +6,7 @@ result is the one the slow way gives."""
 from __future__ import annotations
 
 import ast
+import builtins
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
@@ -167,3 +168,113 @@ def test_the_kernel_key_reads_the_templates_once_and_stays_the_key_it_was(
         repr(spec),
     ]
     assert key == hashlib.sha256("\n\0".join(parts).encode()).hexdigest()  # kernels on disk stay valid
+
+
+def test_a_kernel_source_is_parsed_once_where_it_is_loaded_and_never_by_its_build(
+    cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    program = attnc.load(EXAMPLES / "streaming_llm.attn")
+    parses = counting(monkeypatch, ast, "parse")
+    renders = cache.STATS.renders
+    kernel = program.streaming_llm()
+    source = kernel._compiled.source
+    assert cache.STATS.renders == renders + 1 and parses == []
+    compiled = counting(monkeypatch, builtins, "compile")
+    cache.module(source, "interpreter")
+    assert parses == [source.text]
+    # `ast.parse` is `compile` to a tree; then that tree is compiled, not the text a second time.
+    assert [type(c) for c in compiled] == [str, ast.Module] and compiled[0] == source.text
+
+
+def test_a_backward_kernel_renders_the_exact_delta_loops_only_for_input_gradients() -> None:
+    # The launcher sets EXACT_DELTA only with input gradients to compute: without any, the dQ kernel's
+    # second copy of its key loops is never run, so it is not rendered (nor parsed, nor compiled).
+    stdlib = attnc.stdlib()
+    with_inputs = attnc.loads("pattern p { input x: float32[KV_LEN]\n score = s + x[kv] }").p()
+    for kernel, rendered in ((stdlib.sliding_window(window=8), False), (with_inputs, True)):
+        spec = lower.build_backward_spec(kernel.pattern)
+        source = lower.render(spec, "attention_bwd.py.jinja")
+        assert bool(spec.grad_inputs) is rendered
+        assert ("if EXACT_DELTA:" in source) is rendered and ("delta_sum" in source) is rendered
+        assert "EXACT_DELTA: tl.constexpr" in source  # the launcher passes it to every dQ kernel
+        lower.checked_code(source, spec, "attention_bwd.py.jinja")
+
+
+def test_an_interned_node_hashes_by_identity_and_its_located_twin_like_it() -> None:
+    # Interned nodes keep object identity as hash and equality (no Python call per set or dict
+    # operation); a located twin is equal to its interned twin, both ways, and hashes like it.
+    from attnc.errors import Loc, SourceFile
+
+    assert Node.__hash__ is object.__hash__ and Node.__eq__ is object.__eq__
+    twin = make(Op.ADD, var("q"), var("kv"))
+    located = make(Op.ADD, var("q", Loc(SourceFile("p.attn", "q"), 1, 1, 2)), var("kv"))
+    assert located is not twin and located.canonical is twin and located.loc is None
+    assert located == twin and twin == located and not twin != located  # noqa: SIM202
+    assert hash(located) == hash(twin) and len({twin, located}) == 1
+    assert {located: 1}[twin] == 1 and {twin: 1}[located] == 1
+    assert make(Op.NEG, located).canonical is make(Op.NEG, twin)  # over a twin, the interned node
+
+
+def test_walk_yields_each_node_once_after_its_operands_and_skips_whole_subtrees() -> None:
+    def postorder(node: Node, skip: Callable[[Node], bool], seen: list[Node]) -> list[Node]:
+        if node in seen or skip(node):
+            return seen
+        for a in node.args:
+            postorder(a, skip, seen)
+        if node not in seen:
+            seen.append(node)
+        return seen
+
+    a = make(Op.ADD, var("q"), var("kv"))
+    b = make(Op.MUL, a, a)
+    root = make(Op.SUB, make(Op.ADD, b, a), make(Op.NEG, b))
+    for skip in (lambda n: False, lambda n: n is b, lambda n: n.op is Op.VAR):
+        assert list(root.walk(skip)) == postorder(root, skip, [])
+
+
+def test_nodes_built_at_once_in_many_threads_are_one_object() -> None:
+    import threading
+
+    from attnc.ir.nodes import const
+
+    built: list[list[Node]] = []
+    start = threading.Barrier(4)
+
+    def build() -> None:  # expressions no other test builds, so that the threads race to add them
+        start.wait()
+        built.append([make(Op.ADD, var("q"), const(7_700_000 + i)) for i in range(500)])
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(len({id(n) for n in same}) == 1 for same in zip(*built, strict=True))
+
+
+def test_derive_ranges_solves_each_atom_once_per_axis(monkeypatch: pytest.MonkeyPatch) -> None:
+    # na_1d's mask is an `and` of `or`s: its normal form repeats each factor's atoms in several conjuncts.
+    from attnc.passes import derive_ranges
+
+    solved = counting(monkeypatch, derive_ranges._Solver, "_solve_atom", argument=1)
+    kernel = attnc.load(EXAMPLES / "natten.attn").na_1d()
+    conjuncts = derive_ranges.dnf(kernel._compiled.passes.modules["classify-tiles"].entry.mask)
+    assert kernel.pattern.ranges is not None and len(conjuncts) > 1
+    atoms_per_axis = {
+        (target, atom)
+        for target in ("kv", "q")
+        for atoms in conjuncts
+        for atom in atoms
+        if target in atom.free
+    }
+    assert sum(len(c) for c in conjuncts) > len({a for c in conjuncts for a in c})  # atoms do repeat
+    assert len(solved) == len(atoms_per_axis)
+
+
+def test_the_emitters_of_a_spec_share_one_value_range_analysis(monkeypatch: pytest.MonkeyPatch) -> None:
+    pattern = attnc.stdlib().neighborhood_3d(4, 4, 4, 3, 3, 3).pattern
+    made = counting(monkeypatch, lower, "ValueRanges")
+    spec, backward = lower.build_spec(pattern), lower.build_backward_spec(pattern)
+    assert len(made) == 2  # one per spec, not one per emitter (rows, ranges, bodies; dQ and dK/dV)
+    monkeypatch.setattr(lower, "_value_ranges", lambda pattern: None)  # each emitter its own
+    assert lower.build_spec(pattern) == spec and lower.build_backward_spec(pattern) == backward

@@ -300,3 +300,28 @@ def test_a_compiled_call_with_new_float_values_matches_the_oracle() -> None:
         torch.testing.assert_close(
             f(q, k, v, temperature), MOD.band(temperature=temperature).reference(q, k, v)
         )
+
+
+INHERITED = attnc.loads(
+    """
+pattern inner(n: int) {
+    input t: int32[n]
+    mask = t[kv] > 0 and kv < n
+}
+pattern outer(m: int) {
+    mask = inner(m)
+}
+"""
+)
+
+
+def test_a_parameter_that_shapes_an_input_of_a_referenced_pattern_is_static() -> None:
+    """`m` reaches an input's shape only after inlining: bind-params specialises on it, so the API must
+    not take it for runtime and hand `outer(m=8)` the pipeline compiled for `m=4` (a mask of 4 keys)."""
+    assert INHERITED.outer.static_names == frozenset({"m"})
+    four, eight = INHERITED.outer(m=4), INHERITED.outer(m=8)
+    assert eight.runtime_params == ()
+    assert eight.ir("bind-params").splitlines()[0] == "pattern outer[m=8] {"
+    t = torch.ones(8, dtype=torch.int32)
+    assert int(eight.mask(10, 10, t=t).sum()) == 10 * 8
+    assert int(four.mask(10, 10, t=t[:4]).sum()) == 10 * 4

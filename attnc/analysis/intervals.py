@@ -105,14 +105,17 @@ def _scale(x: Node, k: int | float) -> Node:
 
 class IntervalAnalysis:
     """Bounds of the expressions of one pattern over a box; `box` maps index variable names to their
-    (lo, hi) expressions. Variables not in the box (and sizes) are single points: themselves."""
+    (lo, hi) expressions. Variables not in the box (and sizes) are single points: themselves. `ranges`,
+    the pattern's `ValueRanges`, may be shared with other analyses of the same pattern."""
 
-    def __init__(self, pattern: PatternIR, box: Mapping[str, tuple[Node, Node]]) -> None:
+    def __init__(
+        self, pattern: PatternIR, box: Mapping[str, tuple[Node, Node]], ranges: ValueRanges | None = None
+    ) -> None:
         self.pattern = pattern
         self.box = dict(box)
         self._intervals: dict[Node, Interval] = {}
         self._truths: dict[Node, Truth] = {}
-        self._ranges = ValueRanges(pattern)
+        self._ranges = ValueRanges(pattern) if ranges is None else ranges
 
     # ---- numbers ---------------------------------------------------------------------------------
 

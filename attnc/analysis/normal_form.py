@@ -45,11 +45,11 @@ def canonicalize(root: Node, pattern: PatternIR | None = None) -> Node:
     forms (given to no rule again) and the normal form of each root, so the analyses, which canonicalise
     many expressions with canonical parts in common, pay for each part once."""
     with shared_tables() as tables:
-        ranges = ValueRanges(pattern)
-        key = tuple(sorted(ranges.dtypes.items()))  # all that the rules read of the pattern
+        # The inputs' dtypes: all that the rules read of the pattern (`ValueRanges(pattern)`).
+        key = tuple(sorted({d.name: d.dtype for d in pattern.inputs}.items())) if pattern else ()
         context = tables.contexts.get(key)
         if context is None:
-            context = tables.contexts[key] = _Context(ranges)
+            context = tables.contexts[key] = _Context(ValueRanges(pattern))
         return _canonicalize(root, context)
 
 

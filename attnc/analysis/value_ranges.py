@@ -144,9 +144,11 @@ class ValueRanges:
 
     def fits(self, *nodes: Node) -> bool:
         """Whether every int value of these expressions stays inside int64 for every launch."""
+        ok = True
         for node in nodes:
             self._visit(node)
-        return all(self._fits[n] for n in nodes)
+            ok = ok and self._fits[node]
+        return ok
 
     def _own_fits(self, n: Node) -> bool:
         if n.type is Type.INT and not fits_int64(self._ranges[n]):
@@ -159,19 +161,21 @@ class ValueRanges:
         return min(self._ranges[n.args[0]][0], self._ranges[n.args[1]][0]) == INT64[0]
 
     def _visit(self, node: Node) -> None:
-        if node in self._fits:
+        fits = self._fits
+        if node in fits:
             return
-        for n in node.walk(skip=self._fits.__contains__):  # then its operands are known too
-            if n.op is Op.REF and str(n.attr) in self.lets:
-                self._visit(self.lets[str(n.attr)])
+        for n in node.walk(skip=fits.__contains__):  # then its operands are known too
+            let = self.lets.get(str(n.attr)) if n.op is Op.REF else None
+            if let is not None:
+                self._visit(let)
             if n.type is Type.INT:
                 self._ranges[n] = _clamped(self._range(n))
             elif n.type is Type.FLOAT:
                 self._floats[n] = self._float(n)
-            ok = self._own_fits(n) and all(self._fits[a] for a in n.args)
-            if n.op is Op.REF and str(n.attr) in self.lets:
-                ok = ok and self._fits[self.lets[str(n.attr)]]
-            self._fits[n] = ok
+            ok = self._own_fits(n)
+            for a in n.args:
+                ok = ok and fits[a]
+            fits[n] = ok and (let is None or fits[let])
 
     def _input_range(self, name: str) -> Range:
         dtype = self.dtypes.get(name)

@@ -88,7 +88,8 @@ def float64_nodes(roots: list[Node], lets: Mapping[str, Node]) -> frozenset[Node
 class Emitter:
     """Emits statements for expressions of one pattern. `leaves` names the index variables, tile
     bounds, sizes and `s` in the kernel; `known` the nodes an enclosing scope already computed (a loop
-    body sees the prologue's values). Every node is emitted once per emitter."""
+    body sees the prologue's values); `value_ranges` the pattern's value ranges, if other emitters of
+    the kernel share them (else its own). Every node is emitted once per emitter."""
 
     pattern: PatternIR
     leaves: Mapping[str, str]
@@ -97,10 +98,13 @@ class Emitter:
     prefix: str = "t"
     lines: list[Assign] = field(default_factory=list)
     helpers: set[str] = field(default_factory=set)
+    value_ranges: ValueRanges | None = None
 
     def __post_init__(self) -> None:
         self.lets = dict(self.pattern.lets)
-        self.ranges = ValueRanges(self.pattern, self.lets)
+        self.ranges = (
+            self.value_ranges if self.value_ranges is not None else ValueRanges(self.pattern, self.lets)
+        )
         self.names: dict[Node, str] = dict(self.known)
         self._dtypes: dict[Node, str] = {}
         self.params = {p.name: param_arg(i) for i, p in enumerate(self.pattern.params)}
@@ -135,6 +139,9 @@ class Emitter:
 
     def value(self, node: Node) -> str:
         """The text of the node's value, emitting what it needs."""
+        known = self.names.get(node)
+        if known is not None:  # most operands are: no walk
+            return known
         for n in node.walk(skip=self.names.__contains__):  # what is emitted already is not walked again
             self.names[n] = self._emit(n)
         return self.names[node]

@@ -4,22 +4,23 @@ The last stage of the pipeline. `build_spec` reads what the earlier passes decid
 and hoisted lets of `fuse`, the sparsity of `block-sparsify`, the closed-form ranges of
 `derive-ranges` — and turns every expression into Triton statements (`emit.py`). `render` places the
 spec in the Jinja templates (`templates/*.py.jinja`, `StrictUndefined`: a name the template uses and
-the spec lacks is an error, never an empty string) and parses the result with Python's parser before
-Triton ever sees it, checking that it defines exactly the template's kernels, constants and helpers and
-that no name but the inputs' parameters lies in the inputs' namespace. No name of the pattern is
-rendered (the spec holds none), so patterns of one structure share one source.
+the spec lacks is an error, never an empty string). `checked_code` is how the source becomes code: one
+parse with Python's parser, before Triton ever sees it, checking that it defines exactly the template's
+kernels, constants and helpers and that no name but the inputs' parameters lies in the inputs'
+namespace, then compiled from that tree. No name of the pattern is rendered (the spec holds none), so
+patterns of one structure share one source.
 """
 
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from types import CodeType
 
 import jinja2
 
-from attnc.analysis.value_ranges import fits_int32
+from attnc.analysis.value_ranges import ValueRanges, fits_int32
 from attnc.codegen.emit import FP32, INT32, INT64, Assign, Emitter, float64_nodes, input_arg, param_arg
 from attnc.codegen.spec import (
     INPUT_NAMESPACES,
@@ -107,13 +108,23 @@ def _tile_shaped(node: Node, lets: dict[str, Node]) -> bool:
 
 
 class _Kernel:
-    """What one kernel computes of a fused pattern: its hoisted rows (an emitter) and its bodies."""
+    """What one kernel computes of a fused pattern: its hoisted rows (an emitter) and its bodies.
+    `ranges` are the pattern's value ranges, shared by every emitter of a spec: each node's range is
+    found once, not once per emitter."""
 
-    def __init__(self, pattern: PatternIR, roots: list[Node], float64: frozenset[Node], prefix: str) -> None:
+    def __init__(
+        self,
+        pattern: PatternIR,
+        roots: list[Node],
+        float64: frozenset[Node],
+        prefix: str,
+        ranges: ValueRanges,
+    ) -> None:
         self.pattern = pattern
         self.float64 = float64
         self.prefix = prefix
-        self.rows = Emitter(pattern, KERNEL_NAMES, float64, prefix=f"{prefix}r")
+        self.value_ranges = ranges
+        self.rows = Emitter(pattern, KERNEL_NAMES, float64, prefix=f"{prefix}r", value_ranges=ranges)
         lets = dict(pattern.lets)
         for name in _lets_used(pattern, roots):
             self.rows.lines.append(Assign(name, self.rows.value(lets[name])))
@@ -126,7 +137,13 @@ class _Kernel:
         if sparsity is None or not sparsity.analytic or analytic is None:
             return (), None
         bounds = "kb" if axis == "kv" else "qb"
-        emitter = Emitter(self.pattern, KERNEL_NAMES, self.float64, prefix=f"{self.prefix}{bounds}")
+        emitter = Emitter(
+            self.pattern,
+            KERNEL_NAMES,
+            self.float64,
+            prefix=f"{self.prefix}{bounds}",
+            value_ranges=self.value_ranges,
+        )
         ranges = []
         for j, axis_range in enumerate(analytic.axis(axis)):
             values = []
@@ -145,6 +162,7 @@ class _Kernel:
             self.float64,
             known=self.rows.names,
             prefix=f"{self.prefix}{'m' if with_mask else 'f'}",
+            value_ranges=self.value_ranges,
         )
         kernel_values, _ = _check_fused(pattern)
         kernel_score, kernel_mask = kernel_values.score, kernel_values.mask
@@ -202,6 +220,10 @@ def _float64(kernel: KernelValues, pattern: PatternIR) -> frozenset[Node]:
     return float64_nodes([kernel.mask] if kernel.mask is not None else [], dict(pattern.lets))
 
 
+def _value_ranges(pattern: PatternIR) -> ValueRanges:
+    return ValueRanges(pattern, dict(pattern.lets))
+
+
 def _present(*values: Node | None) -> list[Node]:
     return [v for v in values if v is not None]
 
@@ -209,7 +231,8 @@ def _present(*values: Node | None) -> list[Node]:
 def build_spec(pattern: PatternIR) -> KernelSpec:
     """The forward kernel's spec of a pattern compiled through `fuse`."""
     values, sparsity = _check_fused(pattern)
-    kernel = _Kernel(pattern, _present(values.mask, values.score), _float64(values, pattern), "")
+    roots = _present(values.mask, values.score)
+    kernel = _Kernel(pattern, roots, _float64(values, pattern), "", _value_ranges(pattern))
     range_lines, kv_ranges = kernel.ranges("kv")
     masked, full = kernel.body(with_mask=True), kernel.body(with_mask=False)
     metadata_b, metadata_h = "b" in sparsity.axes, "h" in sparsity.axes
@@ -232,11 +255,14 @@ def build_backward_spec(pattern: PatternIR) -> BackwardSpec:
     float64 = _float64(values, pattern)
     scores = _present(values.mask, values.score, values.dscore)
     loads = grad_loads(pattern)
-    dq = _Kernel(pattern, scores + [n for load, value in loads for n in (load, value)], float64, "dq_")
+    ranges = _value_ranges(pattern)
+    dq = _Kernel(
+        pattern, scores + [n for load, value in loads for n in (load, value)], float64, "dq_", ranges
+    )
     dq_prologue, kv_ranges = dq.ranges("kv")
     dq_masked = dq.body(with_mask=True, backward=True, grads=True)
     dq_full = dq.body(with_mask=False, backward=True, grads=True)
-    dkv = _Kernel(pattern, scores, float64, "dkv_")
+    dkv = _Kernel(pattern, scores, float64, "dkv_", ranges)
     dkv_prologue, q_ranges = dkv.ranges("q")
     dkv_masked = dkv.body(with_mask=True, backward=True)
     dkv_full = dkv.body(with_mask=False, backward=True)
@@ -319,26 +345,40 @@ def _definitions(tree: ast.Module) -> list[str]:
     return names
 
 
-def _bindings(tree: ast.Module) -> Iterator[ast.arg | ast.Name]:
+_NODE_FIELDS: dict[type, tuple[str, ...]] = {}
+"""Per AST class, the fields that may hold nodes binding a name: all but contexts and operators."""
+
+
+def _node_fields(kind: type[ast.AST]) -> tuple[str, ...]:
+    fields = tuple(f for f in kind._fields if f not in ("ctx", "op", "ops"))
+    _NODE_FIELDS[kind] = fields
+    return fields
+
+
+def _bindings(tree: ast.Module) -> list[ast.arg | ast.Name]:
     """Every argument (`ast.arg`) and every name the module stores to (`ast.Name` in a store context),
-    in any order: what `ast.walk` would find of them, at half its cost (a kernel's tree has thousands of
-    nodes, and the check runs on every render)."""
-    stack: list[ast.AST] = [tree]
+    in any order: what `ast.walk` would find of them, at a quarter of its cost (a kernel's tree has
+    thousands of nodes, and the check runs on every load): leaves (constants, names, operators) are
+    never pushed or entered."""
+    found: list[ast.arg | ast.Name] = []
+    stack: list[object] = [tree]
     while stack:
         node = stack.pop()
         kind = type(node)
-        if kind is ast.arg:
-            yield node  # type: ignore[misc]
-        elif kind is ast.Name:
+        if kind is ast.Name:
             if type(node.ctx) is ast.Store:  # type: ignore[attr-defined]
-                yield node  # type: ignore[misc]
-        else:
-            for name in node._fields:
+                found.append(node)  # type: ignore[arg-type]
+        elif kind is ast.arg:
+            found.append(node)  # type: ignore[arg-type]
+        elif kind is not ast.Constant and isinstance(node, ast.AST):  # lists may hold strings
+            fields = _NODE_FIELDS.get(kind)
+            for name in _node_fields(kind) if fields is None else fields:
                 value = getattr(node, name, None)
                 if type(value) is list:
-                    stack.extend(v for v in value if isinstance(v, ast.AST))
+                    stack.extend(value)
                 elif isinstance(value, ast.AST):
                     stack.append(value)
+    return found
 
 
 def _check_structure(tree: ast.Module, spec: KernelSpec | BackwardSpec, template: str) -> None:
@@ -372,11 +412,20 @@ def _check_structure(tree: ast.Module, spec: KernelSpec | BackwardSpec, template
 
 
 def render(spec: KernelSpec | BackwardSpec, template: str = "attention_fwd.py.jinja") -> str:
-    """The Triton source of a spec; raises InternalError (with the numbered source) if it does not
-    parse as Python, or defines other names than the template's kernels, constants and helpers."""
-    source = _environment().get_template(template).render(spec=spec)
+    """The Triton source of a spec, as text: not parsed here. Python parses it once, where it is loaded
+    (`checked_code`), and checks its structure then, before any of it runs."""
+    return _environment().get_template(template).render(spec=spec)
+
+
+def checked_code(
+    source: str, spec: KernelSpec | BackwardSpec, template: str, filename: str = "<attnc kernel>"
+) -> CodeType:
+    """The rendered source of a spec compiled to a module's code, from a single parse; raises
+    InternalError (with the numbered source) if it does not parse as Python, or defines other names
+    than the template's kernels, constants and helpers (`_check_structure`)."""
     try:
-        _check_structure(ast.parse(source), spec, template)
+        tree = ast.parse(source, filename)
+        _check_structure(tree, spec, template)
     except SyntaxError as err:
         raise InternalError(
             f"rendered {template} does not parse: {err.msg} at line {err.lineno}\n{_numbered(source)}"
@@ -385,7 +434,7 @@ def render(spec: KernelSpec | BackwardSpec, template: str = "attention_fwd.py.ji
         raise InternalError(
             f"rendered {template} is not the expected module: {err}\n{_numbered(source)}"
         ) from None
-    return source
+    return compile(tree, filename, "exec")
 
 
 def _numbered(source: str) -> str:

@@ -14,10 +14,12 @@ import math
 import sys
 import threading
 import weakref
+from _weakref import _remove_dead_weakref  # what `weakref.WeakValueDictionary` removes with
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from operator import is_
 from typing import TYPE_CHECKING, Any
 
 from attnc.errors import Loc, ProgramTooLargeError
@@ -31,8 +33,11 @@ class Type(str, Enum):
     FLOAT = "float"
     BOOL = "bool"
 
+    __hash__ = str.__hash__  # an Enum's own hash is a Python call; every table keyed by a type pays it
+    __format__ = str.__format__  # an Enum's own format is two Python calls; the printer writes many
+
     def __str__(self) -> str:
-        return self.value
+        return self._value_  # the value, without the `value` property's descriptor call
 
 
 class Op(str, Enum):
@@ -80,8 +85,11 @@ class Op(str, Enum):
     RANGE_MIN = "range_min"
     RANGE_MAX = "range_max"
 
+    __hash__ = str.__hash__  # an Enum's own hash is a Python call; every table keyed by an op pays it
+    __format__ = str.__format__  # an Enum's own format is two Python calls; the printer writes many
+
     def __str__(self) -> str:
-        return self.value
+        return self._value_  # the value, without the `value` property's descriptor call
 
 
 MAX_NESTING = 400
@@ -155,16 +163,22 @@ def node_budget(loc: Loc | None, what: str, limit: int | None = None) -> Iterato
         _budgets.active.remove(budget)
 
 
+def _exhausted(budget: _Budget) -> None:
+    budget.left = budget.limit  # let the error's own formatting build nodes, should it need to
+    raise ProgramTooLargeError(
+        f"{budget.what} is too large to compile: it would build more than {budget.limit:,} IR nodes "
+        "(a normal form that grows exponentially with the expression); simplify the expression",
+        budget.loc,
+    )
+
+
 def _spend() -> None:
-    budget = _budgets.active[-1]
-    budget.left -= 1
-    if budget.left < 0:
-        budget.left = budget.limit  # let the error's own formatting build nodes, should it need to
-        raise ProgramTooLargeError(
-            f"{budget.what} is too large to compile: it would build more than {budget.limit:,} IR nodes "
-            "(a normal form that grows exponentially with the expression); simplify the expression",
-            budget.loc,
-        )
+    active = _budgets.active
+    if active:
+        budget = active[-1]
+        budget.left -= 1
+        if budget.left < 0:
+            _exhausted(budget)
 
 
 def _attr_key(op: Op, type_: Type, attr: object) -> tuple[object, object]:
@@ -177,9 +191,33 @@ def _attr_key(op: Op, type_: Type, attr: object) -> tuple[object, object]:
     return attr, attr.hex() if isinstance(attr, float) else attr
 
 
-_TABLE: weakref.WeakValueDictionary[tuple[object, ...], Node] = weakref.WeakValueDictionary()
-"""The interned nodes, by (op, type, attr key, ids of the operands): those still in use somewhere."""
+_TABLE: dict[tuple[object, ...], weakref.KeyedRef] = {}
+"""The interned nodes, by (op, type, attr key, operands), held weakly: those still in use somewhere. A
+key holds the operands, which the node holds anyway; its entry leaves when the node dies (`_forget`).
+Read without `_LOCK` (a dict lookup is atomic, and a dead reference reads as a miss); entries are
+added under it."""
+
+
+def _forget(ref: weakref.KeyedRef) -> None:
+    # A node died: drop its entry, unless the key names a live node again (removed only if dead,
+    # atomically: this runs in whichever thread freed the node, perhaps while it holds `_LOCK`).
+    _remove_dead_weakref(_TABLE, ref.key)
+
+
 _LOCK = threading.Lock()
+
+
+def _new(cls: type[Node], op: Op, type_: Type, args: tuple[Node, ...], attr: object, key_attr: object) -> Any:
+    """A node with these fields, set directly (what the frozen dataclass's `__init__` would set)."""
+    node = object.__new__(cls)
+    fields = node.__dict__
+    fields["op"] = op
+    fields["type"] = type_
+    fields["args"] = args
+    fields["attr"] = attr
+    fields["loc"] = None
+    fields["attr_key"] = key_attr
+    return node
 
 
 class _Interned(type):
@@ -193,32 +231,44 @@ class _Interned(type):
         attr: int | float | bool | str | None = None,
         loc: Loc | None = None,
     ) -> Any:
-        args = tuple(args)
-        attr, key_attr = _attr_key(op, type, attr)
-        canonical = [a.canonical for a in args]
-        key = (op, type, key_attr, *map(id, canonical))
-        with _LOCK:
-            twin = _TABLE.get(key)
-            if twin is None:
-                if _budgets.active:
+        type_ = type
+        if args.__class__ is not tuple:
+            args = tuple(args)
+        if isinstance(attr, float) or (type_ is Type.FLOAT and op is Op.CONST):
+            attr, key_attr = _attr_key(op, type_, attr)
+        else:
+            key_attr = attr  # what `_attr_key` gives for anything but a float
+        located = loc is not None
+        for a in args:
+            if a.__class__ is not Node:
+                located = True
+                break
+        canonical = tuple([a.canonical for a in args]) if located else args
+        key = (op, type_, key_attr, canonical)
+        ref = _TABLE.get(key)
+        twin = None if ref is None else ref()
+        if twin is None:
+            with _LOCK:
+                ref = _TABLE.get(key)
+                twin = None if ref is None else ref()
+                if twin is None:
                     _spend()
-                twin = super().__call__(op, type, tuple(canonical), attr, None)
-                object.__setattr__(twin, "attr_key", key_attr)
-                object.__setattr__(twin, "_id", id(twin))
-                _TABLE[key] = twin
-        if loc is None and all(a is c for a, c in zip(args, canonical, strict=True)):
+                    twin = _new(Node, op, type_, canonical, attr, key_attr)
+                    _TABLE[key] = weakref.KeyedRef(twin, _forget, key)
+        if not located:
             return twin
         # A located node (or one over located operands): a twin of the interned node that keeps the
         # source locations for diagnostics, equal to it and hashing like it. Not interned itself, so
         # a location never leaks into another program that builds the same expression.
-        if _budgets.active:
-            _spend()
-        node = super().__call__(op, type, args, attr, loc)
-        object.__setattr__(node, "attr_key", key_attr)
-        object.__setattr__(node, "_id", id(twin))
-        object.__setattr__(node, "_twin", twin)
+        _spend()
+        node = _new(LocatedNode, op, type_, args, attr, key_attr)
+        node.__dict__["loc"] = loc
+        node.__dict__["_twin"] = twin
         return node
 
+
+_EXPANDED: Any = object()
+"""Marks, in `Node.walk`'s stack, that the node below it has had its operands pushed."""
 
 _REPR_LIMIT = 2000
 """Characters of a node's repr: the full text of a DAG can be exponentially longer than the DAG."""
@@ -230,13 +280,14 @@ class Node(metaclass=_Interned):
 
     Nodes are hash-consed: `Node(...)` (and `make`, `replace`, `with_args`) returns the one live node
     with that op, type, attr and operands, interned by the identities of its operands, so structurally
-    equal expressions are the same object and equality and hashing are O(1). The table holds nodes
-    weakly: a process compiling many patterns keeps only the nodes still in use.
+    equal expressions are the same object, and equality and hashing are object identity's (O(1), and
+    done by Python's sets and dicts without calling back into Python). The table holds nodes weakly:
+    a process compiling many patterns keeps only the nodes still in use.
 
     The source location is not part of a node's identity. A node built with a `loc` (the front end's)
-    is a located twin of the interned one: it carries its own location, compares equal to and hashes
-    like its interned twin (`canonical`), and is not shared, so diagnostics point at the user's own
-    source even where another live program built the same expression elsewhere.
+    is a located twin of the interned one (a `LocatedNode`): it carries its own location, compares
+    equal to and hashes like its interned twin (`canonical`), and is not shared, so diagnostics point
+    at the user's own source even where another live program built the same expression elsewhere.
     """
 
     op: Op
@@ -246,16 +297,6 @@ class Node(metaclass=_Interned):
     loc: Loc | None = field(default=None, repr=False)
     # What identity sees of `attr` (see `_attr_key`).
     attr_key: object = field(init=False, repr=False, default=None)
-
-    def __hash__(self) -> int:
-        return self._id  # type: ignore[attr-defined, no-any-return]
-
-    def __eq__(self, other: object) -> bool:
-        if self is other:
-            return True
-        if not isinstance(other, Node):
-            return NotImplemented
-        return self._id == other._id  # type: ignore[attr-defined, no-any-return]
 
     def __repr__(self) -> str:
         # As a dataclass writes it, each distinct operand spelt once per call and cut at _REPR_LIMIT.
@@ -280,31 +321,37 @@ class Node(metaclass=_Interned):
     @property
     def canonical(self) -> Node:
         """The interned node equal to this one (itself unless it carries source locations)."""
-        return self.__dict__.get("_twin", self)  # type: ignore[no-any-return]
+        return self
 
     def with_args(self, args: tuple[Node, ...]) -> Node:
-        if len(args) == len(self.args) and all(a is b for a, b in zip(args, self.args, strict=True)):
+        if len(args) == len(self.args) and all(map(is_, args, self.args)):
             return self
-        return replace(self, args=args)
+        return Node(self.op, self.type, args, self.attr, self.loc)
 
     def walk(self, skip: Callable[[Node], bool] | None = None) -> Iterator[Node]:
         """Every node of the expression, each distinct one once, children before parents; a node for
         which `skip` holds is left out with everything under it (an evaluator's already-known values)."""
+        # A node joins `seen` when first popped: in a DAG nothing under it reaches it again, so its
+        # operands are done before it is yielded. One hash per edge (`add`, its effect read from the
+        # size), not the three of asking `in` before pushing and again before adding.
         seen: set[Node] = set()
-        stack: list[tuple[Node, bool]] = [(self, False)]
+        stack: list[Node] = [self]  # a node under `_EXPANDED` has had its operands pushed
         while stack:
-            node, expanded = stack.pop()
-            if node in seen:
+            node = stack.pop()
+            if node is _EXPANDED:
+                yield stack.pop()
                 continue
-            if expanded:
-                seen.add(node)
+            size = len(seen)
+            seen.add(node)
+            if len(seen) == size or (skip is not None and skip(node)):
+                continue
+            args = node.args
+            if not args:
                 yield node
                 continue
-            if skip is not None and skip(node):
-                seen.add(node)
-                continue
-            stack.append((node, True))
-            stack.extend((a, False) for a in reversed(node.args) if a not in seen)
+            stack.append(node)
+            stack.append(_EXPANDED)
+            stack.extend(args[::-1])
 
     @property
     def free(self) -> frozenset[str]:
@@ -327,6 +374,24 @@ class Node(metaclass=_Interned):
     @property
     def is_const(self) -> bool:
         return self.op is Op.CONST
+
+
+class LocatedNode(Node):
+    """A located twin (see `Node`): equal to its interned twin and hashing like it. An interned node
+    keeps object identity as its equality and hash, which Python's containers compare and hash
+    without calling back into Python; only a located twin pays for a method of its own."""
+
+    def __hash__(self) -> int:
+        return object.__hash__(self.__dict__["_twin"])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Node):
+            return NotImplemented
+        return self.__dict__["_twin"] is other.canonical
+
+    @property
+    def canonical(self) -> Node:
+        return self.__dict__["_twin"]  # type: ignore[no-any-return]
 
 
 def const(value: int | float | bool, loc: Loc | None = None) -> Node:
@@ -487,7 +552,7 @@ def infer_type(op: Op, args: tuple[Node, ...], attr: object = None) -> Type | st
     assert info.rule is not None, f"{op} has no typing rule"
     if info.arity is not None and len(args) != info.arity:
         return f"takes {info.arity} operands, got {len(args)}"
-    return info.rule(tuple(a.type for a in args), attr)
+    return info.rule(tuple([a.type for a in args]), attr)
 
 
 def make(op: Op, *args: Node, loc: Loc | None = None) -> Node:

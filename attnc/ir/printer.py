@@ -49,7 +49,7 @@ class _Numbering:
             if node.op in _LEAVES:
                 continue
             name = f"%{len(self.names)}"
-            args = ", ".join(self.operand(a) for a in node.args)
+            args = ", ".join([self.operand(a) for a in node.args])
             symbol = f" @{node.attr}" if node.op in _SYMBOL_OPS else ""
             self.lines.append(f"  {name} = {node.op}{symbol}({args}) : {node.type}")
             self.names[node] = name

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from operator import is_
 
 from attnc.ir.nodes import Node, Op
 
@@ -40,14 +41,16 @@ def rewrite(
 
 
 def _rebuilt(node: Node, memo: dict[Node, Node]) -> Node:
-    """The node over its operands' rewrites: itself where none changed, else built directly (what
-    `Node.with_args` does through `dataclasses.replace`, at a fraction of the cost: rebuilding is much
-    of what the analyses spend)."""
+    """The node over its operands' rewrites: itself where none changed, else rebuilt (what
+    `Node.with_args` does; inline here, as rebuilding is much of what the analyses spend)."""
+    if not node.args:
+        return node
     args = tuple([memo[a] for a in node.args])
-    for new, old in zip(args, node.args, strict=True):
-        if new is not old:
-            return Node(node.op, node.type, args, node.attr, node.loc)
-    return node
+    # Identity, not equality: a located operand's rewrite may be its equal interned twin, and then
+    # the rebuilt node must drop the location too.
+    if all(map(is_, args, node.args)):
+        return node
+    return Node(node.op, node.type, args, node.attr, node.loc)
 
 
 def substitute(root: Node, values: dict[str, Node]) -> Node:

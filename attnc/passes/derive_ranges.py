@@ -47,6 +47,9 @@ _LENGTH = {"q": "Q_LEN", "kv": "KV_LEN"}
 _OTHER = {"q": "kv", "kv": "q"}
 _COMPARISONS = (Op.LE, Op.LT, Op.GE, Op.GT, Op.EQ)
 
+Bounds = tuple[Node, Node, Node, Node]
+"""(lo, hi, full_lo, full_hi) of one conjunct on one axis."""
+
 
 class NotAnalytic(Exception):
     """The mask has no closed-form ranges; the reason is the message."""
@@ -95,14 +98,25 @@ class _Bound:
 
 
 class _Solver:
-    def __init__(self, pattern: PatternIR, target: str) -> None:
+    """Solves the conjuncts of one mask for one target. An atom shared by several conjuncts (the normal
+    form repeats each factor of an `and` of `or`s in every conjunct it multiplies) is solved once, and
+    so is each pair of bounds checked for crossing."""
+
+    def __init__(self, pattern: PatternIR, target: str, ranges: ValueRanges) -> None:
         self.target = target
         other = _OTHER[target]
         self.box = {other: (var(f"{other}_first"), var(f"{other}_last"))}
-        self.analysis = IntervalAnalysis(pattern, self.box)
+        self.analysis = IntervalAnalysis(pattern, self.box, ranges)
+        self._bounds: dict[Node, list[_Bound] | None] = {}
+        self._gaps: dict[tuple[Node, Node], Node | None] = {}
 
     def bounds(self, atom: Node) -> list[_Bound] | None:
         """The atom's constraint on the target variable, or None if it is not a solvable one."""
+        if atom not in self._bounds:
+            self._bounds[atom] = self._solve_atom(atom)
+        return self._bounds[atom]
+
+    def _solve_atom(self, atom: Node) -> list[_Bound] | None:
         if atom.op not in _COMPARISONS or atom.args[0].type is not Type.INT:
             return None
         left, right = atom.args
@@ -183,7 +197,7 @@ class _Solver:
         unit = len(steps) == 1 and steps[0][0].op is Op.VAR and abs(steps[0][1]) == 1
         return unit and 0 < d <= STRIDE_LIMIT
 
-    def conjunct(self, atoms: list[Node]) -> tuple[Node, Node, Node, Node]:
+    def conjunct(self, atoms: list[Node]) -> Bounds:
         """(lo, hi, full_lo, full_hi) of one conjunct, in target positions, clipped to the length."""
         last = make(Op.SUB, size(_LENGTH[self.target]), const(1))
         lo: Node = const(0)
@@ -199,8 +213,6 @@ class _Solver:
                 hi = make(Op.WHERE, truth.may, hi, const(-1))
                 full_hi = make(Op.WHERE, truth.must, full_hi, const(-1))
                 continue
-            if any(n.op is Op.LOAD for n in atom.walk()):
-                raise NotAnalytic("the mask loads an input")
             bounds = self.bounds(atom)
             if bounds is None:
                 if not self.residual_is_strided(atom):
@@ -221,26 +233,39 @@ class _Solver:
         # of the tile (kv >= q - 4 and kv <= q - 16) is empty nonetheless.
         for lower in lowers:
             for upper in uppers:
-                gap = self.analysis.interval(canonicalize(make(Op.SUB, upper, lower)))
-                if gap.hi is not None:
-                    hi = make(Op.WHERE, make(Op.GE, gap.hi, const(0)), hi, const(-1))
+                gap = self._gap(lower, upper)
+                if gap is not None:
+                    hi = make(Op.WHERE, make(Op.GE, gap, const(0)), hi, const(-1))
         if not has_core:
             full_lo, full_hi = const(0), const(-1)
         else:
             full_hi = make(Op.MIN, full_hi, hi)  # the core lies within the hull
         return lo, hi, full_lo, full_hi
 
+    def _gap(self, lower: Node, upper: Node) -> Node | None:
+        """The largest `upper - lower` over the tile, or None if unbounded."""
+        key = (lower, upper)
+        if key not in self._gaps:
+            self._gaps[key] = self.analysis.interval(canonicalize(make(Op.SUB, upper, lower))).hi
+        return self._gaps[key]
 
-def derive(pattern: PatternIR, target: str) -> list[tuple[Node, Node, Node, Node]]:
-    """Per conjunct, the (lo, hi, full_lo, full_hi) expressions of `target` over a tile of the other
-    variable; raises NotAnalytic when the mask has no closed form."""
+
+def derive(pattern: PatternIR, ranges: ValueRanges) -> tuple[list[Bounds], list[Bounds]]:
+    """Per conjunct, the (lo, hi, full_lo, full_hi) expressions of `kv` over a query tile, and of `q`
+    over a key tile; raises NotAnalytic when the mask has no closed form. Both axes solve the same
+    conjuncts, whose atoms are parts of the mask: the mask is checked for loads once for all of them.
+    `ranges` are the pattern's value ranges."""
     if pattern.mask is not None and any(n.op is Op.LOAD for n in pattern.mask.walk()):
         raise NotAnalytic("the mask loads an input")
-    solver = _Solver(pattern, target)
-    ranges = []
-    for atoms in dnf(pattern.mask):
-        ranges.append(tuple(canonicalize(x) for x in solver.conjunct(atoms)))
-    return ranges  # type: ignore[return-value]
+    conjuncts = dnf(pattern.mask)
+    kv, q = _Solver(pattern, "kv", ranges), _Solver(pattern, "q", ranges)
+    kv_ranges = [_canonical(kv.conjunct(atoms)) for atoms in conjuncts]
+    return kv_ranges, [_canonical(q.conjunct(atoms)) for atoms in conjuncts]
+
+
+def _canonical(bounds: Bounds) -> Bounds:
+    lo, hi, full_lo, full_hi = (canonicalize(x) for x in bounds)
+    return lo, hi, full_lo, full_hi
 
 
 @dataclass(frozen=True)
@@ -249,11 +274,12 @@ class DeriveRanges:
 
     def run(self, module: ModuleIR) -> ModuleIR:
         entry = module.entry
+        value_ranges = ValueRanges(entry)  # shared by both axes and the check below
         try:
-            kv_ranges, q_ranges = derive(entry, "kv"), derive(entry, "q")
+            kv_ranges, q_ranges = derive(entry, value_ranges)
         except NotAnalytic:
             return module
-        if not ValueRanges(entry).fits(*(x for r in kv_ranges + q_ranges for x in r)):
+        if not value_ranges.fits(*(x for r in kv_ranges + q_ranges for x in r)):
             return module  # a bound like `kv_last + c` could leave int64 (`value_ranges.py`): metadata
         ranges = Ranges(tuple(AxisRange(*r) for r in kv_ranges), tuple(AxisRange(*r) for r in q_ranges))
         return module.with_entry(replace(entry, ranges=ranges))

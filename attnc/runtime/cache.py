@@ -11,7 +11,8 @@ On disk the source lives in `$ATTNC_CACHE_DIR/kernels/<key>.py` (default `~/.cac
 atomically (a temporary file, then `os.replace`), so concurrent processes never read half a file. Its
 last line is a seal, `# attnc-sha256 <hex>`: the sha256 of the key and the text above it. A file whose
 seal does not match (truncated, edited, garbage, or another key's kernel) is rendered again and
-overwritten. The module is compiled from the verified text, not read back from the file.
+overwritten. The module is compiled from the verified text, not read back from the file, and only after
+its structure is checked (`codegen.lower.checked_code`): rendering and looking up never parse the text.
 
 The cache directory and its `kernels/` and `autotune/` directories are created private (0700), and a
 directory another user owns, or that others may write, is refused (`CacheError`): a cache's kernels are
@@ -46,7 +47,7 @@ from types import ModuleType
 
 import triton
 
-from attnc.codegen.lower import TEMPLATES, render
+from attnc.codegen.lower import TEMPLATES, checked_code, render
 from attnc.codegen.spec import BackwardSpec, KernelSpec
 from attnc.dsl import source as source_file
 from attnc.errors import CacheError
@@ -185,11 +186,14 @@ def unseal(key: str, data: bytes) -> str | None:
 
 @dataclass(frozen=True)
 class KernelSource:
-    """A kernel's sealed source text (verified), and the file that holds it."""
+    """A kernel's sealed source text (its seal verified), the file that holds it, and the spec and
+    template it was rendered from: what its structure is checked against when it is loaded."""
 
     key: str
     text: str
     path: Path
+    spec: KernelSpec | BackwardSpec
+    template: str
 
 
 _SOURCES: dict[str, KernelSource] = {}
@@ -261,23 +265,25 @@ def source(
         text = seal(key, render(spec, template))
         STATS.renders += 1
         path = store("kernels", filename, text)
-    result = KernelSource(key, text, path)
+    result = KernelSource(key, text, path, spec, template)
     _SOURCES[key] = result
     return result
 
 
 def module(kernel: KernelSource, backend: str) -> ModuleType:
     """The kernel's Python module for a backend, loaded once per process. It is compiled from the
-    verified text, and Triton, which reads a jitted function's source through `linecache`, is given
-    the same text. (Should something clear `linecache` before a kernel's first call, Triton reads the
-    file again: the cache directory being private is what keeps that file the verified text.) The file
-    is rewritten if it went missing or changed (in a directory that is still there), so that tools
-    reading it see what runs."""
+    verified text, parsed once and its structure checked before any of it runs (`checked_code`: an
+    InternalError if the render is not the module its spec and template describe), and Triton, which
+    reads a jitted function's source through `linecache`, is given the same text. (Should something
+    clear `linecache` before a kernel's first call, Triton reads the file again: the cache directory
+    being private is what keeps that file the verified text.) The file is rewritten if it went missing
+    or changed (in a directory that is still there), so that tools reading it see what runs."""
     assert backend in BACKENDS, backend
     loaded = _MODULES.get((kernel.key, backend))
     if loaded is not None:
         return loaded
     filename = str(kernel.path)
+    code = checked_code(kernel.text, kernel.spec, kernel.template, filename)
     if kernel.path.parent.is_dir() and read_regular(kernel.path) != kernel.text.encode("utf-8"):
         with contextlib.suppress(OSError):  # a read-only cache: the verified text below is what runs
             write_atomic(kernel.path, kernel.text)
@@ -285,7 +291,7 @@ def module(kernel: KernelSource, backend: str) -> ModuleType:
     linecache.cache[filename] = (len(kernel.text), None, kernel.text.splitlines(keepends=True), filename)
     loaded = ModuleType(f"attnc_kernel_{kernel.key[:16]}_{backend}")
     loaded.__file__ = filename
-    exec(compile(kernel.text, filename, "exec"), loaded.__dict__)
+    exec(code, loaded.__dict__)
     STATS.module_loads += 1
     _MODULES[kernel.key, backend] = loaded
     return loaded
