@@ -5,6 +5,8 @@ seed and a short one with a random seed, and the replay of every case in `tests/
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 import re
 from pathlib import Path
@@ -33,10 +35,10 @@ def test_generated_programs_are_well_typed(program) -> None:
 
 
 def test_generated_programs_use_the_whole_language() -> None:
-    """Over a few hundred programs, every construct the generator promises appears."""
+    """Over several hundred programs, every construct the generator promises appears."""
     texts: list[str] = []
 
-    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=600, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
     @given(programs())
     def collect(program) -> None:
         texts.append(program.source)
@@ -192,3 +194,142 @@ def test_long_runs_show_a_sign_of_life(capsys: pytest.CaptureFixture[str]) -> No
     code = fuzz.command(2, 4, target="frontend", out=lines.append, progress_seconds=0.0)
     assert code == 0 and lines[-1] == "no failure"
     assert re.search(r"attnc fuzz: front end: \d+ cases so far", capsys.readouterr().err)
+
+
+# ---- runtime and static parameters (issue 16) ------------------------------------------------------------
+
+RUNTIME_SOURCE = """\
+pattern main(window: int = 5, static stride: int = 1, temperature: float = 1.0, static cap: float = 9.0) {
+    mask = kv <= q and q - kv < window * stride
+    score = cap * tanh(s * temperature / cap)
+}
+"""
+RUNTIME_CASE = Case(RUNTIME_SOURCE, "main", {"window": 3}, Shape(1, 2, 1, 21, 19, 16, 16, "float32"), 4)
+
+
+def test_generated_programs_declare_static_and_runtime_parameters() -> None:
+    """Among a few hundred drawn programs, the pattern's ints and floats are declared `static` and
+    left runtime, bools are written `static` too, and so is the helper pattern's parameter; every
+    program binds, a kernel's runtime parameters are exactly its non-static ints and floats, and
+    their values lie in a runtime int's range."""
+    seen: set[str] = set()
+
+    @settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(programs())
+    def check(program) -> None:
+        kern = attnc.loads(program.source)[program.pattern](**program.params)
+        header = program.source[program.source.index("pattern main") :].split("{", 1)[0]
+        declared = {name: static for static, name in re.findall(r"(static )?(p\d): (?:int|float)", header)}
+        assert set(kern.runtime_params) == {name for name, static in declared.items() if not static}
+        for name in kern.runtime_params:
+            value = kern.params[name]
+            assert isinstance(value, float) or -(2**30) <= value <= 2**30, (name, value)
+        for kind, found in (
+            ("static int", re.search(r"static p\d: int", header)),
+            ("static float", re.search(r"static p\d: float", header)),
+            ("static bool", re.search(r"static p\d: bool", header)),
+            ("runtime", kern.runtime_params),
+            ("static helper", "pattern aux(static w: int)" in program.source),
+            ("runtime helper", "pattern aux(w: int)" in program.source),
+        ):
+            if found:
+                seen.add(kind)
+
+    check()
+    kinds = {"static int", "static float", "static bool", "runtime", "static helper", "runtime helper"}
+    assert seen == kinds, f"never drawn: {kinds - seen}"
+
+
+def test_runtime_overrides_are_drawn_from_the_seed_within_range() -> None:
+    kern = attnc.loads(RUNTIME_SOURCE).main(window=3)
+    shape = RUNTIME_CASE.shape
+    draws = [fuzz.runtime_overrides(kern, shape, seed) for seed in range(200)]
+    assert draws == [fuzz.runtime_overrides(kern, shape, seed) for seed in range(200)]
+    assert all(set(d) == {"window", "temperature"} for d in draws)
+    windows = [d["window"] for d in draws]
+    assert all(type(w) is int and -(2**30) <= w <= 2**30 for w in windows)
+    assert {-(2**30), 2**30} <= set(windows) and {2, 4} <= set(windows)  # ends, and next to the bound 3
+    assert all(isinstance(d["temperature"], float) for d in draws)
+    assert fuzz.runtime_overrides(attnc.stdlib().causal(), shape, 0) == {}
+
+
+def test_a_case_runs_its_kernel_again_with_runtime_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second call gives the case's overrides by keyword, and is judged by a kernel bound to them:
+    a kernel that ignores them is a failure saying with which values."""
+    calls: list[dict] = []
+    call = attnc.Kernel.__call__
+
+    def spy(self, q, k, v, **kw):
+        calls.append({name: kw[name] for name in self.runtime_params if name in kw})
+        return call(self, q, k, v, **kw)
+
+    monkeypatch.setattr(attnc.Kernel, "__call__", spy)
+    overrides = {"window": 7, "temperature": 0.5}
+    fuzz.run_case(dataclasses.replace(RUNTIME_CASE, overrides=overrides))
+    assert {} in calls and overrides in calls
+
+    def ignoring(self, q, k, v, **kw):
+        return call(self, q, k, v, **{n: x for n, x in kw.items() if n not in self.runtime_params})
+
+    monkeypatch.setattr(attnc.Kernel, "__call__", ignoring)
+    with pytest.raises(CaseFailure, match=r"with runtime parameters \{'window': 7.*forward"):
+        fuzz.run_case(dataclasses.replace(RUNTIME_CASE, overrides=overrides))
+
+
+def test_a_wrong_runtime_override_is_found_shrunk_saved_and_replayed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel whose calls ignore the runtime values they are given: the fuzzer finds it on a program
+    with a runtime parameter, saves the case with the override values it drew, and the case fails on
+    replay while the bug is there and passes once it is gone."""
+    call = attnc.Kernel.__call__
+
+    def ignoring(self, q, k, v, **kw):
+        return call(self, q, k, v, **{n: x for n, x in kw.items() if n not in self.runtime_params})
+
+    monkeypatch.setattr(attnc.Kernel, "__call__", ignoring)
+    report = fuzz.fuzz(fuzz.cases(grads=False, max_len=20), 300, seed=5, save=tmp_path, shrink_seconds=10)
+    assert report.failure is not None, "the planted bug was not found"
+    assert "with runtime parameters" in report.error, report.error
+    assert report.failure.overrides, report.failure  # the drawn values are written out
+    assert report.saved is not None
+    saved = Case.from_text(report.saved.read_text())
+    assert saved == report.failure
+    assert all(not re.search(rf"static {name}\b", saved.source or "") for name in saved.overrides)
+    with pytest.raises(CaseFailure, match="with runtime parameters"):
+        replay(report.saved)
+    monkeypatch.undo()
+    replay(report.saved)
+
+
+def test_a_saved_case_with_runtime_parameters_round_trips_and_replays(tmp_path: Path) -> None:
+    case = dataclasses.replace(RUNTIME_CASE, params={"window": 3, "stride": 2, "cap": 4.0})
+    pinned = fuzz._with_overrides(case)
+    assert pinned.overrides == fuzz.runtime_overrides(fuzz._kernel(case), case.shape, case.seed)
+    path = fuzz.save_case(pinned, tmp_path)
+    assert Case.from_text(path.read_text()) == pinned
+    replay(path)
+    # A case saved before overrides existed has none in its header: they are drawn from its seed.
+    header, _, source = case.to_text().partition("\n")
+    meta = json.loads(header.removeprefix(fuzz.HEADER))
+    del meta["overrides"]
+    assert Case.from_text(fuzz.HEADER + json.dumps(meta) + "\n" + source) == case
+
+
+def test_a_users_file_case_draws_runtime_ints_within_range(tmp_path: Path) -> None:
+    path = tmp_path / "mine.attn"
+    path.write_text(
+        "pattern band(w: int = 4, static stride: int = 1, t: float = 1.0) {\n"
+        "    mask = abs(q - kv) <= w * stride\n    score = s * t\n}\n"
+    )
+    windows: list[int] = []
+
+    @settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(fuzz.file_cases(str(path), grads=False, max_len=20))
+    def collect(case: Case) -> None:
+        windows.extend([case.params["w"]] if "w" in case.params else [])
+        assert 0 <= case.params.get("stride", 1) <= 40
+
+    collect()
+    assert all(-(2**30) <= w <= 2**30 for w in windows)
+    assert {-(2**30), 2**30} & set(windows) and any(0 <= w <= 40 for w in windows)

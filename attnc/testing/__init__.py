@@ -167,28 +167,39 @@ def compare_gradients(
     scale: float | None = None,
     seed: int = 0,
     lse_grad: bool = True,
-    **inputs: torch.Tensor,
+    judge: Any = None,
+    **inputs: Any,
 ) -> GradientComparison:
     """Differentiate the kernel (out and, with `lse_grad`, lse, against random upstream gradients)
     with respect to q, k, v and every input that requires grad, and judge the gradients against
-    autograd through the oracle (float64) by the tolerance rule."""
+    autograd through the oracle (float64) of `judge` (default: the kernel itself) by the tolerance
+    rule. `inputs`: the input tensors, and runtime parameter values for the calls."""
+    judge = kern if judge is None else judge
     g = torch.Generator().manual_seed(seed)
     shape_out = (*q.shape[:3], v.shape[3])
     dout = torch.randn(shape_out, generator=g).to(q.dtype).to(q.device)
     dlse = torch.randn(q.shape[:3], generator=g).to(q.device) if lse_grad else None
-    names = ["dq", "dk", "dv", *(f"d{n}" for n, t in inputs.items() if t.requires_grad)]
+    tensors = {n: t for n, t in inputs.items() if isinstance(t, torch.Tensor)}
+    values = {n: x for n, x in inputs.items() if n not in tensors}
+    names = ["dq", "dk", "dv", *(f"d{n}" for n, t in tensors.items() if t.requires_grad)]
 
     def grads(precision: torch.dtype | None) -> list[torch.Tensor]:
         leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         if precision == torch.float64:
             leaves = [t.double().detach().requires_grad_() for t in leaves]
-        ins = {n: t.detach().clone().requires_grad_(t.requires_grad) for n, t in inputs.items()}
+        ins = {n: t.detach().clone().requires_grad_(t.requires_grad) for n, t in tensors.items()}
         wrt = leaves + [t for t in ins.values() if t.requires_grad]
         if precision is None:
-            out, lse = kern(*leaves, scale=scale, return_lse=True, **ins)
+            out, lse = kern(*leaves, scale=scale, return_lse=True, **ins, **values)
         else:
-            out, lse = kern.reference(
-                *leaves, scale=scale, return_lse=True, out_dtype=torch.float64, precision=precision, **ins
+            out, lse = judge.reference(
+                *leaves,
+                scale=scale,
+                return_lse=True,
+                out_dtype=torch.float64,
+                precision=precision,
+                **ins,
+                **values,
             )
         outputs, upstream = [out], [dout.to(out.dtype)]
         if dlse is not None:
@@ -251,15 +262,22 @@ def tile_classes(mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
 
 
 def tile_problems(
-    kern: Any, q_len: int, kv_len: int, block: tuple[int, int], tight: bool = False, **kw: Any
+    kern: Any,
+    q_len: int,
+    kv_len: int,
+    block: tuple[int, int],
+    tight: bool = False,
+    judge: Any = None,
+    **kw: Any,
 ) -> list[str]:
-    """What is wrong with a kernel's tile analysis at these sizes, judged by the dense mask (empty:
-    nothing): `block_map` must be exact; the launch plan and its transpose (the backward's) may call a
-    tile PARTIAL that is EMPTY or FULL, never the reverse (that would drop keys or skip the mask), and
-    with `tight` must be exact too."""
+    """What is wrong with a kernel's tile analysis at these sizes, judged by the dense mask of `judge`
+    (default: the kernel itself; empty: nothing): `block_map` must be exact; the launch plan and its
+    transpose (the backward's) may call a tile PARTIAL that is EMPTY or FULL, never the reverse (that
+    would drop keys or skip the mask), and with `tight` must be exact too. `kw`: sizes, inputs and
+    runtime parameter values, for every call."""
     from attnc.runtime.plan import PARTIAL
 
-    expected = tile_classes(kern.mask(q_len, kv_len, **kw), block)
+    expected = tile_classes((kern if judge is None else judge).mask(q_len, kv_len, **kw), block)
     problems = []
     got = kern.block_map(q_len, kv_len, block=block, **kw).cpu()
     if not torch.equal(got.expand_as(expected), expected):

@@ -3,10 +3,12 @@
 A `Case` is one program (or a pattern of a user's file), parameter values, a shape and a seed for the
 tensors. `run_case` compiles it, runs the forward kernel and, for most cases, the backward, and judges
 the output, the lse and the gradients by the tolerance rule of `attnc.testing`, and `block_map` and the
-launch plan against the tile classes of the dense mask. `fuzz` drives Hypothesis over cases for a time
-budget: a failing case is shrunk by Hypothesis to a small program and written as a `.attn` file whose
-first line holds the rest of the case (`Case.to_text`), which `replay` (and the test suite, for
-`tests/fuzz_corpus/`) runs again.
+launch plan against the tile classes of the dense mask. A kernel with runtime parameters is run and
+judged once more with other values given at call time (`kern(q, k, v, window=9)`, drawn from the
+case's seed by `runtime_overrides`), against the oracle of a kernel bound to those values. `fuzz`
+drives Hypothesis over cases for a time budget: a failing case is shrunk by Hypothesis to a small
+program and written as a `.attn` file whose first line holds the rest of the case (`Case.to_text`),
+which `replay` (and the test suite, for `tests/fuzz_corpus/`) runs again.
 
 The front end has its own fuzzer (`frontend_problem`, `sources`): mutated and random source text, odd
 names, programs whose trees are exponentially larger than their DAGs, and imports of odd files (FIFOs,
@@ -21,13 +23,14 @@ import hashlib
 import json
 import math
 import os
+import random
 import re
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -38,7 +41,7 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
 import attnc
-from attnc.api import _dim_value
+from attnc.api import RUNTIME_INT_LIMIT, _dim_value
 from attnc.dsl.source import MAX_SOURCE_BYTES
 from attnc.errors import AttnError
 from attnc.testing import compare, compare_gradients, tile_problems
@@ -53,6 +56,9 @@ from attnc.testing.programs import (
 
 HEADER = "# attnc fuzz case: "
 BLOCKS = ((16, 16), (32, 32), (16, 32), (8, 24), (64, 16))
+# Values a call gives a runtime float parameter: small, of both signs, never 0 (a user's pattern may
+# divide by one, as `s / temperature`).
+RUNTIME_FLOATS = (0.5, -1.25, 2.0, 1.0, -1.0, 5.0)
 
 
 class CaseFailure(AssertionError):
@@ -66,7 +72,10 @@ class Rejected(Exception):
 
 @dataclass(frozen=True)
 class Case:
-    """One fuzz case. `source` is the program's text, or None for a pattern of the user's `file`."""
+    """One fuzz case. `source` is the program's text, or None for a pattern of the user's `file`.
+    `overrides`: the runtime parameter values of the second call; None draws them from `seed`
+    (`runtime_overrides`), and a saved failure holds the drawn ones, so that its replay does not
+    depend on how they are drawn."""
 
     source: str | None
     pattern: str
@@ -77,6 +86,7 @@ class Case:
     grads: bool = True
     file: str | None = None
     kind: str = "kernel"  # or "frontend": `source` is text that must load or fail cleanly
+    overrides: dict[str, Any] | None = None
 
     def to_text(self) -> str:
         """The case as a `.attn` file: a header line with everything but the source, then the source."""
@@ -106,20 +116,69 @@ class Case:
             f"q [{s.batch}, {s.heads}, {s.q_len}, {s.dim}], k/v [{s.batch}, {s.kv_heads}, {s.kv_len}, "
             f"{s.dim}/{s.dim_v}], {s.dtype}, seed {self.seed}, block {self.block}"
             + (", gradients" if self.grads else "")
+            + (f", then runtime parameters {self.overrides} at call time" if self.overrides else "")
         )
 
 
 # ---- running one case ----------------------------------------------------------------------------------
 
 
-def _kernel(case: Case) -> attnc.Kernel:
+def _pattern(case: Case) -> attnc.Pattern:
     try:
         module = attnc.load(case.file) if case.file else attnc.loads(case.source or "", filename="<fuzz>")
-        return module[case.pattern](**case.params)
+        return module[case.pattern]
+    except AttnError as error:
+        if case.file:  # a user's file that does not load: not attnc's fault
+            raise Rejected(str(error)) from error
+        raise CaseFailure(f"the compiler rejected a well-typed program:\n{error}") from error
+
+
+def _bind(case: Case, pattern: attnc.Pattern, params: dict[str, Any]) -> attnc.Kernel:
+    try:
+        return pattern(**params)
     except AttnError as error:
         if case.file:  # a user's pattern may refuse parameters: not attnc's fault
             raise Rejected(str(error)) from error
         raise CaseFailure(f"the compiler rejected a well-typed program:\n{error}") from error
+
+
+def _kernel(case: Case) -> attnc.Kernel:
+    return _bind(case, _pattern(case), case.params)
+
+
+def runtime_overrides(kern: attnc.Kernel, shape: Shape, seed: int) -> dict[str, int | float]:
+    """Values for a second call's runtime parameters, drawn from `seed` (empty: the kernel has none).
+    An int is most often a small value around the lengths, else next to its bound value or at an end
+    of a runtime int's range [-2**30, 2**30]; a float is one of `RUNTIME_FLOATS`."""
+    rng = random.Random(seed)
+    longest = max(shape.q_len, shape.kv_len)
+    values: dict[str, int | float] = {}
+    for name in kern.runtime_params:
+        bound = kern.params[name]
+        if isinstance(bound, float):
+            values[name] = rng.choice(RUNTIME_FLOATS)
+            continue
+        kind = rng.randrange(10)
+        if kind < 6:
+            value = rng.randint(-3, longest + 3)
+        elif kind < 8:
+            value = int(bound) + rng.choice((-1, 1))
+        else:
+            value = rng.choice(
+                (-RUNTIME_INT_LIMIT, RUNTIME_INT_LIMIT, 1 - RUNTIME_INT_LIMIT, RUNTIME_INT_LIMIT - 1)
+            )
+        values[name] = max(-RUNTIME_INT_LIMIT, min(RUNTIME_INT_LIMIT, value))
+    return values
+
+
+def _with_overrides(case: Case) -> Case:
+    """The case with its drawn runtime overrides written out (as it stands if it cannot compile)."""
+    if case.kind != "kernel" or case.overrides is not None:
+        return case
+    try:
+        return replace(case, overrides=runtime_overrides(_kernel(case), case.shape, case.seed))
+    except (CaseFailure, Rejected):
+        return case
 
 
 def make_inputs(kern: attnc.Kernel, shape: Shape, seed: int) -> dict[str, torch.Tensor]:
@@ -149,13 +208,16 @@ def make_inputs(kern: attnc.Kernel, shape: Shape, seed: int) -> dict[str, torch.
 
 
 def run_case(case: Case) -> None:
-    """Run one case; raise `CaseFailure` on any mismatch with the oracle, `Rejected` if it cannot run."""
+    """Run one case; raise `CaseFailure` on any mismatch with the oracle, `Rejected` if it cannot run.
+    A kernel with runtime parameters runs again with the case's `overrides` given at call time, judged
+    by the oracle, mask and tiles of a kernel bound to them."""
     if case.kind == "frontend":
         problem = frontend_problem(case.source or "")
         if problem:
             raise CaseFailure(problem)
         return
-    kern = _kernel(case)
+    pattern = _pattern(case)
+    kern = _bind(case, pattern, case.params)
     s = case.shape
     inputs = make_inputs(kern, s, case.seed)
     dtype = getattr(torch, s.dtype)
@@ -163,23 +225,48 @@ def run_case(case: Case) -> None:
     q = torch.randn(s.batch, s.heads, s.q_len, s.dim, generator=g).to(dtype)
     k = torch.randn(s.batch, s.kv_heads, s.kv_len, s.dim, generator=g).to(dtype)
     v = torch.randn(s.batch, s.kv_heads, s.kv_len, s.dim_v, generator=g).to(dtype)
+    _check_call(case, kern, kern, q, k, v, inputs, {})
+    overrides = runtime_overrides(kern, s, case.seed) if case.overrides is None else case.overrides
+    if overrides:
+        judge = _bind(case, pattern, {**case.params, **overrides})
+        try:
+            _check_call(case, kern, judge, q, k, v, inputs, overrides)
+        except CaseFailure as failure:
+            raise CaseFailure(f"with runtime parameters {overrides} given at call time: {failure}") from None
+
+
+def _check_call(
+    case: Case,
+    kern: attnc.Kernel,
+    judge: attnc.Kernel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inputs: dict[str, torch.Tensor],
+    values: dict[str, Any],
+) -> None:
+    """Call `kern` with these inputs and runtime parameter `values`, and judge its output, lse, tiles
+    and (with `case.grads`) gradients by `judge`'s oracle and mask."""
+    s = case.shape
     try:
-        out, lse = kern(q, k, v, return_lse=True, **inputs)
+        out, lse = kern(q, k, v, return_lse=True, **inputs, **values)
     except AttnError as error:
         if case.file:
             raise Rejected(str(error)) from error
         raise CaseFailure(f"the kernel refused a valid call:\n{error}") from error
-    comparison = compare(kern, out, lse, q, k, v, **inputs)
+    comparison = compare(judge, out, lse, q, k, v, **inputs)
     if not comparison.ok:
         raise CaseFailure(f"forward: {comparison.describe()}")
     sizes = {"batch": s.batch, "num_heads": s.heads}
-    problems = tile_problems(kern, s.q_len, s.kv_len, case.block, **sizes, **inputs)
+    problems = tile_problems(kern, s.q_len, s.kv_len, case.block, judge=judge, **sizes, **inputs, **values)
     if problems:
         raise CaseFailure("tiles: " + "; ".join(problems))
     if case.grads:
-        for name in kern._differentiable:
-            inputs[name] = inputs[name].detach().clone().requires_grad_()
-        gradients = compare_gradients(kern, q, k, v, seed=case.seed, **inputs)
+        tensors = {
+            name: t.detach().clone().requires_grad_(name in kern._differentiable)
+            for name, t in inputs.items()
+        }
+        gradients = compare_gradients(kern, q, k, v, seed=case.seed, judge=judge, **tensors, **values)
         if not gradients.ok:
             raise CaseFailure(f"backward: {gradients.describe()}")
 
@@ -207,7 +294,8 @@ def file_cases(
     draw: st.DrawFn, path: str, names: list[str] | None = None, grads: bool = True, max_len: int = 80
 ) -> Case:
     """Cases of a user's file: one of its patterns (or of `names`) with random parameter values
-    (around the defaults and the drawn lengths), shapes and inputs."""
+    (around the defaults and the drawn lengths; a runtime int sometimes at an end of its range
+    [-2**30, 2**30], never beyond), shapes and inputs."""
     module = attnc.load(path)
     name = draw(st.sampled_from(names or module.own_patterns))
     shape = draw(shapes(max_len))
@@ -218,6 +306,8 @@ def file_cases(
         type_ = str(decl.type)
         if type_ == "bool":
             params[decl.name] = draw(st.booleans())
+        elif type_ == "int" and not decl.static and draw(st.integers(0, 9)) == 9:
+            params[decl.name] = draw(st.sampled_from((RUNTIME_INT_LIMIT, -RUNTIME_INT_LIMIT)))
         elif type_ == "int":
             params[decl.name] = draw(st.integers(0, 2 * max_len))
         else:
@@ -438,6 +528,7 @@ def fuzz(
             if not failing or isinstance(error, KeyboardInterrupt):
                 raise
             case, cause = failing[-1]  # the smallest: Hypothesis runs it last (or shrinking was cut short)
+            case = _with_overrides(case)
             report.failure, report.error = case, f"{type(cause).__name__}: {cause}"
             if save is not None:
                 report.saved = save_case(case, save)

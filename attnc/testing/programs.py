@@ -1,7 +1,8 @@
 """Hypothesis strategies for random, well-typed `.attn` programs and the shapes to run them at.
 
 `programs()` draws a whole file: `fn` declarations, a helper pattern, and the pattern under test with
-parameters (bound to drawn values, some left at their defaults), `input` tensors of every dtype whose
+parameters (bound to drawn values, some left at their defaults; ints and floats runtime or `static`,
+bools sometimes written `static` too), `input` tensors of every dtype whose
 dims are expressions of the sizes, `let`s, a mask and a score. Expressions are built by type (int,
 float, bool) from the whole language: index variables and sizes, literals, `+ - * / // %` (floor
 division and modulo also with negative and zero operands), unary minus, chained comparisons,
@@ -347,6 +348,7 @@ class _Draw:
 
 
 def _param_value(draw: st.DrawFn, type_: str) -> int | float | bool:
+    """A parameter's value (or default): small ints, inside a runtime int's [-2**30, 2**30]."""
     if type_ == INT:
         return draw(st.integers(-2, 12))
     if type_ == FLOAT:
@@ -358,6 +360,11 @@ def _literal(value: int | float | bool) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value) if value >= 0 else f"-{-value}"
+
+
+def _static(draw: st.DrawFn) -> str:
+    """`static ` before a pattern parameter, one time in three (runtime, the default, shrinks first)."""
+    return "static " if draw(st.integers(0, 2)) == 2 else ""
 
 
 @st.composite
@@ -395,11 +402,11 @@ def programs(draw: st.DrawFn, max_depth: int = 3) -> Program:
         lines.append(text)
         fns.append(fn)
     helpers: list[tuple[str, tuple[str, ...]]] = []
-    if draw(st.integers(0, 2)) == 0:
+    if draw(st.integers(0, 2)) == 2:  # a helper pattern (none shrinks first)
         params = ("w",) if draw(st.booleans()) else ()
         scope = Scope(fns=list(fns), names={INT: list(params), FLOAT: [], BOOL: []})
         mask = _Draw(draw, scope).bool_(2)
-        header = "(w: int)" if params else ""
+        header = f"({_static(draw)}w: int)" if params else ""
         lines.append(f"pattern aux{header} {{\n    mask = {mask}\n}}")
         helpers.append(("aux", params))
 
@@ -409,8 +416,9 @@ def programs(draw: st.DrawFn, max_depth: int = 3) -> Program:
     for i in range(draw(st.integers(0, 3))):
         type_ = draw(st.sampled_from((INT, FLOAT, BOOL)))
         name = f"p{i}"
+        static = _static(draw)
         default = _param_value(draw, type_) if draw(st.booleans()) else None
-        header.append(f"{name}: {type_}" + (f" = {_literal(default)}" if default is not None else ""))
+        header.append(f"{static}{name}: {type_}" + (f" = {_literal(default)}" if default is not None else ""))
         if default is None or draw(st.booleans()):
             params[name] = _param_value(draw, type_)
         scope.names[type_].append(name)
