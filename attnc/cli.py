@@ -260,15 +260,11 @@ def _cmd_fuzz(args: argparse.Namespace) -> int:
     )
 
 
-def _add_defines(parser: argparse.ArgumentParser) -> None:
+def _add_defines(
+    parser: argparse.ArgumentParser, help: str = "a parameter value (repeatable); others take their defaults"
+) -> None:
     parser.add_argument(
-        "-D",
-        "--define",
-        action="append",
-        type=_parse_define,
-        default=[],
-        metavar="NAME=VALUE",
-        help="a parameter value (repeatable); others take their defaults",
+        "-D", "--define", action="append", type=_parse_define, default=[], metavar="NAME=VALUE", help=help
     )
 
 
@@ -309,13 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P1,P2,...",
         help=f"the passes to run, in order: any of {', '.join(STAGES[1:])}",
     )
-    opt.add_argument(
-        "-D",
-        "--define",
-        action="append",
-        type=_parse_define,
-        default=[],
-        metavar="NAME=VALUE",
+    _add_defines(
+        opt,
         help="a parameter value for bind-params (repeatable), specialising the parameter; static "
         "parameters not given take their defaults",
     )

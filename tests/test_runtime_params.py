@@ -313,15 +313,18 @@ def test_the_structure_check_rejects_a_kernel_whose_parameter_arguments_differ_f
 
 # ---- plans ---------------------------------------------------------------------------------------------
 
+WINDOWED_DOCUMENTS = """
+pattern p(window: int) {
+    input doc: int32[BATCH, KV_LEN]
+    mask = doc[b, q] == doc[b, kv] and kv <= q and q - kv < window
+}
+"""
+"""A metadata pattern (its mask loads an input) whose tiles depend on a runtime window."""
+
 
 def test_plans_of_a_metadata_pattern_follow_the_runtime_value() -> None:
     c = compiled(
-        """
-        pattern p(window: int) {
-            input doc: int32[BATCH, KV_LEN]
-            mask = doc[b, q] == doc[b, kv] and kv <= q and q - kv < window
-        }
-        """,
+        WINDOWED_DOCUMENTS,
         "p",
         window=1,
     )
@@ -342,12 +345,7 @@ def test_plans_of_a_metadata_pattern_follow_the_runtime_value() -> None:
 
 def test_backward_of_a_metadata_pattern_plans_with_the_runtime_value() -> None:
     c = compiled(
-        """
-        pattern p(window: int) {
-            input doc: int32[BATCH, KV_LEN]
-            mask = doc[b, q] == doc[b, kv] and kv <= q and q - kv < window
-        }
-        """,
+        WINDOWED_DOCUMENTS,
         "p",
         window=1,
     )
