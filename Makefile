@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint gallery clean
+.PHONY: demo test lint gallery wheel clean
 
 $(STAMP): pyproject.toml scripts/setup_venv.sh
 	bash scripts/setup_venv.sh
@@ -20,9 +20,14 @@ test: $(STAMP)
 gallery: $(STAMP)
 	$(PY) scripts/gallery.py
 
+# dist/attnc-VERSION-py3-none-any.whl, for `pip install dist/attnc-*.whl` beside an existing torch
+# (docs/install.md); built without build isolation, so no package index is needed.
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-deps --no-build-isolation -q -w dist .
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check attnc tests scripts examples benchmarks
 	$(VENV)/bin/ruff format --check attnc tests scripts examples benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,5 +1,5 @@
-"""The Python API: `load`/`loads` give a `Module`; a module's pattern, called with its parameters, gives a
-`Kernel` — the pattern compiled for those values, with its dense mask, its reference attention (the
+"""The Python API: `load`/`loads` give an `AttnModule`; a module's pattern, called with its parameters,
+gives a `Kernel` — the pattern compiled for those values, with its dense mask, its reference attention (the
 oracle) and the IR of every stage.
 """
 
@@ -20,7 +20,15 @@ from attnc.analysis.value_ranges import SIZE_LIMIT
 from attnc.compiler import CompiledPattern, compile_pattern
 from attnc.dsl.lower import Program, load_program, stdlib_program
 from attnc.dsl.source import SourceReadError, read_source, shown_path
-from attnc.errors import AttnError, AttnImportError, InputError, Loc, ParameterError, SourceFile
+from attnc.errors import (
+    AttnError,
+    AttnImportError,
+    InputError,
+    InputTypeError,
+    Loc,
+    ParameterError,
+    SourceFile,
+)
 from attnc.ir import fold
 from attnc.ir.nodes import (
     INPUT_DTYPES,
@@ -39,11 +47,18 @@ from attnc.passes import PASSES
 from attnc.passes.bind_params import static_params
 from attnc.passes.inline import Inline
 from attnc.passes.manager import INPUT_STAGE
-from attnc.runtime import autograd, backend, cache
+from attnc.runtime import autograd, backend, cache, registry
+from attnc.runtime.autotune import MAX_BLOCK
 from attnc.runtime.launch import DTYPES, MAX_HEAD_DIM, Forward
 from attnc.runtime.plan import Plan, exact_block_map, make_plan, uses
 
 Value = int | float | bool
+
+NESTED_ADVICE = (
+    "attnc takes dense tensors; pad the sequences to one length, or pack them into one row and mask "
+    "by document ids (examples/document_causal.attn)"
+)
+"""What an `InputError` for a nested (jagged) tensor advises."""
 
 RUNTIME_INT_LIMIT = 2**30
 """A runtime int parameter takes values in [-RUNTIME_INT_LIMIT, RUNTIME_INT_LIMIT]: the analyses prove
@@ -58,7 +73,7 @@ tiles) may have: past it an `InputError` says so, before anything is allocated. 
 caller with the memory for more can raise it (`attnc.api.DENSE_LIMIT = 2**34`)."""
 
 
-def load(path: str | Path) -> Module:
+def load(path: str | Path) -> AttnModule:
     """Parse and check an `.attn` file (and what it imports)."""
     path = Path(path)
     if not path.exists():
@@ -68,22 +83,23 @@ def load(path: str | Path) -> Module:
     except SourceReadError as err:
         where = Loc(SourceFile(shown_path(str(path)), ""), 1, 1)
         raise AttnImportError(f"cannot read {shown_path(str(path))}: {err.reason}", where) from None
-    return Module(load_program(text, str(path), path))
+    return AttnModule(load_program(text, str(path), path))
 
 
-def loads(text: str, filename: str = "<string>") -> Module:
+def loads(text: str, filename: str = "<string>") -> AttnModule:
     """Parse and check `.attn` source text; imports are relative to the current directory."""
-    return Module(load_program(text, filename))
+    return AttnModule(load_program(text, filename))
 
 
-def stdlib() -> Module:
+def stdlib() -> AttnModule:
     """The standard library as a module: `attnc.stdlib().causal()`."""
-    return Module(stdlib_program())
+    return AttnModule(stdlib_program())
 
 
-class Module:
+class AttnModule:
     """A loaded `.attn` file. Its patterns — its own, then imported ones, then the stdlib's — are
-    attributes and items: `mod.causal`, `mod["causal"]`."""
+    attributes and items: `mod.causal`, `mod["causal"]`. Named like `AttnError`, `AttnTypeError`: with
+    the prefix where the plain name is another library's (`torch.nn.Module`)."""
 
     def __init__(self, program: Program) -> None:
         self._program = program
@@ -118,7 +134,11 @@ class Module:
         return [*super().__dir__(), *self.patterns]
 
     def __repr__(self) -> str:
-        return f"<attnc.Module {self._program.root.module.file.name}: {', '.join(self.own_patterns)}>"
+        return f"<attnc.AttnModule {self._program.root.module.file.name}: {', '.join(self.own_patterns)}>"
+
+
+Module = AttnModule
+"""The name DESIGN.md §3 and attnc 0.1 used, kept as an alias of `AttnModule` for one release."""
 
 
 class Pattern:
@@ -280,7 +300,8 @@ def _pipeline(
             del compiled[next(iter(compiled))]
         compiled[key] = compile_pattern(module_ir, values)
         return compiled[key]
-    return replace(compiled[key], source=cache.source(compiled[key].entry, compiled[key].spec))
+    done = compiled[key]
+    return replace(done, source=cache.source(done.entry, done.spec, structure=done.source.structure))
 
 
 def _uses(pattern: PatternIR, *names: str) -> bool:
@@ -356,7 +377,8 @@ class Kernel:
         self._runtime: dict[str, ParamDecl] = {d.name: d for d in self._bound.params}
         self.pattern: PatternIR = self._compiled.entry
         # Patterns of one structure share their kernels (and their autotuning) through the registry.
-        self._forward = autograd.register(
+        # `_op_pattern`, the pattern's IR text, names them to the custom ops (a saved program reloads).
+        self._forward, self._op_pattern = registry.register(
             Forward(self.name, self.pattern, self._compiled.spec, self._compiled.source)
         )
         self._key = self._forward.source.key
@@ -430,12 +452,16 @@ class Kernel:
                 raise InputError(f"input '{decl.name}' was not given", decl.loc)
             tensor = inputs[decl.name]
             if not isinstance(tensor, torch.Tensor):
-                raise InputError(
+                raise InputTypeError(
                     f"input '{decl.name}' must be a torch.Tensor, got {type(tensor).__name__}", decl.loc
                 )
+            if tensor.is_nested:
+                raise InputError(f"input '{decl.name}' is a nested tensor: {NESTED_ADVICE}", decl.loc)
             if tensor.dtype != getattr(torch, decl.dtype):
+                # Never converted: an int64 id may not fit int32, and the caller knows its values.
+                hint = f" (convert it: .to(torch.{decl.dtype}))" if decl.dtype in ("int32", "int64") else ""
                 raise InputError(
-                    f"input '{decl.name}' must be {decl.dtype}, got {str(tensor.dtype)[6:]}", decl.loc
+                    f"input '{decl.name}' must be {decl.dtype}, got {str(tensor.dtype)[6:]}{hint}", decl.loc
                 )
             if tensor.dim() != len(decl.dims):
                 raise InputError(
@@ -523,7 +549,8 @@ class Kernel:
     ) -> Plan:
         """What a launch needs: closed-form tile ranges (no tensors) for analytic patterns, else
         block-sparse metadata on the inputs' device (or `device`) built in O(number of tiles). See
-        `attnc.runtime.plan.Plan`. `block` is the (query, key) tile size metadata is built for."""
+        `attnc.runtime.plan.Plan`. `block` is the (query, key) tile size it is made for: a launch given
+        the plan (`kern(q, k, v, plan=plan, **inputs)`) runs with it."""
         block = self._block(block)
         env = self._env(
             q_len,
@@ -593,6 +620,7 @@ class Kernel:
         *,
         scale: float | None = None,
         return_lse: bool = False,
+        plan: Plan | None = None,
         **inputs: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Attention with this pattern, by its fused Triton kernel (on CPU tensors, under Triton's
@@ -618,13 +646,20 @@ class Kernel:
 
         Reverse-mode autograd, once: forward-mode AD (`torch.func.jvp`, `jacfwd`, `forward_ad`) and
         double backward raise `NotImplementedError` (see `attnc/runtime/autograd.py`).
+
+        `plan`: a plan from `self.plan(...)` for this call's lengths, inputs and parameter values (an
+        `InputError` otherwise, `Plan.check_call`); the forward and backward launch with its block size
+        and metadata. Without one, a call reuses the plan of the last call with the same lengths and
+        inputs (`attnc.runtime.launch.PlanCache`).
         """
         self._check_qkv(q, k, v)
         loc = self._bound.loc
         if q.dtype not in DTYPES:
             raise InputError(f"q must be float16, bfloat16 or float32, got {str(q.dtype)[6:]}", loc)
+        # Under autocast the op casts q, k and v to one dtype (`autograd._autocast_rule`), as SDPA does.
+        autocast = torch.is_autocast_enabled(q.device.type)
         for name, t in (("k", k), ("v", v)):
-            if t.dtype != q.dtype:
+            if t.dtype != q.dtype and not (autocast and t.dtype in DTYPES):
                 raise InputError(
                     f"{name} must have q's dtype {str(q.dtype)[6:]}, got {str(t.dtype)[6:]}", loc
                 )
@@ -650,10 +685,12 @@ class Kernel:
             if size > SIZE_LIMIT:
                 raise InputError(f"{name} must be at most {SIZE_LIMIT}, got {size}", loc)
         if not isinstance(return_lse, bool):
-            raise InputError(f"return_lse must be a bool, got {return_lse!r}", loc)
+            raise InputTypeError(f"return_lse must be a bool, got {return_lse!r}", loc)
         batch, heads, q_len, dim = q.shape
         inputs, params = self._split(inputs)
-        self._env(q_len, k.shape[2], batch, heads, inputs, params, q.device)
+        env = self._env(q_len, k.shape[2], batch, heads, inputs, params, q.device)
+        if plan is not None:
+            self._use_plan(plan, env)
         for decl in self._bound.inputs:
             if inputs[decl.name].requires_grad and decl.name not in self._differentiable:
                 raise InputError(
@@ -664,14 +701,33 @@ class Kernel:
         tensors = [inputs[d.name] for d in self._bound.inputs]
         autograd.check_no_forward_ad([q, k, v, *tensors])
         ints, floats = autograd.param_lists(self.pattern, params)
-        out, lse = autograd.attention(q, k, v, tensors, self._key, self._scale(scale, dim), ints, floats)
+        out, lse = autograd.attention(
+            q, k, v, tensors, self._op_pattern, self._scale(scale, dim), ints, floats
+        )
         return (out, lse) if return_lse else out
+
+    def _use_plan(self, plan: Any, env: oracle.Env) -> None:
+        """Check a call's plan and file it where the launches find it (see `__call__`)."""
+        loc = self._bound.loc
+        if not isinstance(plan, Plan):
+            raise InputTypeError(f"plan must be a Plan from kern.plan(...), got {type(plan).__name__}", loc)
+        compiling = torch.compiler.is_compiling()
+        plan.check_call(self.pattern, env, compiling)
+        bm, bn = plan.block
+        if not all(16 <= b <= MAX_BLOCK and b & (b - 1) == 0 for b in plan.block):
+            raise InputError(
+                f"this plan was made for block=({bm}, {bn}), but a launch needs powers of two from 16 to "
+                f"{MAX_BLOCK}: make it with kern.plan(..., block=(128, 64)) or another such block",
+                loc,
+            )
+        if not compiling:  # under torch.compile the op's launch finds or builds its own
+            self._forward.plans.put(plan, env)
 
     def _scale(self, scale: Any, dim: int) -> float:
         if scale is None:
             return dim**-0.5
         if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-            raise InputError(f"scale must be a real number, got {scale!r}", self._bound.loc)
+            raise InputTypeError(f"scale must be a real number, got {scale!r}", self._bound.loc)
         scale = float(scale)
         # The kernels multiply in float32: a scale float32 cannot hold would be inf there (and the
         # output NaN). Scaled scores that overflow float32 are the caller's to avoid, as in any
@@ -688,7 +744,11 @@ class Kernel:
     def _check_qkv(self, q: Any, k: Any, v: Any) -> None:
         loc = self._bound.loc
         for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            if not isinstance(t, torch.Tensor):
+                raise InputTypeError(f"{name} must be a 4-D tensor [B, H, L, D], got {type(t).__name__}", loc)
+            if t.is_nested:
+                raise InputError(f"{name} is a nested tensor: {NESTED_ADVICE}", loc)
+            if t.dim() != 4:
                 shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise InputError(f"{name} must be a 4-D tensor [B, H, L, D], got {shape}", loc)
             if not t.is_floating_point():

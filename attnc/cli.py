@@ -1,4 +1,4 @@
-"""The `attnc` command line: `check`, `ir`, `opt`, `show`, `run`, `fuzz` and `bench`."""
+"""The `attnc` command line: `check`, `ir`, `opt`, `show`, `run`, `fuzz`, `bench` and `cache`."""
 
 from __future__ import annotations
 
@@ -12,17 +12,18 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from attnc.api import Module, Pattern, load
+from attnc import config
+from attnc.api import AttnModule, Pattern, load
 from attnc.compiler import STAGES, IRTextError, compile_pattern, optimize
 from attnc.dsl.source import MAX_SOURCE_BYTES, SourceReadError, read_source, size_error
 from attnc.errors import AttnError, InternalError, ParameterError
+from attnc.runtime import cache
+from attnc.runtime.backend import require_triton, triton_version
 from attnc.show import ShowError, render, save_png, tile_view
+from attnc.version import __version__
 
 # Seeds go to `torch.Generator.manual_seed`, which takes 64 bits; one range for every command.
 SEED_LIMIT = 2**63
-# The environment variables naming directories attnc writes to: an OS error on a path under one of
-# them says which variable chose it.
-PATH_VARIABLES = ("ATTNC_CACHE_DIR", "ATTNC_DUMP_DIR")
 
 
 def _parse_define(text: str) -> tuple[str, int | float | bool]:
@@ -94,7 +95,7 @@ def _parse_block(text: str) -> tuple[int, int]:
     return bm, bn
 
 
-def _selected(module: Module, name: str | None) -> list[Pattern]:
+def _selected(module: AttnModule, name: str | None) -> list[Pattern]:
     if name is not None:
         return [module[name]]
     return [module[n] for n in module.own_patterns]
@@ -208,6 +209,7 @@ def _parse_shape(text: str) -> tuple[int, int, int, int]:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    require_triton()  # attnc.run imports it: without it, the one-line error saying how to install it
     from attnc.run import run
 
     kernel = load(args.file)[args.pattern](**dict(args.define))
@@ -260,6 +262,27 @@ def _cmd_fuzz(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    if args.action == "info":
+        sys.stdout.write(cache.disk_usage().describe())
+        return 0
+    removed = cache.clear_disk()
+    files, size = sum(removed.files.values()), sum(removed.bytes.values())
+    print(f"cleared {removed.directory}: removed {files} files, {size:,} bytes")
+    return 0
+
+
+class _Version(argparse.Action):
+    """`attnc --version`: attnc's version and those of torch and Triton it runs with (Triton imported
+    only when asked: every other command starts without it)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        import torch
+
+        print(f"attnc {__version__} (torch {torch.__version__}, triton {triton_version()})")
+        parser.exit()
+
+
 def _add_defines(
     parser: argparse.ArgumentParser, help: str = "a parameter value (repeatable); others take their defaults"
 ) -> None:
@@ -270,6 +293,9 @@ def _add_defines(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnc", description="A compiler for attention patterns.")
+    parser.add_argument(
+        "--version", action=_Version, nargs=0, help="print the versions of attnc, torch and Triton, and exit"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     check = commands.add_parser("check", help="parse and type-check .attn files; print diagnostics")
@@ -444,6 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz.add_argument("--replay", nargs="+", metavar="FILE", help="run saved cases again instead")
     fuzz.set_defaults(run=_cmd_fuzz)
 
+    cache_parser = commands.add_parser(
+        "cache",
+        help="show (info) or empty (clear) the kernel cache directory",
+        description="info: the cache directory (ATTNC_CACHE_DIR, else $XDG_CACHE_HOME/attnc, else "
+        "~/.cache/attnc) and the files and bytes of its kernels/ and autotune/ directories. clear: delete "
+        "those files (never anything else in the directory); later runs render and tune again.",
+    )
+    cache_parser.add_argument("action", choices=["info", "clear"])
+    cache_parser.set_defaults(run=_cmd_cache)
+
     from attnc.bench import configure_parser as configure_bench
 
     configure_bench(
@@ -468,9 +504,8 @@ def _os_message(err: OSError) -> str:
         return reason
     names = f"{err.filename} -> {err.filename2}" if err.filename2 is not None else str(err.filename)
     message = f"{names}: {reason}"
-    for variable in PATH_VARIABLES:
-        root = os.environ.get(variable)
-        if root and Path(os.fsdecode(err.filename)).is_relative_to(root):
+    for variable, root in config.path_variables().items():
+        if Path(os.fsdecode(err.filename)).is_relative_to(root):
             message += f" (under {variable}={root})"
             break
     return message

@@ -97,8 +97,14 @@ class ProgramTooLargeError(AttnError):
     normal form is exponential in its source), reported instead of a compile that never ends."""
 
 
-class InputError(AttnError):
-    """A tensor passed at call time that does not match its `input` declaration, or a bad call."""
+class InputError(AttnError, ValueError):
+    """A tensor passed at call time that does not match its `input` declaration, or a bad call. A
+    `ValueError` too, as torch's own functions raise for bad arguments."""
+
+
+class InputTypeError(InputError, TypeError):
+    """An argument of the wrong Python type at call time (a list for a tensor, a string for `scale`): a
+    `TypeError` too, as torch raises for one."""
 
 
 class _SettingError(AttnError):
@@ -118,6 +124,11 @@ class CacheError(_SettingError):
 
 class ConfigError(_SettingError, ValueError):
     """An `ATTNC_*` environment variable with a value attnc does not accept."""
+
+
+class TritonMissingError(_SettingError, ImportError):
+    """A kernel is to run, but Triton cannot be imported (it is a Linux-only dependency): everything
+    else — parsing, the oracle, plans, `attnc check/ir/show` — works without it."""
 
 
 class InternalError(AssertionError):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attnc.analysis import value_ranges
-from attnc.analysis.summaries import RangeTable
+from attnc.analysis.summaries import RangeTable, box_bound
 from attnc.ir.nodes import InputDecl, Node, Op, PatternIR, Type
 
 _DTYPES = {Type.INT: torch.int64, Type.FLOAT: torch.float64, Type.BOOL: torch.bool}
@@ -72,6 +72,8 @@ def _load(
     float_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """tensor[indices] where every index is in range, else 0 / false."""
+    if not indices:  # a 0-d input: its one value
+        return tensor.reshape(()).to(float_dtype if decl.type is Type.FLOAT else _DTYPES[decl.type])
     indices = list(torch.broadcast_tensors(*indices))
     valid = torch.ones_like(indices[0], dtype=torch.bool)
     flat = torch.zeros_like(indices[0])
@@ -79,7 +81,7 @@ def _load(
     for axis in reversed(range(len(indices))):
         extent = tensor.shape[axis]
         index = indices[axis]
-        valid &= (index >= 0) & (index < extent)
+        valid = valid & (index >= 0) & (index < extent)  # not in place: `valid` may broadcast (vmap)
         flat = flat + index.clamp(0, max(extent - 1, 0)) * stride
         stride *= extent
     values = tensor.reshape(-1).to(float_dtype if decl.type is Type.FLOAT else _DTYPES[decl.type])
@@ -90,28 +92,22 @@ def _load(
 
 
 def _range(node: Node, decl: InputDecl, env: Env, args: list[torch.Tensor]) -> torch.Tensor:
-    """range_min / range_max of an input over an index box (see `ir.summaries`)."""
+    """range_min / range_max of an input over an index box (`analysis/summaries.py`): exact over a
+    box along one axis, or along several where the narrower ones span a few positions (block maps)."""
     tensor = env.inputs[decl.name]
     ranged = [i for i in range(len(decl.dims)) if node.args[2 * i] != node.args[2 * i + 1]]
-    points: list[torch.Tensor | None] = [args[2 * i] for i in range(len(decl.dims))]
-    want_min = node.op is Op.RANGE_MIN
     if not ranged:  # a single position
-        result = _load(decl, tensor, [p for p in points if p is not None])
-    elif len(ranged) == 1:
-        axis = ranged[0]
+        return _load(decl, tensor, args[0::2]).to(_DTYPES[decl.type])
+
+    def table(axis: int) -> RangeTable:
         if (decl.name, axis) not in env.tables:
             env.tables[decl.name, axis] = RangeTable.build(tensor, axis)
-        points[axis] = None
-        low, high = env.tables[decl.name, axis].query(points, args[2 * axis], args[2 * axis + 1])
-        result = low if want_min else high
-    else:  # a box over several axes: the bounds of the whole input, and 0 for positions outside it
-        values = tensor.to(torch.int64)
-        bound = values.amin() if want_min else values.amax()
-        zero = torch.zeros((), dtype=torch.int64, device=values.device)
-        result = torch.minimum(bound, zero) if want_min else torch.maximum(bound, zero)
-        if values.numel() == 0:
-            result = zero
-    return result.to(_DTYPES[decl.type])
+        return env.tables[decl.name, axis]
+
+    # No host synchronisation while a CUDA graph captures the plan's build (`summaries.box_bound`).
+    capturing = tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+    bound = box_bound(tensor, args[0::2], args[1::2], ranged, table, node.op is Op.RANGE_MAX, not capturing)
+    return bound.to(_DTYPES[decl.type])
 
 
 def _floordiv(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -124,6 +120,11 @@ def _mod(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     zero = b == 0
     safe = torch.where(zero, torch.ones_like(b), b)
     return torch.where(zero, a, torch.remainder(a, safe))
+
+
+def _shift_count(n: torch.Tensor) -> torch.Tensor:
+    """A shift count clamped to [0, 63], as `ir.fold.shift_count`."""
+    return n.clamp(0, 63)
 
 
 def _to_int(x: torch.Tensor) -> torch.Tensor:
@@ -155,6 +156,15 @@ _ELEMENTWISE = {
     Op.SQRT: torch.sqrt,
     Op.TANH: torch.tanh,
     Op.SIGMOID: torch.sigmoid,
+    Op.SIN: torch.sin,
+    Op.COS: torch.cos,
+    Op.TAN: torch.tan,
+    Op.ERF: torch.erf,
+    Op.BITAND: torch.bitwise_and,
+    Op.BITOR: torch.bitwise_or,
+    Op.BITXOR: torch.bitwise_xor,
+    Op.SHL: lambda a, n: torch.bitwise_left_shift(a, _shift_count(n)),
+    Op.SHR: lambda a, n: torch.bitwise_right_shift(a, _shift_count(n)),
     Op.EQ: torch.eq,
     Op.NE: torch.ne,
     Op.LT: torch.lt,

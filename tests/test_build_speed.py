@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import builtins
 import hashlib
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -161,7 +162,7 @@ def test_the_kernel_key_reads_the_templates_once_and_stays_the_key_it_was(
     assert reads == []
     parts = [
         f"attnc {attnc.__version__}",
-        f"triton {cache.triton.__version__}",
+        f"triton {importlib.import_module('triton').__version__}",
         "template attention_fwd.py.jinja",
         *(f"{t.name}\n{t.read_text(encoding='utf-8')}" for t in sorted(lower.TEMPLATES.glob("*.jinja"))),
         cache.structure_text(pattern),
@@ -278,3 +279,135 @@ def test_the_emitters_of_a_spec_share_one_value_range_analysis(monkeypatch: pyte
     assert len(made) == 2  # one per spec, not one per emitter (rows, ranges, bodies; dQ and dK/dV)
     monkeypatch.setattr(lower, "_value_ranges", lambda pattern: None)  # each emitter its own
     assert lower.build_spec(pattern) == spec and lower.build_backward_spec(pattern) == backward
+
+
+# ---- one rewrite for many roots, fixed points, shared value ranges -------------------------------
+
+
+def test_canonicalize_all_gives_each_root_the_normal_form_canonicalize_gives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    masks = [m.canonical for m in bound_masks()]
+    shared_part = masks[1]  # a sliding window's mask, also inside the conjunction below
+    roots = (*masks, make(Op.AND, shared_part, make(Op.GE, var("q"), var("kv"))))
+    alone = [canonicalize(r) for r in roots]  # each outside any table: computed afresh
+    rounds = counting(monkeypatch, normal_form, "_inner_linear")
+    assert normal_form.canonicalize_all(roots) == tuple(alone)
+    assert 1 < len(rounds) < len(roots)  # rounds over all the roots at once, not rounds per root
+
+
+def test_the_linear_forms_the_rules_build_are_fixed_points_of_every_rule() -> None:
+    # What lets the rewrite give a rule's result (`_fixed`) to no rule again.
+    window, first = Node(Op.PARAM, Type.INT, (), "fixed_window"), var("kv_first")
+    atoms = [var("q"), first, window, make(Op.FLOORDIV, var("kv"), const_int(3))]
+    cases = [
+        ({atoms[0]: 1, atoms[1]: -1}, -1),
+        ({atoms[2]: -2, atoms[3]: 5}, 7),
+        ({atoms[0]: -1}, 0),
+        ({atoms[1]: 3, atoms[2]: 1, atoms[3]: -4}, -9),
+    ]
+    ranges = normal_form.ValueRanges()
+    for terms, constant in cases:
+        form = normal_form.build_linear(terms, constant)
+        assert normal_form._apply_rules(form, ranges) is None
+        for comparison in (Op.LE, Op.GE, Op.EQ, Op.NE, Op.LT):
+            compared = normal_form._int_compare(make(comparison, form, const_int(2)))
+            assert compared is not None and normal_form._apply_rules(compared, ranges) is None
+
+
+def test_a_fixed_rule_result_is_given_to_no_rule_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    messy = make(Op.SUB, make(Op.ADD, var("q"), const_int(3)), make(Op.NEG, make(Op.NEG, var("kv"))))
+    root = make(Op.LE, messy, const_int(10))
+    applied = counting(monkeypatch, normal_form, "_apply_rules")
+    with shared_tables():
+        form = canonicalize(root)
+    assert form == canonicalize(root) and form.op is Op.LE and form.args[0].op is Op.SUB  # q - kv <= 7
+    # The comparison and the linear form the rules made were not checked again in the second round;
+    # nor was any leaf, which no rule rewrites.
+    assert form not in applied and form.args[0] not in applied
+    assert all(n.args for n in applied)
+
+
+def test_the_canonicalize_pass_leaves_only_interned_nodes(cache_root: Path) -> None:
+    kernel = attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm()
+    before = kernel._compiled.passes.modules["bind-params"].entry
+    after = kernel._compiled.passes.modules["canonicalize"].entry
+    assert before.mask is not None and any(n.loc is not None for n in before.mask.walk())
+    assert after.mask is not None and all(n is n.canonical for n in after.mask.walk())
+
+
+def test_a_compilation_bounds_its_values_with_one_value_range_analysis(
+    cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from attnc.analysis import intervals
+
+    shared = counting(monkeypatch, normal_form, "ValueRanges")
+    own = counting(monkeypatch, intervals, "ValueRanges")
+    codegen = counting(monkeypatch, lower, "ValueRanges")
+    kernel = attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm()
+    assert kernel.pattern.ranges is not None
+    # canonicalize, classify-tiles, derive-ranges and fuse: one, for the inputs' dtypes. The kernel's
+    # code has its own, which knows the values of the rows `fuse` hoisted into lets.
+    assert len(shared) == 1 and own == [] and len(codegen) == 1
+
+
+def test_derive_ranges_builds_its_affine_bounds_in_normal_form() -> None:
+    from attnc.passes.derive_ranges import _affine
+
+    x = make(Op.SUB, make(Op.ADD, var("q_last"), Node(Op.PARAM, Type.INT, (), "affine_w")), const_int(1))
+    for scale, offset in ((1, 0), (-1, 0), (1, -1), (4, 3), (-2, 5)):
+        built = _affine(x, scale, offset)
+        assert canonicalize(built) is built
+        assert canonicalize(
+            make(Op.SUB, built, make(Op.ADD, make(Op.MUL, x, const_int(scale)), const_int(offset)))
+        ) == const_int(0)
+
+
+def const_int(value: int) -> Node:
+    return Node(Op.CONST, Type.INT, (), value)
+
+
+def test_verification_after_a_pass_checks_only_the_results_it_changed(
+    cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    from attnc.ir.results import TileClasses
+
+    modules = attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm()._compiled.passes.modules
+    before, after = modules["derive-ranges"], modules["block-sparsify"]  # block-sparsify sets sparsity
+    checked = counting(monkeypatch, verify_module._Verifier, "result", argument=2)
+    verify(after, "block-sparsify", before)
+    assert not any(str(what).startswith(("tiles", "range")) for what in checked)
+    verify(after, "block-sparsify")  # without the stage before: everything
+    assert any(str(what).startswith("range") for what in checked)
+    # A result the pass did change is checked, and a broken one still fails.
+    entry = after.entry
+    assert entry.tiles is not None
+    broken = after.with_entry(replace(entry, tiles=TileClasses(any=var("q"), all=entry.tiles.all)))
+    with pytest.raises(InternalError, match="tiles any is not bool"):
+        verify(broken, "block-sparsify", after)
+
+
+def test_the_text_that_names_a_kernel_to_the_ops_is_the_printed_pattern_printed_once(
+    cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from attnc.runtime import registry
+
+    attnc.api.clear_memory()  # every pattern below compiles afresh
+    for_key, for_ops = (
+        counting(monkeypatch, cache, "print_pattern"),
+        counting(monkeypatch, registry, "print_pattern"),
+    )
+    pattern = attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm
+    kernels = [pattern(), pattern(window=64), attnc.stdlib().neighborhood_3d(4, 4, 4, 3, 3, 3)]
+    assert len(for_key) == 2 and for_ops == []  # once per structure, for its cache key; not for the ops
+    for kernel in kernels:
+        assert kernel._op_pattern == print_pattern_text(kernel.pattern)
+        assert registry.find(kernel._op_pattern) is kernel._forward
+
+
+def print_pattern_text(pattern: PatternIR) -> str:
+    from attnc.ir.printer import print_pattern
+
+    return print_pattern(pattern)

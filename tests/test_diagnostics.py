@@ -25,6 +25,7 @@ from attnc import (
     CycleError,
     DuplicateError,
     InputError,
+    InputTypeError,
     ParameterError,
     UnknownNameError,
 )
@@ -868,7 +869,7 @@ def test_mask_input_shape_given_by_a_parameter(inputs_module: attnc.Module) -> N
 
 def test_mask_input_that_is_not_a_tensor(inputs_module: attnc.Module) -> None:
     err = raised(lambda: inputs_module.d().mask(8, 8, doc=doc_ids(), w=[0.0] * 4))
-    check(err, InputError, 3, 11, "input 'w' must be a torch.Tensor, got list")
+    check(err, InputTypeError, 3, 11, "input 'w' must be a torch.Tensor, got list")
 
 
 def test_mask_batch_that_contradicts_an_input_shape(inputs_module: attnc.Module) -> None:

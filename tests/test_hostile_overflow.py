@@ -177,17 +177,17 @@ def test_an_analytic_plan_beyond_the_analysed_limit_is_made_but_not_evaluated() 
         plan.block_map()
 
 
-# ---- row 29: metadata offsets are int32, checked --------------------------------------------------------
+# ---- row 29: metadata plans are indexed in int32, checked ---------------------------------------------
 
 
-def test_metadata_with_more_tiles_than_int32_offsets_index_is_refused(
+def test_metadata_with_more_tiles_than_int32_indexes_is_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     doc = attnc.loads("pattern p { input doc: int32[KV_LEN]\n mask = doc[q] == doc[kv] }").p()
     ids = torch.zeros(64, dtype=torch.int32)
-    assert doc.plan(64, 64, block=(16, 16), doc=ids).kv_tiles is not None  # 16 FULL tiles: fine
+    assert doc.plan(64, 64, block=(16, 16), doc=ids).kv_tiles is not None  # 16 tiles: fine
     monkeypatch.setattr(plan_module, "OFFSET_LIMIT", 15)
-    with pytest.raises(InputError, match="16 non-empty tiles of one class, more than the 15"):
+    with pytest.raises(InputError, match=r"has 16 tiles \(1 x 1 x 4 x 4\), more than the 15"):
         doc.plan(64, 64, block=(16, 16), doc=ids)
 
 

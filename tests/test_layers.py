@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "attnc"
 # Floor of each module, by the longest prefix of its dotted name. Equal floors may import each other.
 FLOORS = {
     "attnc.errors": 0,
+    "attnc.config": 0,  # the environment variables, read by every floor above
     "attnc.reserved": 0,
     "attnc.version": 0,
     "attnc.dsl.source": 0,

@@ -28,11 +28,9 @@ from attnc.runtime.plan import (
     FULL,
     PARTIAL,
     BlockSparse,
-    schedule,
     separate_axes,
     tile_bounds,
     tile_env,
-    tile_span,
 )
 from attnc.testing import tile_classes as oracle_classes
 from attnc.testing import tile_problems
@@ -94,31 +92,6 @@ def test_analytic_patterns(kern: attnc.Kernel, tight: bool) -> None:
         assert plan.analytic and plan.tensors() == {}
 
 
-@pytest.mark.parametrize(("kern", "tight"), ANALYTIC[:12] + ANALYTIC[16:20], ids=_ids)
-def test_kernel_schedule_visits_every_non_empty_tile_once(kern: attnc.Kernel, tight: bool) -> None:
-    """The loop a kernel runs over the closed-form ranges (`schedule`) covers the plan's tiles."""
-    q_len, kv_len, (bm, bn) = 45, 50, (8, 16)
-    plan = kern.plan(q_len, kv_len, block=(bm, bn))
-    assert plan.kv_ranges is not None
-    classes = plan.block_map()[0, 0]
-    exact = kern.block_map(q_len, kv_len, block=(bm, bn))[0, 0]
-    first, last = tile_bounds(classes.shape[0], bm, q_len, torch.device("cpu"))
-    for m in range(classes.shape[0]):
-        tile = {"q_first": first[m], "q_last": last[m]}
-        local = oracle.Env(1, 1, q_len, kv_len, torch.device("cpu"), {}, tiles=tile, params=plan.env.params)
-        spans = []
-        for r in plan.kv_ranges:
-            values = [oracle.evaluate(x, plan.pattern, local) for x in (r.lo, r.hi, r.full_lo, r.full_hi)]
-            spans.append(tuple(int(v) for v in tile_span(*values, bn, kv_len)))
-        visits = schedule(spans)
-        tiles = [t for t, _ in visits]
-        assert len(tiles) == len(set(tiles)) and tiles == sorted(tiles)
-        assert tiles == (classes[m] > EMPTY).nonzero().flatten().tolist()
-        assert all(exact[m, t] == FULL for t, full in visits if full)
-        if tight:
-            assert [t for t, full in visits if full] == (exact[m] == FULL).nonzero().flatten().tolist()
-
-
 METADATA = [
     (STD.neighborhood_2d(height=6, width=7, kernel_h=3, kernel_w=3), "metadata", {}),
     (
@@ -150,21 +123,21 @@ def test_patterns_without_closed_form_get_metadata(kern: attnc.Kernel, sparsity:
 
 
 def check_block_sparse(meta: BlockSparse | None, classes: torch.Tensor) -> None:
-    """The compressed rows are well formed and say what the classes say."""
+    """The fixed-capacity rows are well formed and say what the classes say."""
     assert meta is not None
-    rows = meta.batches * meta.heads * meta.rows
-    for offsets, indices, value in (
-        (meta.partial_offsets, meta.partial_indices, PARTIAL),
-        (meta.full_offsets, meta.full_indices, FULL),
+    shape = (meta.batches, meta.heads, meta.rows)
+    for counts, indices, value in (
+        (meta.partial_counts, meta.partial_indices, PARTIAL),
+        (meta.full_counts, meta.full_indices, FULL),
     ):
-        assert offsets.dtype == torch.int32 and indices.dtype == torch.int32
-        assert offsets.shape == (rows + 1,) and offsets[0] == 0 and offsets[-1] == len(indices)
-        assert bool((offsets[1:] >= offsets[:-1]).all())
-        flat = classes.reshape(rows, meta.cols)
-        for r in range(rows):
-            cols = indices[offsets[r] : offsets[r + 1]].tolist()
+        assert counts.dtype == torch.int32 and indices.dtype == torch.int32
+        assert counts.shape == shape and indices.shape == (*shape, meta.cols)
+        flat_counts, flat = counts.reshape(-1), indices.reshape(-1, meta.cols)
+        expected = classes.reshape(-1, meta.cols)
+        for r in range(len(flat)):
+            cols = flat[r, : flat_counts[r]].tolist()
             assert cols == sorted(cols)
-            assert cols == (flat[r] == value).nonzero().flatten().tolist()
+            assert cols == (expected[r] == value).nonzero().flatten().tolist()
 
 
 # ---- inputs, batch rows and heads ---------------------------------------------------------------------
@@ -225,7 +198,9 @@ def test_plan_metadata_is_on_the_inputs_device_and_size_is_tiles_not_pairs() -> 
     plan = DOC.plan(4096, 4096, block=(128, 128), doc=doc)
     tensors = plan.tensors()
     assert tensors and all(t.device == doc.device for t in tensors.values())
-    assert sum(t.numel() for t in tensors.values()) <= 4 * 32 * 32 + 4
+    # Four fixed-capacity lists of 32 x 32 tiles and their per-row counts (the sizes follow from the
+    # lengths alone: `BlockSparse`).
+    assert sum(t.numel() for t in tensors.values()) == 4 * 32 * 32 + 4 * 32
 
 
 def test_block_argument_is_checked() -> None:

@@ -11,7 +11,9 @@ kernels agree with autograd through the oracle:
     |x|'          sign(x), and 0 at 0
     min / max     the derivative of the smaller / larger operand; half of each at a tie
     where(c,a,b)  where(c, a', b'): the condition is piecewise constant
-    int values    0 (`tofloat`, `floor`, `ceil` and every int operation: their operands are int)
+    int values    0 (`tofloat`, `floor`, `ceil` and every int operation, bitwise ones included:
+                  their operands are int)
+    sin cos tan   cos, -sin, 1 + tan^2;  erf: 2 / sqrt(pi) e^(-x^2)
 
 `None` stands for a derivative that is identically zero: the expression does not depend on `wrt`.
 The result is built from the IR's own ops (so the kernels' emitter lowers it like any expression) and
@@ -25,6 +27,7 @@ from attnc.ir.nodes import Node, Op, PatternIR, Type, const, make
 
 _ONE, _HALF, _TWO = const(1.0), const(0.5), const(2.0)
 _LN2 = const(0.6931471805599453)
+_TWO_OVER_SQRT_PI = const(1.1283791670955126)
 
 
 def derivative(root: Node, wrt: Node, pattern: PatternIR | None = None) -> Node | None:
@@ -94,6 +97,14 @@ def _rule(n: Node, wrt: Node, d: dict[Node, Node | None]) -> Node | None:
         outer = make(Op.SUB, _ONE, make(Op.MUL, n, n))
     elif op is Op.SIGMOID:
         outer = make(Op.MUL, n, make(Op.SUB, _ONE, n))
+    elif op is Op.SIN:
+        outer = make(Op.COS, x)
+    elif op is Op.COS:
+        outer = make(Op.NEG, make(Op.SIN, x))
+    elif op is Op.TAN:  # 1 + tan^2, from the value itself
+        outer = make(Op.ADD, _ONE, make(Op.MUL, n, n))
+    elif op is Op.ERF:  # 2 / sqrt(pi) e^(-x^2)
+        outer = make(Op.MUL, _TWO_OVER_SQRT_PI, make(Op.EXP, make(Op.NEG, make(Op.MUL, x, x))))
     else:
         raise AssertionError(f"no derivative rule for {op}")
     return _mul(da[0], outer)

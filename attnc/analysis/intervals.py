@@ -15,10 +15,13 @@ the evaluator, printed in golden tests, or inlined into a kernel.
 Exactness: the bounds of an affine expression of independent variables (`q`, `kv`, the sizes, the
 runtime int parameters, which like the sizes are one value per launch: symbols in the bounds) over a
 box are attained at its corners, so comparisons of affine expressions with constants are classified
-exactly. `min`, `max`, `abs`, `where`, floor `//` and `%` by constants are bounded soundly (exactly where
-they are monotone over the box). `input` loads are bounded by `range_min` / `range_max` summaries of
-the input over the box of their indices (`analysis/summaries.py`). Anything else (floats that may be NaN or
-infinite, division by a variable) is unbounded, which only makes answers UNKNOWN. So is a comparison
+exactly. `min`, `max`, `abs`, `where`, floor `//` and `%` by constants (and `//` by a runtime parameter
+or size) are bounded soundly (exactly where they are monotone over the box). `input` loads are bounded
+by `range_min` / `range_max` summaries of the input over the box of their indices
+(`analysis/summaries.py`: exact bounds of the input over that box, so a load whose indices are monotone
+in q and kv, like `blocks[b, h, q // 64, kv // 64]` or `doc[b, q]`, is bounded by exactly the entries
+the tile reads). Anything else (floats that may be NaN or infinite, division by a variable that changes
+over the box) is unbounded, which only makes answers UNKNOWN. So is a comparison
 whose bounds could leave int64 when computed (`value_ranges.py`): the predicates are evaluated in int64.
 """
 
@@ -237,6 +240,17 @@ class IntervalAnalysis:
     def _floordiv(self, n: Node, args: list[Interval]) -> Interval:
         a = args[0]
         d = n.args[1]
+        divisor = args[1]
+        if not d.is_const and divisor.lo is not None and divisor.lo == divisor.hi and a.bounded:
+            # One divisor per launch (a runtime parameter, a size): monotone in the dividend, its
+            # direction by the divisor's sign (and x // 0 is 0).
+            zero, point = const(0), divisor.lo
+            ascending = (make(Op.FLOORDIV, a.lo, point), make(Op.FLOORDIV, a.hi, point))  # type: ignore[arg-type]
+            positive, negative = make(Op.GT, point, zero), make(Op.LT, point, zero)
+            return Interval(
+                _where(positive, ascending[0], _where(negative, ascending[1], zero)),
+                _where(positive, ascending[1], _where(negative, ascending[0], zero)),
+            )
         if not d.is_const or d.attr == 0:
             return Interval(None, None)
         lo = None if a.lo is None else make(Op.FLOORDIV, a.lo, d)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import operator
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -44,46 +45,83 @@ def canonicalize(root: Node, pattern: PatternIR | None = None) -> Node:
     Inside `shared_tables` (a compilation), calls share what they learn: which nodes are already normal
     forms (given to no rule again) and the normal form of each root, so the analyses, which canonicalise
     many expressions with canonical parts in common, pay for each part once."""
+    return canonicalize_all((root,), pattern)[0]
+
+
+def canonicalize_all(roots: tuple[Node, ...], pattern: PatternIR | None = None) -> tuple[Node, ...]:
+    """`canonicalize` of each root, in one rewrite over all of them: what a caller with several
+    expressions built of common parts (the bounds of a tile range) pays once, not once per root."""
     with shared_tables() as tables:
-        # The inputs' dtypes: all that the rules read of the pattern (`ValueRanges(pattern)`).
-        key = tuple(sorted({d.name: d.dtype for d in pattern.inputs}.items())) if pattern else ()
-        context = tables.contexts.get(key)
-        if context is None:
-            context = tables.contexts[key] = _Context(ValueRanges(pattern))
-        return _canonicalize(root, context)
+        return _canonicalize(roots, _context(tables, pattern))
 
 
-def _canonicalize(root: Node, context: _Context) -> Node:
-    if root in context.normal:
-        return root
-    interned = root is root.canonical  # a located root's normal form keeps its locations: not shared
-    if interned and root in context.forms:
-        return context.forms[root]
-    start = root
+def _context(tables: _Tables, pattern: PatternIR | None) -> _Context:
+    # The inputs' dtypes: all that the rules read of the pattern (`ValueRanges(pattern)`).
+    key = tuple(sorted({d.name: d.dtype for d in pattern.inputs}.items())) if pattern else ()
+    context = tables.contexts.get(key)
+    if context is None:
+        context = tables.contexts[key] = _Context(ValueRanges(pattern))
+    return context
+
+
+def value_ranges(pattern: PatternIR) -> ValueRanges:
+    """`ValueRanges(pattern)` (its lets unknown): inside `shared_tables` (a compilation), the one the
+    normal form uses for patterns with these input dtypes, so that the analyses of a compilation bound
+    each node once."""
+    tables = _open.tables
+    if tables is None:
+        return ValueRanges(pattern)
+    return _context(tables, pattern).ranges
+
+
+def _canonicalize(roots: tuple[Node, ...], context: _Context) -> tuple[Node, ...]:
+    # Roots already known in normal form, or whose normal form is known, need no rewrite.
+    results: list[Node | None] = []
+    pending: list[int] = []
+    for i, root in enumerate(roots):
+        if root in context.normal:
+            results.append(root)
+        elif root is root.canonical and root in context.forms:  # a located root keeps its locations
+            results.append(context.forms[root])
+        else:
+            results.append(None)
+            pending.append(i)
+    if not pending:
+        return tuple(results)  # type: ignore[arg-type]
+    starts = [roots[i] for i in pending]
+    current = list(starts)
     memo: dict[Node, Node] = {}
 
+    fixed = _open.tables.fixed  # type: ignore[union-attr]
+
     def rule(node: Node) -> Node | None:
-        return None if node in context.normal else _apply_rules(node, context.ranges)
+        if not node.args or node in context.normal or node in fixed:  # no rule rewrites a leaf
+            return None
+        return _apply_rules(node, context.ranges)
 
     settled = context.settled
     for _ in range(_MAX_ROUNDS):
-        inner = _inner_linear(root, settled)
-        new = rewrite(root, rule, memo, leave=inner, keep=settled.__contains__)
+        inner = _inner_linear(current, settled)
+        new = [rewrite(root, rule, memo, leave=inner, keep=settled.__contains__) for root in current]
         for node in inner:  # left alone this round only: its users may change
             memo.pop(node, None)
-        if new == root:
+        if all(map(operator.eq, new, current)):
             # A node the memo maps to itself was left by the rules with its operands unchanged, so it
             # is a normal form as a root too (a node left under linear users, `_inner_linear`, is left
             # under the same users there).
             context.normal.update(node for node, rewritten in memo.items() if node is rewritten)
-            context.normal.add(new)
-            for node in new.walk(skip=settled.__contains__):
-                if node in context.normal and all(a in settled for a in node.args):
-                    settled.add(node)
-            if interned:
-                context.forms[start] = new
-            return new
-        root = new
+            context.normal.update(new)
+            for root in new:
+                for node in root.walk(skip=settled.__contains__):
+                    if node in context.normal and all(a in settled for a in node.args):
+                        settled.add(node)
+            for start, form in zip(starts, new, strict=True):
+                if start is start.canonical:
+                    context.forms[start] = form
+            for i, form in zip(pending, new, strict=True):
+                results[i] = form
+            return tuple(results)  # type: ignore[arg-type]
+        current = new
     raise InternalError(f"canonicalize did not reach a fixed point in {_MAX_ROUNDS} rounds")
 
 
@@ -96,6 +134,10 @@ class _Tables:
     def __init__(self) -> None:
         self.linear: dict[Node, tuple[Terms, int]] = {}
         self.negate: dict[Node, Node] = {}
+        # Results of the rules that are fixed points of every rule of their op (the canonical linear
+        # form of a linear combination, a comparison `E op c`): given to no rule again, whether or
+        # not the rest of the expression is normal yet.
+        self.fixed: set[Node] = set()
         self.contexts: dict[object, _Context] = {}
 
 
@@ -143,15 +185,18 @@ def _is_linear_step(node: Node) -> bool:
     )
 
 
-def _inner_linear(root: Node, settled: set[Node]) -> set[Node]:
+def _inner_linear(roots: list[Node], settled: set[Node]) -> set[Node]:
     """The int `+ - *c` nodes whose every user is one too: the linear form of the outermost one covers
     them, so normalising each of them as well would cost the square of a long sum's length. Settled
-    nodes are not walked (no user of an unsettled node is settled)."""
-    only_linear_users: dict[Node, bool] = {root: False}
-    for node in root.walk(skip=settled.__contains__):
-        step = _is_linear_step(node)
-        for a in node.args:
-            only_linear_users[a] = only_linear_users.get(a, True) and step
+    nodes are not walked (no user of an unsettled node is settled); a root has a user outside."""
+    only_linear_users: dict[Node, bool] = dict.fromkeys(roots, False)
+    seen: set[Node] = set()
+    for root in roots:
+        for node in root.walk(skip=lambda n: n in settled or n in seen):
+            seen.add(node)
+            step = _is_linear_step(node)
+            for a in node.args:
+                only_linear_users[a] = only_linear_users.get(a, True) and step
     return {n for n, inner in only_linear_users.items() if inner and _is_linear_step(n)}
 
 
@@ -349,7 +394,18 @@ def _int_arith(node: Node) -> Node | None:
     # add/sub/mul/neg of ints: collect into the canonical linear form.
     if node.type is not Type.INT:
         return None
-    return build_linear(*linear(node))
+    return _fixed(build_linear(*linear(node)))
+
+
+def _fixed(node: Node) -> Node:
+    """Note a rule's result that every rule of its op leaves as it is, whatever its operands: the
+    linear form `build_linear` makes (its `linear` is what it was built from, so building again gives
+    the same node) and a comparison `E op c` made of one (its terms' gcd is 1 and its lead positive).
+    The rewrite does not give it to the rules again to find that out."""
+    tables = _open.tables
+    if tables is not None:
+        tables.fixed.add(node)
+    return node
 
 
 def _int_division(node: Node) -> Node | None:
@@ -428,7 +484,7 @@ def _int_compare(node: Node) -> Node | None:
     terms = {t: k // g for t, k in terms.items()}
     if _ordered(terms)[0][1] < 0:
         terms, c, op = {t: -k for t, k in terms.items()}, -c, _FLIP[op]
-    return make(op, build_linear(terms, 0), const(c))
+    return _fixed(make(op, _fixed(build_linear(terms, 0)), const(c)))
 
 
 def _larger_than(terms: Terms, limit: int) -> bool:

@@ -64,7 +64,7 @@ _FLOAT32_SLACK = 2.0**-16
 Range = tuple[int, int]
 FloatRange = tuple[float, float, bool]  # lo, hi (inclusive, may be infinite), may it be NaN
 _ANY_FLOAT: FloatRange = (-math.inf, math.inf, True)
-_MONOTONE = (Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.TANH, Op.SIGMOID)
+_MONOTONE = (Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.TANH, Op.SIGMOID, Op.ERF)
 
 
 def fits_int32(r: Range) -> bool:
@@ -232,6 +232,13 @@ class ValueRanges:
         if op is Op.WHERE:
             (alo, ahi), (blo, bhi) = args
             return min(alo, blo), max(ahi, bhi)
+        if op in (Op.BITAND, Op.BITOR, Op.BITXOR):
+            return _bitwise(op, args[0], args[1])
+        if op in (Op.SHL, Op.SHR):
+            (alo, ahi), (nlo, nhi) = args
+            counts = (fold.shift_count(nlo), fold.shift_count(nhi))  # monotone in the count
+            corners = [fold.evaluate(op, [x, c]) for x in (alo, ahi) for c in counts]
+            return min(corners), max(corners)  # type: ignore[type-var]
         return INT64  # nothing else yields an int; a bound that is always sound
 
     @staticmethod
@@ -302,6 +309,9 @@ class ValueRanges:
         if op is Op.WHERE:
             (alo, ahi, anan), (blo, bhi, bnan) = args
             return min(alo, blo), max(ahi, bhi), anan or bnan
+        if op in (Op.SIN, Op.COS):  # NaN of NaN or of an infinity
+            lo, hi, nan = args[0]
+            return -1.0, 1.0, nan or not (math.isfinite(lo) and math.isfinite(hi))
         return _ANY_FLOAT  # the score, float inputs, parameters not yet bound
 
     @staticmethod
@@ -332,6 +342,36 @@ class ValueRanges:
             return blo + 1, 0
         bound = max(abs(blo), abs(bhi)) - 1  # the sign of b, magnitude below |b|; or a itself for b == 0
         return min(-bound, alo), max(bound, ahi)
+
+
+def _width(r: Range) -> int:
+    """The least w with every value of r in [-2**w, 2**w): a two's complement width, less the sign."""
+    lo, hi = r
+    return max((-lo - 1).bit_length() if lo < 0 else 0, hi.bit_length() if hi > 0 else 0)
+
+
+def _bitwise(op: Op, a: Range, b: Range) -> Range:
+    """Bounds of a & b, a | b, a ^ b (two's complement): every result lies in [-2**w, 2**w) for the
+    operands' width w; & with a non-negative operand lies in [0, that operand]; | of two operands of
+    one sign lies between the larger and that sign's end; ^ of two operands of one sign is
+    non-negative, of opposite signs negative."""
+    top = 1 << max(_width(a), _width(b))
+    (alo, ahi), (blo, bhi) = a, b
+    if op is Op.BITAND:
+        if alo >= 0 or blo >= 0:
+            return 0, min(h for lo_, h in (a, b) if lo_ >= 0)
+        return -top, max(ahi, bhi)  # a negative operand's bits only clear: below the other operand
+    if op is Op.BITOR:
+        if alo >= 0 and blo >= 0:
+            return max(alo, blo), top - 1
+        if ahi < 0 and bhi < 0:
+            return max(alo, blo), -1
+        return -top, top - 1
+    if (alo >= 0 and blo >= 0) or (ahi < 0 and bhi < 0):
+        return 0, top - 1
+    if (alo >= 0 and bhi < 0) or (ahi < 0 and blo >= 0):
+        return -top, -1
+    return -top, top - 1
 
 
 def check_fits(pattern: PatternIR, roots: Iterable[Node]) -> None:

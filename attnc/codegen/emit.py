@@ -46,7 +46,11 @@ _UNARY_CALL = {
     Op.SQRT: "tl.sqrt",
     Op.SIGMOID: "tl.sigmoid",
     Op.TANH: "_tanh",
+    Op.SIN: "tl.sin",
+    Op.COS: "tl.cos",
+    Op.ERF: "tl.erf",
 }
+_BITWISE = {Op.BITAND: "&", Op.BITOR: "|", Op.BITXOR: "^"}
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,14 @@ class Emitter:
             return self._assign(f"{a} {_BINARY[op]} {b}")
         if op in (Op.FLOORDIV, Op.UDIV, Op.MOD, Op.UMOD):
             return self._division(n, dtype)
+        if op in _BITWISE:  # two's complement in any width that holds the operands and the result
+            a, b = (self.cast(x, dtype) for x in args)
+            return self._assign(f"{a} {_BITWISE[op]} {b}")
+        if op in (Op.SHL, Op.SHR):
+            return self._shift(n, dtype)
+        if op is Op.TAN:
+            x = self.cast(args[0], dtype)
+            return self._assign(f"tl.sin({x}) / tl.cos({x})")
         if op is Op.NEG:
             return self._assign(f"-{self.cast(args[0], dtype)}")
         if op in (Op.MIN, Op.MAX):
@@ -237,6 +249,20 @@ class Emitter:
             if m.op is Op.REF and str(m.attr) in self.lets and self.varies(self.lets[str(m.attr)]):
                 return True
         return False
+
+    def _shift(self, n: Node, dtype: str) -> str:
+        """`<<` / `>>` with the count clamped to [0, 63] (`fold.SHIFT_LIMIT`); a shift by the width
+        or more is undefined in the hardware, so in an int32 result the count is clamped to 31 instead,
+        which is the same value: the value ranges chose int32 because the result fits it, so a left
+        shift by 32 or more can only be of 0, and `x >> 31` of an int32 is already 0 or -1."""
+        a, count = n.args
+        limit = 31 if dtype == INT32 else 63
+        x = self.cast(a, dtype)
+        if count.is_const:
+            c = str(min(max(int(count.attr), 0), limit))  # type: ignore[arg-type]
+        else:
+            c = self._assign(f"tl.minimum(tl.maximum({self.cast(count, dtype)}, 0), {limit})")
+        return self._assign(f"{x} {'<<' if n.op is Op.SHL else '>>'} {c}")
 
     def _division(self, n: Node, dtype: str) -> str:
         a, b = n.args

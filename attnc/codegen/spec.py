@@ -88,6 +88,20 @@ class InputArg:
         return f"GRAD_{self.arg}"
 
 
+# The most conjuncts whose cores the kernels merge (`core_merge_rounds`): the merge is
+# conjuncts * (conjuncts - 1)**2 scalar updates per tile row, few for the usual 1 to 4 conjuncts.
+CORE_MERGE_LIMIT = 4
+
+
+def core_merge_rounds(conjuncts: int) -> int:
+    """How many rounds of pairwise merging turn each conjunct's core (of an analytic plan) into the
+    component of the union of all cores it lies in: conjuncts - 1 (a chain of touching cores grows by
+    one link per round), or 0 past `CORE_MERGE_LIMIT` (a tile is then FULL only when one core holds
+    it). The kernels (`_common.py.jinja`, `analytic_loops`) and the plan (`runtime/plan.py`) both
+    follow this, so they agree on every tile."""
+    return conjuncts - 1 if 1 <= conjuncts <= CORE_MERGE_LIMIT else 0
+
+
 @dataclass(frozen=True)
 class KeyRange:
     """One conjunct's closed-form positions along one axis over a tile of the other (keys over a query
@@ -157,6 +171,10 @@ class KernelSpec:
     def analytic(self) -> bool:
         return self.kv_ranges is not None
 
+    @property
+    def core_merge_rounds(self) -> int:
+        return core_merge_rounds(len(self.kv_ranges or ()))
+
 
 @dataclass(frozen=True)
 class BackwardSpec:
@@ -198,3 +216,7 @@ class BackwardSpec:
     @property
     def analytic(self) -> bool:
         return self.kv_ranges is not None
+
+    @property
+    def core_merge_rounds(self) -> int:
+        return core_merge_rounds(len(self.kv_ranges or ()))

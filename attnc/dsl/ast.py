@@ -45,7 +45,7 @@ class Not(Expr):
 
 @dataclass(frozen=True)
 class BinOp(Expr):
-    """`+ - * / // %`; `op_loc` is the operator token."""
+    """`+ - * / // %` and the bitwise `& | ^ << >>`; `op_loc` is the operator token."""
 
     op: str
     left: Expr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import gc
+import math
 import os
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -76,9 +77,15 @@ MATH_FUNCTIONS = {
     "sqrt": Op.SQRT,
     "tanh": Op.TANH,
     "sigmoid": Op.SIGMOID,
+    "sin": Op.SIN,
+    "cos": Op.COS,
+    "tan": Op.TAN,
+    "erf": Op.ERF,
 }
 BUILTINS = frozenset({"abs", "min", "max", "clamp", "where", "floor", "ceil", *MATH_FUNCTIONS})
-RESERVED = frozenset({*INDEX_VARS, *SIZES, "s", *BUILTINS})
+CONSTANTS = {"inf": math.inf}
+"""Built-in float constants: `inf` (and so `-inf`, the spelling of a masked-out score)."""
+RESERVED = frozenset({*INDEX_VARS, *SIZES, "s", *BUILTINS, *CONSTANTS})
 KERNEL_KEYWORDS = RESERVED_NAMES - RESERVED
 """Names an input cannot take because a kernel call takes them as keywords (built-ins aside, which have
 their own message)."""
@@ -451,6 +458,12 @@ def _is_number(node: Node) -> bool:
 
 
 _ARITH = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL}
+_BITWISE = {"&": Op.BITAND, "|": Op.BITOR, "^": Op.BITXOR, "<<": Op.SHL, ">>": Op.SHR}
+SCORE_IN_MASK = (
+    "'s' (the score) exists only inside score: a mask decides which keys, and so which tiles, are "
+    "computed at all, before any score exists; to drop keys by their score, write "
+    "score = where(COND, s, -inf)"
+)
 _COMPARE = {"==": Op.EQ, "!=": Op.NE, "<": Op.LT, "<=": Op.LE, ">": Op.GT, ">=": Op.GE}
 
 
@@ -510,6 +523,9 @@ class _ExprLowerer:
         name = e.id
         if name in self.locals:
             if self.locals[name].kind == "input":
+                decl = self.input_decl(name)
+                if decl is not None and not decl.dims:
+                    raise AttnTypeError(f"input '{name}' is a 0-d tensor: read it as {name}[]", e.loc)
                 raise AttnTypeError(f"input '{name}' is a tensor: index it, as in {name}[...]", e.loc)
             return self.local_ref(name, e.loc)
         if name in INDEX_VARS:
@@ -518,8 +534,12 @@ class _ExprLowerer:
             return Node(Op.VAR, Type.INT, (), name, e.loc)
         if name in SIZES:
             return Node(Op.SIZE, Type.INT, (), name, e.loc)
+        if name in CONSTANTS:
+            return const(CONSTANTS[name], e.loc)
         if name == "s":
             if not self.allow_score:
+                if self.context == "mask":
+                    raise AttnTypeError(SCORE_IN_MASK, e.loc)
                 raise AttnTypeError("'s' (the score) exists only inside a pattern's score statement", e.loc)
             return Node(Op.SCORE, Type.FLOAT, (), None, e.loc)
         if name in BUILTINS:
@@ -689,6 +709,8 @@ class _ExprLowerer:
         return value
 
     def _binop(self, e: ast.BinOp, left: Node, right: Node) -> Node:
+        if e.op in _BITWISE:
+            return self._bitwise(e, left, right)
         if not (_is_number(left) and _is_number(right)):
             raise AttnTypeError(
                 f"operator '{e.op}' needs numbers, got {left.type} and {right.type}", e.op_loc
@@ -705,6 +727,24 @@ class _ExprLowerer:
             return make(Op.DIV, left, right, loc=e.loc)
         left, right = _promote(left, right)
         return make(_ARITH[e.op], left, right, loc=e.loc)
+
+    def _bitwise(self, e: ast.BinOp, left: Node, right: Node) -> Node:
+        """`& | ^ << >>`: ints only (int64, two's complement, as Python's); a shift count is clamped to
+        [0, 63] (`fold.SHIFT_LIMIT`), and a constant count outside that is an error here."""
+        if left.type is not Type.INT or right.type is not Type.INT:
+            hint = ""
+            if left.type is Type.BOOL and right.type is Type.BOOL and e.op in ("&", "|"):
+                hint = f" (use '{'and' if e.op == '&' else 'or'}' for bools)"
+            raise AttnTypeError(
+                f"operator '{e.op}' needs ints, got {left.type} and {right.type}{hint}", e.op_loc
+            )
+        if e.op in ("<<", ">>"):
+            count = _evaluate_constant(right)
+            if isinstance(count, int) and not 0 <= count <= fold.SHIFT_LIMIT:
+                raise AttnTypeError(
+                    f"shift count {count} is outside [0, {fold.SHIFT_LIMIT}]: ints are 64-bit", e.right.loc
+                )
+        return make(_BITWISE[e.op], left, right, loc=e.loc)
 
     def _BoolOp(self, e: ast.BoolOp) -> Node:
         values = []
@@ -957,6 +997,8 @@ class _PatternLowerer(_ExprLowerer):
                 raise AttnTypeError(f"let '{name}' cannot be used in an input's shape", loc)
             value = self._let(name, loc)
             if not self.allow_score and name in self.score_lets:
+                if self.context == "mask":
+                    raise AttnTypeError(f"let '{name}' uses 's', and {SCORE_IN_MASK}", loc)
                 raise AttnTypeError(f"let '{name}' uses 's' (the score), which exists only inside score", loc)
             return Node(Op.REF, value.type, (), name, loc)
         return super().local_ref(name, loc)

@@ -66,6 +66,7 @@ _READABLE = {
     "STRING": 'a "path"',
     "COMPARE": "a comparison",
     "MUL_OP": "an operator",
+    "SHIFT_OP": "a shift",
     "_NL": "end of line",
     "$END": "end of file",
 }
@@ -250,6 +251,18 @@ class _ToAst(Transformer_NonRecursive):
     def product(self, children) -> ast.Expr:
         return self._fold(children)
 
+    def bit_or(self, children) -> ast.Expr:
+        return self._fold(children)
+
+    def bit_xor(self, children) -> ast.Expr:
+        return self._fold(children)
+
+    def bit_and(self, children) -> ast.Expr:
+        return self._fold(children)
+
+    def shift(self, children) -> ast.Expr:
+        return self._fold(children)
+
     @v_args(meta=True)
     def neg(self, meta, children) -> ast.Neg:
         return ast.Neg(self._loc(meta), children[1])
@@ -279,7 +292,8 @@ class _ToAst(Transformer_NonRecursive):
         return ast.Name(self._tok(children[0]), str(children[0]))
 
     def int_lit(self, children) -> ast.IntLit:
-        return ast.IntLit(self._tok(children[0]), int(children[0]))
+        text = str(children[0])
+        return ast.IntLit(self._tok(children[0]), int(text, 16) if text[:2] in ("0x", "0X") else int(text))
 
     def float_lit(self, children) -> ast.FloatLit:
         return ast.FloatLit(self._tok(children[0]), float(children[0]))

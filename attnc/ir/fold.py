@@ -23,6 +23,22 @@ def mod(a: int, b: int) -> int:
     return a if b == 0 else a % b
 
 
+SHIFT_LIMIT = 63
+"""A shift count is clamped to [0, SHIFT_LIMIT]: ints are int64, where a count beyond 63 changes
+nothing more (`x >> 63` is already 0 or -1, and `x << 64` of any x but 0 leaves int64 anyway), and a
+negative count shifts by 0. Every evaluator (this module, the oracle, the kernels) and the value
+ranges follow this rule; the front end rejects a constant count outside it (`dsl/lower.py`)."""
+
+
+def shift_count(n: int) -> int:
+    """The count a shift by n uses (see `SHIFT_LIMIT`)."""
+    return min(max(n, 0), SHIFT_LIMIT)
+
+
+def _tan(x: float) -> float:
+    return math.tan(x) if math.isfinite(x) else math.nan
+
+
 def _sigmoid(x: float) -> float:
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
@@ -82,6 +98,10 @@ _UNARY = {
     Op.SQRT: lambda a: _safe(math.sqrt, a),
     Op.TANH: math.tanh,
     Op.SIGMOID: _sigmoid,
+    Op.SIN: lambda a: _safe(math.sin, a),
+    Op.COS: lambda a: _safe(math.cos, a),
+    Op.TAN: _tan,
+    Op.ERF: math.erf,
     Op.FLOOR: math.floor,
     Op.CEIL: math.ceil,
     Op.NOT: lambda a: not a,
@@ -98,6 +118,11 @@ _BINARY = {
     Op.UMOD: mod,
     Op.MIN: min,
     Op.MAX: max,
+    Op.BITAND: lambda a, b: a & b,
+    Op.BITOR: lambda a, b: a | b,
+    Op.BITXOR: lambda a, b: a ^ b,
+    Op.SHL: lambda a, b: a << shift_count(b),
+    Op.SHR: lambda a, b: a >> shift_count(b),
     Op.EQ: lambda a, b: a == b,
     Op.NE: lambda a, b: a != b,
     Op.LT: lambda a, b: a < b,

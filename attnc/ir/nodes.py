@@ -70,6 +70,15 @@ class Op(str, Enum):
     SQRT = "sqrt"
     TANH = "tanh"
     SIGMOID = "sigmoid"
+    SIN = "sin"
+    COS = "cos"
+    TAN = "tan"
+    ERF = "erf"
+    BITAND = "bitand"
+    BITOR = "bitor"
+    BITXOR = "bitxor"
+    SHL = "shl"
+    SHR = "shr"
     FLOOR = "floor"
     CEIL = "ceil"
     EQ = "eq"
@@ -522,6 +531,25 @@ OPS: dict[Op, OpInfo] = {
         OpInfo(Op.SQRT, "square root", 1, _float_unary(Type.FLOAT)),
         OpInfo(Op.TANH, "hyperbolic tangent", 1, _float_unary(Type.FLOAT)),
         OpInfo(Op.SIGMOID, "1 / (1 + e ** -a)", 1, _float_unary(Type.FLOAT)),
+        OpInfo(Op.SIN, "sine (radians)", 1, _float_unary(Type.FLOAT)),
+        OpInfo(Op.COS, "cosine (radians)", 1, _float_unary(Type.FLOAT)),
+        OpInfo(Op.TAN, "tangent (radians)", 1, _float_unary(Type.FLOAT)),
+        OpInfo(Op.ERF, "the error function erf(a)", 1, _float_unary(Type.FLOAT)),
+        OpInfo(Op.BITAND, "a & b, bitwise and of ints (two's complement, as Python's)", 2, _int_binary),
+        OpInfo(Op.BITOR, "a | b, bitwise or of ints (two's complement, as Python's)", 2, _int_binary),
+        OpInfo(Op.BITXOR, "a ^ b, bitwise exclusive or of ints (two's complement)", 2, _int_binary),
+        OpInfo(
+            Op.SHL,
+            "a << b: a * 2 ** b, the count b clamped to [0, 63] (so a negative count shifts by 0)",
+            2,
+            _int_binary,
+        ),
+        OpInfo(
+            Op.SHR,
+            "a >> b: floor(a / 2 ** b) (arithmetic shift), the count b clamped to [0, 63]",
+            2,
+            _int_binary,
+        ),
         OpInfo(Op.FLOOR, "largest int <= a", 1, _float_unary(Type.INT)),
         OpInfo(Op.CEIL, "smallest int >= a", 1, _float_unary(Type.INT)),
         OpInfo(Op.EQ, "a == b (numbers of one type, or bools)", 2, _equality),

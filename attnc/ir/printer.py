@@ -76,13 +76,19 @@ def print_fn(fn: FnIR) -> str:
     return "\n".join([*lines, "}"])
 
 
-def print_pattern(pattern: PatternIR) -> str:
+def pattern_header(pattern: PatternIR) -> str:
+    """The first line of `print_pattern`: `pattern NAME[static values](runtime parameters) {`. The rest
+    of the text does not depend on the name, the bindings or the parameter list."""
     if pattern.bindings is not None:
         header = "[" + ", ".join(f"{n}={format_const(v)}" for n, v in pattern.bindings) + "]"
         if pattern.params:
             header += f"({_params(pattern.params)})"
     else:
         header = f"({_params(pattern.params)})"
+    return f"pattern {pattern.name}{header} {{"
+
+
+def print_pattern(pattern: PatternIR) -> str:
     numbering = _Numbering()
     for decl in pattern.inputs:
         dims = [numbering.define(d) for d in decl.dims]
@@ -94,7 +100,7 @@ def print_pattern(pattern: PatternIR) -> str:
     if pattern.score is not None:
         numbering.lines.append(f"  score = {numbering.define(pattern.score)}")
     _results(numbering, pattern)
-    return "\n".join([f"pattern {pattern.name}{header} {{", *numbering.lines, "}"])
+    return "\n".join([pattern_header(pattern), *numbering.lines, "}"])
 
 
 def _fields(numbering: _Numbering, values: dict[str, Node | None]) -> str:

@@ -48,8 +48,11 @@ def _symbols(node: Node) -> frozenset[Node]:
 
 
 class _Verifier:
-    def __init__(self, module: ModuleIR) -> None:
+    def __init__(self, module: ModuleIR, previous: ModuleIR | None = None) -> None:
         self.module = module
+        # The module of the stage before, verified: a pattern's values that a pass left as they were
+        # (the same objects, in the same declarations) are not checked again.
+        self.previous = {p.name: p for p in previous.patterns} if previous is not None else {}
         self.errors: list[str] = []
         self.tile_vars = False  # whether the expression being checked may use the tile box variables
         self.runtime: dict[str, Type] = {}  # the runtime parameters of the bound pattern being checked
@@ -224,16 +227,25 @@ class _Verifier:
                 found |= self.let_reads[str(n.attr)]
         return frozenset(found)
 
+    def _unchanged(self, pattern: PatternIR, *fields: str) -> bool:
+        """Whether the previous stage's pattern of this name, verified, had these very fields, in the
+        same declarations (what their check depends on besides themselves)."""
+        before = self.previous.get(pattern.name)
+        if before is None or not all(getattr(before, f) is getattr(pattern, f) for f in fields):
+            return False
+        context = ("params", "inputs", "lets", "bindings")
+        return all(getattr(before, f) == getattr(pattern, f) for f in context)
+
     def results(self, where: str, pattern: PatternIR, refs: dict[str, Type]) -> None:
         """The analyses' typed results: what each may read, their types, and that they agree."""
         self.let_reads = {}
         for name, value in pattern.lets:
             self.let_reads[name] = self.reads(value)
         self.tile_vars = True
-        if pattern.tiles is not None:
+        if pattern.tiles is not None and not self._unchanged(pattern, "tiles"):
             for part, value in pattern.tiles.named().items():
                 self.result(where, f"tiles {part}", value, Type.BOOL, _TILES_READ, refs, pattern)
-        if pattern.ranges is not None:
+        if pattern.ranges is not None and not self._unchanged(pattern, "ranges"):
             kv, q = pattern.ranges.kv, pattern.ranges.q
             if len(kv) != len(q):
                 self.fail(where, f"ranges have {len(kv)} kv conjuncts and {len(q)} q conjuncts")
@@ -243,9 +255,9 @@ class _Verifier:
                         what = f"range {axis} {j} {part}"
                         self.result(where, what, value, Type.INT, _RANGE_READ[axis], refs, pattern)
         self.tile_vars = False
-        if pattern.kernel is not None:
+        if pattern.kernel is not None and not self._unchanged(pattern, "kernel", "mask", "score"):
             self.kernel(where, pattern, pattern.kernel, refs)
-        if pattern.sparsity is not None:
+        if pattern.sparsity is not None and not self._unchanged(pattern, "sparsity", "tiles"):
             self.sparsity(where, pattern, pattern.sparsity)
 
     def kernel(self, where: str, pattern: PatternIR, kernel: KernelValues, refs: dict[str, Type]) -> None:
@@ -303,9 +315,10 @@ class _Verifier:
             self.pattern(pattern)
 
 
-def verify(module: ModuleIR, after: str = "") -> None:
-    """Raise `InternalError` (with the IR text) if the module breaks an IR invariant."""
-    verifier = _Verifier(module)
+def verify(module: ModuleIR, after: str = "", previous: ModuleIR | None = None) -> None:
+    """Raise `InternalError` (with the IR text) if the module breaks an IR invariant. `previous`, a
+    verified module the pass made this one of: the results it left as they were are not checked again."""
+    verifier = _Verifier(module, previous)
     verifier.module_()
     if verifier.errors:
         stage = f" after {after}" if after else ""

@@ -14,6 +14,9 @@ for a single affine constraint (and for and/or of constraints on one linear form
 merges into one); for several constraints a few tiles may stay PARTIAL. They are evaluated for
 every tile at once (`runtime/plan.py`), in O(number of tiles), or inlined into a kernel; loads of inputs
 become `range_min` / `range_max` summaries, so data-dependent masks never touch (query, key) pairs.
+The summaries are the exact bounds of the entries a tile reads (`analysis/summaries.py`), so a mask
+whose class on a tile follows from those bounds (a block map, a per-block selection, consecutive document
+ids) is classified exactly: the plan visits what `block_map` visits (`tests/test_plan_exact.py`).
 
 **Requires:** a canonicalized, bound entry pattern. **Ensures:** the entry's `tiles` are set, both
 canonical, over `q_first q_last kv_first kv_last b h` and the sizes.
@@ -25,7 +28,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from attnc.analysis.intervals import IntervalAnalysis
-from attnc.analysis.normal_form import canonicalize
+from attnc.analysis.normal_form import canonicalize_all, value_ranges
 from attnc.ir.nodes import ModuleIR, PatternIR, const, var
 from attnc.ir.results import TileClasses
 
@@ -36,8 +39,9 @@ def classify(pattern: PatternIR) -> TileClasses:
     """The tile classes of the pattern's mask over the tile box."""
     if pattern.mask is None:
         return TileClasses(any=const(True), all=const(True))
-    truth = IntervalAnalysis(pattern, TILE_BOX).truth(pattern.mask)
-    return TileClasses(any=canonicalize(truth.may, pattern), all=canonicalize(truth.must, pattern))
+    truth = IntervalAnalysis(pattern, TILE_BOX, value_ranges(pattern)).truth(pattern.mask)
+    may, must = canonicalize_all((truth.may, truth.must), pattern)  # one rewrite: they share parts
+    return TileClasses(any=may, all=must)
 
 
 @dataclass(frozen=True)

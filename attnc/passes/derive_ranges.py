@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from attnc.analysis.intervals import Interval, IntervalAnalysis
-from attnc.analysis.normal_form import build_linear, canonicalize, linear
+from attnc.analysis.normal_form import build_linear, canonicalize_all, linear, value_ranges
 from attnc.analysis.value_ranges import ValueRanges
 from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const, make, size, var
 from attnc.ir.results import AxisRange, Ranges
@@ -141,23 +141,23 @@ class _Solver:
         r = self.analysis.interval(r_point)
         op = atom.op
         if op is Op.LT:
-            r, op, r_point = self._shift(r, -1), Op.LE, make(Op.SUB, r_point, const(1))
+            r, op, r_point = self._shift(r, -1), Op.LE, _affine(r_point, 1, -1)
         elif op is Op.GT:
-            r, op, r_point = self._shift(r, 1), Op.GE, make(Op.ADD, r_point, const(1))
+            r, op, r_point = self._shift(r, 1), Op.GE, _affine(r_point, 1, 1)
         result = []
         if op in (Op.LE, Op.EQ):
             result.append(self._solve(k, r, r_point, divisor))
         if op in (Op.GE, Op.EQ):  # k * atom >= R is -k * atom <= -R
             negated = Interval(
-                None if r.hi is None else make(Op.NEG, r.hi), None if r.lo is None else make(Op.NEG, r.lo)
+                None if r.hi is None else _affine(r.hi, -1), None if r.lo is None else _affine(r.lo, -1)
             )
-            result.append(self._solve(-k, negated, make(Op.NEG, r_point), divisor))
+            result.append(self._solve(-k, negated, _affine(r_point, -1), divisor))
         return result
 
     @staticmethod
     def _shift(r: Interval, by: int) -> Interval:
         def add(x: Node | None) -> Node | None:
-            return None if x is None else make(Op.ADD, x, const(by))
+            return None if x is None else _affine(x, 1, by)
 
         return Interval(add(r.lo), add(r.hi))
 
@@ -170,12 +170,11 @@ class _Solver:
             if x is None:
                 return None
             if k > 0:  # atom <= floor(R / k)
-                t = make(Op.FLOORDIV, x, const(k))
-                return (
-                    t if divisor == 1 else make(Op.ADD, make(Op.MUL, t, const(divisor)), const(divisor - 1))
-                )
-            t = make(Op.NEG, make(Op.FLOORDIV, x, const(-k)))  # atom >= ceil(R / k) = -floor(R / |k|)
-            return t if divisor == 1 else make(Op.MUL, t, const(divisor))
+                t = x if k == 1 else make(Op.FLOORDIV, x, const(k))
+                return t if divisor == 1 else _affine(t, divisor, divisor - 1)
+            # atom >= ceil(R / k) = -floor(R / |k|)
+            t = _affine(x if k == -1 else make(Op.FLOORDIV, x, const(-k)), -1)
+            return t if divisor == 1 else _affine(t, divisor)
 
         # The largest R admits the most positions (the hull); the smallest, the fewest (the core).
         return _Bound(upper=k > 0, hull=over(r.hi), core=over(r.lo), point=over(r_point))  # type: ignore[arg-type]
@@ -246,8 +245,20 @@ class _Solver:
         """The largest `upper - lower` over the tile, or None if unbounded."""
         key = (lower, upper)
         if key not in self._gaps:
-            self._gaps[key] = self.analysis.interval(canonicalize(make(Op.SUB, upper, lower))).hi
+            (upper_terms, upper_constant), (lower_terms, lower_constant) = linear(upper), linear(lower)
+            terms = dict(upper_terms)
+            for atom, k in lower_terms.items():
+                terms[atom] = terms.get(atom, 0) - k
+            gap = build_linear({a: k for a, k in terms.items() if k}, upper_constant - lower_constant)
+            self._gaps[key] = self.analysis.interval(gap).hi
         return self._gaps[key]
+
+
+def _affine(x: Node, scale: int, offset: int = 0) -> Node:
+    """`scale * x + offset` for an int `x`, built in the normal form's linear shape (what canonicalize
+    would make of it), so that the bounds reach `canonicalize_all` close to their normal form."""
+    terms, constant = linear(x)
+    return build_linear({a: scale * k for a, k in terms.items()}, scale * constant + offset)
 
 
 def derive(pattern: PatternIR, ranges: ValueRanges) -> tuple[list[Bounds], list[Bounds]]:
@@ -259,13 +270,11 @@ def derive(pattern: PatternIR, ranges: ValueRanges) -> tuple[list[Bounds], list[
         raise NotAnalytic("the mask loads an input")
     conjuncts = dnf(pattern.mask)
     kv, q = _Solver(pattern, "kv", ranges), _Solver(pattern, "q", ranges)
-    kv_ranges = [_canonical(kv.conjunct(atoms)) for atoms in conjuncts]
-    return kv_ranges, [_canonical(q.conjunct(atoms)) for atoms in conjuncts]
-
-
-def _canonical(bounds: Bounds) -> Bounds:
-    lo, hi, full_lo, full_hi = (canonicalize(x) for x in bounds)
-    return lo, hi, full_lo, full_hi
+    raw = [kv.conjunct(atoms) for atoms in conjuncts] + [q.conjunct(atoms) for atoms in conjuncts]
+    # One normal-form rewrite for all the bounds: they are built of the same canonical parts.
+    forms = iter(canonicalize_all(tuple(x for bounds in raw for x in bounds)))
+    ranges: list[Bounds] = [(next(forms), next(forms), next(forms), next(forms)) for _ in raw]
+    return ranges[: len(conjuncts)], ranges[len(conjuncts) :]
 
 
 @dataclass(frozen=True)
@@ -274,12 +283,12 @@ class DeriveRanges:
 
     def run(self, module: ModuleIR) -> ModuleIR:
         entry = module.entry
-        value_ranges = ValueRanges(entry)  # shared by both axes and the check below
+        ranges = value_ranges(entry)  # shared by both axes, the check below and the other passes
         try:
-            kv_ranges, q_ranges = derive(entry, value_ranges)
+            kv_ranges, q_ranges = derive(entry, ranges)
         except NotAnalytic:
             return module
-        if not value_ranges.fits(*(x for r in kv_ranges + q_ranges for x in r)):
+        if not ranges.fits(*(x for r in kv_ranges + q_ranges for x in r)):
             return module  # a bound like `kv_last + c` could leave int64 (`value_ranges.py`): metadata
-        ranges = Ranges(tuple(AxisRange(*r) for r in kv_ranges), tuple(AxisRange(*r) for r in q_ranges))
-        return module.with_entry(replace(entry, ranges=ranges))
+        result = Ranges(tuple(AxisRange(*r) for r in kv_ranges), tuple(AxisRange(*r) for r in q_ranges))
+        return module.with_entry(replace(entry, ranges=result))

@@ -42,8 +42,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from attnc.analysis.derivative import derivative
-from attnc.analysis.normal_form import split_comparison
-from attnc.analysis.value_ranges import ValueRanges
+from attnc.analysis.normal_form import split_comparison, value_ranges
 from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const
 from attnc.ir.results import KernelValues, ScoreGradient
 from attnc.ir.rewrite import rewrite
@@ -63,7 +62,7 @@ def _loop_invariant(node: Node) -> bool:
 
 def kernel_form(root: Node, pattern: PatternIR) -> Node:
     """Comparisons split by axis and division made cheap where proven safe (values unchanged)."""
-    ranges = ValueRanges(pattern)
+    ranges = value_ranges(pattern)
     cheap = {Op.FLOORDIV: Op.UDIV, Op.MOD: Op.UMOD}
 
     def rule(node: Node) -> Node | None:

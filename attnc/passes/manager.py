@@ -13,7 +13,6 @@ some passes. `print_between` writes each stage as it goes (`attnc ir --print-bet
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Iterator, Mapping
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Protocol, TextIO
 
+from attnc import config
 from attnc.analysis.normal_form import shared_tables
 from attnc.ir.nodes import ModuleIR, node_budget
 from attnc.ir.printer import print_module
@@ -87,11 +87,7 @@ class Pass(Protocol):
 class PassManager:
     passes: list[Pass] = field(default_factory=list)
     print_between: TextIO | None = None
-    dump_dir: Path | None = field(
-        default_factory=lambda: (
-            Path(os.environ["ATTNC_DUMP_DIR"]) if os.environ.get("ATTNC_DUMP_DIR") else None
-        )
-    )
+    dump_dir: Path | None = field(default_factory=config.dump_dir)
 
     def add(self, pass_: Pass) -> PassManager:
         self.passes.append(pass_)
@@ -108,9 +104,10 @@ class PassManager:
         with shared_tables():
             for index, pass_ in enumerate(self.passes, start=1):
                 start = time.perf_counter()
+                previous = module
                 with node_budget(module.entry.loc, f"pattern '{module.entry.name}' ({pass_.name})"):
                     module = pass_.run(module)
-                verify(module, pass_.name)
+                verify(module, pass_.name, previous)
                 compiled.seconds[pass_.name] = time.perf_counter() - start
                 compiled.modules[pass_.name] = module
                 self._emit_stage(compiled, index, pass_.name)

@@ -4,8 +4,9 @@ Both are `torch.library` custom ops with fake (meta) implementations, and the fi
 its autograd formula, so `torch.compile(..., fullgraph=True)` traces through a model that calls attnc
 without a graph break, and AOT autograd sees the backward as one opaque op too.
 
-A custom op takes tensors and plain values only, so a compiled pattern is named by its kernel key
-(`runtime/cache.py`): `register` files a pattern's `Forward` under it, and the ops look it up. The
+A custom op takes tensors and plain values only, so a compiled pattern is named by its IR text
+(`runtime/registry.py`): the ops find its kernels by that text, or compile them on first use in a
+process that loaded a program `torch.export` saved (after `import attnc`, which registers the ops). The
 pattern's `input` tensors travel as one list in declaration order, its runtime parameter values as two
 (`int_params`, a `SymInt[]`, and `float_params`), each in the pattern's parameter order: an int value
 that changes between calls of a `torch.compile`d function becomes dynamic, one graph for all later
@@ -19,9 +20,18 @@ Reverse mode, once. The kernels have no forward-mode formula (a tangent of a sco
 its derivative inside the forward kernel), so `torch.func.jvp`, `jacfwd` and `forward_ad` raise
 `check_no_forward_ad`'s error rather than drop the tangent; and the backward op's own gradient raises,
 so double backward (`create_graph=True`, `gradgradcheck`) says that the kernels are differentiable once.
+
+PyTorch's conventions: under `torch.autocast` the forward op runs q, k, v in the autocast dtype (an
+autocast kernel of the op, `_autocast_rule`); under `torch.use_deterministic_algorithms(True)` the
+backward op refuses, on the GPU, the input gradients it can only sum with atomics
+(`check_deterministic`).
 """
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,16 +39,8 @@ from torch.autograd import forward_ad
 
 from attnc import oracle
 from attnc.ir.nodes import PatternIR, Type
+from attnc.runtime import backend, registry
 from attnc.runtime.launch import Forward
-
-_FORWARDS: dict[str, Forward] = {}
-
-
-def register(forward: Forward) -> Forward:
-    """File a compiled pattern's kernels under their key (`forward.source.key`, which names them to
-    the ops); patterns of one structure share one entry, which is returned."""
-    return _FORWARDS.setdefault(forward.source.key, forward)
-
 
 FORWARD_AD_UNSUPPORTED = (
     "attnc kernels support reverse-mode autograd only; forward-mode AD (torch.func.jvp, jacfwd, "
@@ -104,13 +106,13 @@ def attention(
     k: Tensor,
     v: Tensor,
     inputs: list[Tensor],
-    key: str,
+    pattern: str,
     scale: float,
     int_params: list[int],
     float_params: list[float],
 ) -> tuple[Tensor, Tensor]:
-    """(out, lse) of the pattern filed under `key` (arguments checked by `Kernel.__call__`)."""
-    forward = _FORWARDS[key]
+    """(out, lse) of the pattern whose IR text is `pattern` (arguments checked by `Kernel.__call__`)."""
+    forward = registry.find(pattern)
     return forward.run(q, k, v, _env(forward, q, k, inputs, int_params, float_params), scale)
 
 
@@ -120,7 +122,7 @@ def _attention_fake(
     k: Tensor,
     v: Tensor,
     inputs: list[Tensor],
-    key: str,
+    pattern: str,
     scale: float,
     int_params: list[int],
     float_params: list[float],
@@ -140,16 +142,18 @@ def attention_backward(
     dout: Tensor,
     dlse: Tensor | None,
     inputs: list[Tensor],
-    key: str,
+    pattern: str,
     scale: float,
     int_params: list[int],
     float_params: list[float],
     wanted: list[bool],
 ) -> list[Tensor]:
     """[dq, dk, dv, then the gradient of each input whose `wanted` flag is set]."""
-    forward = _FORWARDS[key]
+    forward = registry.find(pattern)
     names = [d.name for d in forward.pattern.inputs]
     chosen = tuple(n for n, w in zip(names, wanted, strict=True) if w)
+    if chosen:
+        check_deterministic(forward.name, chosen)
     env = _env(forward, q, k, inputs, int_params, float_params)
     dq, dk, dv, grads = forward.backward.run(q, k, v, out, lse, dout, dlse, env, scale, chosen)
     return [dq, dk, dv, *(grads[n] for n in chosen)]
@@ -165,7 +169,7 @@ def _attention_backward_fake(
     dout: Tensor,
     dlse: Tensor | None,
     inputs: list[Tensor],
-    key: str,
+    pattern: str,
     scale: float,
     int_params: list[int],
     float_params: list[float],
@@ -177,10 +181,10 @@ def _attention_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, tensors, key, scale, int_params, float_params = inputs
+    q, k, v, tensors, pattern, scale, int_params, float_params = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, *tensors)
-    ctx.key, ctx.scale, ctx.int_params, ctx.float_params = key, scale, int_params, float_params
+    ctx.pattern, ctx.scale, ctx.int_params, ctx.float_params = pattern, scale, int_params, float_params
     ctx.wanted = [t.requires_grad for t in tensors]
 
 
@@ -195,7 +199,7 @@ def _backward(ctx, dout: Tensor, dlse: Tensor | None):
         dout,
         dlse,
         tensors,
-        ctx.key,
+        ctx.pattern,
         ctx.scale,
         ctx.int_params,
         ctx.float_params,
@@ -221,3 +225,43 @@ def _backward_of_backward(ctx, *grads):
 
 
 attention_backward.register_autograd(_backward_of_backward)
+
+
+def check_deterministic(name: str, chosen: tuple[str, ...]) -> None:
+    """Honour `torch.use_deterministic_algorithms(True)` for the gradients of the score's inputs: the
+    dQ kernel adds them up with float64 atomics, whose order (hence last bits) varies between runs on a
+    GPU, so there this raises torch's way (a `RuntimeError` naming the op and the ways out), or warns
+    with `warn_only=True`. Triton's interpreter runs the programs one after another, in order: its sums
+    are deterministic. dQ, dK and dV never use atomics (one program writes each element)."""
+    if not torch.are_deterministic_algorithms_enabled() or backend.active() != backend.CUDA:
+        return
+    message = (
+        f"attnc::attention_backward (pattern '{name}') computes the gradient of input(s) "
+        f"{', '.join(repr(n) for n in chosen)} with atomic adds, which are not deterministic on the GPU, but "
+        f"torch.use_deterministic_algorithms(True) is set. Pass the input(s) detached (requires_grad=False), "
+        f"or allow it with torch.use_deterministic_algorithms(True, warn_only=True)"
+    )
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=2)
+        return
+    raise RuntimeError(message)
+
+
+def _autocast_rule(device_type: str) -> Callable[..., tuple[Tensor, Tensor]]:
+    """`attnc::attention` under `torch.autocast(device_type)`: q, k and v run in the autocast dtype (as
+    in `scaled_dot_product_attention`, float64 is left alone); the pattern's inputs keep their declared
+    dtypes (the kernel reads them as declared). The casts are ordinary ops, so autograd returns their
+    gradients in the callers' dtypes."""
+
+    def rule(q: Tensor, k: Tensor, v: Tensor, *rest: Any) -> tuple[Tensor, Tensor]:
+        dtype = torch.get_autocast_dtype(device_type)
+        cast = [t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in (q, k, v)]
+        with torch.autocast(device_type, enabled=False):
+            return attention(*cast, *rest)
+
+    return rule
+
+
+_AUTOCAST = torch.library.Library("attnc", "FRAGMENT")
+for _device_type, _key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+    _AUTOCAST.impl("attention", _autocast_rule(_device_type), _key)

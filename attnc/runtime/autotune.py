@@ -4,11 +4,13 @@
   that is not a launchable configuration is a `ConfigError` naming the variable.
 - Triton's interpreter (no GPU) uses `INTERPRETER_CONFIG`: warps and stages mean nothing there.
 - On a GPU with `ATTNC_AUTOTUNE=0` (or `false`, `no`, `off`, in any case; `1`, `true`, `yes`, `on`
-  keep it on, anything else is a `ConfigError`), `heuristic` picks the first of a short preference
-  list that fits the device's shared memory.
+  keep it on, anything else is a `ConfigError`), `heuristic` picks the first choice for the head dim
+  (each compiled ahead of time for sm_90 without spills: tests/test_static_sm90.py) that fits the
+  device's shared memory, else a fallback that also fits the register estimate (`registers`).
 - Otherwise the first launch in a *shape bucket* (dtype, head dims, GQA group, and the lengths and
-  number of (batch, head) programs rounded up to powers of two) times every candidate that fits the
-  device's shared memory and keeps the fastest. Results are kept per kernel key and device in
+  number of (batch, head) programs rounded up to powers of two) times the heuristic's choice and every
+  candidate that fits the device's shared memory and, by the estimate, 255 registers (fewer compiles
+  on a first call, none that spill), and keeps the fastest. Results are kept per kernel key and device in
   `$ATTNC_CACHE_DIR/autotune/<key>.<device>.json` (written atomically), so a later process reuses
   them; what such a file holds is checked (a bucket whose configuration is not a launchable one is
   tuned again, a file that is not a JSON object is ignored). Tuning that takes more than a second shows
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import sys
 import time
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, astuple, dataclass, fields
 from typing import Any, TextIO
 
+from attnc import config as settings
 from attnc.errors import ConfigError
 from attnc.runtime.cache import cache_dir, cache_subdir, read_regular, store
 
@@ -90,24 +92,34 @@ CANDIDATES = tuple(
 )
 BACKWARD_CANDIDATES = tuple(
     Config(bm, bn, warps, stages)
-    for bm, bn in ((32, 64), (64, 64), (64, 128), (128, 64), (32, 128))
+    for bm, bn in ((32, 32), (32, 64), (64, 64), (64, 128), (128, 64), (32, 128))
     for warps in (4, 8)
     for stages in (1, 2, 3)
 )
-_PREFERRED_BACKWARD = (
-    Config(64, 64, 8, 2),  # head dims of 128 and more (a program holds two [64, d] fp32 accumulators)
-    Config(64, 64, 4, 2),
-    Config(32, 64, 4, 2),
-    Config(32, 32, 4, 1),
-)
-_PREFERRED = (
-    Config(128, 64, 8, 3),
+# First choices by head dim (the larger of q/k's and v's, padded), each compiled for sm_90 with no
+# spills (tests/test_static_sm90.py checks them): `heuristic` takes the first that fits the device's
+# shared memory, then the first of the fallbacks that also fits the register estimate. Forward: at
+# head dim 256 a [128, 64] score tile beside the [128, 256] accumulator spills; [128, 32] fits.
+# Backward: with 64-row query tiles (wgmma's least) the dK/dV kernel does not fit 255 registers for
+# every pattern even at head dim 64 (2 stages: causal 251, sliding_window spills), so 32-row ones
+# (mma.sync), with 3 stages up to head dim 128; at 256, [32, 32] tiles and a single stage (a second
+# one, or 64-key tiles, spill for some patterns).
+_PREFERRED = {64: (Config(128, 64, 8, 3),), 128: (Config(128, 64, 8, 3),), 256: (Config(128, 32, 8, 3),)}
+_FALLBACK = (
     Config(128, 64, 8, 2),
     Config(128, 64, 4, 2),
     Config(64, 64, 4, 2),
     Config(64, 32, 4, 2),
     Config(32, 32, 4, 1),
 )
+_PREFERRED_BACKWARD = {
+    64: (Config(32, 64, 8, 3),),
+    128: (Config(32, 64, 8, 3),),
+    256: (Config(32, 32, 8, 1),),
+}
+_FALLBACK_BACKWARD = (Config(32, 64, 4, 2), Config(32, 32, 4, 1))
+# Registers per thread: ptxas spills to local memory beyond this.
+MAX_REGISTERS = 255
 
 
 def _pow2(n: int) -> int:
@@ -136,51 +148,71 @@ def shared_memory(config: Config, shape: LaunchShape, backward: bool = False) ->
     return element * (config.block_m * d + config.num_stages * config.block_n * (d + dv))
 
 
+def registers(config: Config, shape: LaunchShape, backward: bool = False) -> int:
+    """Registers per thread a configuration needs: a coarse estimate, fitted to `ptxas -v` for sm_90 on
+    16-bit inputs (`benchmarks/static_kernels.py` measures them; float32 inputs need more), erring
+    high. The tiles a program keeps in registers, spread over its threads: the forward's [BLOCK_M, DV]
+    float32 accumulator (with the copy the online softmax's rescaling makes) and its [BLOCK_M,
+    BLOCK_N] score tiles; in the backward (the dK/dV kernel, the larger of its two), the dK and dV
+    accumulators [BLOCK_N, D + DV], the score-sized tiles (S, P, dP, dS, and the transposes it makes),
+    the query-sized ones (q and dO rows, [BLOCK_M, D + DV]), and what each pipeline stage past the
+    first keeps in flight. The rest (indices, addresses, softmax rows) is a fixed part."""
+    threads = 32 * config.num_warps
+    d, dv = padded(shape.head_dim), padded(shape.head_dim_v)
+    scores = config.block_m * config.block_n / threads
+    if backward:
+        kept = config.block_n * (d + dv) / threads
+        rows = config.block_m * (d + dv) / threads
+        return math.ceil(57 + kept / 4 + 4 * scores + 2 * rows + 35 * (config.num_stages - 1))
+    return math.ceil(51 + 1.25 * config.block_m * dv / threads + 2 * scores)
+
+
 def candidates(shape: LaunchShape, max_shared: int, backward: bool = False) -> list[Config]:
+    """The configurations autotuning times: the heuristic's first choice, then those that fit the
+    device's shared memory and, by the register estimate, do not spill (if none does, those that fit,
+    fewest registers first)."""
     pool = BACKWARD_CANDIDATES if backward else CANDIDATES
-    return [c for c in pool if shared_memory(c, shape, backward) <= max_shared]
+    fitting = [c for c in pool if shared_memory(c, shape, backward) <= max_shared]
+    chosen = [c for c in fitting if registers(c, shape, backward) <= MAX_REGISTERS]
+    if not chosen:
+        chosen = sorted(fitting, key=lambda c: registers(c, shape, backward))
+    first = heuristic(shape, max_shared, backward)
+    return [first, *(c for c in chosen if c != first)]
 
 
 def heuristic(shape: LaunchShape, max_shared: int, backward: bool = False) -> Config:
-    preferred = _PREFERRED_BACKWARD if backward else _PREFERRED
-    if backward and padded(max(shape.head_dim, shape.head_dim_v)) < 128:
-        preferred = preferred[1:]
-    for config in preferred:
+    """The first choice for the head dim that fits the device's shared memory; else the first fallback
+    that also fits the register estimate; else the smallest."""
+    preferred, fallback = (_PREFERRED_BACKWARD, _FALLBACK_BACKWARD) if backward else (_PREFERRED, _FALLBACK)
+    dim = padded(max(shape.head_dim, shape.head_dim_v))
+    for config in preferred[min(max(dim, 64), 256)]:
         if shared_memory(config, shape, backward) <= max_shared:
             return config
-    return preferred[-1]
+    for config in fallback:
+        if (
+            shared_memory(config, shape, backward) <= max_shared
+            and registers(config, shape, backward) <= MAX_REGISTERS
+        ):
+            return config
+    return fallback[-1]
 
 
 def forced() -> Config | None:
-    """The configuration `ATTNC_CONFIG` forces, if set."""
-    text = os.environ.get("ATTNC_CONFIG", "").strip()
-    if not text:
+    """The configuration `ATTNC_CONFIG` forces, if set (`attnc.config` reads it)."""
+    given = settings.forced_config()
+    if given is None:
         return None
-    try:
-        values = [int(x) for x in text.split(",")]
-        config = Config(*values)  # type: ignore[arg-type]
-    except (ValueError, TypeError):
-        raise ConfigError(
-            f"ATTNC_CONFIG must be BLOCK_M,BLOCK_N[,WARPS[,STAGES]] (ints), got {text!r}"
-        ) from None
-    problem = config.problem()
+    text, values = given
+    forced_config = Config(*values)
+    problem = forced_config.problem()
     if problem is not None:
         raise ConfigError(f"ATTNC_CONFIG: {problem}, got {text!r}")
-    return config
-
-
-_ON = ("1", "true", "yes", "on")
-_OFF = ("0", "false", "no", "off")
+    return forced_config
 
 
 def autotuning_enabled() -> bool:
-    """Whether `ATTNC_AUTOTUNE` leaves autotuning on (its default), read in any case."""
-    text = os.environ.get("ATTNC_AUTOTUNE", "").strip()
-    if text.lower() in _OFF:
-        return False
-    if not text or text.lower() in _ON:
-        return True
-    raise ConfigError(f"ATTNC_AUTOTUNE must be one of {', '.join(_ON + _OFF)} (in any case), got {text!r}")
+    """Whether `ATTNC_AUTOTUNE` leaves autotuning on (its default; `attnc.config` reads it)."""
+    return settings.autotune()
 
 
 def _saved_config(value: Any) -> Config | None:

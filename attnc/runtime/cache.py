@@ -7,7 +7,8 @@ holds no name of the pattern and the templates render nothing else, so the key d
 the rendered source. A key found in memory or on disk is never rendered again; lengths, head dims,
 dtypes and input values are kernel arguments, so none of them changes the key.
 
-On disk the source lives in `$ATTNC_CACHE_DIR/kernels/<key>.py` (default `~/.cache/attnc`), written
+On disk the source lives in `$ATTNC_CACHE_DIR/kernels/<key>.py` (default `$XDG_CACHE_HOME/attnc`, else
+`~/.cache/attnc`: `attnc.config.cache_dir`; `attnc cache info|clear` shows and empties it), written
 atomically (a temporary file, then `os.replace`), so concurrent processes never read half a file. Its
 last line is a seal, `# attnc-sha256 <hex>`: the sha256 of the key and the text above it. A file whose
 seal does not match (truncated, edited, garbage, or another key's kernel) is rendered again and
@@ -45,14 +46,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 
-import triton
-
+from attnc import config
 from attnc.codegen.lower import TEMPLATES, checked_code, render
 from attnc.codegen.spec import BackwardSpec, KernelSpec
 from attnc.dsl import source as source_file
 from attnc.errors import CacheError
 from attnc.ir.nodes import PatternIR
 from attnc.ir.printer import print_pattern
+from attnc.runtime.backend import require_triton, triton_version
 from attnc.version import __version__
 
 BACKENDS = ("cuda", "interpreter")
@@ -72,8 +73,8 @@ STATS = CacheStats()
 
 
 def cache_dir() -> Path:
-    configured = os.environ.get("ATTNC_CACHE_DIR")
-    return Path(configured) if configured else Path.home() / ".cache" / "attnc"
+    """The cache's root directory (`attnc.config.cache_dir`: `ATTNC_CACHE_DIR`, `XDG_CACHE_HOME`)."""
+    return config.cache_dir()
 
 
 def _refuse_foreign(directory: Path) -> None:
@@ -129,8 +130,9 @@ def _fallback_subdir(name: str, error: OSError) -> Path:
     if configured not in _WARNED:
         _WARNED.add(configured)
         reason = error.strerror or str(error)
+        variable = config.cache_variable() or "ATTNC_CACHE_DIR"
         warnings.warn(
-            f"attnc: cannot write to the cache {configured} (ATTNC_CACHE_DIR): {reason}; "
+            f"attnc: cannot write to the cache {configured} ({variable}): {reason}; "
             f"this process keeps what it caches in {_FALLBACK[0]} instead",
             RuntimeWarning,
             stacklevel=3,
@@ -194,6 +196,7 @@ class KernelSource:
     path: Path
     spec: KernelSpec | BackwardSpec
     template: str
+    structure: str = ""  # `structure_text` of the pattern(s) it was rendered for (the key hashes it)
 
 
 _SOURCES: dict[str, KernelSource] = {}
@@ -220,13 +223,16 @@ def _read_templates(files: tuple[tuple[Path, int, int], ...]) -> str:
     return "\n\0".join(f"{t.name}\n{t.read_text(encoding='utf-8')}" for t, _, _ in files)
 
 
-def kernel_key(pattern: PatternIR, spec: KernelSpec | BackwardSpec, template: str) -> str:
+def kernel_key(
+    pattern: PatternIR, spec: KernelSpec | BackwardSpec, template: str, structure: str | None = None
+) -> str:
+    """The cache key of a kernel; `structure`, the pattern's `structure_text` if the caller has it."""
     parts = [
         f"attnc {__version__}",
-        f"triton {triton.__version__}",
+        f"triton {triton_version()}",
         f"template {template}",
         _templates_text(),
-        structure_text(pattern),
+        structure_text(pattern) if structure is None else structure,
         repr(spec),
     ]
     return hashlib.sha256("\n\0".join(parts).encode()).hexdigest()
@@ -246,11 +252,15 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def source(
-    pattern: PatternIR, spec: KernelSpec | BackwardSpec, template: str = "attention_fwd.py.jinja"
+    pattern: PatternIR,
+    spec: KernelSpec | BackwardSpec,
+    template: str = "attention_fwd.py.jinja",
+    structure: str | None = None,
 ) -> KernelSource:
     """The kernel source of a spec: from memory, else from disk (if its seal holds), else rendered and
-    stored."""
-    key = kernel_key(pattern, spec, template)
+    stored. `structure`: the pattern's `structure_text`, where the caller has it."""
+    structure = structure_text(pattern) if structure is None else structure
+    key = kernel_key(pattern, spec, template, structure)
     found = _SOURCES.get(key)
     if found is not None:
         STATS.memory_hits += 1
@@ -265,7 +275,7 @@ def source(
         text = seal(key, render(spec, template))
         STATS.renders += 1
         path = store("kernels", filename, text)
-    result = KernelSource(key, text, path, spec, template)
+    result = KernelSource(key, text, path, spec, template, structure)
     _SOURCES[key] = result
     return result
 
@@ -289,6 +299,7 @@ def module(kernel: KernelSource, backend: str) -> ModuleType:
             write_atomic(kernel.path, kernel.text)
     # An mtime of None: `linecache.checkcache` keeps the entry, whatever happens to the file.
     linecache.cache[filename] = (len(kernel.text), None, kernel.text.splitlines(keepends=True), filename)
+    require_triton()  # the module imports Triton: without it, say how to install it
     loaded = ModuleType(f"attnc_kernel_{kernel.key[:16]}_{backend}")
     loaded.__file__ = filename
     exec(code, loaded.__dict__)
@@ -301,3 +312,58 @@ def clear_memory() -> None:
     """Forget the sources and modules loaded in this process (the disk cache stays)."""
     _SOURCES.clear()
     _MODULES.clear()
+
+
+SUBDIRS = ("kernels", "autotune")
+"""The cache's directories: kernel sources and autotuning results (`runtime/autotune.py`)."""
+
+
+@dataclass(frozen=True)
+class DiskUsage:
+    """What the cache directory holds: its path, and the files and bytes of each of `SUBDIRS`."""
+
+    directory: Path
+    files: dict[str, int]
+    bytes: dict[str, int]
+
+    def describe(self) -> str:
+        """`attnc cache info`'s text: the directory, then one line per subdirectory and the total."""
+        origin = config.cache_variable()
+        lines = [f"cache directory: {self.directory} ({f'set by {origin}' if origin else 'the default'})"]
+        for name in SUBDIRS:
+            lines.append(f"  {name + '/':10} {self.files[name]:6} files {self.bytes[name]:12,} bytes")
+        total_files, total_bytes = sum(self.files.values()), sum(self.bytes.values())
+        lines.append(f"  {'total':10} {total_files:6} files {total_bytes:12,} bytes")
+        return "\n".join(lines) + "\n"
+
+
+def _entries(directory: Path) -> list[Path]:
+    """The regular files directly in one of the cache's directories (none where it is missing)."""
+    try:
+        return [p for p in directory.iterdir() if p.is_file() and not p.is_symlink()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def disk_usage() -> DiskUsage:
+    """The files and bytes the cache directory holds (`attnc cache info`); a directory another user
+    owns or may write to is refused, as everywhere else."""
+    files: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for name in SUBDIRS:
+        entries = _entries(cache_subdir(name))
+        files[name] = len(entries)
+        sizes[name] = sum(p.stat().st_size for p in entries)
+    return DiskUsage(cache_dir(), files, sizes)
+
+
+def clear_disk() -> DiskUsage:
+    """Delete every file of the cache's directories (`attnc cache clear`) and return what was there.
+    Only `kernels/` and `autotune/` are emptied, never the directory around them (`ATTNC_CACHE_DIR`
+    may name one that holds other things). What this process loaded stays in its memory; a later
+    process renders and tunes again."""
+    usage = disk_usage()
+    for name in SUBDIRS:
+        for path in _entries(cache_subdir(name)):
+            path.unlink(missing_ok=True)
+    return usage

@@ -5,6 +5,16 @@
 here in the order of the templates' signatures (`codegen/templates/attention_{fwd,bwd}.py.jinja`).
 Analytic patterns launch with no plan at all (the kernels derive their own loop bounds); the others
 get block-sparse metadata built for the launch's tile size on the tensors' device.
+
+Plans are reused (`PlanCache`): a launch looks for the last plan of the same lengths, batch size, head
+count, device, runtime parameter values and inputs (the same tensor objects, at the same version
+counter), so consecutive layers of a model and the backward of each share one plan, built once. A
+`kern(q, k, v, plan=plan)` call files its plan there first. While a metadata plan is on file, the
+launches use its block size (the autotuner chooses among configurations of that block); a backward
+whose configurations cannot use it derives the plan's metadata for its own block, once.
+
+`counting_visits` is a debug mode for tests: the kernels count, per tile, the masked and unmasked
+visits they make (a constexpr flag; normal launches do not generate the code).
 """
 
 from __future__ import annotations
@@ -13,7 +23,8 @@ import contextlib
 import functools
 import struct
 import threading
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +39,7 @@ from attnc.runtime import autotune, cache
 from attnc.runtime.autotune import Config, LaunchShape
 from attnc.runtime.backend import INTERPRETER, active
 from attnc.runtime.cache import KernelSource, module
-from attnc.runtime.plan import make_plan
+from attnc.runtime.plan import BlockSparse, Plan, make_plan
 
 BACKWARD_TEMPLATE = "attention_bwd.py.jinja"
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -47,6 +58,115 @@ def _device_limits(index: int) -> tuple[str, int]:
     return f"{props.name} sm{props.major}{props.minor}", int(shared)
 
 
+PLAN_CACHE_SIZE = 8
+"""Plans each pattern keeps for reuse (those of the last launches with distinct lengths or inputs)."""
+
+
+def _plan_key(env: oracle.Env) -> tuple | None:
+    """What a plan depends on, cheaply: sizes, device, runtime parameter values, and each input's
+    identity, version counter, address, shape and strides (a cached plan keeps its inputs alive, so
+    no other tensor can take the same `id`). None where an input is an inference tensor, which has
+    no version counter: such launches build their own plan."""
+    inputs = []
+    for name in sorted(env.inputs):
+        t = env.inputs[name]
+        if t.is_inference():
+            return None
+        inputs.append((name, id(t), t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype))
+    params = tuple(sorted(env.params.items()))
+    return env.q_len, env.kv_len, env.batch, env.num_heads, str(env.device), params, tuple(inputs)
+
+
+class PlanCache:
+    """The last `PLAN_CACHE_SIZE` plans of one pattern, by `_plan_key`, each with the block size of its
+    last launch (which later launches of the same key keep, so that they need no other metadata)."""
+
+    def __init__(self) -> None:
+        self._entries: OrderedDict[tuple, tuple[Plan, tuple[int, int]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {}  # a pickled kernel keeps no plans: they hold this process's tensors, keyed by their ids
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def block(self, env: oracle.Env) -> tuple[int, int] | None:
+        """The block the launches of these lengths and inputs have used, if a plan is on file."""
+        key = _plan_key(env)
+        with self._lock:
+            entry = self._entries.get(key) if key is not None else None
+        return None if entry is None else entry[1]
+
+    def plan(self, pattern: PatternIR, env: oracle.Env, block: tuple[int, int]) -> Plan:
+        """The plan on file for these lengths and inputs, for `block` (`Plan.at_block`), or a new one,
+        filed."""
+        key = _plan_key(env)
+        with self._lock:
+            entry = self._entries.get(key) if key is not None else None
+            if entry is not None:
+                self._entries.move_to_end(key)
+        if entry is not None:
+            return entry[0].at_block(block)
+        plan = make_plan(pattern, env, block)
+        if key is not None:
+            self._file(key, plan, block)
+        return plan
+
+    def put(self, plan: Plan, env: oracle.Env) -> None:
+        """File a plan given to a call (`kern(q, k, v, plan=plan)`, checked against the call's `env`)
+        for that call's launches: they use its block."""
+        key = _plan_key(env)
+        if key is not None:
+            self._file(key, plan, plan.block)
+
+    def launched(self, env: oracle.Env, block: tuple[int, int]) -> None:
+        """Remember the block a launch of these lengths and inputs used."""
+        key = _plan_key(env)
+        with self._lock:
+            entry = self._entries.get(key) if key is not None else None
+            if entry is not None and key is not None:
+                self._entries[key] = (entry[0], block)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def _file(self, key: tuple, plan: Plan, block: tuple[int, int]) -> None:
+        with self._lock:
+            self._entries[key] = (plan, block)
+            self._entries.move_to_end(key)
+            while len(self._entries) > PLAN_CACHE_SIZE:
+                self._entries.popitem(last=False)
+
+
+_VISITS: dict[str, torch.Tensor] | None = None
+
+
+@contextlib.contextmanager
+def counting_visits() -> Iterator[dict[str, torch.Tensor]]:
+    """Debug (tests, under the interpreter): within the block, every launch counts the tiles its
+    kernels visit, and the dict it yields holds the last launch's counts of each kernel: "forward"
+    and "dq" int32 [B, H, query tiles, key tiles], "dkv" [B, H, key tiles, query tiles]. A visit adds
+    1 when the tile is masked, 16 when it is not: each tile is visited at most once iff every count is
+    0, 1 or 16. Not thread-safe; not for timing."""
+    global _VISITS
+    previous, _VISITS = _VISITS, {}
+    try:
+        yield _VISITS
+    finally:
+        _VISITS = previous
+
+
+def _visits(name: str, shape: tuple[int, ...], device: torch.device, fallback: torch.Tensor) -> torch.Tensor:
+    """The counter a launch passes as `Visits`: a zeroed one, filed under `name`, while counting;
+    else `fallback` (any tensor: the kernel never reads it)."""
+    if _VISITS is None:
+        return fallback
+    counts = _VISITS[name] = torch.zeros(shape, dtype=torch.int32, device=device)
+    return counts
+
+
 @dataclass
 class Forward:
     """A pattern's compiled forward kernel and how to launch it."""
@@ -59,6 +179,7 @@ class Forward:
     def __post_init__(self) -> None:
         self._tuners: dict[str, autotune.Tuner] = {}
         self._backward: Backward | None = None
+        self.plans = PlanCache()
         self.last_config: Config | None = None
         self.last_backend: str | None = None
 
@@ -68,7 +189,7 @@ class Forward:
         if self._backward is None:
             spec = build_backward_spec(self.pattern)
             self._backward = Backward(
-                self.name, self.pattern, spec, cache.source(self.pattern, spec, BACKWARD_TEMPLATE)
+                self.name, self.pattern, spec, cache.source(self.pattern, spec, BACKWARD_TEMPLATE), self.plans
             )
         return self._backward
 
@@ -89,11 +210,15 @@ class Forward:
         def plan_args(config: Config) -> list[Any]:
             if self.spec.analytic:
                 return []
-            tiles = make_plan(self.pattern, env, (config.block_m, config.block_n)).kv_tiles
+            tiles = self.plans.plan(self.pattern, env, (config.block_m, config.block_n)).kv_tiles
             assert tiles is not None
             return _metadata_args(tiles)
 
-        def launch(config: Config, plan: list[Any], out: torch.Tensor, lse: torch.Tensor) -> None:
+        def launch(
+            config: Config, plan: list[Any], out: torch.Tensor, lse: torch.Tensor, count: bool = False
+        ) -> None:
+            tiles = (batch, heads, -(-q_len // config.block_m), -(-kv_len // config.block_n))
+            visits = _visits("forward", tiles, q.device, lse) if count else lse
             grid = (-(-q_len // config.block_m) * batch * heads,)
             kernel[grid](
                 q, k, v, out, lse,
@@ -101,8 +226,8 @@ class Forward:
                 *_param_args(self.spec.params, self.pattern, env),
                 *plan,
                 *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                batch, heads, q_len, kv_len, shape.group, scale,
-                **_constants(config, dim, dim_v, q.dtype, backend),
+                batch, heads, q_len, kv_len, shape.group, scale, visits,
+                **_constants(config, dim, dim_v, q.dtype, backend, count and _VISITS is not None),
             )  # fmt: skip
 
         def measure(config: Config) -> float:
@@ -110,9 +235,14 @@ class Forward:
             plan, scratch_out, scratch_lse = plan_args(config), torch.empty_like(out), torch.empty_like(lse)
             return _do_bench(lambda: launch(config, plan, scratch_out, scratch_lse))
 
+        pinned = self.plans.block(env)
         with _on_device(q.device), _serialised(backend):
-            config = _config(self._tuners, self.source.key, self.name, backend, q.device, shape, measure)
-            launch(config, plan_args(config), out, lse)
+            config = _config(
+                self._tuners, self.source.key, self.name, backend, q.device, shape, measure, block=pinned
+            )
+            launch(config, plan_args(config), out, lse, count=True)
+        if not self.spec.analytic:
+            self.plans.launched(env, (config.block_m, config.block_n))
         self.last_config, self.last_backend = config, backend
         return out, lse
 
@@ -150,16 +280,37 @@ def _config(
     shape: LaunchShape,
     measure: Callable[[Config], float],
     backward: bool = False,
+    block: tuple[int, int] | None = None,
 ) -> Config:
+    """The launch configuration: forced (`ATTNC_CONFIG`), the interpreter's, the heuristic's or the
+    autotuner's. `block`: the block of the plan on file (`PlanCache`), chosen among the configurations
+    of that (BLOCK_M, BLOCK_N) where some fit the device (else freely: the plan then derives metadata
+    for the chosen block, once)."""
     forced = autotune.forced()
     tuning = autotune.autotuning_enabled()  # read on every backend, so that a bad value is never ignored
     if forced is not None:
         return forced
     if backend == INTERPRETER:
+        if block is not None and Config(*block, 1, 1).problem() is None:
+            return Config(*block, 1, 1)
         return autotune.INTERPRETER_CONFIG
     device_name, shared = _device_limits(
         device.index if device.index is not None else torch.cuda.current_device()
     )
+    pool = [c for c in autotune.candidates(shape, shared, backward) if block == (c.block_m, c.block_n)]
+    if pool:
+        chosen = autotune.heuristic(shape, shared, backward)
+        if not tuning:
+            return chosen if chosen in pool else pool[0]
+        tuner = tuners.get(device_name)
+        known = tuner.known(shape) if tuner is not None else None
+        if known is not None and known in pool:
+            return known
+        # Tuned among this block's configurations, in memory only (the saved choice is the free one).
+        pinned_key = (key, device_name, shape.bucket(), block, backward)
+        if pinned_key not in _PINNED:
+            _PINNED[pinned_key] = min(pool, key=lambda config: _seconds_or_inf(measure, config))
+        return _PINNED[pinned_key]
     if not tuning:
         return autotune.heuristic(shape, shared, backward)
     tuner = tuners.get(device_name)
@@ -168,9 +319,26 @@ def _config(
     return tuner.tune(shape, autotune.candidates(shape, shared, backward), measure, label)
 
 
-def _constants(config: Config, dim: int, dim_v: int, dtype: torch.dtype, backend: str) -> dict[str, Any]:
-    """The compile-time arguments and launch options the forward and backward kernels share."""
+_PINNED: dict[tuple, Config] = {}
+
+
+def _seconds_or_inf(measure: Callable[[Config], float], config: Config) -> float:
+    """`measure(config)`, or infinity where the configuration needs more than the device has."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        return measure(config)
+    except OutOfResources:
+        return float("inf")
+
+
+def _constants(
+    config: Config, dim: int, dim_v: int, dtype: torch.dtype, backend: str, count: bool = False
+) -> dict[str, Any]:
+    """The compile-time arguments and launch options the forward and backward kernels share (`count`:
+    whether they count their tile visits, `counting_visits`)."""
     return dict(
+        COUNT_VISITS=count,
         HEAD_DIM=dim,
         HEAD_DIM_V=dim_v,
         D_PAD=autotune.padded(dim),
@@ -228,6 +396,7 @@ class Backward:
     pattern: PatternIR
     spec: BackwardSpec
     source: KernelSource
+    plans: PlanCache  # the forward's: the backward reuses its plan
 
     def __post_init__(self) -> None:
         self._tuners: dict[str, autotune.Tuner] = {}
@@ -292,13 +461,25 @@ class Backward:
         def plan_args(config: Config) -> tuple[list[Any], list[Any]]:
             if self.spec.analytic:
                 return [], []
-            plan = make_plan(self.pattern, env, (config.block_m, config.block_n))
+            plan = self.plans.plan(self.pattern, env, (config.block_m, config.block_n))
             assert plan.kv_tiles is not None and plan.q_tiles is not None
             return _metadata_args(plan.kv_tiles), _metadata_args(plan.q_tiles)
 
-        def launch(config: Config, plans: tuple[list[Any], list[Any]], delta: torch.Tensor, result) -> None:
+        def launch(
+            config: Config,
+            plans: tuple[list[Any], list[Any]],
+            delta: torch.Tensor,
+            result,
+            count: bool = False,
+        ) -> None:
             dq, dk, dv, grad_buffers = result
-            common = _constants(config, dim, dim_v, q.dtype, backend)
+            counting = count and _VISITS is not None
+            common = _constants(config, dim, dim_v, q.dtype, backend, counting)
+            tiles = (batch, heads, -(-q_len // config.block_m), -(-kv_len // config.block_n))
+            dq_visits = _visits("dq", tiles, q.device, delta) if counting else delta
+            dkv_visits = (
+                _visits("dkv", (*tiles[:2], tiles[3], tiles[2]), q.device, delta) if counting else delta
+            )
             common.update({a.grad_flag: a.name in grad_buffers for a in self.spec.grad_inputs})
             inputs = _input_args(self.spec.inputs, env)
             for a in self.spec.grad_inputs:
@@ -313,13 +494,14 @@ class Backward:
             strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
             grid = (-(-q_len // config.block_m) * batch * heads,)
             module_.attnc_bwd_dq[grid](
-                q, k, v, dout, lse, delta, dq, *inputs, *plans[0], *strides, *dq.stride(), *sizes, **common,
+                q, k, v, dout, lse, delta, dq, *inputs, *plans[0], *strides, *dq.stride(), *sizes, dq_visits,
+                **common,
                 EXACT_DELTA=exact_delta,
             )  # fmt: skip
             grid = (-(-kv_len // config.block_n) * batch * k.shape[1],)
             module_.attnc_bwd_dkv[grid](
                 q, k, v, dout, lse, delta, dk, dv, *inputs, *plans[1], *strides, *dk.stride(), *dv.stride(),
-                *sizes, **common,
+                *sizes, dkv_visits, **common,
             )  # fmt: skip
 
         def new_result(grad_buffers: dict[str, torch.Tensor]):
@@ -330,24 +512,22 @@ class Backward:
             scratch = new_result({n: torch.zeros_like(g) for n, g in grads.items()})
             return _do_bench(lambda: launch(config, plans, delta, scratch))
 
+        # The forward's plan (on file with the block it ran with) serves the backward where the backward
+        # can run with that block.
+        pinned = self.plans.block(env)
         with _on_device(q.device), _serialised(backend):
             config = _config(
                 self._tuners, self.source.key, f"{self.name} backward", backend, q.device, shape, measure,
-                backward=True,
+                backward=True, block=pinned,
             )  # fmt: skip
             result = new_result(grads)
-            launch(config, plan_args(config), delta_of(config), result)
+            launch(config, plan_args(config), delta_of(config), result, count=True)
         self.last_config = config
         dq, dk, dv, _ = result
         return dq, dk, dv, {n: g.to(env.inputs[n].dtype) for n, g in grads.items()}
 
 
-def _metadata_args(tiles) -> list[Any]:
-    """A `BlockSparse` as kernel arguments. The kernels read one element of the FULL list for every
-    row (and ignore it when the row has none), and an empty tensor may have no valid address: empty
-    lists are given as one 0."""
-    partial, full = (
-        t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
-        for t in (tiles.partial_indices, tiles.full_indices)
-    )
-    return [tiles.partial_offsets, partial, tiles.full_offsets, full, tiles.heads]
+def _metadata_args(tiles: BlockSparse) -> list[Any]:
+    """A `BlockSparse` as kernel arguments (a launch has at least one tile along each axis, so every
+    row the kernels read has an entry)."""
+    return [tiles.partial_counts, tiles.partial_indices, tiles.full_counts, tiles.full_indices, tiles.heads]

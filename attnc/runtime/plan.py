@@ -6,28 +6,43 @@ positions; query tile `m` covers queries `[m * BLOCK_M, min((m + 1) * BLOCK_M, Q
 1 PARTIAL (the kernel evaluates the mask), 2 FULL (every pair inside the lengths allowed; the kernel
 skips the mask). A plan may call a tile PARTIAL that is EMPTY or FULL, never the reverse.
 
+Plan = kernel: the kernels visit exactly the plan's PARTIAL and FULL tiles, each once, and skip the
+mask on exactly the FULL ones, but for a FULL tile cut by a length (bounds-checked, so masked: the
+last key tile, and in the dK/dV kernel the last query tile too). `runtime/launch.py`'s
+`counting_visits` makes the kernels count their visits, for the tests that check it.
+
 Two kinds, chosen by the `block-sparsify` pass:
 
 - **analytic** (`plan.kv_ranges`, `plan.q_ranges`; `plan.tensors()` is empty): per conjunct `j`, four
   int expressions of the tile bounds (`derive-ranges`): a hull `[lo, hi]` and a core `[full_lo,
   full_hi]` of element positions. A kernel computes them for its own tile and turns them into tile
-  indices with `tile_span` (visit key tiles `lo // BLOCK_N ..= hi // BLOCK_N`; FULL the ones inside the
-  core). No metadata at all, and any block size works.
-- **metadata** (`plan.kv_tiles`, `plan.q_tiles`): `BlockSparse` compressed rows, built here from the
-  `classify-tiles` predicates in O(number of tiles), on the inputs' device, per batch row / head only
-  where the pattern depends on them.
+  indices with `tile_span`: it visits the key tiles that meet some hull, and skips the mask on those
+  inside the union of the cores (each core cut to its hull and widened to its component of the union:
+  `merge_cores`, for up to `codegen.spec.CORE_MERGE_LIMIT`
+  conjuncts). No metadata at all, and any block size works.
+- **metadata** (`plan.kv_tiles`, `plan.q_tiles`): `BlockSparse` fixed-capacity rows (FlexAttention's
+  `BlockMask` layout), built here from the `classify-tiles` predicates in O(number of tiles), on the
+  inputs' device without a host synchronisation, per batch row / head only where the pattern depends
+  on them.
+
+Plans are reused: `Plan.check_call` says whether a plan serves a call, `Plan.at_block` gives it for
+another tile size, and `runtime/launch.py`'s `PlanCache` shares one among the launches of the same
+lengths and inputs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import torch
 
 from attnc import oracle
 from attnc.analysis.normal_form import split_comparison
 from attnc.analysis.value_ranges import ValueRanges
+from attnc.codegen.spec import core_merge_rounds
 from attnc.errors import InputError, InternalError, Loc
 from attnc.ir.nodes import Node, PatternIR
 from attnc.ir.results import AxisRange
@@ -44,49 +59,49 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 @dataclass(frozen=True)
 class BlockSparse:
-    """Non-empty tiles of each row of tiles, in compressed rows (CSR), PARTIAL and FULL apart.
+    """Non-empty tiles of each row of tiles, PARTIAL and FULL apart, in fixed-capacity rows: the layout
+    of FlexAttention's `BlockMask` (`kv_num_blocks`, `kv_indices`, `full_kv_num_blocks`, ...).
 
     Rows are the tiles along one axis (query tiles for `kv_tiles`, key tiles for `q_tiles`) of each
-    (batch row, head): row `r = (b * heads + h) * rows + i`, where `batches` and `heads` are 1 when the
-    pattern does not depend on `b` / `h` (use b = 0 / h = 0 then). For row r, the PARTIAL columns are
-    `partial_indices[partial_offsets[r]:partial_offsets[r + 1]]`, ascending; FULL ones likewise.
+    (batch row, head); `batches` and `heads` are 1 when the pattern does not depend on `b` / `h` (use
+    b = 0 / h = 0 then). Row `[b, h, i]` has `partial_counts[b, h, i]` PARTIAL tiles, the first entries
+    of `partial_indices[b, h, i]`, ascending (the entries after them are unspecified and never read);
+    FULL ones likewise. Every size depends on the lengths and the block only, never on the inputs'
+    values: a plan is built on the device without a host synchronisation (`build_block_sparse`).
 
-    partial_offsets, full_offsets: int32 [batches * heads * rows + 1], starting at 0 (so at most
-                                    `OFFSET_LIMIT` tiles of each class: more is an `InputError`).
-    partial_indices, full_indices:  int32 [number of PARTIAL / FULL tiles], tile indices along the
-                                    other axis.
+    partial_counts, full_counts:   int32 [batches, heads, rows]
+    partial_indices, full_indices: int32 [batches, heads, rows, cols], tile indices along the other axis
     """
 
     batches: int
     heads: int
     rows: int
     cols: int
-    partial_offsets: torch.Tensor
+    partial_counts: torch.Tensor
     partial_indices: torch.Tensor
-    full_offsets: torch.Tensor
+    full_counts: torch.Tensor
     full_indices: torch.Tensor
 
     def classes(self) -> torch.Tensor:
         """The tile classes, int8 [batches, heads, rows, cols] (dense over tiles: for tests and show)."""
-        out = torch.zeros(
-            self.batches * self.heads * self.rows * self.cols,
-            dtype=torch.int8,
-            device=self.partial_indices.device,
-        )
-        for offsets, indices, value in (
-            (self.partial_offsets, self.partial_indices, PARTIAL),
-            (self.full_offsets, self.full_indices, FULL),
+        shape = (self.batches, self.heads, self.rows, self.cols)
+        device = self.partial_indices.device
+        # Column `cols` takes the entries past each row's count, and is dropped.
+        out = torch.zeros((*shape[:3], self.cols + 1), dtype=torch.int8, device=device)
+        slot = torch.arange(self.cols, device=device)
+        for counts, indices, value in (
+            (self.partial_counts, self.partial_indices, PARTIAL),
+            (self.full_counts, self.full_indices, FULL),
         ):
-            counts = (offsets[1:] - offsets[:-1]).long()
-            rows = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
-            out[rows * self.cols + indices.long()] = value
-        return out.reshape(self.batches, self.heads, self.rows, self.cols)
+            used = slot < counts.unsqueeze(-1)
+            out.scatter_(-1, torch.where(used, indices.long(), self.cols), value)
+        return out[..., : self.cols]
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {
-            f"{prefix}_partial_offsets": self.partial_offsets,
+            f"{prefix}_partial_counts": self.partial_counts,
             f"{prefix}_partial_indices": self.partial_indices,
-            f"{prefix}_full_offsets": self.full_offsets,
+            f"{prefix}_full_counts": self.full_counts,
             f"{prefix}_full_indices": self.full_indices,
         }
 
@@ -115,10 +130,116 @@ class Plan:
     q_tiles: BlockSparse | None
     pattern: PatternIR
     env: oracle.Env
+    # The inputs' version counters when the plan was made, by name (None: an inference tensor, which
+    # has none); and the plans of this one for other blocks (`at_block`), made once each.
+    versions: tuple[tuple[str, int | None], ...] = ()
+    derived: dict[tuple[int, int], Plan] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def analytic(self) -> bool:
         return self.kv_ranges is not None
+
+    def at_block(self, block: tuple[int, int]) -> Plan:
+        """This plan for another tile size: itself for analytic plans (they serve any block) and for
+        its own block; else metadata built once for `block` and kept on this plan (a backward that
+        runs with other tiles than its forward builds it once, for every layer sharing the plan)."""
+        if self.analytic or tuple(block) == self.block:
+            return self
+        plan = self.derived.get(block)
+        if plan is None:
+            plan = self.derived[block] = make_plan(self.pattern, self.env, block)
+        return plan
+
+    def check_call(self, pattern: PatternIR, env: oracle.Env, compiling: bool = False) -> None:
+        """An `InputError` unless this plan serves a call of `pattern` with `env` (`kern(q, k, v,
+        plan=plan)`). Checked, cheaply: the pattern, the lengths, the batch size and head count where
+        the plan depends on them, the runtime parameters' values, the device, and each input's identity
+        (the very tensor the plan was made from) and version counter (not modified in place since).
+        Not checked: inputs' values changed without their version counter (through `.data`, or in an
+        inference tensor, which has none); and under `torch.compile` (`compiling`: tensors are traced
+        there) anything but the lengths, batch size, head count and parameter values."""
+        loc = pattern.loc
+
+        def refuse(reason: str) -> InputError:
+            return InputError(
+                f"this plan was made for {reason}: make one with kern.plan(...) for this call", loc
+            )
+
+        if not compiling and self.pattern is not pattern and self.pattern != pattern:
+            raise refuse("another pattern (or other static parameters)")
+        if (self.q_len, self.kv_len) != (env.q_len, env.kv_len):
+            raise refuse(
+                f"q_len={self.q_len}, kv_len={self.kv_len}, but this call has q_len={env.q_len}, "
+                f"kv_len={env.kv_len}"
+            )
+        axes = self._axes()
+        for axis, what, mine, theirs in (
+            ("b", "batch", self.batch, env.batch),
+            ("h", "num_heads", self.num_heads, env.num_heads),
+        ):
+            if axis in axes and mine != theirs:
+                raise refuse(f"{what}={mine}, but this call has {what}={theirs}")
+        for name, value in env.params.items():
+            if self.env.params.get(name) != value:
+                raise refuse(f"{name}={self.env.params.get(name)!r}, but this call has {name}={value!r}")
+        if compiling:
+            return
+        if not self.analytic and self.env.device != env.device:
+            raise refuse(f"tensors on {self.env.device}, but this call's are on {env.device}")
+        versions = dict(self.versions)
+        for name, tensor in env.inputs.items():
+            if self.env.inputs.get(name) is not tensor:
+                raise refuse(f"another tensor as input '{name}' (a plan is tied to its inputs' identity)")
+            if versions.get(name) is not None and _version(tensor) != versions[name]:
+                raise refuse(
+                    f"input '{name}' as it was before an in-place change (its version counter moved)"
+                )
+
+    def mask_mod(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The pattern's mask as a FlexAttention `mask_mod(b, h, q_idx, kv_idx) -> bool tensor`, with
+        this plan's inputs and runtime parameter values (evaluated by the oracle; traceable by
+        FlexAttention's `vmap` and `torch.compile`)."""
+        pattern, env = self.pattern, self.env
+        mask = pattern.mask
+
+        def mask_mod(
+            b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor
+        ) -> torch.Tensor:
+            if mask is None:
+                return q_idx >= 0
+            local = tile_env(env, {"b": b, "h": h, "q": q_idx, "kv": kv_idx}, {})
+            return oracle.evaluate(mask, pattern, local)
+
+        return mask_mod
+
+    def to_block_mask(self, mask_mod: Callable | None = None) -> Any:
+        """This plan as a FlexAttention `BlockMask` (`torch.nn.attention.flex_attention`) with the same
+        PARTIAL and FULL tiles (a FULL tile reaching past a length is FULL there too: FlexAttention
+        bounds-checks it), BLOCK_SIZE = `block`, for users who mix attnc and FlexAttention. Metadata
+        plans export their tensors as they are (the layouts are the same); analytic plans materialise
+        theirs from the closed-form ranges in O(tiles). `mask_mod` defaults to the pattern's mask
+        (`mask_mod()`); a pattern's score function is not part of a block mask (give FlexAttention
+        a `score_mod` for it)."""
+        from torch.nn.attention.flex_attention import BlockMask  # only for those who ask for one
+
+        tiles = self.kv_tiles if self.kv_tiles is not None else _compact(self.block_map())
+        return BlockMask.from_kv_blocks(
+            tiles.partial_counts,
+            tiles.partial_indices,
+            tiles.full_counts,
+            tiles.full_indices,
+            BLOCK_SIZE=self.block,
+            mask_mod=self.mask_mod() if mask_mod is None else mask_mod,
+            seq_lengths=(self.q_len, self.kv_len),
+        )
+
+    def _axes(self) -> set[str]:
+        """The index variables `b`, `h` the plan depends on."""
+        if self.kv_ranges is not None and self.q_ranges is not None:
+            roots = [x for r in self.kv_ranges + self.q_ranges for x in (r.lo, r.hi, r.full_lo, r.full_hi)]
+            return {a for a in ("b", "h") if uses(roots, a)}
+        sparsity = self.pattern.sparsity
+        return set(sparsity.axes) if sparsity is not None else {"b", "h"}
 
     @property
     def num_tiles(self) -> tuple[int, int]:
@@ -175,21 +296,6 @@ def tile_span(
     return first, last, full_first, full_last
 
 
-def schedule(spans: list[tuple[int, int, int, int]]) -> list[tuple[int, bool]]:
-    """The key tiles one query tile visits, in order, each once, and whether each is FULL: the loop a
-    kernel runs over an analytic plan. `spans` are the conjuncts' `tile_span`s for that query tile
-    (first, last, full_first, full_last). Spans are taken in order of their first tile, each starting
-    after the tiles already visited; a tile is FULL when it lies in the core of any span (a few scalar
-    comparisons per tile), which is what `Plan.block_map` reports."""
-    visited: list[tuple[int, bool]] = []
-    done = -1
-    for first, last, _, _ in sorted(spans):
-        for tile in range(max(first, done + 1), last + 1):
-            visited.append((tile, any(f <= tile <= g for _, _, f, g in spans)))
-        done = max(done, last)
-    return visited
-
-
 def uses(nodes: list[Node], name: str) -> bool:
     """Whether any of the expressions uses the index variable `name`."""
     return any(name in root.free for root in nodes)
@@ -241,17 +347,39 @@ def _ranges_map(ranges: tuple[AxisRange, ...], plan: Plan, rows: str, cols: str)
     )
     shape = (batches, heads, n_rows, 1)
     col = torch.arange(n_cols, device=device).reshape(1, 1, 1, n_cols)
-    classes = torch.zeros((batches, heads, n_rows, n_cols), dtype=torch.int8, device=device)
+    spans = []
     for r in ranges:
-        values = [
+        lo, hi, full_lo, full_hi = (
             oracle.evaluate(x, plan.pattern, env).expand(shape) for x in (r.lo, r.hi, r.full_lo, r.full_hi)
-        ]
-        t_first, t_last, f_first, f_last = tile_span(*values, blocks[cols], lengths[cols])
+        )
+        spans.append((lo, hi, torch.maximum(full_lo, lo), torch.minimum(full_hi, hi)))
+    cores = merge_cores([(c_lo, c_hi) for _, _, c_lo, c_hi in spans])
+    classes = torch.zeros((batches, heads, n_rows, n_cols), dtype=torch.int8, device=device)
+    for (lo, hi, _, _), (core_lo, core_hi) in zip(spans, cores, strict=True):
+        t_first, t_last, f_first, f_last = tile_span(lo, hi, core_lo, core_hi, blocks[cols], lengths[cols])
         visited = (col >= t_first) & (col <= t_last)
         full = (col >= f_first) & (col <= f_last)
         here = torch.where(full, FULL, torch.where(visited, PARTIAL, EMPTY)).to(torch.int8)
         classes = torch.maximum(classes, here)
     return classes
+
+
+def merge_cores(cores: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each conjunct's core `[lo, hi]` (positions, empty when lo > hi) widened to the component of the
+    union of all cores it lies in (cores that overlap or touch merge), by `core_merge_rounds` rounds
+    of pairwise merging: the kernels' `analytic_loops` do the same, in the same order. A tile inside
+    the union of the cores lies inside one component: FULL by the union of the cores, not only by one."""
+    lo, hi = [c[0] for c in cores], [c[1] for c in cores]
+    n = len(cores)
+    for _ in range(core_merge_rounds(n)):
+        for j in range(n):
+            for i in range(n):
+                if i == j:
+                    continue
+                touch = (lo[i] <= hi[i]) & (lo[j] <= hi[j]) & (lo[i] <= hi[j] + 1) & (lo[j] <= hi[i] + 1)
+                lo[j] = torch.where(touch, torch.minimum(lo[j], lo[i]), lo[j])
+                hi[j] = torch.where(touch, torch.maximum(hi[j], hi[i]), hi[j])
+    return list(zip(lo, hi, strict=True))
 
 
 def _uses_kv_tile(node: Node) -> bool:
@@ -299,19 +427,20 @@ def build_block_sparse(
     pattern: PatternIR, env: oracle.Env, block: tuple[int, int], batches: int, heads: int
 ) -> tuple[BlockSparse, BlockSparse]:
     """Metadata for both directions from the tile predicates, one chunk of query-tile rows at a time:
-    O(number of tiles) time, temporary memory bounded by `_CHUNK_TILES`, result O(non-empty tiles)."""
+    O(number of tiles) time, temporary memory bounded by `_CHUNK_TILES`, result O(number of tiles).
+    Only tensor operations whose result sizes follow from the lengths run (no `nonzero`, no `.item()`,
+    no loop over tensor values): on a GPU the build never waits for it, and a CUDA graph can capture it."""
     device = env.device
     n_q, n_kv = _cdiv(env.q_len, block[0]), _cdiv(env.kv_len, block[1])
-    n_rows = batches * heads * n_q
+    _check_entries(batches, heads, n_q, n_kv, pattern.loc)
     q_first, q_last = tile_bounds(n_q, block[0], env.q_len, device)
     kv_first, kv_last = tile_bounds(n_kv, block[1], env.kv_len, device)
     cols = {"kv_first": kv_first.reshape(1, 1, -1), "kv_last": kv_last.reshape(1, 1, -1)}
-    parts: dict[int, list[torch.Tensor]] = {PARTIAL: [], FULL: []}
-    counts: dict[int, list[torch.Tensor]] = {PARTIAL: [], FULL: []}
+    pairs = batches * heads
+    classes = torch.empty((pairs, n_q, n_kv), dtype=torch.int8, device=device)
     # Blocks of rows in row order: several (b, h) pairs with all their query tiles, or one pair's
     # query tiles a chunk at a time. b and h vary along the first axis, query tiles along the second
     # and key tiles along the third, so what depends on fewer of them is computed at that size.
-    pairs = batches * heads
     per_pair = n_q * max(n_kv, 1)
     step_pairs = max(1, _CHUNK_TILES // max(per_pair, 1))
     step_m = n_q if per_pair <= _CHUNK_TILES else max(1, _CHUNK_TILES // max(n_kv, 1))
@@ -321,59 +450,72 @@ def build_block_sparse(
         for m0 in range(0, n_q, step_m):
             m = torch.arange(m0, min(m0 + step_m, n_q), device=device)
             tiles = {"q_first": q_first[m].reshape(1, -1, 1), "q_last": q_last[m].reshape(1, -1, 1), **cols}
-            classes = predicate_classes(pattern, env, points, tiles, (len(bh), len(m), n_kv))
-            rows_here = len(bh) * len(m)
-            for value in (PARTIAL, FULL):
-                hit = (classes == value).nonzero()  # (pair, query tile, key tile), row by row
-                row = hit[:, 0] * len(m) + hit[:, 1]
-                counts[value].append(torch.bincount(row, minlength=rows_here))
-                parts[value].append(hit[:, 2])
-    forward, flat = {}, {}
+            classes[p0 : p0 + len(bh), m0 : m0 + len(m)] = predicate_classes(
+                pattern, env, points, tiles, (len(bh), len(m), n_kv)
+            )
+    classes = classes.reshape(batches, heads, n_q, n_kv)
+    return _compact(classes), _compact(classes.transpose(-1, -2).contiguous())
+
+
+def _compact(classes: torch.Tensor) -> BlockSparse:
+    """The fixed-capacity rows of int8 tile classes [batches, heads, rows, cols]: per row, the count of
+    each class and its tile indices, ascending, first. Each hit's slot is the running count of hits
+    before it (a cumulative sum); the others go to a spare slot past the row. O(tiles), a chunk of rows
+    at a time."""
+    batches, heads, rows, cols = classes.shape
+    device = classes.device
+    flat = classes.reshape(-1, cols)
+    result: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    column = torch.arange(cols, dtype=torch.int32, device=device).reshape(1, -1)
+    step = max(1, _CHUNK_TILES // max(cols, 1))
     for value in (PARTIAL, FULL):
-        row_counts = (
-            torch.cat(counts[value]) if counts[value] else torch.zeros(0, dtype=torch.int64, device=device)
-        )
-        indices = (
-            torch.cat(parts[value]) if parts[value] else torch.zeros(0, dtype=torch.int64, device=device)
-        )
-        forward[value] = (_offsets(row_counts, pattern.loc), indices)
-        flat[value] = torch.repeat_interleave(torch.arange(n_rows, device=device), row_counts)
-    (p_offsets, p_indices), (f_offsets, f_indices) = forward[PARTIAL], forward[FULL]
-    kv_tiles = BlockSparse(
-        batches, heads, n_q, n_kv, p_offsets, p_indices.to(torch.int32), f_offsets, f_indices.to(torch.int32)
-    )
-    # The transpose: row (bh, n) lists the query tiles m of every entry (bh, m) -> n, in ascending m.
-    transposed = {}
-    for value in (PARTIAL, FULL):
-        rows, cols_ = flat[value], forward[value][1]
-        key = rows // n_q * n_kv + cols_
-        order = torch.sort(key, stable=True).indices
-        row_counts = torch.bincount(key, minlength=batches * heads * n_kv)
-        transposed[value] = (_offsets(row_counts, pattern.loc), (rows % n_q)[order].to(torch.int32))
-    q_tiles = BlockSparse(
-        batches, heads, n_kv, n_q,
-        transposed[PARTIAL][0], transposed[PARTIAL][1], transposed[FULL][0], transposed[FULL][1],
-    )  # fmt: skip
-    return kv_tiles, q_tiles
+        counts = torch.empty(len(flat), dtype=torch.int32, device=device)
+        indices = torch.zeros((len(flat), cols), dtype=torch.int32, device=device)
+        for r0 in range(0, len(flat), step):
+            hit = flat[r0 : r0 + step] == value
+            slot = torch.where(hit, torch.cumsum(hit, 1) - 1, cols)
+            spare = torch.zeros((len(hit), cols + 1), dtype=torch.int32, device=device)
+            spare.scatter_(1, slot, column.expand(len(hit), cols))
+            indices[r0 : r0 + step] = spare[:, :cols]
+            counts[r0 : r0 + step] = hit.sum(1, dtype=torch.int32)
+        result[value] = (counts.reshape(batches, heads, rows), indices.reshape(batches, heads, rows, cols))
+    (p_counts, p_indices), (f_counts, f_indices) = result[PARTIAL], result[FULL]
+    return BlockSparse(batches, heads, rows, cols, p_counts, p_indices, f_counts, f_indices)
 
 
 OFFSET_LIMIT = (1 << 31) - 1
-"""The most non-empty tiles of one class a metadata plan may hold: its offsets are int32."""
+"""The most tile entries one list of a metadata plan may hold (batches * heads * rows * cols): the
+kernels address them in int64, but a larger plan is a mistake (gigabytes of metadata), refused early."""
 
 
-def _offsets(counts: torch.Tensor, loc: Loc | None = None) -> torch.Tensor:
-    """CSR offsets of per-row counts, int32; an `InputError` where the total does not fit int32 (the
-    offsets would wrap)."""
-    zero = torch.zeros(1, dtype=torch.int64, device=counts.device)
-    offsets = torch.cat([zero, torch.cumsum(counts, 0)])
-    total = int(offsets[-1])
+def _check_entries(batches: int, heads: int, rows: int, cols: int, loc: Loc | None = None) -> None:
+    """An `InputError` for a metadata plan too large to index in int32 (from the sizes alone)."""
+    total = batches * heads * rows * cols
     if total > OFFSET_LIMIT:
         raise InputError(
-            f"this launch has {total} non-empty tiles of one class, more than the {OFFSET_LIMIT} a "
-            f"metadata plan indexes in int32: use larger blocks or fewer batch rows and heads per call",
+            f"this launch's metadata plan has {total} tiles ({batches} x {heads} x {rows} x {cols}), more "
+            f"than the {OFFSET_LIMIT} it indexes in int32: use larger blocks or fewer batch rows and heads "
+            f"per call",
             loc,
         )
-    return offsets.to(torch.int32)
+
+
+_BUILDS = 0
+
+
+def metadata_builds() -> int:
+    """How many metadata plans this process has built (`make_plan`, `Plan.at_block`): what reusing
+    plans saves (`benchmarks/plan_reuse.py` counts it over a model's layers)."""
+    return _BUILDS
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """A tensor's version counter (bumped by every in-place change), None for an inference tensor."""
+    return None if tensor.is_inference() else tensor._version
+
+
+def _versions(env: oracle.Env) -> tuple[tuple[str, int | None], ...]:
+    return tuple((name, _version(t)) for name, t in env.inputs.items())
 
 
 def make_plan(pattern: PatternIR, env: oracle.Env, block: tuple[int, int]) -> Plan:
@@ -394,11 +536,14 @@ def make_plan(pattern: PatternIR, env: oracle.Env, block: tuple[int, int]) -> Pl
             q_tiles=None,
             pattern=pattern,
             env=env,
+            versions=_versions(env),
         )  # type: ignore[arg-type]
     oracle.check_sizes(pattern, env)
     batches = env.batch if "b" in sparsity.axes else 1
     heads = env.num_heads if "h" in sparsity.axes else 1
     kv_tiles, q_tiles = build_block_sparse(pattern, env, block, batches, heads)
+    global _BUILDS
+    _BUILDS += 1
     return Plan(
         str(sparsity),
         **common,
@@ -408,6 +553,7 @@ def make_plan(pattern: PatternIR, env: oracle.Env, block: tuple[int, int]) -> Pl
         q_tiles=q_tiles,
         pattern=pattern,
         env=env,
+        versions=_versions(env),
     )  # type: ignore[arg-type]
 
 

@@ -6,13 +6,17 @@ bools sometimes written `static` too), `input` tensors of every dtype whose
 dims are expressions of the sizes, `let`s, a mask and a score. Expressions are built by type (int,
 float, bool) from the whole language: index variables and sizes, literals, `+ - * / // %` (floor
 division and modulo also with negative and zero operands), unary minus, chained comparisons,
-`and or not`, every built-in function, calls of the file's `fn`s and of stdlib and local patterns with
-positional and keyword arguments, and loads of the inputs at data-dependent indices (reads outside a
-shape are part of the language: they give 0 / false).
+`and or not`, the bitwise `& | ^ << >>` (shift counts also negative or past 63, which clamp), every
+built-in function (`sin cos tan erf` among them), `-inf` as the value of a masked-out score, calls of
+the file's `fn`s and of stdlib and local patterns with positional and keyword arguments, and loads of
+the inputs (0-d ones too, `t[]`) at data-dependent indices (reads outside a shape are part of the
+language: they give 0 / false).
 
 Two constraints keep a program's *numbers* meaningful, so that a mismatch is a bug and not noise: a
 score is finite wherever it is evaluated (`exp` only of bounded values, `log` and `sqrt` only of
-values >= 1, division only by constants or `abs(x) + 1`), and floats are compared only in the mask
+values >= 1, division only by constants or `abs(x) + 1`, `tan` only of values in [-1.5, 1.5], `-inf`
+only as a whole score, `where(cond, score, -inf)`; a left shift only of a position, size or literal by
+at most 4, so that no int leaves int64), and floats are compared only in the mask
 itself. The kernel evaluates a mask's floats in float64, exactly as the oracle (so a mask may divide
 by zero and compare infinities), but a score's in float32: a comparison there, or in a `let` or `fn`
 a score may use, could be flipped by rounding, which is not a bug.
@@ -139,7 +143,7 @@ class _Draw:
         sub = depth - 1
         kind = self.one(
             ("add", "sub", "mul", "floordiv", "mod", "neg", "abs", "min", "max", "clamp", "where", "load",
-             "fn", "vardiv", "round", "product")
+             "fn", "vardiv", "round", "product", "bits")
         )  # fmt: skip
         if kind == "add":
             return f"({self.int_(sub)} + {self.int_(sub)})"
@@ -154,6 +158,8 @@ class _Draw:
             return f"({self.int_(sub)} {self.one(('//', '%'))} {self.int_(sub)})"
         if kind == "product":  # at most one level of variable products keeps values small
             return f"({self.int_leaf()} * {self.int_leaf()})"
+        if kind == "bits":
+            return self.bits(sub)
         if kind == "neg":
             return f"(-{self.int_(sub)})"
         if kind == "abs":
@@ -170,6 +176,17 @@ class _Draw:
         if kind == "load":
             return self.load(INT, sub) or self.int_leaf()
         return self.call(INT, sub) or self.int_leaf()
+
+    def bits(self, depth: int) -> str:
+        """A bitwise operation: `& | ^` of any ints, `>>` by any count (a negative one shifts by 0, one
+        past 63 by 63), `<<` of a position, size or small literal by at most 4 (so no int leaves
+        int64; a variable count is masked to [0, 3])."""
+        op = self.one(("&", "|", "^", ">>", "<<"))
+        if op != "<<":
+            return f"({self.int_(depth)} {op} {self.int_(depth)})"
+        value = self.one(("q", "kv", "h", "b", *SIZES)) if self.scope.grid else lit(self.small())
+        count = self.one(("0", "1", "4", f"({self.int_(depth)} & 3)"))
+        return f"({value} << {count})"
 
     # ---- floats -------------------------------------------------------------------------------------
 
@@ -188,7 +205,7 @@ class _Draw:
         sub = depth - 1
         kind = self.one(
             ("add", "mul", "sub", "int", "scale", "div", "neg", "tanh", "sigmoid", "exp", "log", "sqrt",
-             "abs", "min", "max", "clamp", "where", "load", "fn", "round")
+             "abs", "min", "max", "clamp", "where", "load", "fn", "round", "trig")
         )  # fmt: skip
         if kind == "add":
             return f"({self.float_(sub)} + {self.float_(sub)})"
@@ -207,6 +224,11 @@ class _Draw:
             return f"(-{self.float_(sub)})"
         if kind in ("tanh", "sigmoid"):
             return f"{kind}({self.float_(sub)})"
+        if kind == "trig":
+            fn = self.one(("sin", "cos", "erf", "tan"))
+            if fn == "tan":  # of [-1.5, 1.5]: finite, and away from the poles at +-pi/2
+                return f"tan({self.bounded(sub)} * 0.5)"
+            return f"{fn}({self.float_(sub)})"
         if kind == "exp":
             return f"{self.one(('exp', 'exp2'))}({self.bounded(sub)})"
         if kind == "log":
@@ -388,6 +410,10 @@ def _fn(draw: st.DrawFn, index: int, earlier: list[Fn]) -> tuple[str, Fn]:
 @st.composite
 def _input(draw: st.DrawFn, index: int) -> Input:
     rank = draw(st.integers(1, 3))
+    # A 0-d input (read as t[]) one time in twelve: a scalar is read at no index, and the indexed reads
+    # are what exercise positions.
+    if rank == 1 and draw(st.integers(0, 3)) == 3:
+        rank = 0
     dims = tuple(draw(st.sampled_from(tuple(DIMS))) for _ in range(rank))
     return Input(f"t{index}", draw(st.sampled_from(DTYPES)), dims)
 
@@ -439,7 +465,10 @@ def programs(draw: st.DrawFn, max_depth: int = 3) -> Program:
         scope.float_compare = False
     if draw(st.booleans()):
         scope.score = True
-        statements.append(f"score = {exprs.float_(max_depth)}")
+        score = exprs.float_(max_depth)
+        if draw(st.integers(0, 3)) == 3:  # keys dropped by the score: -inf, never used in arithmetic
+            score = f"where({exprs.bool_(1)}, {score}, -inf)"
+        statements.append(f"score = {score}")
         scope.score = False
     if draw(st.booleans()):
         statements.reverse()
@@ -457,8 +486,8 @@ def programs(draw: st.DrawFn, max_depth: int = 3) -> Program:
 ODD_NAMES = (
     "x", "def", "class", "lambda", "None", "True", "return", "yield", "__import__", "__init__", "self",
     "scale", "return_lse", "batch", "num_heads", "q_len", "kv_len", "block", "device", "precision",
-    "out_dtype", "inputs", "k", "v", "q", "kv", "s", "exp", "causal", "q_idx", "kv_idx", "tl", "triton",
-    "LOG2E", "acc", "m_i", "BLOCK_M", "Out", "x_grad", "in_x_ptr", "t0", "_", "_0", "a" * 300,
+    "out_dtype", "inputs", "k", "v", "q", "kv", "s", "inf", "exp", "causal", "q_idx", "kv_idx", "tl",
+    "triton", "LOG2E", "acc", "m_i", "BLOCK_M", "Out", "x_grad", "in_x_ptr", "t0", "_", "_0", "a" * 300,
 )  # fmt: skip
 # The roles a name can take; `{n}` is the name.
 NAME_ROLES = (
