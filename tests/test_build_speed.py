@@ -411,3 +411,25 @@ def print_pattern_text(pattern: PatternIR) -> str:
     from attnc.ir.printer import print_pattern
 
     return print_pattern(pattern)
+
+
+def test_a_one_term_linear_form_is_not_taken_for_a_fixed_point() -> None:
+    # `abs(-abs(q)) + kv - kv`: the first round makes the abs `abs(abs(q))` and the sum that one term,
+    # itself; only a later round makes it `abs(q)`, so the term must not be filed as finished.
+    inner = make(Op.ABS, make(Op.NEG, make(Op.ABS, var("q"))))
+    root = make(Op.SUB, make(Op.ADD, inner, var("kv")), var("kv"))
+    with shared_tables():
+        form = canonicalize(root)
+    assert canonicalize(form) == form  # a fixed point, as a fresh call sees it
+    assert not any(n.op is Op.ABS and n.args[0].op is Op.ABS for n in form.walk())
+
+
+def test_verification_after_a_pass_checks_the_sparsity_against_changed_ranges(cache_root: Path) -> None:
+    from dataclasses import replace
+
+    modules = attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm()._compiled.passes.modules
+    after = modules["block-sparsify"]
+    assert after.entry.sparsity is not None and after.entry.sparsity.analytic
+    dropped = after.with_entry(replace(after.entry, ranges=None))  # the same sparsity object
+    with pytest.raises(InternalError, match="ranges"):
+        verify(dropped, "some-pass", after)

@@ -403,9 +403,14 @@ def _fixed(node: Node) -> Node:
     the same node) and a comparison `E op c` made of one (its terms' gcd is 1 and its lead positive).
     The rewrite does not give it to the rules again to find that out."""
     tables = _open.tables
-    if tables is not None:
+    # Only a `+ - *c` node or a comparison: a linear form of one term is that term itself, an atom
+    # (`abs(...)`, `x // 3`), which may well be another rule's unfinished result.
+    if tables is not None and node.op in _FIXED_OPS:
         tables.fixed.add(node)
     return node
+
+
+_FIXED_OPS = frozenset((Op.ADD, Op.SUB, Op.MUL, Op.NEG, Op.LE, Op.GE, Op.EQ, Op.NE))
 
 
 def _int_division(node: Node) -> Node | None:

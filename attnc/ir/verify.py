@@ -257,7 +257,7 @@ class _Verifier:
         self.tile_vars = False
         if pattern.kernel is not None and not self._unchanged(pattern, "kernel", "mask", "score"):
             self.kernel(where, pattern, pattern.kernel, refs)
-        if pattern.sparsity is not None and not self._unchanged(pattern, "sparsity", "tiles"):
+        if pattern.sparsity is not None and not self._unchanged(pattern, "sparsity", "tiles", "ranges"):
             self.sparsity(where, pattern, pattern.sparsity)
 
     def kernel(self, where: str, pattern: PatternIR, kernel: KernelValues, refs: dict[str, Type]) -> None:

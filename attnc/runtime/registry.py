@@ -57,7 +57,9 @@ def register(forward: Forward) -> tuple[Forward, str]:
     kernel key was computed from (`cache.KernelSource.structure`), which together are `print_pattern`'s
     text, so a build prints the pattern once."""
     pattern = forward.pattern
-    ident = (forward.source.key, pattern.name, pattern.params, pattern.bindings)
+    # Bindings by `repr`: 0.0 and -0.0, 1 and 1.0 are equal values that print differently.
+    bindings = None if pattern.bindings is None else tuple((n, repr(v)) for n, v in pattern.bindings)
+    ident = (forward.source.key, pattern.name, pattern.params, bindings)
     with _LOCK:
         shared = _BY_KEY.setdefault(forward.source.key, forward)
         text = _TEXTS.get(ident)
