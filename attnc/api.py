@@ -5,6 +5,7 @@ oracle) and the IR of every stage.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import weakref
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from attnc import oracle
+from attnc import config, oracle
 from attnc.analysis.value_ranges import SIZE_LIMIT
 from attnc.compiler import CompiledPattern, compile_pattern
 from attnc.dsl.lower import Program, load_program, stdlib_program
@@ -48,9 +49,9 @@ from attnc.passes.bind_params import static_params
 from attnc.passes.inline import Inline
 from attnc.passes.manager import INPUT_STAGE
 from attnc.runtime import autograd, backend, cache, registry
-from attnc.runtime.autotune import MAX_BLOCK
+from attnc.runtime.autotune import MAX_BLOCK, Config
 from attnc.runtime.launch import DTYPES, MAX_HEAD_DIM, Forward
-from attnc.runtime.plan import Plan, exact_block_map, make_plan, uses
+from attnc.runtime.plan import Plan, exact_block_map, make_plan, per_row_offsets, uses
 
 Value = int | float | bool
 
@@ -71,6 +72,12 @@ DENSE_LIMIT = 2**31
 """The most elements a dense result (`Kernel.mask`, `Kernel.reference`'s scores, `Kernel.block_map`'s
 tiles) may have: past it an `InputError` says so, before anything is allocated. Module-level, so a
 caller with the memory for more can raise it (`attnc.api.DENSE_LIMIT = 2**34`)."""
+
+KERNEL_OPTIONS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "SPLIT_KV", "PACK_GQA")
+"""The keys of a call's `kernel_options` (`Kernel.__call__`), in the op's order."""
+
+MAX_SPLIT_KV = 1024
+"""The most key splits a call's `kernel_options` may ask for (`runtime/launch.py`'s `kv_splits`)."""
 
 
 def load(path: str | Path) -> AttnModule:
@@ -434,7 +441,11 @@ class Kernel:
         inputs: Mapping[str, Any],
         params: Mapping[str, Value],
         device: torch.device | None,
+        q_offset: Any = 0,
+        chunk: tuple[int, int, int] | None = None,
     ) -> oracle.Env:
+        """The environment of a call, its arguments checked; `chunk` (kv_offset, Q_LEN, KV_LEN): a block
+        of a longer problem (`chunk`), whose sizes the inputs' shapes follow."""
         pattern = self._bound
         loc = pattern.loc
         for key in inputs:
@@ -495,9 +506,27 @@ class Kernel:
                 raise InputError(f"{what} must be a non-negative int, got {value!r}", loc)
             if value is not None and value < 0:
                 raise InputError(f"{what} must be a non-negative int, got {value!r}", loc)
-        sizes = {"BATCH": batch, "NUM_HEADS": num_heads, "Q_LEN": q_len, "KV_LEN": kv_len}
+        if batch is None and isinstance(q_offset, torch.Tensor) and q_offset.dim() == 1:
+            batch = q_offset.shape[0]  # one offset per batch row
+        offset = self._q_offset(q_offset, batch, q_len, device)
+        per_row = isinstance(offset, torch.Tensor)
+        # The pattern's Q_LEN is where the queries end (`oracle.Env`): per batch row for per-row offsets.
+        sizes = {
+            "BATCH": batch,
+            "NUM_HEADS": num_heads,
+            "Q_LEN": None if per_row else q_len + offset,
+            "KV_LEN": kv_len,
+        }
+        if chunk is not None:
+            sizes["Q_LEN"], sizes["KV_LEN"] = chunk[1], chunk[2]
         for decl in pattern.inputs:
             tensor = inputs[decl.name]
+            if per_row and any(n.op is Op.SIZE and n.attr == "Q_LEN" for d in decl.dims for n in d.walk()):
+                raise InputError(
+                    f"input '{decl.name}' has a shape that depends on Q_LEN, which differs per batch row "
+                    f"under a q_offset tensor (and in decode): pass q_offset as an int",
+                    decl.loc,
+                )
             expected = [_dim_value(d, sizes) for d in decl.dims]
             if any(e is not None and e != n for e, n in zip(expected, tensor.shape, strict=True)):
                 shown = ["?" if e is None else e for e in expected]
@@ -512,7 +541,50 @@ class Kernel:
             device or torch.device("cpu"),
             dict(inputs),
             params=dict(params),
+            q_offset=offset,
+            kv_offset=0 if chunk is None else chunk[0],
+            q_size=None if chunk is None else chunk[1],
+            kv_size=None if chunk is None else chunk[2],
         )
+
+    def _q_offset(
+        self, value: Any, batch: int | None, q_len: int, device: torch.device | None
+    ) -> int | torch.Tensor:
+        """`q_offset` checked: an int >= 0, or an int32/int64 tensor [B] of them on the call's device,
+        with every query position (offset + q_len - 1) inside `SIZE_LIMIT`. A tensor's values are
+        checked on the host when it is on the CPU or `ATTNC_DEBUG` is set (it would wait for the GPU);
+        else they are the caller's contract."""
+        loc = self._bound.loc
+        if isinstance(value, torch.Tensor):
+            if value.dtype not in (torch.int32, torch.int64):
+                raise InputError(f"q_offset must be an int or an int32/int64 tensor, got {value.dtype}", loc)
+            if value.dim() != 1 or (batch is not None and value.shape[0] != batch):
+                raise InputError(
+                    f"q_offset must be an int or a tensor of shape [batch] = [{batch}], got shape "
+                    f"{list(value.shape)}",
+                    loc,
+                )
+            if device is not None and value.device != device:
+                raise InputError(f"q_offset is on {value.device}, expected {device}", loc)
+            if torch.compiler.is_compiling() or (value.device.type != "cpu" and not config.debug()):
+                return value
+            largest = int(value.max()) if value.numel() else 0
+            if value.numel() and (int(value.min()) < 0 or (largest != 0 and largest + q_len > SIZE_LIMIT)):
+                raise InputError(
+                    f"q_offset must be >= 0 with q_offset + q_len <= {SIZE_LIMIT} (2**30) in every batch "
+                    f"row, got values from {int(value.min())} to {int(value.max())} with q_len={q_len}",
+                    loc,
+                )
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | torch.SymInt):
+            raise InputTypeError(f"q_offset must be an int or an int tensor [batch], got {value!r}", loc)
+        if value < 0 or (value != 0 and value + q_len > SIZE_LIMIT):  # (lengths alone: checked elsewhere)
+            raise InputError(
+                f"q_offset must be >= 0 with q_offset + q_len <= {SIZE_LIMIT} (2**30), got "
+                f"q_offset={value} with q_len={q_len}",
+                loc,
+            )
+        return value
 
     def mask(
         self,
@@ -521,11 +593,13 @@ class Kernel:
         *,
         batch: int | None = None,
         num_heads: int | None = None,
+        q_offset: int | torch.Tensor = 0,
         **inputs: Any,
     ) -> torch.Tensor:
-        """The dense bool mask, [B or 1, H or 1, q_len, kv_len]: may query q see key kv. At most
-        `DENSE_LIMIT` elements. `inputs`: the pattern's inputs and runtime parameter values."""
-        env = self._env(q_len, kv_len, batch, num_heads, *self._split(inputs), None)
+        """The dense bool mask, [B or 1, H or 1, q_len, kv_len]: may query row i see key j. At most
+        `DENSE_LIMIT` elements. `inputs`: the pattern's inputs and runtime parameter values; `q_offset`
+        as for a call: row i is query position `q_offset + i`."""
+        env = self._env(q_len, kv_len, batch, num_heads, *self._split(inputs), None, q_offset)
         self._check_dense("the mask", (env.batch, env.num_heads, q_len, kv_len))
         result = oracle.mask(self._bound, env)
         shape = (
@@ -545,12 +619,14 @@ class Kernel:
         batch: int | None = None,
         num_heads: int | None = None,
         device: torch.device | str | None = None,
+        q_offset: int | torch.Tensor = 0,
         **inputs: Any,
     ) -> Plan:
         """What a launch needs: closed-form tile ranges (no tensors) for analytic patterns, else
         block-sparse metadata on the inputs' device (or `device`) built in O(number of tiles). See
         `attnc.runtime.plan.Plan`. `block` is the (query, key) tile size it is made for: a launch given
-        the plan (`kern(q, k, v, plan=plan, **inputs)`) runs with it."""
+        the plan (`kern(q, k, v, plan=plan, **inputs)`) runs with it. `q_offset` as for the call the
+        plan is for (a tensor's plan serves calls with that very tensor)."""
         block = self._block(block)
         env = self._env(
             q_len,
@@ -559,6 +635,7 @@ class Kernel:
             num_heads,
             *self._split(inputs),
             None if device is None else torch.device(device),
+            q_offset,
         )
         return make_plan(self.pattern, env, block)
 
@@ -570,6 +647,7 @@ class Kernel:
         block: tuple[int, int] = (128, 128),
         batch: int | None = None,
         num_heads: int | None = None,
+        q_offset: int | torch.Tensor = 0,
         **inputs: Any,
     ) -> torch.Tensor:
         """Exact tile classes, int8 [B or 1, H or 1, ceil(q_len / BM), ceil(kv_len / BN)]: 0 EMPTY, 1
@@ -577,10 +655,10 @@ class Kernel:
         tiles; the mask is evaluated only on the positions of the tiles it leaves undecided. At most
         `DENSE_LIMIT` tiles (before broadcasting over batch rows and heads the pattern ignores)."""
         bm, bn = self._block(block)
-        env = self._env(q_len, kv_len, batch, num_heads, *self._split(inputs), None)
+        env = self._env(q_len, kv_len, batch, num_heads, *self._split(inputs), None, q_offset)
         tiles = () if self.pattern.tiles is None else tuple(self.pattern.tiles.roots())
         roots = [r for r in (self._bound.mask, *tiles) if r is not None]
-        batches = env.batch if uses(roots, "b") else 1
+        batches = env.batch if uses(roots, "b") or per_row_offsets(env) else 1
         heads = env.num_heads if uses(roots, "h") else 1
         self._check_dense("the block map", (batches, heads, -(-q_len // bm), -(-kv_len // bn)))
         classes = exact_block_map(self._bound, self.pattern, env, (bm, bn), batches, heads)
@@ -621,8 +699,12 @@ class Kernel:
         scale: float | None = None,
         return_lse: bool = False,
         plan: Plan | None = None,
+        q_offset: int | torch.Tensor = 0,
+        kernel_options: Mapping[str, int] | None = None,
+        enable_gqa: bool | None = None,
+        return_aux: bool = False,
         **inputs: Any,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Attention with this pattern, by its fused Triton kernel (on CPU tensors, under Triton's
         interpreter). Differentiable: gradients flow to q, k, v, to the float inputs the score reads
         (one that requires grad but only appears in the mask is an error) and from the lse; the call is
@@ -651,31 +733,49 @@ class Kernel:
         `InputError` otherwise, `Plan.check_call`); the forward and backward launch with its block size
         and metadata. Without one, a call reuses the plan of the last call with the same lengths and
         inputs (`attnc.runtime.launch.PlanCache`).
+
+        `q_offset`: where the queries sit in the pattern (chunked prefill, decoding): row i of batch row
+        b is query position `q_offset + i`, or `q_offset[b] + i` for an int32/int64 tensor [B] on q's
+        device; the pattern's Q_LEN is then `q_offset + Lq` (where the queries end), its KV_LEN the key
+        length, so `kv <= q` is a decoder's causal mask. Offsets are >= 0 with `q_offset + Lq <= 2**30`
+        (checked on the host for ints and CPU tensors; for a GPU tensor with `ATTNC_DEBUG=1`). A tensor
+        makes plans per batch row, and patterns whose input shapes name Q_LEN need an int.
+
+        `return_aux=True` returns `(out, lse, max_scores)`: besides the lse, each query's largest allowed
+        score (after the score function, natural domain, -inf for a query that may see no key; no
+        gradient), for logit monitoring.
+
+        `kernel_options`: `{"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}`, any of them,
+        for this call's launches, forward and backward; the others are chosen as usual. They take
+        precedence over `ATTNC_CONFIG`, the autotuner and a plan's block (the plan is then derived for
+        the new block). Blocks are powers of two from 16 to 1024, warps a power of two up to 32, stages
+        1 to 16; a configuration the device cannot hold fails in Triton at launch. `"SPLIT_KV": n` (1
+        to 1024) splits the forward's keys of each query tile into n parts computed in parallel and
+        merged by lse (flash-decoding; analytic patterns only, metadata ones run unsplit); by default
+        the launcher splits on a GPU when the query tiles alone cannot fill it (`launch.kv_splits`).
+        `"PACK_GQA": True` puts the query heads of each key/value head into the same tiles (each key
+        tile read once per group; patterns that do not read `h`), False never; by default on a GPU
+        for grouped heads whose queries fill at most half a tile (`launch.pack_gqa`).
         """
         self._check_qkv(q, k, v)
         loc = self._bound.loc
-        if q.dtype not in DTYPES:
-            raise InputError(f"q must be float16, bfloat16 or float32, got {str(q.dtype)[6:]}", loc)
-        # Under autocast the op casts q, k and v to one dtype (`autograd._autocast_rule`), as SDPA does.
-        autocast = torch.is_autocast_enabled(q.device.type)
+        self._check_gqa(enable_gqa, q, k)
+        if q.dtype not in DTYPES and q.dtype != torch.float64:
+            raise InputError(f"q must be float16, bfloat16, float32 or float64, got {str(q.dtype)[6:]}", loc)
+        # Under autocast the op casts q, k and v to one dtype (`autograd._autocast_rule`), as SDPA does
+        # (float64 is left alone).
+        autocast = torch.is_autocast_enabled(q.device.type) and q.dtype != torch.float64
         for name, t in (("k", k), ("v", v)):
             if t.dtype != q.dtype and not (autocast and t.dtype in DTYPES):
                 raise InputError(
                     f"{name} must have q's dtype {str(q.dtype)[6:]}, got {str(t.dtype)[6:]}", loc
                 )
-        if q.device.type == "cpu" and backend.active() != backend.INTERPRETER:
-            raise InputError(
-                "q is on the CPU, but this process runs kernels on the GPU: move the tensors to cuda, or set "
-                "TRITON_INTERPRET=1 before importing attnc to run every kernel under Triton's interpreter",
-                loc,
-            )
-        if q.device.type not in ("cuda", "cpu"):
-            raise InputError(
-                f"tensors on {q.device.type} are not supported (cuda, or cpu under Triton's interpreter)", loc
-            )
-        for name, dim in (("q and k", q.shape[3]), ("v", v.shape[3])):
-            if not 1 <= dim <= MAX_HEAD_DIM:
-                raise InputError(f"the head dim of {name} must be 1 to {MAX_HEAD_DIM}, got {dim}", loc)
+        if not isinstance(return_aux, bool):
+            raise InputTypeError(f"return_aux must be a bool, got {return_aux!r}", loc)
+        if q.dtype == torch.float64:
+            self._kernel_options(kernel_options)  # checked, though they do not apply
+            return self._float64(q, k, v, scale, return_lse, return_aux, plan, q_offset, inputs)
+        self._check_launchable(q.device, q.shape[3], v.shape[3])
         for name, size in (
             ("batch", q.shape[0]),
             ("heads", q.shape[1]),
@@ -688,23 +788,136 @@ class Kernel:
             raise InputTypeError(f"return_lse must be a bool, got {return_lse!r}", loc)
         batch, heads, q_len, dim = q.shape
         inputs, params = self._split(inputs)
-        env = self._env(q_len, k.shape[2], batch, heads, inputs, params, q.device)
+        env = self._env(q_len, k.shape[2], batch, heads, inputs, params, q.device, q_offset)
         if plan is not None:
             self._use_plan(plan, env)
+        self._check_input_grads(inputs)
+        tensors = [inputs[d.name] for d in self._bound.inputs]
+        autograd.check_no_forward_ad([q, k, v, *tensors])
+        ints, floats = autograd.param_lists(self.pattern, params)
+        offsets = env.q_offset if isinstance(env.q_offset, torch.Tensor) else None
+        out, lse = autograd.attention(
+            q, k, v, tensors, self._op_pattern, self._scale(scale, dim), ints, floats,
+            0 if offsets is not None else env.q_offset, offsets, self._kernel_options(kernel_options),
+            return_max=return_aux,
+        )  # fmt: skip
+        if return_aux:  # lse and the row maxima, which carry no gradient
+            return out, lse[0], lse[1].detach()
+        return (out, lse) if return_lse else out
+
+    def _check_launchable(self, device: torch.device, dim: int, dim_v: int) -> None:
+        """An `InputError` unless the kernels can run on `device` with these head dims (of q/k and v)."""
+        loc = self._bound.loc
+        if device.type == "cpu" and backend.active() != backend.INTERPRETER:
+            raise InputError(
+                "q is on the CPU, but this process runs kernels on the GPU: move the tensors to cuda, or set "
+                "TRITON_INTERPRET=1 before importing attnc to run every kernel under Triton's interpreter",
+                loc,
+            )
+        if device.type not in ("cuda", "cpu"):
+            raise InputError(
+                f"tensors on {device.type} are not supported (cuda, or cpu under Triton's interpreter)", loc
+            )
+        for name, size in (("q and k", dim), ("v", dim_v)):
+            if not 1 <= size <= MAX_HEAD_DIM:
+                raise InputError(f"the head dim of {name} must be 1 to {MAX_HEAD_DIM}, got {size}", loc)
+
+    def _check_input_grads(self, inputs: Mapping[str, Any]) -> None:
+        """An `InputError` for an input that requires grad but gets none from the kernels."""
         for decl in self._bound.inputs:
             if inputs[decl.name].requires_grad and decl.name not in self._differentiable:
                 raise InputError(
                     f"input '{decl.name}' requires grad, but it has no gradient: the score does not depend "
-                    f"on its values (a mask has no gradient); pass it detached",
+                    f"on its values (a mask has no gradient), or reads it at a loop reduction's variable "
+                    f"(unrolled reductions, constant bounds of at most 16 terms, have one); pass it detached",
                     decl.loc,
                 )
-        tensors = [inputs[d.name] for d in self._bound.inputs]
-        autograd.check_no_forward_ad([q, k, v, *tensors])
-        ints, floats = autograd.param_lists(self.pattern, params)
-        out, lse = autograd.attention(
-            q, k, v, tensors, self._op_pattern, self._scale(scale, dim), ints, floats
-        )
+
+    def _check_gqa(self, enable_gqa: Any, q: torch.Tensor, k: torch.Tensor) -> None:
+        """`enable_gqa` as SDPA takes it: None (attnc's default) and True allow grouped-query attention,
+        False refuses it."""
+        loc = self._bound.loc
+        if enable_gqa is not None and not isinstance(enable_gqa, bool):
+            raise InputTypeError(f"enable_gqa must be a bool, got {enable_gqa!r}", loc)
+        if enable_gqa is False and q.shape[1] != k.shape[1]:
+            raise InputError(
+                f"enable_gqa=False, but q has {q.shape[1]} heads and k {k.shape[1]}: pass enable_gqa=True "
+                f"(or leave it out) for grouped-query attention",
+                loc,
+            )
+
+    def _float64(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: Any,
+        return_lse: Any,
+        return_aux: bool,
+        plan: Any,
+        q_offset: Any,
+        inputs: dict[str, Any],
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """float64 q, k and v: the dense oracle in float64, differentiable by torch's autograd (forward
+        and reverse mode, double backward), so that `torch.autograd.gradcheck` runs through a call. Slow
+        and O(Lq * Lkv) in memory (at most `DENSE_LIMIT` scores); `kernel_options` do not apply."""
+        loc = self._bound.loc
+        if not isinstance(return_lse, bool):
+            raise InputTypeError(f"return_lse must be a bool, got {return_lse!r}", loc)
+        batch, heads, q_len, dim = q.shape
+        inputs_, params = self._split(inputs)
+        env = self._env(q_len, k.shape[2], batch, heads, inputs_, params, q.device, q_offset)
+        if plan is not None:
+            self._use_plan(plan, env)
+        self._check_dense("the float64 path's scores", (batch, heads, q_len, k.shape[2]))
+        self._check_input_grads(inputs_)
+        scale = self._scale(scale, dim)
+        if heads == 0:
+            out = q.new_zeros((batch, 0, q_len, v.shape[3]))
+            lse = maxima = q.new_zeros((batch, 0, q_len))
+        else:
+            out, lse, maxima = oracle.attention(
+                self._bound, env, q, k, v, scale, torch.float64, return_max=True
+            )
+        if return_aux:
+            return out, lse, maxima.detach()
         return (out, lse) if return_lse else out
+
+    def _kernel_options(self, options: Any) -> list[int] | None:
+        """A call's `kernel_options` checked, as the op's [BLOCK_M, BLOCK_N, num_warps, num_stages,
+        SPLIT_KV, PACK_GQA (1 on, 2 off)] (0: not given), or None."""
+        if options is None:
+            return None
+        loc = self._bound.loc
+        if not isinstance(options, Mapping):
+            raise InputTypeError(f"kernel_options must be a dict, got {type(options).__name__}", loc)
+        unknown = sorted(str(key) for key in options if key not in KERNEL_OPTIONS)
+        if unknown:
+            raise InputError(
+                f"kernel_options has no option {', '.join(repr(k) for k in unknown)} (the options: "
+                f"{', '.join(KERNEL_OPTIONS)})",
+                loc,
+            )
+        for key, value in options.items():
+            if key == "PACK_GQA":
+                if not isinstance(value, bool):
+                    raise InputTypeError(f"kernel_options['PACK_GQA'] must be a bool, got {value!r}", loc)
+            elif isinstance(value, bool) or not isinstance(value, int):
+                raise InputTypeError(f"kernel_options[{key!r}] must be an int, got {value!r}", loc)
+        # Checked as a whole configuration, the options not given at valid stand-ins.
+        given = [options.get(key) for key in KERNEL_OPTIONS[:5]]
+        defaults = (16, 16, 4, 2)
+        stand_in = Config(
+            *(d if value is None else value for value, d in zip(given[:4], defaults, strict=True))
+        )
+        problem = stand_in.problem()
+        if problem is not None:
+            raise InputError(f"kernel_options: {problem}, got {dict(options)}", loc)
+        splits = given[4]
+        if splits is not None and not 1 <= splits <= MAX_SPLIT_KV:
+            raise InputError(f"kernel_options: SPLIT_KV must be from 1 to {MAX_SPLIT_KV}, got {splits}", loc)
+        pack = {None: 0, True: 1, False: 2}[options.get("PACK_GQA")]
+        return [*(value or 0 for value in given), pack]
 
     def _use_plan(self, plan: Any, env: oracle.Env) -> None:
         """Check a call's plan and file it where the launches find it (see `__call__`)."""
@@ -755,9 +968,11 @@ class Kernel:
                 raise InputError(f"{name} must be a floating-point tensor, got {t.dtype}", loc)
             if t.device != q.device:
                 raise InputError(f"{name} is on {t.device}, q on {q.device}", loc)
-        if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        if k.shape[0] != v.shape[0] or k.shape[0] not in (q.shape[0], 1):
             raise InputError(
-                f"q, k and v must have one batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}", loc
+                f"q, k and v must have one batch size (or k and v a batch of 1, broadcast over q's), got "
+                f"{q.shape[0]}, {k.shape[0]}, {v.shape[0]}",
+                loc,
             )
         if k.shape[3] != q.shape[3]:
             raise InputError(f"q and k must have one head dim, got {q.shape[3]} and {k.shape[3]}", loc)
@@ -767,6 +982,301 @@ class Kernel:
             raise InputError(
                 f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})", loc
             )
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        *,
+        cache_seqlens: torch.Tensor,
+        block_table: torch.Tensor | None = None,
+        scale: float | None = None,
+        return_lse: bool = False,
+        kernel_options: Mapping[str, int] | None = None,
+        **inputs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attention of new tokens against a KV cache (decoding, chunked prefill), forward only.
+
+        q [B, Hq, Lq, D] holds the new tokens; `cache_seqlens` (int32 or int64 [B]) counts each row's
+        valid keys, the new ones included: query i of row b is position `cache_seqlens[b] - Lq + i`, key
+        j position j, and the pattern's Q_LEN and KV_LEN are both `cache_seqlens[b]`. A row may hold no
+        keys (`cache_seqlens[b] == 0`: output 0, lse -inf); else it holds at least its Lq new ones.
+        Without `block_table` the cache is k_cache [B, Hkv, Lmax, D], v_cache [B, Hkv, Lmax, Dv]; with
+        it (int32 [B, max_pages]) the cache is paged: k_cache [num_pages, page_size, Hkv, D], v_cache
+        [num_pages, page_size, Hkv, Dv], page_size a power of two >= 16, and row r of batch row b lives
+        in page `block_table[b, r // page_size]`, slot `r % page_size`. The kernel reads only the valid
+        rows of the key tiles the pattern visits: a sliding window reads O(window) pages. Inputs sized
+        by KV_LEN are sized by the cache's capacity (Lmax, or max_pages * page_size).
+
+        The values of `cache_seqlens` (at most the capacity; 0 or >= Lq) and of the used entries of
+        `block_table` (pages of the cache) are checked on the host for CPU tensors and, on a GPU, with
+        `ATTNC_DEBUG=1`; otherwise they are the caller's contract: a table entry outside the cache is
+        clamped into it (never read outside it) and lengths past the capacity are cut to it, both
+        giving wrong numbers. No backward pass (`NotImplementedError` if one is asked for).
+        """
+        loc = self._bound.loc
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                shown = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InputError(f"{name} must be a 4-D tensor, got {shown}", loc)
+        if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+            raise InputError(
+                f"q, k_cache and v_cache must be one of float16, bfloat16, float32, got {q.dtype}, "
+                f"{k_cache.dtype}, {v_cache.dtype}",
+                loc,
+            )
+        for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if t.device != q.device:
+                raise InputError(f"{name} is on {t.device}, q on {q.device}", loc)
+        batch, heads, q_len, dim = q.shape
+        lens = self._int_tensor("cache_seqlens", cache_seqlens, (batch,), q.device)
+        if block_table is None:
+            self._check_qkv(q, k_cache, v_cache)
+            capacity, kv_heads = k_cache.shape[2], k_cache.shape[1]
+        else:
+            table = self._int_tensor("block_table", block_table, (batch, None), q.device, exact=torch.int32)
+            pages, page_size, kv_heads, k_dim = k_cache.shape
+            if tuple(v_cache.shape[:3]) != (pages, page_size, kv_heads):
+                raise InputError(
+                    f"k_cache and v_cache must have one [pages, page_size, Hkv], got "
+                    f"{list(k_cache.shape)} and {list(v_cache.shape)}",
+                    loc,
+                )
+            if page_size < 16 or page_size & (page_size - 1):
+                raise InputError(
+                    f"page_size (k_cache.shape[1]) must be a power of two >= 16, got {page_size}", loc
+                )
+            if k_dim != dim:
+                raise InputError(f"q and k_cache must have one head dim, got {dim} and {k_dim}", loc)
+            if (kv_heads == 0 and heads != 0) or (kv_heads != 0 and heads % kv_heads != 0):
+                raise InputError(
+                    f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})", loc
+                )
+            capacity = table.shape[1] * page_size
+        self._check_launchable(q.device, dim, v_cache.shape[3])
+        if capacity > SIZE_LIMIT or q_len > capacity:
+            raise InputError(
+                f"the cache holds {capacity} rows: at most {SIZE_LIMIT} and at least Lq={q_len}", loc
+            )
+        if lens.device.type == "cpu" or config.debug():
+            self._check_cache(lens, None if block_table is None else table, q_len, capacity, k_cache.shape[0])
+        inputs_, params = self._split(inputs)
+        offsets = (lens.to(torch.int32) - q_len).clamp(min=0)  # a row without keys visits nothing anyway
+        self._env(q_len, capacity, batch, heads, inputs_, params, q.device, offsets)  # checks the inputs
+        if not isinstance(return_lse, bool):
+            raise InputTypeError(f"return_lse must be a bool, got {return_lse!r}", loc)
+        tensors = [inputs_[d.name] for d in self._bound.inputs]
+        ints, floats = autograd.param_lists(self.pattern, params)
+        out, lse = autograd.attention(
+            q, k_cache, v_cache, tensors, self._op_pattern, self._scale(scale, dim), ints, floats,
+            0, offsets, self._kernel_options(kernel_options), lens.to(torch.int32), block_table,
+        )  # fmt: skip
+        return (out, lse) if return_lse else out
+
+    def varlen(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        scale: float | None = None,
+        return_lse: bool = False,
+        kernel_options: Mapping[str, int] | None = None,
+        **inputs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attention over packed sequences of different lengths (FlashAttention's varlen layout),
+        forward only.
+
+        q [Tq, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv]; sequence i holds rows `cu_seqlens_q[i]` to
+        `cu_seqlens_q[i + 1]` of q and `cu_seqlens_k[i]` to `cu_seqlens_k[i + 1]` of k and v
+        (int32 or int64 [N + 1], from 0 to Tq / Tk, non-decreasing), and is batch row b = i of the
+        pattern, with its own sizes: Q_LEN and KV_LEN are its lengths (b, BATCH = N and positions as
+        usual). Tiles never straddle two sequences. `max_seqlen_q`/`max_seqlen_k` are at least every
+        sequence's length (they size the launch); inputs indexed by `b` are per sequence, and input
+        shapes that name Q_LEN / KV_LEN use max_seqlen_q / max_seqlen_k. Returns out [Tq, Hq, Dv] (and
+        lse float32 [Hq, Tq] with `return_lse`). The cumulative lengths are checked on the host for CPU
+        tensors and, on a GPU, with `ATTNC_DEBUG=1`; otherwise they are the caller's contract (rows past
+        a sequence's `max_seqlen` are not computed, and nothing outside the tensors is read). No
+        backward pass (`NotImplementedError` if one is asked for).
+        """
+        loc = self._bound.loc
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3:
+                shown = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InputError(
+                    f"{name} must be a 3-D tensor [total rows, heads, head dim], got {shown}", loc
+                )
+        views = [t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)]  # [1, H, T, D], no copy
+        self._check_qkv(*views)
+        if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+            raise InputError(
+                f"q, k and v must have one dtype of float16, bfloat16, float32, got {q.dtype}, {k.dtype}, "
+                f"{v.dtype}",
+                loc,
+            )
+        self._check_launchable(q.device, q.shape[2], v.shape[2])
+        cu_q = self._int_tensor("cu_seqlens_q", cu_seqlens_q, (None,), q.device)
+        cu_k = self._int_tensor("cu_seqlens_k", cu_seqlens_k, (cu_q.shape[0],), q.device)
+        if cu_q.shape[0] < 1:
+            raise InputError("cu_seqlens_q must have N + 1 >= 1 entries", loc)
+        for name, value, total in (
+            ("max_seqlen_q", max_seqlen_q, q.shape[0]),
+            ("max_seqlen_k", max_seqlen_k, k.shape[0]),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SIZE_LIMIT:
+                raise InputError(f"{name} must be an int from 0 to {SIZE_LIMIT}, got {value!r}", loc)
+            if total > SIZE_LIMIT:
+                raise InputError(f"the packed tensors may hold at most {SIZE_LIMIT} rows, got {total}", loc)
+        if cu_q.device.type == "cpu" or config.debug():
+            for name, cu, total, longest in (
+                ("cu_seqlens_q", cu_q, q.shape[0], max_seqlen_q),
+                ("cu_seqlens_k", cu_k, k.shape[0], max_seqlen_k),
+            ):
+                values = cu.tolist()
+                if values[0] != 0 or values[-1] != total:
+                    raise InputError(
+                        f"{name} must run from 0 to {total} (the packed rows), got {values[0]} to "
+                        f"{values[-1]}",
+                        loc,
+                    )
+                lengths = [b - a for a, b in itertools.pairwise(values)]
+                if any(n < 0 for n in lengths):
+                    raise InputError(f"{name} must not decrease, got {values}", loc)
+                if lengths and max(lengths) > longest:
+                    wanted = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"
+                    raise InputError(
+                        f"{wanted}={longest} is below the longest sequence ({max(lengths)})", loc
+                    )
+        if not isinstance(return_lse, bool):
+            raise InputTypeError(f"return_lse must be a bool, got {return_lse!r}", loc)
+        count = cu_q.shape[0] - 1
+        inputs_, params = self._split(inputs)
+        env = self._env(max_seqlen_q, max_seqlen_k, count, q.shape[1], inputs_, params, q.device)
+        tensors = [inputs_[d.name] for d in self._bound.inputs]
+        ints, floats = autograd.param_lists(self.pattern, params)
+        cu_q32, cu_k32 = cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous()
+        out, lse = autograd.attention(
+            *views, tensors, self._op_pattern, self._scale(scale, q.shape[2]), ints, floats,
+            0, None, self._kernel_options(kernel_options), None, None, cu_q32, cu_k32, env.q_len, env.kv_len,
+        )  # fmt: skip
+        out = out[0].transpose(0, 1)
+        return (out, lse[0]) if return_lse else out
+
+    def chunk(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        q_offset: int,
+        kv_offset: int,
+        q_len: int,
+        kv_len: int,
+        scale: float | None = None,
+        return_lse: bool = False,
+        kernel_options: Mapping[str, int] | None = None,
+        **inputs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attention of one block of a longer problem of `q_len` queries and `kv_len` keys (context
+        parallelism): row i of q is query position `q_offset + i`, row j of k and v key position
+        `kv_offset + j`, and the pattern's Q_LEN and KV_LEN are `q_len` and `kv_len` (inputs sized by
+        them too). The result is that of the queries over these keys alone: the blocks of one query
+        chunk over disjoint key chunks merge by their lse into the whole result
+        (`attnc.runtime.launch.merge_splits`). Differentiable, as `__call__` is; q, k, v as there."""
+        self._check_qkv(q, k, v)
+        loc = self._bound.loc
+        if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+            raise InputError(
+                f"q, k and v must have one dtype of float16, bfloat16, float32, got {q.dtype}, {k.dtype}, "
+                f"{v.dtype}",
+                loc,
+            )
+        self._check_launchable(q.device, q.shape[3], v.shape[3])
+        for name, value in (
+            ("q_offset", q_offset),
+            ("kv_offset", kv_offset),
+            ("q_len", q_len),
+            ("kv_len", kv_len),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SIZE_LIMIT:
+                raise InputError(f"{name} must be an int from 0 to {SIZE_LIMIT}, got {value!r}", loc)
+        if q_offset + q.shape[2] > q_len or kv_offset + k.shape[2] > kv_len:
+            raise InputError(
+                f"the block (queries {q_offset} to {q_offset + q.shape[2]}, keys {kv_offset} to "
+                f"{kv_offset + k.shape[2]}) must lie inside q_len={q_len}, kv_len={kv_len}",
+                loc,
+            )
+        if not isinstance(return_lse, bool):
+            raise InputTypeError(f"return_lse must be a bool, got {return_lse!r}", loc)
+        batch, heads, rows, dim = q.shape
+        inputs_, params = self._split(inputs)
+        chunk = (kv_offset, q_len, kv_len)
+        self._env(rows, k.shape[2], batch, heads, inputs_, params, q.device, q_offset, chunk)  # checks inputs
+        self._check_input_grads(inputs_)
+        tensors = [inputs_[d.name] for d in self._bound.inputs]
+        autograd.check_no_forward_ad([q, k, v, *tensors])
+        ints, floats = autograd.param_lists(self.pattern, params)
+        out, lse = autograd.attention(
+            q, k, v, tensors, self._op_pattern, self._scale(scale, dim), ints, floats, q_offset, None,
+            self._kernel_options(kernel_options), None, None, None, None, 0, 0, kv_offset, q_len, kv_len,
+        )  # fmt: skip
+        return (out, lse) if return_lse else out
+
+    def _int_tensor(
+        self,
+        name: str,
+        value: Any,
+        shape: tuple[int | None, ...],
+        device: torch.device,
+        exact: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """A call's int tensor argument checked: dtype (int32 or int64, or `exact`), shape (None: any
+        size there) and device."""
+        loc = self._bound.loc
+        dtypes = (exact,) if exact is not None else (torch.int32, torch.int64)
+        if not isinstance(value, torch.Tensor) or value.dtype not in dtypes:
+            shown = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+            wanted = " or ".join(str(d)[6:] for d in dtypes)
+            raise InputTypeError(f"{name} must be a {wanted} tensor, got {shown}", loc)
+        if value.dim() != len(shape) or any(
+            s is not None and s != n for s, n in zip(shape, value.shape, strict=True)
+        ):
+            shown_shape = ["?" if s is None else s for s in shape]
+            raise InputError(f"{name} must have shape {shown_shape}, got {list(value.shape)}", loc)
+        if value.device != device:
+            raise InputError(f"{name} is on {value.device}, q on {device}", loc)
+        return value
+
+    def _check_cache(
+        self, lens: torch.Tensor, table: torch.Tensor | None, q_len: int, capacity: int, pages: int
+    ) -> None:
+        """The values of `decode`'s cache_seqlens and block table (a host read: CPU tensors, or
+        `ATTNC_DEBUG`)."""
+        loc = self._bound.loc
+        values = lens.tolist()
+        for b, n in enumerate(values):
+            if n < 0 or n > capacity or 0 < n < q_len:
+                raise InputError(
+                    f"cache_seqlens[{b}] = {n}: each row holds 0 keys or from Lq={q_len} to the cache's "
+                    f"capacity {capacity}",
+                    loc,
+                )
+        if table is None:
+            return
+        page_size = capacity // max(table.shape[1], 1)
+        for b, n in enumerate(values):
+            used = table[b, : -(-n // page_size)]
+            bad = (used < 0) | (used >= pages)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise InputError(
+                    f"block_table[{b}, {i}] = {int(used[i])} is not a page of the cache (it has {pages})", loc
+                )
 
     def reference(
         self,
@@ -778,6 +1288,7 @@ class Kernel:
         return_lse: bool = False,
         out_dtype: torch.dtype | None = None,
         precision: torch.dtype = torch.float64,
+        q_offset: int | torch.Tensor = 0,
         **inputs: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Dense attention with this pattern, computed in float64 (the oracle).
@@ -792,7 +1303,7 @@ class Kernel:
         if precision not in (torch.float64, *DTYPES):
             raise InputError(f"precision must be a float dtype, got {precision!r}", self._bound.loc)
         batch, heads, q_len, dim = q.shape
-        env = self._env(q_len, k.shape[2], batch, heads, *self._split(inputs), q.device)
+        env = self._env(q_len, k.shape[2], batch, heads, *self._split(inputs), q.device, q_offset)
         self._check_dense("the reference's scores", (batch, heads, q_len, k.shape[2]))
         scale = self._scale(scale, dim)
         if heads == 0:  # no heads: nothing to compute (and no key/value heads to group queries by)

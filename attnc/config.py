@@ -52,6 +52,12 @@ VARIABLES: tuple[Variable, ...] = (
         "tests): blocks powers of two from 16 to 1024, warps a power of two up to 32, stages 1 to 16",
     ),
     Variable(
+        "ATTNC_DEBUG",
+        "`0`",
+        "`1`/`true`/`yes`/`on` (any case) checks on the host what is otherwise the caller's contract because "
+        "checking it would wait for the GPU: the values of a `q_offset` tensor on a GPU",
+    ),
+    Variable(
         "ATTNC_DUMP_DIR",
         "unset",
         "a directory that receives the text of every compilation stage (a Triton source as `.py`)",
@@ -130,6 +136,16 @@ def autotune() -> bool:
     if not text or text.lower() in _ON:
         return True
     raise ConfigError(f"ATTNC_AUTOTUNE must be one of {', '.join(_ON + _OFF)} (in any case), got {text!r}")
+
+
+def debug() -> bool:
+    """Whether `ATTNC_DEBUG` asks for the checks that wait for the GPU (off by default)."""
+    text = _text("ATTNC_DEBUG")
+    if not text or text.lower() in _OFF:
+        return False
+    if text.lower() in _ON:
+        return True
+    raise ConfigError(f"ATTNC_DEBUG must be one of {', '.join(_ON + _OFF)} (in any case), got {text!r}")
 
 
 def forced_config() -> tuple[str, tuple[int, ...]] | None:

@@ -9,12 +9,13 @@ and `floor` / `ceil` saturating at the ends of int64 (`analysis/value_ranges.py`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from attnc.analysis import value_ranges
 from attnc.analysis.summaries import RangeTable, box_bound
+from attnc.ir import reduce as reductions
 from attnc.ir.nodes import InputDecl, Node, Op, PatternIR, Type
 
 _DTYPES = {Type.INT: torch.int64, Type.FLOAT: torch.float64, Type.BOOL: torch.bool}
@@ -28,6 +29,16 @@ class Env:
     chosen positions only); `tiles` gives the tile box variables of derived expressions. `params` gives
     the runtime parameters' values by name (`Op.PARAM`, see `passes/bind_params.py`): every evaluator
     of a bound pattern (this oracle, the plans, the launchers) reads them from here.
+
+    Rows and positions: `q_len` and `kv_len` count the rows of q and of k/v (the grid); row i of q is
+    the pattern's position `q_offset + i` (`q_offset` an int, or an int tensor [B]: one per batch row,
+    `kern(q, k, v, q_offset=...)`), row j of k/v position `kv_offset + j`. The pattern's sizes are
+    `Q_LEN = q_offset + q_len` and `KV_LEN = kv_offset + kv_len` unless `q_size` / `kv_size` say
+    otherwise (a chunk of a longer sequence: context parallelism). `points` and `tiles` are positions.
+    `kv_rows` (decoding, `Kernel.decode`; packed sequences, `Kernel.varlen`): an int tensor [B], the
+    valid key rows of each batch row; rows past them do not exist (never allowed), and KV_LEN is
+    `kv_offset + kv_rows[b]`. `q_rows` likewise for queries (packed sequences): Q_LEN is then
+    `q_offset + q_rows[b]`.
     """
 
     batch: int
@@ -42,6 +53,12 @@ class Env:
     tables: dict[tuple[str, int], RangeTable] = field(default_factory=dict, repr=False)
     float_dtype: torch.dtype = torch.float64  # the type floats are computed in (see `attention`)
     params: Mapping[str, int | float] = field(default_factory=dict)
+    q_offset: int | torch.Tensor = 0
+    kv_offset: int = 0
+    q_size: int | None = None
+    kv_size: int | None = None
+    kv_rows: torch.Tensor | None = None
+    q_rows: torch.Tensor | None = None
 
     def var(self, name: str) -> torch.Tensor:
         if name in self.points:
@@ -52,12 +69,52 @@ class Env:
         n, axis = sizes[name]
         shape = [1, 1, 1, 1]
         shape[axis] = n
-        return torch.arange(n, device=self.device, dtype=torch.int64).reshape(shape)
+        grid = torch.arange(n, device=self.device, dtype=torch.int64).reshape(shape)
+        if name == "q":
+            return grid + self.q_shift()
+        if name == "kv" and self.kv_offset:
+            return grid + self.kv_offset
+        return grid
 
-    def size(self, name: str) -> int:
-        return {"BATCH": self.batch, "NUM_HEADS": self.num_heads, "Q_LEN": self.q_len, "KV_LEN": self.kv_len}[
-            name
-        ]
+    def q_shift(self) -> int | torch.Tensor:
+        """The position of query row 0: an int, or int64 [B, 1, 1, 1] for per-row offsets."""
+        if isinstance(self.q_offset, torch.Tensor):
+            return self.q_offset.to(device=self.device, dtype=torch.int64).reshape(-1, 1, 1, 1)
+        return self.q_offset
+
+    def size(self, name: str) -> int | torch.Tensor:
+        """A size of the pattern language: an int, or int64 [B, 1, 1, 1] (Q_LEN under per-row offsets)."""
+        if name == "Q_LEN":
+            if self.q_rows is not None:
+                return (
+                    self.q_rows.to(device=self.device, dtype=torch.int64).reshape(-1, 1, 1, 1)
+                    + self.q_shift()
+                )
+            return self.q_size if self.q_size is not None else self.q_shift() + self.q_len
+        if name == "KV_LEN":
+            if self.kv_rows is not None:
+                return (
+                    self.kv_rows.to(device=self.device, dtype=torch.int64).reshape(-1, 1, 1, 1)
+                    + self.kv_offset
+                )
+            return self.kv_size if self.kv_size is not None else self.kv_offset + self.kv_len
+        return {"BATCH": self.batch, "NUM_HEADS": self.num_heads}[name]
+
+    def largest_sizes(self) -> tuple[int, int]:
+        """(Q_LEN, KV_LEN) at their largest over the batch rows: what `check_sizes` bounds. Reads a per-row
+        offset tensor's values (a device sync: the callers check per-row offsets only where cheap)."""
+        sizes = []
+        for name, rows in (("Q_LEN", self.q_len), ("KV_LEN", self.kv_len)):
+            size = self.size(name)
+            if isinstance(size, torch.Tensor):
+                size = int(size.max()) if size.numel() else rows
+            sizes.append(size)
+        return sizes[0], sizes[1]
+
+    def with_tiles(self, points: Mapping[str, torch.Tensor], tiles: Mapping[str, torch.Tensor]) -> Env:
+        """This environment with index variables and tile bounds bound to the given (broadcasting)
+        position tensors (the geometry kept: sizes and offsets)."""
+        return replace(self, points=points, tiles=tiles, score=None)
 
 
 def _scalar(value: int | float | bool, type_: Type, env: Env) -> torch.Tensor:
@@ -176,10 +233,20 @@ _ELEMENTWISE = {
 }
 
 
-def evaluate(root: Node, pattern: PatternIR, env: Env) -> torch.Tensor:
-    """The value of an expression of a bound, inlined pattern at every grid point (broadcastable)."""
-    values: dict[Node, torch.Tensor] = {}
-    for node in root.walk():
+def evaluate(
+    root: Node, pattern: PatternIR, env: Env, known: Mapping[Node, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The value of an expression of a bound, inlined pattern at every grid point (broadcastable).
+    `known`: values already computed (a reduction's variable, inside its loop)."""
+    values: dict[Node, torch.Tensor] = dict(known or {})
+    # Reductions first, each a loop over its variable (`_reduction`); their terms are not walked here.
+    outermost = [root] if root.op is Op.REDUCE and root not in values else []
+    for node in root.walk(skip=lambda n: n in values or n.op is Op.REDUCE):
+        outermost.extend(a for a in node.args if a.op is Op.REDUCE and a not in values)
+    for node in outermost:
+        if node not in values:
+            values[node] = _reduction(node, pattern, env, values)
+    for node in root.walk(skip=values.__contains__):
         args = [values[a] for a in node.args]
         op = node.op
         if op is Op.CONST:
@@ -187,7 +254,8 @@ def evaluate(root: Node, pattern: PatternIR, env: Env) -> torch.Tensor:
         elif op is Op.VAR:
             result = env.var(str(node.attr))
         elif op is Op.SIZE:
-            result = _scalar(env.size(str(node.attr)), Type.INT, env)
+            size = env.size(str(node.attr))
+            result = size if isinstance(size, torch.Tensor) else _scalar(size, Type.INT, env)
         elif op is Op.PARAM:
             assert str(node.attr) in env.params, f"no value for the runtime parameter {node.attr}"
             # As given (the dtype converts an int given for a float): a `torch.SymInt` under torch.compile
@@ -226,10 +294,49 @@ def evaluate(root: Node, pattern: PatternIR, env: Env) -> torch.Tensor:
     return values[root]
 
 
+def _reduction(node: Node, pattern: PatternIR, env: Env, values: dict[Node, torch.Tensor]) -> torch.Tensor:
+    """A bounded reduction (`ir/reduce.py`): its term for each value of its variable, combined left to
+    right (a max / min's derivative, `dmax` / `dmin`, as `analysis/derivative.py` defines it)."""
+    kind, _ = reductions.parts(node)
+    lo, hi = (int(evaluate(b, pattern, env, values)) for b in node.args[:2])
+    variable = reductions.variable(node)
+    acc: torch.Tensor | None = None
+    dacc: torch.Tensor | None = None
+    for i in range(lo, hi):
+        inner = {**values, variable: _scalar(i, Type.INT, env)}
+        term = evaluate(node.args[2], pattern, env, inner)
+        dterm = evaluate(node.args[3], pattern, env, inner) if kind in ("dmax", "dmin") else None
+        if acc is None:
+            acc, dacc = term, dterm
+        elif kind == "sum":
+            acc = acc + term
+        elif kind == "any":
+            acc = acc | term
+        elif kind == "all":
+            acc = acc & term
+        elif kind in ("max", "min"):
+            acc = torch.maximum(acc, term) if kind == "max" else torch.minimum(acc, term)
+        else:  # the derivative of the term max(acc, term) selects; half of each at a tie
+            wins, loses = (acc > term, acc < term) if kind == "dmax" else (acc < term, acc > term)
+            assert dacc is not None and dterm is not None
+            dacc = torch.where(wins, dacc, torch.where(loses, dterm, 0.5 * (dacc + dterm)))
+            acc = torch.maximum(acc, term) if kind == "dmax" else torch.minimum(acc, term)
+    if acc is None:
+        return _scalar(reductions.empty(kind, node.type), node.type, env)
+    return dacc if dacc is not None else acc
+
+
 def check_sizes(pattern: PatternIR, env: Env) -> None:
     """An `InputError` for sizes beyond those whose int values `bind-params` proved inside int64."""
+    q_size, kv_size = env.largest_sizes()
     value_ranges.check_sizes(
-        pattern.loc, batch=env.batch, num_heads=env.num_heads, q_len=env.q_len, kv_len=env.kv_len
+        pattern.loc,
+        batch=env.batch,
+        num_heads=env.num_heads,
+        q_len=env.q_len,
+        kv_len=env.kv_len,
+        Q_LEN=q_size,
+        KV_LEN=kv_size,
     )
 
 
@@ -237,9 +344,18 @@ def mask(pattern: PatternIR, env: Env) -> torch.Tensor:
     """The dense bool mask of a bound pattern, broadcastable to [B, H, Lq, Lkv]."""
     check_sizes(pattern, env)
     grid = (1, 1, env.q_len, env.kv_len)
-    if pattern.mask is None:
+    if pattern.mask is None and env.kv_rows is None and env.q_rows is None:
         return torch.ones(grid, dtype=torch.bool, device=env.device)
-    result = evaluate(pattern.mask, pattern, env)
+    if pattern.mask is None:
+        result = torch.ones(grid, dtype=torch.bool, device=env.device)
+    else:
+        result = evaluate(pattern.mask, pattern, env)
+    if env.kv_rows is not None:  # rows past a batch row's valid keys do not exist
+        valid = torch.arange(env.kv_len, device=env.device).reshape(1, 1, 1, -1)
+        result = result & (valid < env.kv_rows.to(env.device).reshape(-1, 1, 1, 1))
+    if env.q_rows is not None:  # nor rows past its queries
+        valid = torch.arange(env.q_len, device=env.device).reshape(1, 1, -1, 1)
+        result = result & (valid < env.q_rows.to(env.device).reshape(-1, 1, 1, 1))
     return result.expand(torch.broadcast_shapes(result.shape, grid))
 
 
@@ -251,13 +367,15 @@ def attention(
     v: torch.Tensor,
     scale: float,
     precision: torch.dtype = torch.float64,
+    return_max: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax attention: (out [B, Hq, Lq, Dv], lse [B, Hq, Lq]), in `precision`.
 
     Scores are `(q . k) * scale`, then the pattern's score function, then the mask. A query with no
     allowed key (or only -inf scores) gets output 0 and lse -inf. The judge computes in float64; a
     lower `precision` (scores, score function, softmax and output in that type; the mask is exact
-    always) is the same-dtype dense computation the kernels' error is measured against.
+    always) is the same-dtype dense computation the kernels' error is measured against. With
+    `return_max`, also each query's largest allowed score (-inf where it sees none).
     """
     check_sizes(pattern, env)
     group = q.shape[1] // k.shape[1]
@@ -283,4 +401,6 @@ def attention(
     out = torch.einsum("bhqk,bhkd->bhqd", weights, v_) / torch.where(empty, 1.0, total)
     out = torch.where(empty, torch.zeros_like(out), out)
     lse = torch.where(empty, float("-inf"), row_max + torch.log(torch.where(empty, 1.0, total))).squeeze(-1)
+    if return_max:
+        return out, lse, row_max.squeeze(-1)
     return out, lse

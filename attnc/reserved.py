@@ -47,6 +47,8 @@ RESERVED_NAMES: frozenset[str] = frozenset(
         "kernel_options",
         "return_aux",
         "enable_gqa",
+        # Kernel.chunk (context parallelism)
+        "kv_offset",
     }
 )
 """Names no `input` or runtime parameter may take: every keyword of a `Kernel` method, present or

@@ -20,4 +20,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
             || "${pip[@]}" "torch>=2.10"
     fi
 fi
-"${pip[@]}" -e ".[dev]"
+# The transformers extra too, so that the tests of attnc.integrations.transformers run (about 25 s, 190 MB).
+"${pip[@]}" -e ".[dev,transformers]"

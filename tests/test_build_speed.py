@@ -433,3 +433,84 @@ def test_verification_after_a_pass_checks_the_sparsity_against_changed_ranges(ca
     dropped = after.with_entry(replace(after.entry, ranges=None))  # the same sparsity object
     with pytest.raises(InternalError, match="ranges"):
         verify(dropped, "some-pass", after)
+
+
+def test_combine_adds_a_multiple_of_the_second_terms_and_drops_cancelled_atoms() -> None:
+    q, kv, w = var("q"), var("kv"), Node(Op.PARAM, Type.INT, (), "combine_w")
+    first, second = {q: 1, kv: -1}, {kv: -1, w: 2}
+    assert normal_form.combine(first, second, -1) == {q: 1, w: -2}
+    assert normal_form.combine(first, second, 3) == {q: 1, kv: -4, w: 6}
+    assert first == {q: 1, kv: -1} and second == {kv: -1, w: 2}  # the operands are left as they were
+
+
+def test_a_node_the_rules_left_is_not_given_to_them_again_in_a_later_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first round rewrites both comparisons and rebuilds the `and` over them, which the rules then
+    # leave: the second round, which confirms the fixed point, asks them of no node a second time.
+    w = Node(Op.PARAM, Type.INT, (), "rounds_w")
+    root = make(Op.AND, make(Op.LE, var("kv"), var("q")), make(Op.LT, make(Op.SUB, var("q"), var("kv")), w))
+    applied = counting(monkeypatch, normal_form, "_apply_rules")
+    with shared_tables():
+        form = canonicalize(root)
+    asked = list(applied)
+    assert form.op is Op.AND and form != root and canonicalize(form) == form
+    assert len(asked) == len(set(asked)) == 3  # the two comparisons, then the `and` over their forms
+
+
+def test_derive_ranges_bounds_a_linear_form_from_its_atoms_in_normal_form() -> None:
+    # The ends `interval` finds for the form's tree, normalised, without building that tree.
+    from attnc.analysis.intervals import IntervalAnalysis
+    from attnc.passes.derive_ranges import _Solver
+
+    pattern = attnc.loads("pattern p { mask = kv <= q }").p().pattern
+    w = Node(Op.PARAM, Type.INT, (), "bounds_w")
+    cases = [({var("q"): 1, w: -1}, 1), ({var("q"): -2, var("b"): 1, w: 3}, -7), ({var("kv"): 1}, 0)]
+    for target in ("kv", "q"):
+        solver = _Solver(pattern, target, normal_form.ValueRanges(pattern))
+        analysis = IntervalAnalysis(pattern, solver.box)
+        with shared_tables():
+            for terms, constant in cases:
+                found = solver._linear_interval(terms, constant)
+                tree = analysis.interval(normal_form.build_linear(terms, constant))
+                for end, expected in ((found.lo, tree.lo), (found.hi, tree.hi)):
+                    assert end is not None and expected is not None
+                    assert canonicalize(end) is end and end == canonicalize(expected)
+
+
+def test_existing_finds_the_live_node_and_builds_none() -> None:
+    from attnc.ir import nodes
+
+    x = make(Op.SUB, var("q"), Node(Op.PARAM, Type.INT, (), "existing_w"))
+    size = len(nodes._TABLE)
+    assert nodes.existing(Op.SUB, Type.INT, x.args) is x
+    assert nodes.existing(Op.ADD, Type.INT, x.args) is None and len(nodes._TABLE) == size
+
+
+def test_a_junction_looks_for_complements_without_building_negations() -> None:
+    from attnc.ir import nodes
+
+    def live(op: Op, *args: Node) -> bool:
+        ref = nodes._TABLE.get((op, Type.BOOL, None, args))
+        return ref is not None and ref() is not None
+
+    # Atoms of this test alone: a node over q/kv could be alive from any earlier compilation.
+    a, b, c = (Node(Op.PARAM, Type.INT, (), f"junction_{n}") for n in "abc")
+    x, y = make(Op.SUB, a, b), make(Op.SUB, b, c)
+    three, five = const_int(3), const_int(5)
+    with shared_tables():
+        contradiction = make(Op.AND, make(Op.LE, x, three), make(Op.GT, x, three))
+        assert canonicalize(contradiction) == Node(Op.CONST, Type.BOOL, (), False)
+        canonicalize(make(Op.OR, make(Op.LE, y, three), make(Op.GE, x, five)))
+        # `b - c <= 3` and `a - b >= 5` have no complement among the operands: none was made.
+        assert not live(Op.GT, y, three) and not live(Op.LT, x, five)
+
+
+def test_a_linear_form_knows_its_terms_without_a_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    w = Node(Op.PARAM, Type.INT, (), "terms_w")
+    terms = {var("q_first"): 2, w: -1, make(Op.FLOORDIV, var("kv_last"), const_int(4)): 3}
+    walks = counting(monkeypatch, normal_form, "_linear")
+    with shared_tables():
+        form = normal_form.linear_form(terms, -5)
+        assert normal_form.linear(form) == (terms, -5) and walks == []
+    assert normal_form._linear(form) == (terms, -5)  # what the walk finds

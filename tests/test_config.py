@@ -114,6 +114,22 @@ def test_a_forced_configuration_of_the_wrong_length_is_a_config_error(
         config.forced_config()
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"), [("", False), ("0", False), ("off", False), ("1", True), ("ON", True)]
+)
+def test_attnc_debug_turns_the_checks_that_wait_for_the_gpu_on(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: bool
+) -> None:
+    monkeypatch.setenv("ATTNC_DEBUG", value)
+    assert config.debug() is expected
+
+
+def test_a_bad_attnc_debug_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNC_DEBUG", "maybe")
+    with pytest.raises(attnc.ConfigError, match="ATTNC_DEBUG must be one of"):
+        config.debug()
+
+
 # ---- attnc cache info | clear -------------------------------------------------------------------------
 
 

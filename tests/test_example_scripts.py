@@ -16,6 +16,7 @@ SCRIPTS = {  # each script -> command-line arguments small enough for a test
     "moba_selection": ["--length", "48", "--block", "8", "--top-k", "2"],
     "packed_documents": ["3", "1", "7"],
     "train_sliding_window": ["--steps", "2", "--length", "16"],
+    "transformers_tiny": ["--length", "8", "--new-tokens", "2"],
 }
 
 

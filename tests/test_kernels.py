@@ -278,13 +278,17 @@ def test_new_input_values_and_lengths_do_not_recompile() -> None:
     ("change", "message"),
     [
         (lambda q, k, v: (q.to(torch.int32), k, v), "q must be a floating-point tensor"),
-        (lambda q, k, v: (q.double(), k.double(), v.double()), "q must be float16, bfloat16 or float32"),
+        (
+            lambda q, k, v: (q.to(torch.float8_e4m3fn), k, v),
+            "q must be float16, bfloat16, float32 or float64",
+        ),
+        (lambda q, k, v: (q.double(), k, v), "k must have q's dtype float64, got float32"),
         (lambda q, k, v: (q, k.half(), v), "k must have q's dtype float32, got float16"),
         (lambda q, k, v: (q[0], k, v), "q must be a 4-D tensor"),
         (lambda q, k, v: (q, k[:, :, :, :8], v), "q and k must have one head dim"),
         (lambda q, k, v: (q, k[:, :1], v), "k and v must have one [H, L]"),
         (lambda q, k, v: (q[:, :3], k, v), "query heads (3) must be a multiple of key/value heads (2)"),
-        (lambda q, k, v: (q, k[:1], v[:1]), "q, k and v must have one batch size"),
+        (lambda q, k, v: (q, k[:1], v), "q, k and v must have one batch size"),
     ],
 )
 def test_bad_tensors_are_named(change: Callable, message: str) -> None:

@@ -258,9 +258,9 @@ def launched(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     keys: set[str] = set()
     run = Forward.run
 
-    def recorded(self: Forward, *args: Any) -> Any:
+    def recorded(self: Forward, *args: Any, **kwargs: Any) -> Any:
         keys.add(self.source.key)
-        return run(self, *args)
+        return run(self, *args, **kwargs)
 
     monkeypatch.setattr(Forward, "run", recorded)
     return keys

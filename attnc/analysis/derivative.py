@@ -14,6 +14,7 @@ kernels agree with autograd through the oracle:
     int values    0 (`tofloat`, `floor`, `ceil` and every int operation, bitwise ones included:
                   their operands are int)
     sin cos tan   cos, -sin, 1 + tan^2;  erf: 2 / sqrt(pi) e^(-x^2)
+    sum(i ..: t)  sum(i ..: t');  max / min(i ..: t): t' of the selected term (`dmax` / `dmin`)
 
 `None` stands for a derivative that is identically zero: the expression does not depend on `wrt`.
 The result is built from the IR's own ops (so the kernels' emitter lowers it like any expression) and
@@ -23,6 +24,7 @@ simplified by `canonicalize`.
 from __future__ import annotations
 
 from attnc.analysis.normal_form import canonicalize
+from attnc.ir import reduce as reductions
 from attnc.ir.nodes import Node, Op, PatternIR, Type, const, make
 
 _ONE, _HALF, _TWO = const(1.0), const(0.5), const(2.0)
@@ -71,6 +73,8 @@ def _rule(n: Node, wrt: Node, d: dict[Node, Node | None]) -> Node | None:
         if da[1] is None and da[2] is None:
             return None
         return make(Op.WHERE, args[0], da[1] or const(0.0), da[2] or const(0.0))
+    if op is Op.REDUCE:
+        return _reduction(n, d.get(args[2]))
     if op is Op.ABS:
         x = args[0]
         sign = make(
@@ -121,6 +125,21 @@ def _min_max(n: Node, da: Node | None, db: Node | None) -> Node | None:
     da_, db_ = da or zero, db or zero
     tie = make(Op.MUL, _HALF, make(Op.ADD, da_, db_))
     return make(Op.WHERE, wins, da_, make(Op.WHERE, loses, db_, tie))
+
+
+def _reduction(n: Node, dterm: Node | None) -> Node | None:
+    """A sum's derivative is the sum of its terms' derivatives; a max's (min's) is the derivative of
+    the term it selects, ties splitting as between two operands at each step (`dmax`, `dmin`), which
+    is what the max of the terms written out left to right gives."""
+    if dterm is None:
+        return None
+    kind, name = reductions.parts(n)
+    lo, hi, term = n.args[:3]
+    if kind == "sum":
+        return reductions.reduction("sum", name, lo, hi, dterm)
+    if kind in ("max", "min"):
+        return reductions.reduction("d" + kind, name, lo, hi, term, dterm)
+    raise AssertionError(f"no derivative rule for a {kind} reduction")
 
 
 def _add(a: Node | None, b: Node | None) -> Node | None:

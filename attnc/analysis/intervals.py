@@ -40,6 +40,7 @@ _FLOAT_LIMIT = 1e300
 _INT_MAGNITUDE = float(1 << 63)
 
 TRUE, FALSE = const(True), const(False)
+_BOOL = Type.BOOL  # read for every node: a read of `Type.BOOL` costs a call on Python 3.11 (`ir/nodes.py`)
 
 
 @dataclass(frozen=True)
@@ -131,14 +132,18 @@ class IntervalAnalysis:
         return self._truths[node]
 
     def _visit(self, node: Node) -> None:
+        truths, intervals = self._truths, self._intervals
+        if node in truths or node in intervals:
+            return
+
         def known(n: Node) -> bool:  # then so are its operands: not walked again
-            return n in self._truths or n in self._intervals
+            return n in truths or n in intervals
 
         for n in node.walk(skip=known):  # children first, so no recursion is needed
-            if n.type is Type.BOOL:
-                self._truths[n] = self._truth(n)
+            if n.type is _BOOL:
+                truths[n] = self._truth(n)
             else:
-                self._intervals[n] = self._interval(n)
+                intervals[n] = self._interval(n)
 
     def _interval(self, n: Node) -> Interval:
         op = n.op

@@ -29,10 +29,19 @@ from contextlib import contextmanager
 from attnc.analysis.value_ranges import ValueRanges
 from attnc.errors import InternalError
 from attnc.ir import fold
-from attnc.ir.nodes import INDEX_VARS, SIZES, TILE_VARS, Node, Op, PatternIR, Type, const, make
+from attnc.ir.nodes import INDEX_VARS, SIZES, TILE_VARS, Node, Op, PatternIR, Type, const, existing, make
 from attnc.ir.rewrite import rewrite
 
 _MAX_ROUNDS = 64
+# The members the rules' hot paths read, as module constants: a read of `Op.ADD` costs Python 3.10 and
+# 3.11 a call of `EnumType.__getattr__`'s hook (`ir/nodes.py`).
+_ADD, _SUB, _NEG, _MUL = Op.ADD, Op.SUB, Op.NEG, Op.MUL
+_CONST, _VAR, _SIZE, _REF, _PARAM = Op.CONST, Op.VAR, Op.SIZE, Op.REF, Op.PARAM
+_WHERE, _LE, _GE = Op.WHERE, Op.LE, Op.GE
+_DISTRIBUTED = frozenset((Op.MIN, Op.MAX, Op.ABS))
+_INT = Type.INT
+_LINEAR_OPS = frozenset((Op.ADD, Op.SUB, Op.NEG, Op.MUL))
+_BOUND_OPS = frozenset((Op.LE, Op.GE, Op.EQ))
 _DISTRIBUTE_LIMIT = 400  # nodes in a comparison beyond which min/max are not distributed
 
 
@@ -93,11 +102,18 @@ def _canonicalize(roots: tuple[Node, ...], context: _Context) -> tuple[Node, ...
     memo: dict[Node, Node] = {}
 
     fixed = _open.tables.fixed  # type: ignore[union-attr]
+    # The nodes the rules left as they were, in an earlier round: the rules are functions of the node
+    # (its operands are part of it), so they would leave it again. A round after the first then gives
+    # the rules only what the last one made: rule results and what rules built inside them.
+    checked: set[Node] = set()
 
     def rule(node: Node) -> Node | None:
-        if not node.args or node in context.normal or node in fixed:  # no rule rewrites a leaf
+        if not node.args or node in context.normal or node in fixed or node in checked:  # (a leaf: none)
             return None
-        return _apply_rules(node, context.ranges)
+        result = _apply_rules(node, context.ranges)
+        if result is None:
+            checked.add(node)
+        return result
 
     settled = context.settled
     for _ in range(_MAX_ROUNDS):
@@ -179,9 +195,9 @@ def shared_tables() -> Iterator[_Tables]:
 
 def _is_linear_step(node: Node) -> bool:
     return (
-        node.type is Type.INT
-        and node.op in (Op.ADD, Op.SUB, Op.NEG, Op.MUL)
-        and (node.op is not Op.MUL or any(a.is_const for a in node.args))
+        node.type is _INT
+        and node.op in _LINEAR_OPS
+        and (node.op is not _MUL or any(a.op is _CONST for a in node.args))
     )
 
 
@@ -191,13 +207,19 @@ def _inner_linear(roots: list[Node], settled: set[Node]) -> set[Node]:
     nodes are not walked (no user of an unsettled node is settled); a root has a user outside."""
     only_linear_users: dict[Node, bool] = dict.fromkeys(roots, False)
     seen: set[Node] = set()
+    steps: set[Node] = set()
+    get = only_linear_users.get
     for root in roots:
         for node in root.walk(skip=lambda n: n in settled or n in seen):
             seen.add(node)
+            if not node.args:
+                continue
             step = _is_linear_step(node)
+            if step:
+                steps.add(node)
             for a in node.args:
-                only_linear_users[a] = only_linear_users.get(a, True) and step
-    return {n for n, inner in only_linear_users.items() if inner and _is_linear_step(n)}
+                only_linear_users[a] = get(a, True) and step
+    return {n for n in steps if only_linear_users[n]}
 
 
 def _apply_rules(node: Node, ranges: ValueRanges) -> Node | None:
@@ -213,9 +235,13 @@ def _apply_rules(node: Node, ranges: ValueRanges) -> Node | None:
 
 def fold_constant(node: Node) -> Node | None:
     """An op whose operands are all constants becomes its value; so does `where` on a constant."""
-    if node.op is Op.WHERE and node.args[0].is_const:
-        return node.args[1] if node.args[0].attr else node.args[2]
-    if not node.args or not all(a.is_const for a in node.args) or not fold.foldable(node.op):
+    args = node.args
+    if node.op is _WHERE and args[0].op is _CONST:
+        return args[1] if args[0].attr else args[2]
+    for a in args:  # (a loop: most nodes have an operand that is not a constant, often the first)
+        if a.op is not _CONST:
+            return None
+    if not args or not fold.foldable(node.op):
         return None
     value = fold.evaluate(node.op, [a.attr for a in node.args])  # type: ignore[misc]
     if value is None:
@@ -265,12 +291,13 @@ _VAR_ORDER = (*INDEX_VARS[2:], *INDEX_VARS[:2], *TILE_VARS)  # q, kv, b, h, then
 
 def atom_key(node: Node) -> tuple[int, int, str, str]:
     """The canonical order of atoms in a linear combination: q, kv, b, h, sizes, params, the rest."""
-    if node.op is Op.VAR:
+    op = node.op
+    if op is _VAR:
         return (0, _VAR_ORDER.index(str(node.attr)), "", "")
-    if node.op is Op.SIZE:
+    if op is _SIZE:
         return (1, SIZES.index(str(node.attr)), "", "")
-    if node.op in (Op.REF, Op.PARAM):  # an unbound or a runtime parameter (or a let)
-        return (2, 0 if node.op is Op.REF else 1, str(node.attr), "")
+    if op is _REF or op is _PARAM:  # an unbound or a runtime parameter (or a let)
+        return (2, 0 if op is _REF else 1, str(node.attr), "")
     return (3, 0, *_text(node))
 
 
@@ -288,18 +315,20 @@ def linear(node: Node) -> tuple[Terms, int]:
 
 def _linear_operands(node: Node) -> tuple[tuple[Node, int], ...]:
     """The operands of a `+ - *c` node with the factor each contributes by; () for an atom."""
-    if node.op is Op.ADD:
+    op = node.op
+    if op not in _LINEAR_OPS:
+        return ()
+    if op is _ADD:
         return (node.args[0], 1), (node.args[1], 1)
-    if node.op is Op.SUB:
+    if op is _SUB:
         return (node.args[0], 1), (node.args[1], -1)
-    if node.op is Op.NEG:
+    if op is _NEG:
         return ((node.args[0], -1),)
-    if node.op is Op.MUL:
-        a, b = node.args
-        if b.is_const:
-            a, b = b, a
-        if a.is_const:
-            return ((b, int(a.attr)),)  # type: ignore[arg-type]
+    a, b = node.args
+    if b.op is _CONST:
+        a, b = b, a
+    if a.op is _CONST:
+        return ((b, int(a.attr)),)  # type: ignore[arg-type]
     return ()
 
 
@@ -308,16 +337,18 @@ def _linear(root: Node) -> tuple[Terms, int]:
     # them by: pushed from the root down in one pass over the DAG (users before operands), so shared
     # operands (`a + a`) cost once however many paths reach them.
     order: list[Node] = []  # operands before users
-    seen: set[Node] = set()
+    operands_of: dict[Node, tuple[tuple[Node, int], ...]] = {}  # each node's, once: also `seen`
     stack: list[tuple[Node, bool]] = [(root, False)]
     while stack:
         node, expanded = stack.pop()
         if expanded:
             order.append(node)
-        elif node not in seen:
-            seen.add(node)
+        elif node not in operands_of:
+            operands = operands_of[node] = _linear_operands(node)
             stack.append((node, True))
-            stack.extend((a, False) for a, _ in _linear_operands(node) if a not in seen)
+            for a, _ in operands:
+                if a not in operands_of:
+                    stack.append((a, False))
     coefficient: dict[Node, int] = {root: 1}
     terms: Terms = {}
     constant = 0
@@ -325,17 +356,20 @@ def _linear(root: Node) -> tuple[Terms, int]:
         k = coefficient.pop(node, 0)
         if not k:
             continue
-        operands = _linear_operands(node)
-        if node.op is Op.CONST:
+        operands = operands_of[node]
+        if operands:
+            for a, factor in operands:
+                coefficient[a] = coefficient.get(a, 0) + k * factor
+        elif node.op is _CONST:
             constant += k * int(node.attr)  # type: ignore[arg-type]
-        elif not operands:
+        else:
             terms[node] = terms.get(node, 0) + k
-        for a, factor in operands:
-            coefficient[a] = coefficient.get(a, 0) + k * factor
     return {atom: k for atom, k in terms.items() if k}, constant
 
 
-def _combine(a: Terms, b: Terms, sign: int) -> Terms:
+def combine(a: Terms, b: Terms, sign: int) -> Terms:
+    """The terms of `a + sign * b` (`sign` any int factor), without the atoms whose coefficients cancel
+    (a new dict: the operands, perhaps `linear`'s shared terms, are left as they are)."""
     result = dict(a)
     for atom, k in b.items():
         result[atom] = result.get(atom, 0) + sign * k
@@ -348,8 +382,24 @@ def _ordered(terms: Terms) -> list[tuple[Node, int]]:
 
 def build_linear(terms: Terms, constant: int) -> Node:
     """The canonical tree of a linear combination: `q - kv + 3`, `2 * q - kv`."""
+    return _build_ordered(_ordered(terms), constant)
+
+
+def linear_form(terms: Terms, constant: int) -> Node:
+    """`build_linear` of terms whose atoms are `linear`'s own (no `+ - *c` node among them, no zero
+    coefficient), noted as a fixed point of the rules (`_fixed`): the rewrite gives it to no rule, as
+    it would leave it. Its `linear` is what it was built from, and is noted as such too."""
+    node = _fixed(build_linear(terms, constant))
+    tables = _open.tables
+    if tables is not None and node not in tables.linear:
+        tables.linear[node] = (dict(terms), constant)
+    return node
+
+
+def _build_ordered(ordered: list[tuple[Node, int]], constant: int) -> Node:
+    """`build_linear` of terms already in their canonical order (`_ordered`)."""
     result: Node | None = None
-    for atom, k in _ordered(terms):
+    for atom, k in ordered:
         if result is None:
             result = atom if k == 1 else make(Op.NEG, atom) if k == -1 else make(Op.MUL, const(k), atom)
             continue
@@ -377,7 +427,7 @@ def split_comparison(node: Node, right: Callable[[Node], bool]) -> Node | None:
         return None
     terms_a, c_a = linear(node.args[0])
     terms_b, c_b = linear(node.args[1])
-    terms = _combine(terms_a, terms_b, -1)
+    terms = combine(terms_a, terms_b, -1)
     left = {a: k for a, k in terms.items() if not right(a)}
     moved = {a: -k for a, k in terms.items() if right(a)}
     if not left or not moved:
@@ -466,7 +516,7 @@ def _int_compare(node: Node) -> Node | None:
         return None
     ta, ca = linear(a)
     tb, cb = linear(b)
-    terms, c = _combine(ta, tb, -1), cb - ca
+    terms, c = combine(ta, tb, -1), cb - ca
     op = node.op
     if op is Op.LT:
         op, c = Op.LE, c - 1
@@ -474,7 +524,8 @@ def _int_compare(node: Node) -> Node | None:
         op, c = Op.GE, c + 1
     if not terms:
         return const(bool(fold.evaluate(op, [0, c])))
-    distributed = _distribute(terms, op, c)
+    ordered = _ordered(terms)  # sorted once: dividing by the gcd or negating keeps the order
+    distributed = _distribute(terms, ordered, op, c)
     if distributed is not None:
         return distributed
     g = math.gcd(*terms.values())
@@ -486,10 +537,11 @@ def _int_compare(node: Node) -> Node | None:
         return const(op is Op.NE)
     else:
         c //= g
-    terms = {t: k // g for t, k in terms.items()}
-    if _ordered(terms)[0][1] < 0:
-        terms, c, op = {t: -k for t, k in terms.items()}, -c, _FLIP[op]
-    return _fixed(make(op, _fixed(build_linear(terms, 0)), const(c)))
+    sign = 1
+    if ordered[0][1] < 0:  # no negation left on the leading term
+        sign, c, op = -1, -c, _FLIP[op]
+    form = _build_ordered([(t, sign * (k // g)) for t, k in ordered], 0)
+    return _fixed(make(op, _fixed(form), const(c)))
 
 
 def _larger_than(terms: Terms, limit: int) -> bool:
@@ -504,19 +556,20 @@ def _larger_than(terms: Terms, limit: int) -> bool:
     return False
 
 
-def _distribute(terms: Terms, op: Op, c: int) -> Node | None:
-    """`k * min(x, y) + R <= c` is `k*x + R <= c or k*y + R <= c` (for k > 0); likewise max, abs, >=."""
-    if op not in (Op.LE, Op.GE):
+def _distribute(terms: Terms, ordered: list[tuple[Node, int]], op: Op, c: int) -> Node | None:
+    """`k * min(x, y) + R <= c` is `k*x + R <= c or k*y + R <= c` (for k > 0); likewise max, abs, >=.
+    `ordered`: the terms in their canonical order."""
+    if op is not _LE and op is not _GE:
         return None
-    for atom, k in _ordered(terms):
-        if atom.op not in (Op.MIN, Op.MAX, Op.ABS):
+    for atom, k in ordered:
+        if atom.op not in _DISTRIBUTED:
             continue
         if _larger_than(terms, _DISTRIBUTE_LIMIT):
             return None
         x, y = (atom.args[0], make(Op.NEG, atom.args[0])) if atom.op is Op.ABS else atom.args
         behaves_like_max = (atom.op in (Op.MAX, Op.ABS)) == (k > 0)
         rest = {t: v for t, v in terms.items() if t != atom}
-        sides = [make(op, build_linear(_combine(rest, {v: k}, 1), 0), const(c)) for v in (x, y)]
+        sides = [make(op, build_linear(combine(rest, {v: k}, 1), 0), const(c)) for v in (x, y)]
         # max(x, y) <= c needs both; min(x, y) <= c needs either. >= is the mirror image.
         conjunction = behaves_like_max == (op is Op.LE)
         return make(Op.AND if conjunction else Op.OR, *sides)
@@ -555,6 +608,10 @@ def _negate(node: Node) -> Node:
     return memoised(node)
 
 
+_FLIPPED = {Op.LE: Op.GT, Op.GE: Op.LT, Op.LT: Op.GE, Op.GT: Op.LE}
+"""The negation of an int comparison."""
+
+
 def _negate_one(node: Node, _negate: Callable[[Node], Node]) -> Node:
     if node.is_const:
         return const(not node.attr)
@@ -566,9 +623,31 @@ def _negate_one(node: Node, _negate: Callable[[Node], Node]) -> Node:
         return make(Op.NE if node.op is Op.EQ else Op.EQ, *node.args)
     if node.op in (Op.LE, Op.GE, Op.LT, Op.GT) and node.args[0].type is Type.INT:
         # Ints are totally ordered; floats are not (NaN), so float comparisons keep their `not`.
-        flipped = {Op.LE: Op.GT, Op.GE: Op.LT, Op.LT: Op.GE, Op.GT: Op.LE}[node.op]
-        return make(flipped, *node.args)
+        return make(_FLIPPED[node.op], *node.args)
     return make(Op.NOT, node)
+
+
+def _complement(node: Node) -> Node | None:
+    """`_negate(node)` if that node exists already, else None (then it is no operand of anything):
+    what `_junction` asks of each operand, answered without building negations it would not use."""
+    op = node.op
+    if op is _CONST:
+        return const(not node.attr)
+    if op is Op.NOT:
+        return node.args[0]
+    if op is Op.AND or op is Op.OR:
+        parts = []
+        for a in node.args:
+            part = _complement(a)
+            if part is None:
+                return None
+            parts.append(part)
+        return existing(Op.OR if op is Op.AND else Op.AND, Type.BOOL, tuple(parts))
+    if op is Op.EQ or op is Op.NE:
+        return existing(Op.NE if op is Op.EQ else Op.EQ, Type.BOOL, node.args)
+    if op in _FLIPPED and node.args[0].type is _INT:
+        return existing(_FLIPPED[op], Type.BOOL, node.args)
+    return existing(Op.NOT, Type.BOOL, (node,))
 
 
 def _not(node: Node) -> Node | None:
@@ -588,7 +667,7 @@ def _where(node: Node) -> Node | None:
 
 def _bound(node: Node) -> tuple[Node, Op, int] | None:
     """A canonical comparison `E op c` as (E, op, c)."""
-    if node.op in (Op.LE, Op.GE, Op.EQ) and node.args[0].type is Type.INT and node.args[1].is_const:
+    if node.op in _BOUND_OPS and node.args[0].type is _INT and node.args[1].op is _CONST:
         return node.args[0], node.op, int(node.args[1].attr)  # type: ignore[arg-type]
     return None
 
@@ -609,7 +688,8 @@ def _junction(node: Node) -> Node | None:
             kept.append(arg)
     present = set(kept)
     for arg in kept:  # x and not x
-        if _negate(arg) in present:
+        complement = _complement(arg)
+        if complement is not None and complement in present:
             return const(not is_and)
     other = Op.OR if is_and else Op.AND
     kept = [a for a in kept if not (a.op is other and any(x in present for x in a.args))]  # absorption
@@ -670,10 +750,8 @@ def _merge_bounds(operands: list[Node], is_and: bool) -> list[Node] | bool:
         if key in emitted:
             continue
         emitted.add(key)
-        if op is Op.EQ:
-            result.append(arg)
-        else:
-            result.append(make(op, expr, const(lows[expr] if op is Op.GE else highs[expr])))
+        merged = c if op is Op.EQ else lows[expr] if op is Op.GE else highs[expr]
+        result.append(arg if merged == c else make(op, expr, const(merged)))  # (most stay as they are)
     return result
 
 

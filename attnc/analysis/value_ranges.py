@@ -65,6 +65,19 @@ Range = tuple[int, int]
 FloatRange = tuple[float, float, bool]  # lo, hi (inclusive, may be infinite), may it be NaN
 _ANY_FLOAT: FloatRange = (-math.inf, math.inf, True)
 _MONOTONE = (Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.TANH, Op.SIGMOID, Op.ERF)
+# The members the int ranges' dispatch reads, as module constants: a read of `Op.ADD` costs Python 3.10
+# and 3.11 a call of `EnumType.__getattr__`'s hook (`ir/nodes.py`), and every node of every
+# expression bounded goes through the dispatch.
+_CONST, _VAR, _SIZE, _PARAM, _REF, _LOAD = Op.CONST, Op.VAR, Op.SIZE, Op.PARAM, Op.REF, Op.LOAD
+_ADD, _SUB, _MIN, _MAX, _NEG, _ABS, _WHERE = Op.ADD, Op.SUB, Op.MIN, Op.MAX, Op.NEG, Op.ABS, Op.WHERE
+_INT, _FLOAT = Type.INT, Type.FLOAT
+_SUMMARIES = frozenset((Op.RANGE_MIN, Op.RANGE_MAX))
+_ROUNDINGS = frozenset((Op.FLOOR, Op.CEIL))
+_BINARY = frozenset((Op.ADD, Op.SUB, Op.MUL, Op.MIN, Op.MAX))
+_DIVISIONS = frozenset((Op.FLOORDIV, Op.UDIV))
+_MODULOS = frozenset((Op.MOD, Op.UMOD))
+_DIVIDING = _DIVISIONS | _MODULOS
+_BITWISE = frozenset((Op.BITAND, Op.BITOR, Op.BITXOR))
 
 
 def fits_int32(r: Range) -> bool:
@@ -151,9 +164,9 @@ class ValueRanges:
         return ok
 
     def _own_fits(self, n: Node) -> bool:
-        if n.type is Type.INT and not fits_int64(self._ranges[n]):
+        if n.type is _INT and not fits_int64(self._ranges[n]):
             return False
-        return not (n.op in (Op.FLOORDIV, Op.MOD, Op.UDIV, Op.UMOD) and self._divides_min(n))
+        return not (n.op in _DIVIDING and self._divides_min(n))
 
     def _divides_min(self, n: Node) -> bool:
         # The kernels divide magnitudes (|a| // |b|), and -2**63 // -1 overflows the hardware's quotient
@@ -164,15 +177,24 @@ class ValueRanges:
         fits = self._fits
         if node in fits:
             return
+        ranges = self._ranges
         for n in node.walk(skip=fits.__contains__):  # then its operands are known too
-            let = self.lets.get(str(n.attr)) if n.op is Op.REF else None
+            let = self.lets.get(str(n.attr)) if n.op is _REF else None
             if let is not None:
                 self._visit(let)
-            if n.type is Type.INT:
-                self._ranges[n] = _clamped(self._range(n))
-            elif n.type is Type.FLOAT:
+            # `_own_fits`, inline: every node of every expression bounded comes through here.
+            ok = True
+            if n.type is _INT:
+                r = self._range(n)
+                lo, hi = r
+                if not -_HUGE <= lo <= hi <= _HUGE:
+                    r = _clamped(r)
+                ranges[n] = r
+                ok = INT64[0] <= r[0] and r[1] <= INT64[1]
+            elif n.type is _FLOAT:
                 self._floats[n] = self._float(n)
-            ok = self._own_fits(n)
+            if ok and n.op in _DIVIDING:
+                ok = not self._divides_min(n)
             for a in n.args:
                 ok = ok and fits[a]
             fits[n] = ok and (let is None or fits[let])
@@ -183,57 +205,66 @@ class ValueRanges:
 
     def _range(self, n: Node) -> Range:
         op = n.op
-        if op is Op.CONST:
+        if op is _CONST:
             return int(n.attr), int(n.attr)  # type: ignore[arg-type]
-        if op is Op.VAR:
+        if op is _VAR:
             assert n.attr in INDEX_VARS + TILE_VARS
             return 0, SIZE_LIMIT + POSITION_SLACK - 1
-        if op is Op.SIZE:
+        if op is _SIZE:
             return 0, SIZE_LIMIT
-        if op is Op.PARAM:
+        if op is _PARAM:
             return PARAM_RANGE
-        if op is Op.REF:
+        if op is _REF:
             value = self.lets.get(str(n.attr))
             return INT64 if value is None else self.of(value)  # visits the let
-        if op is Op.LOAD:
+        if op is _LOAD:
             return self._input_range(str(n.attr))
-        if op in (Op.RANGE_MIN, Op.RANGE_MAX):  # out-of-range positions read 0
+        if op in _SUMMARIES:  # out-of-range positions read 0
             lo, hi = self._input_range(str(n.attr))
             return min(lo, 0), max(hi, 0)
-        if op in (Op.FLOOR, Op.CEIL):
+        if op in _ROUNDINGS:
             return self._to_int(op, self._floats[n.args[0]])
-        args = [self._ranges[a] for a in n.args if a.type is Type.INT]
-        if op in (Op.ADD, Op.SUB, Op.MUL, Op.MIN, Op.MAX):
+        args = [self._ranges[a] for a in n.args if a.type is _INT]
+        if op in _BINARY:
             (alo, ahi), (blo, bhi) = args
-            if op is Op.ADD:
+            if op is _ADD:
                 return alo + blo, ahi + bhi
-            if op is Op.SUB:
+            if op is _SUB:
                 return alo - bhi, ahi - blo
-            if op is Op.MIN:
+            if op is _MIN:
                 return min(alo, blo), min(ahi, bhi)
-            if op is Op.MAX:
+            if op is _MAX:
                 return max(alo, blo), max(ahi, bhi)
             corners = [alo * blo, alo * bhi, ahi * blo, ahi * bhi]
             return min(corners), max(corners)
-        if op is Op.NEG:
+        if op is _NEG:
             lo, hi = args[0]
             return -hi, -lo
-        if op is Op.ABS:
+        if op is _ABS:
             lo, hi = args[0]
             if lo >= 0:
                 return lo, hi
             if hi <= 0:
                 return -hi, -lo
             return 0, max(-lo, hi)
-        if op in (Op.FLOORDIV, Op.UDIV):
+        if op in _DIVISIONS:
             return self._floordiv(args[0], args[1])
-        if op in (Op.MOD, Op.UMOD):
+        if op in _MODULOS:
             return self._mod(args[0], args[1])
-        if op is Op.WHERE:
+        if op is _WHERE:
             (alo, ahi), (blo, bhi) = args
             return min(alo, blo), max(ahi, bhi)
-        if op in (Op.BITAND, Op.BITOR, Op.BITXOR):
+        if op in _BITWISE:
             return _bitwise(op, args[0], args[1])
+        if op is Op.BOUND:  # a reduction's variable: lo, ..., hi - 1 (nothing if hi <= lo)
+            (alo, _), (_, bhi) = args
+            return alo, max(alo, bhi - 1)
+        if op is Op.REDUCE:  # sum: up to hi - lo terms; max / min: a term, or 0 if empty
+            (alo, _), (_, bhi), (tlo, thi) = args
+            if str(n.attr).startswith("sum:"):
+                count = max(0, bhi - alo)
+                return min(0, tlo * count), max(0, thi * count)
+            return min(tlo, 0), max(thi, 0)
         if op in (Op.SHL, Op.SHR):
             (alo, ahi), (nlo, nhi) = args
             counts = (fold.shift_count(nlo), fold.shift_count(nhi))  # monotone in the count

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from attnc.analysis.value_ranges import ValueRanges, fits_int32
+from attnc.ir import reduce as reductions
 from attnc.ir.nodes import Node, Op, PatternIR, Type
 
 INT1, INT32, INT64 = "tl.int1", "tl.int32", "tl.int64"
@@ -51,6 +52,30 @@ _UNARY_CALL = {
     Op.ERF: "tl.erf",
 }
 _BITWISE = {Op.BITAND: "&", Op.BITOR: "|", Op.BITXOR: "^"}
+
+
+BLOCK_MARK = "\x01"
+"""Starts each further line of a multi-line `Assign` (a reduction's loop), once per level of
+indentation past the statement's own: `expand_blocks` indents those lines where the statement lies."""
+
+
+def expand_blocks(source: str) -> str:
+    """The rendered source with the further lines of multi-line statements indented: each line that
+    starts (after spaces) with k `BLOCK_MARK`s goes k - 1 levels past the last line without one."""
+    if BLOCK_MARK not in source:
+        return source
+    out: list[str] = []
+    base = ""
+    for line in source.split("\n"):
+        stripped = line.lstrip(" ")
+        if stripped.startswith(BLOCK_MARK):
+            text = stripped.lstrip(BLOCK_MARK)
+            depth = len(stripped) - len(text) - 1
+            out.append(base + "    " * depth + text)
+        else:
+            base = line[: len(line) - len(stripped)]
+            out.append(line)
+    return "\n".join(out)
 
 
 @dataclass(frozen=True)
@@ -146,9 +171,20 @@ class Emitter:
         known = self.names.get(node)
         if known is not None:  # most operands are: no walk
             return known
-        for n in node.walk(skip=self.names.__contains__):  # what is emitted already is not walked again
-            self.names[n] = self._emit(n)
-        return self.names[node]
+        if node.op is Op.REDUCE:
+            self.names[node] = self._reduction(node)
+            return self.names[node]
+        # What is emitted already is not walked again; a reduction's term is emitted in its loop.
+        names = self.names
+        if all(a in names for a in node.args):  # a leaf, or operands emitted already: no walk
+            names[node] = self._emit(node)
+            return names[node]
+        for n in node.walk(skip=lambda m: m in names or m.op is Op.REDUCE):
+            for a in n.args:
+                if a.op is Op.REDUCE and a not in names:
+                    names[a] = self._reduction(a)
+            names[n] = self._emit(n)
+        return names[node]
 
     def cast(self, node: Node, dtype: str) -> str:
         """The node's value as `dtype` (constants are written in it directly)."""
@@ -239,6 +275,75 @@ class Emitter:
             cond = self.value(args[0])
             return self._assign(f"tl.where({cond}, {self.cast(args[1], dtype)}, {self.cast(args[2], dtype)})")
         raise AssertionError(f"no Triton lowering for {op}")
+
+    def _reduction(self, n: Node) -> str:
+        """A reduction (`ir/reduce.py`) as a loop accumulating into a variable of the shape its term
+        has (a scalar, a row, a column or a tile: a loop-carried value keeps one shape and type). The
+        loop's statements are one `Assign` whose value goes on over further lines, each starting with
+        `BLOCK_MARK`s, one per level of indentation past the statement's (`expand_blocks`)."""
+        kind, _ = reductions.parts(n)
+        lo, hi, term = n.args[0], n.args[1], n.args[2]
+        index = self.dtype(reductions.variable(n))
+        bounds = [self.cast(b, index) for b in (lo, hi)]
+        own = len(self.lines)
+        acc = self._assign("0")  # the accumulator's name; its initial value is set below
+        carried = INT32 if kind in ("any", "all") else self.dtype(n)
+        leaves = [leaf for leaf in ("q", "kv", "s") if self._reads(term, leaf)]
+        shape = "".join(f" + tl.zeros_like({self.leaves[leaf]}).to({carried})" for leaf in leaves)
+        empty = reductions.empty(kind, n.type)
+        initial = _literal(int(empty) if kind in ("any", "all") else empty, carried)  # type: ignore[arg-type]
+        if carried != FP64:  # a float64 literal is a `tl.full` already
+            initial = f"tl.full([], {initial}, {carried})"
+        lines = [f"{initial}{shape}"]
+        # The loop body: its own statements (names prefixed, so that they cannot meet the outer ones),
+        # its variable known; nothing it computes is known after it.
+        saved = self.lines, self.names, self.prefix
+        variable = f"{saved[2]}{own}_i"
+        self.lines, self.names, self.prefix = [], dict(saved[1]), f"{saved[2]}{own}_"
+        self.names[reductions.variable(n)] = variable
+        try:
+            if kind in ("any", "all"):
+                value = f"tl.cast({self.value(term)}, {INT32})"
+            else:
+                value = self.cast(term, carried)
+            dvalue = self.cast(n.args[3], carried) if kind in ("dmax", "dmin") else None
+            # A nested reduction's loop goes one level deeper.
+            body = [f"{a.target} = {a.value}".replace("\n", "\n" + BLOCK_MARK) for a in self.lines]
+        finally:
+            self.lines, self.names, self.prefix = saved
+        first = f"{variable} == {bounds[0]}"
+        if kind == "sum":
+            update = [f"{acc} = {acc} + {value}"]
+        elif kind in ("any", "all", "max", "min"):
+            fn = "tl.maximum" if kind in ("any", "max") else "tl.minimum"
+            update = [f"{acc} = tl.where({first}, {value}, {fn}({acc}, {value}))"]
+            if kind in ("any", "all"):
+                update = [f"{acc} = {fn}({acc}, {value})"]
+        else:  # the derivative of the term the max / min selects: `analysis/derivative.py`
+            extreme = f"{acc}_v"
+            lines.append(f"{extreme} = {initial}{shape}")
+            wins, loses = (">", "<") if kind == "dmax" else ("<", ">")
+            fn = "tl.maximum" if kind == "dmax" else "tl.minimum"
+            update = [
+                f"{acc} = tl.where({first}, {dvalue}, tl.where({extreme} {wins} {value}, {acc}, "
+                f"tl.where({extreme} {loses} {value}, {dvalue}, 0.5 * ({acc} + {dvalue}))))",
+                f"{extreme} = tl.where({first}, {value}, {fn}({extreme}, {value}))",
+            ]
+        lines.append(f"for {variable} in range({bounds[0]}, {bounds[1]}):")
+        lines += [BLOCK_MARK + line for line in [*body, *update]]
+        self.lines[own] = Assign(acc, f"\n{BLOCK_MARK}".join(lines))
+        if kind in ("any", "all"):
+            return self._assign(f"{acc} != 0")
+        return acc
+
+    def _reads(self, n: Node, leaf: str) -> bool:
+        """Whether the value reads `leaf` (q, kv or s), following lets."""
+        if leaf in n.free:
+            return True
+        return any(
+            m.op is Op.REF and str(m.attr) in self.lets and self._reads(self.lets[str(m.attr)], leaf)
+            for m in n.walk()
+        )
 
     def varies(self, n: Node) -> bool:
         """Whether the value reads `q`, `kv` or `s` (following lets): a row, column or tile, not a

@@ -21,7 +21,17 @@ from types import CodeType
 import jinja2
 
 from attnc.analysis.value_ranges import ValueRanges, fits_int32
-from attnc.codegen.emit import FP32, INT32, INT64, Assign, Emitter, float64_nodes, input_arg, param_arg
+from attnc.codegen.emit import (
+    FP32,
+    INT32,
+    INT64,
+    Assign,
+    Emitter,
+    expand_blocks,
+    float64_nodes,
+    input_arg,
+    param_arg,
+)
 from attnc.codegen.spec import (
     INPUT_NAMESPACES,
     PARAM_NAMESPACE,
@@ -414,7 +424,7 @@ def _check_structure(tree: ast.Module, spec: KernelSpec | BackwardSpec, template
 def render(spec: KernelSpec | BackwardSpec, template: str = "attention_fwd.py.jinja") -> str:
     """The Triton source of a spec, as text: not parsed here. Python parses it once, where it is loaded
     (`checked_code`), and checks its structure then, before any of it runs."""
-    return _environment().get_template(template).render(spec=spec)
+    return expand_blocks(_environment().get_template(template).render(spec=spec))  # reductions' loops
 
 
 def checked_code(

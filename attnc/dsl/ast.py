@@ -93,6 +93,20 @@ class Index(Expr):
 
 
 @dataclass(frozen=True)
+class Reduce(Expr):
+    """A bounded reduction `kind(var in lo..hi: body)`: `kind` one of sum, any, all, max, min; `var`
+    takes lo, lo + 1, ..., hi - 1 (an empty range if hi <= lo)."""
+
+    kind: str
+    kind_loc: Loc
+    var: str
+    var_loc: Loc
+    lo: Expr
+    hi: Expr
+    body: Expr
+
+
+@dataclass(frozen=True)
 class Param:
     name: str
     type_name: str

@@ -49,6 +49,7 @@ from attnc.errors import (
     UnknownNameError,
 )
 from attnc.ir import fold
+from attnc.ir import reduce as reductions
 from attnc.ir.nodes import (
     INDEX_VARS,
     INPUT_DTYPES,
@@ -83,6 +84,10 @@ MATH_FUNCTIONS = {
     "erf": Op.ERF,
 }
 BUILTINS = frozenset({"abs", "min", "max", "clamp", "where", "floor", "ceil", *MATH_FUNCTIONS})
+_NOT_FIXED = (Op.LOAD, Op.CALL, Op.PATTERN, Op.BOUND, Op.REDUCE)
+"""Ops a reduction's bound may not contain (besides leaves other than constants and parameters)."""
+REDUCTIONS = ("sum", "any", "all", "max", "min")
+"""The bounded reductions, `sum(i in lo..hi: term)`: see `ir/reduce.py`."""
 CONSTANTS = {"inf": math.inf}
 """Built-in float constants: `inf` (and so `-inf`, the spelling of a masked-out score)."""
 RESERVED = frozenset({*INDEX_VARS, *SIZES, "s", *BUILTINS, *CONSTANTS})
@@ -349,6 +354,8 @@ class Program:
         in_constants = {id(e) for e in ast.walk(constants)}
         found: list[tuple[int, Loc | None]] = []
         for expr in ast.walk(ast.decl_exprs(decl)):
+            if isinstance(expr, ast.Reduce):  # its variable is local to its term (parents come first)
+                local_names.add(expr.var)
             if isinstance(expr, ast.Call) and expr.func not in local_names and expr.func not in BUILTINS:
                 name, name_loc = expr.func, expr.func_loc
             elif isinstance(expr, ast.Name) and expr.id not in local_names and expr.id not in RESERVED:
@@ -483,6 +490,7 @@ class _ExprLowerer:
         self.program = program
         self.scope = scope
         self.locals: dict[str, _Local] = {}
+        self.bound: dict[str, Node] = {}  # the variables of the enclosing reductions
         self.allow_score = False
         self.context = "an expression"
 
@@ -521,6 +529,9 @@ class _ExprLowerer:
 
     def _Name(self, e: ast.Name) -> Node:
         name = e.id
+        if name in self.bound:
+            variable = self.bound[name]
+            return Node(Op.BOUND, Type.INT, variable.args, variable.attr, e.loc)
         if name in self.locals:
             if self.locals[name].kind == "input":
                 decl = self.input_decl(name)
@@ -745,6 +756,77 @@ class _ExprLowerer:
                     f"shift count {count} is outside [0, {fold.SHIFT_LIMIT}]: ints are 64-bit", e.right.loc
                 )
         return make(_BITWISE[e.op], left, right, loc=e.loc)
+
+    def _Reduce(self, e: ast.Reduce) -> Node:
+        """`sum(i in lo..hi: term)` (and any, all, max, min): see `ir/reduce.py`. The bounds are int
+        expressions of literals and parameters (constants once bound, or runtime kernel arguments);
+        constant bounds with few terms are unrolled here, the rest at binding or in the kernel."""
+        if e.kind not in REDUCTIONS:
+            raise AttnSyntaxError(
+                f"'{e.kind}(... in ...)' is not a reduction; expected one of {', '.join(REDUCTIONS)}",
+                e.kind_loc,
+            )
+        self._check_reduction_name(e)
+        lo, hi = (self._reduction_bound(b) for b in (e.lo, e.hi))
+        qualifier = re.sub(r"\W", "_", self.scope.qualifier)
+        name = "_".join(x for x in (e.var, qualifier, str(e.var_loc.line), str(e.var_loc.col)) if x)
+        self.bound[e.var] = Node(Op.BOUND, Type.INT, (lo, hi), name, e.var_loc)
+        try:
+            term = self.expr(e.body)
+        finally:
+            del self.bound[e.var]
+        if e.kind in ("any", "all"):
+            if term.type is not Type.BOOL:
+                raise AttnTypeError(f"the term of '{e.kind}' must be bool, got {term.type}", e.body.loc)
+        elif not _is_number(term):
+            raise AttnTypeError(f"the term of '{e.kind}' must be a number, got {term.type}", e.body.loc)
+        node = reductions.reduction(e.kind, name, lo, hi, term, loc=e.loc)
+        unrolled = reductions.unroll(node)
+        return node if unrolled is None else unrolled
+
+    def _check_reduction_name(self, e: ast.Reduce) -> None:
+        """A reduction's variable is a new name: it may not shadow any name in scope."""
+        var = e.var
+        if var in self.bound:
+            raise DuplicateError(f"'{var}' is already the variable of an enclosing reduction", e.var_loc)
+        if var in self.locals:
+            local = self.locals[var]
+            raise DuplicateError(
+                f"'{var}' is already declared as {_article(local.kind)} at line {local.loc.line}; "
+                "a reduction's variable needs a new name",
+                e.var_loc,
+            )
+        if var in RESERVED or var in CONSTANTS:
+            raise DuplicateError(
+                f"'{var}' is a built-in name and cannot be a reduction's variable", e.var_loc
+            )
+        if self.program.lookup(self.scope, var, e.var_loc) is not None:
+            raise DuplicateError(
+                f"'{var}' is already defined in the program; a reduction's variable needs a new name",
+                e.var_loc,
+            )
+
+    def _reduction_bound(self, expr: ast.Expr) -> Node:
+        """A bound of a reduction: an int expression of literals and parameters (fn arguments
+        included, checked again once inlined: `bind-params`)."""
+        value = self.expr(expr)  # (an enclosing reduction's variable is not fixed: reported below)
+        if value.type is not Type.INT:
+            raise AttnTypeError(f"a reduction's bound must be int, got {value.type}", expr.loc)
+        for n in value.walk():
+            if n.op is Op.REF:
+                local = self.locals.get(str(n.attr))
+                fixed = local is not None and local.kind in ("param", "arg")
+            else:
+                fixed = n.op is Op.CONST or (bool(n.args) and n.op not in _NOT_FIXED)
+            if not fixed:
+                break
+        else:
+            return value
+        raise AttnTypeError(
+            "a reduction's bound must be an int of literals and parameters (a constant, or a runtime "
+            "parameter: the kernel then loops); it cannot read positions, sizes, inputs, lets or calls",
+            expr.loc,
+        )
 
     def _BoolOp(self, e: ast.BoolOp) -> Node:
         values = []

@@ -277,6 +277,13 @@ class _ToAst(Transformer_NonRecursive):
         keywords = tuple(a for a in args if isinstance(a, ast.KeywordArg))
         return ast.Call(self._loc(meta), str(name), self._tok(name), positional, keywords)
 
+    @v_args(meta=True)
+    def reduction(self, meta, children) -> ast.Reduce:
+        kind, var, keyword, lo, _dots, hi, body = children
+        if str(keyword) != "in":
+            raise AttnSyntaxError(f"unexpected '{keyword}', expected 'in'", self._tok(keyword))
+        return ast.Reduce(self._loc(meta), str(kind), self._tok(kind), str(var), self._tok(var), lo, hi, body)
+
     def arg(self, children) -> ast.Expr:
         return children[0]
 

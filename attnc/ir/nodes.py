@@ -93,12 +93,23 @@ class Op(str, Enum):
     WHERE = "where"
     RANGE_MIN = "range_min"
     RANGE_MAX = "range_max"
+    BOUND = "bound"
+    REDUCE = "reduce"
 
     __hash__ = str.__hash__  # an Enum's own hash is a Python call; every table keyed by an op pays it
     __format__ = str.__format__  # an Enum's own format is two Python calls; the printer writes many
 
     def __str__(self) -> str:
         return self._value_  # the value, without the `value` property's descriptor call
+
+
+# Members read for every node built or typed, as module constants (so are those of the analyses' hot
+# loops): Python 3.10 and 3.11 read an enum's member (`Op.CONST`) through the slow hook that
+# `EnumType.__getattr__` installs, some 0.1 us a read, and a build made some 10,000 such reads.
+_INT, _FLOAT, _BOOL = Type.INT, Type.FLOAT, Type.BOOL
+_NUMBERS = frozenset((Type.INT, Type.FLOAT))
+_CONST = Op.CONST
+_BOUND, _REDUCE = Op.BOUND, Op.REDUCE
 
 
 MAX_NESTING = 400
@@ -200,14 +211,21 @@ def _attr_key(op: Op, type_: Type, attr: object) -> tuple[object, object]:
     return attr, attr.hex() if isinstance(attr, float) else attr
 
 
-_TABLE: dict[tuple[object, ...], weakref.KeyedRef] = {}
+class _Ref(weakref.ref):  # type: ignore[type-arg]
+    """A weak reference to an interned node that knows the node's key in `_TABLE`: what
+    `weakref.KeyedRef` is, without its constructor's two Python-level calls (one per node made)."""
+
+    __slots__ = ("key",)
+
+
+_TABLE: dict[tuple[object, ...], _Ref] = {}
 """The interned nodes, by (op, type, attr key, operands), held weakly: those still in use somewhere. A
 key holds the operands, which the node holds anyway; its entry leaves when the node dies (`_forget`).
 Read without `_LOCK` (a dict lookup is atomic, and a dead reference reads as a miss); entries are
 added under it."""
 
 
-def _forget(ref: weakref.KeyedRef) -> None:
+def _forget(ref: _Ref) -> None:
     # A node died: drop its entry, unless the key names a live node again (removed only if dead,
     # atomically: this runs in whichever thread freed the node, perhaps while it holds `_LOCK`).
     _remove_dead_weakref(_TABLE, ref.key)
@@ -243,7 +261,7 @@ class _Interned(type):
         type_ = type
         if args.__class__ is not tuple:
             args = tuple(args)
-        if isinstance(attr, float) or (type_ is Type.FLOAT and op is Op.CONST):
+        if isinstance(attr, float) or (type_ is _FLOAT and op is _CONST):
             attr, key_attr = _attr_key(op, type_, attr)
         else:
             key_attr = attr  # what `_attr_key` gives for anything but a float
@@ -263,7 +281,9 @@ class _Interned(type):
                 if twin is None:
                     _spend()
                     twin = _new(Node, op, type_, canonical, attr, key_attr)
-                    _TABLE[key] = weakref.KeyedRef(twin, _forget, key)
+                    ref = _Ref(twin, _forget)
+                    ref.key = key
+                    _TABLE[key] = ref
         if not located:
             return twin
         # A located node (or one over located operands): a twin of the interned node that keeps the
@@ -341,26 +361,32 @@ class Node(metaclass=_Interned):
         """Every node of the expression, each distinct one once, children before parents; a node for
         which `skip` holds is left out with everything under it (an evaluator's already-known values)."""
         # A node joins `seen` when first popped: in a DAG nothing under it reaches it again, so its
-        # operands are done before it is yielded. One hash per edge (`add`, its effect read from the
-        # size), not the three of asking `in` before pushing and again before adding.
+        # operands are done before it is yielded. (An interned node hashes by identity, in C: asking
+        # `in` and then adding costs less than reading the effect of `add` from the set's size.)
         seen: set[Node] = set()
         stack: list[Node] = [self]  # a node under `_EXPANDED` has had its operands pushed
+        pop, push = stack.pop, stack.append
         while stack:
-            node = stack.pop()
+            node = pop()
             if node is _EXPANDED:
-                yield stack.pop()
+                yield pop()
                 continue
-            size = len(seen)
+            if node in seen:
+                continue
             seen.add(node)
-            if len(seen) == size or (skip is not None and skip(node)):
+            if skip is not None and skip(node):
                 continue
             args = node.args
             if not args:
                 yield node
                 continue
-            stack.append(node)
-            stack.append(_EXPANDED)
-            stack.extend(args[::-1])
+            push(node)
+            push(_EXPANDED)
+            if len(args) == 2:  # most interior ops: no reversed copy of the operands
+                push(args[1])
+                push(args[0])
+            else:
+                stack.extend(reversed(args))
 
     @property
     def free(self) -> frozenset[str]:
@@ -374,6 +400,11 @@ class Node(metaclass=_Interned):
                     names = frozenset((str(n.attr),))
                 elif n.op is Op.SCORE:
                     names = frozenset("s")
+                elif n.op is _BOUND:  # its bounds read no index variable; the mark keeps it in its loop
+                    names = frozenset((BOUND_MARK + str(n.attr),))
+                elif n.op is _REDUCE:  # a reduction binds its variable
+                    bound = BOUND_MARK + str(n.attr).partition(":")[2]
+                    names = frozenset().union(*(a.__dict__["_free"] for a in n.args)) - {bound}
                 else:
                     names = frozenset().union(*(a.__dict__["_free"] for a in n.args))
                 object.__setattr__(n, "_free", names)
@@ -382,7 +413,7 @@ class Node(metaclass=_Interned):
 
     @property
     def is_const(self) -> bool:
-        return self.op is Op.CONST
+        return self.op is _CONST
 
 
 class LocatedNode(Node):
@@ -405,10 +436,10 @@ class LocatedNode(Node):
 
 def const(value: int | float | bool, loc: Loc | None = None) -> Node:
     if isinstance(value, bool):
-        return Node(Op.CONST, Type.BOOL, (), value, loc)
+        return Node(_CONST, _BOOL, (), value, loc)
     if isinstance(value, int):
-        return Node(Op.CONST, Type.INT, (), value, loc)
-    return Node(Op.CONST, Type.FLOAT, (), float(value), loc)
+        return Node(_CONST, _INT, (), value, loc)
+    return Node(_CONST, _FLOAT, (), float(value), loc)
 
 
 # ---- the ops, documented once, each with its typing rule ---------------------------------------------
@@ -426,7 +457,7 @@ class OpInfo:
 
 
 def _numeric_same(types: tuple[Type, ...], _attr: object) -> Type | str:
-    if types[0] == types[1] and types[0] in (Type.INT, Type.FLOAT):
+    if types[0] == types[1] and types[0] in _NUMBERS:
         return types[0]
     return f"operands must be both int or both float, got {types[0]} and {types[1]}"
 
@@ -440,7 +471,7 @@ def _int_binary(types: tuple[Type, ...], _attr: object) -> Type | str:
 
 
 def _numeric_unary(types: tuple[Type, ...], _attr: object) -> Type | str:
-    return types[0] if types[0] in (Type.INT, Type.FLOAT) else f"operand must be a number, got {types[0]}"
+    return types[0] if types[0] in _NUMBERS else f"operand must be a number, got {types[0]}"
 
 
 def _float_unary(result: Type) -> TypeRule:
@@ -451,8 +482,8 @@ def _float_unary(result: Type) -> TypeRule:
 
 
 def _ordered(types: tuple[Type, ...], _attr: object) -> Type | str:
-    if types[0] == types[1] and types[0] in (Type.INT, Type.FLOAT):
-        return Type.BOOL
+    if types[0] == types[1] and types[0] in _NUMBERS:
+        return _BOOL
     return f"operands must be both int or both float, got {types[0]} and {types[1]}"
 
 
@@ -465,17 +496,45 @@ def _equality(types: tuple[Type, ...], _attr: object) -> Type | str:
 def _logical(types: tuple[Type, ...], _attr: object) -> Type | str:
     if len(types) < 2:
         return "needs at least two operands"
-    return Type.BOOL if all(t is Type.BOOL for t in types) else "operands must be bool"
+    return _BOOL if all(t is _BOOL for t in types) else "operands must be bool"
 
 
 def _not(types: tuple[Type, ...], _attr: object) -> Type | str:
-    return Type.BOOL if types[0] is Type.BOOL else f"operand must be bool, got {types[0]}"
+    return _BOOL if types[0] is _BOOL else f"operand must be bool, got {types[0]}"
 
 
 def _where(types: tuple[Type, ...], _attr: object) -> Type | str:
-    if types[0] is not Type.BOOL:
+    if types[0] is not _BOOL:
         return f"condition must be bool, got {types[0]}"
     return types[1] if types[1] == types[2] else f"branches must have one type, got {types[1]} and {types[2]}"
+
+
+BOUND_MARK = "~"
+"""`Node.free` of a reduction's variable (`Op.BOUND` named i) holds `~i`: a value that reads it varies
+inside its loop, so nothing may hoist it out (the passes that hoist ask `free` for `q`, `kv`, `s`)."""
+REDUCTION_KINDS = ("sum", "any", "all", "max", "min", "dmax", "dmin")
+"""The kinds of `Op.REDUCE`: the five of the language, and `dmax` / `dmin`, the derivatives of a max /
+min reduction (`analysis/derivative.py`)."""
+
+
+def _bound(types: tuple[Type, ...], _attr: object) -> Type | str:
+    return Type.INT if types == (Type.INT, Type.INT) else f"bounds must be int, got {types}"
+
+
+def _reduce(types: tuple[Type, ...], attr: object) -> Type | str:
+    kind = str(attr).partition(":")[0]
+    if kind not in REDUCTION_KINDS:
+        return f"unknown reduction {kind!r}"
+    if types[:2] != (Type.INT, Type.INT):
+        return f"bounds must be int, got {types[:2]}"
+    body = types[2:]
+    if kind in ("dmax", "dmin"):
+        return Type.FLOAT if body == (Type.FLOAT, Type.FLOAT) else f"terms must be float, got {body}"
+    if len(body) != 1:
+        return f"takes 3 operands, got {len(types)}"
+    if kind in ("any", "all"):
+        return Type.BOOL if body[0] is Type.BOOL else f"terms must be bool, got {body[0]}"
+    return body[0] if body[0] in (Type.INT, Type.FLOAT) else f"terms must be numbers, got {body[0]}"
 
 
 def _tofloat(types: tuple[Type, ...], _attr: object) -> Type | str:
@@ -570,6 +629,23 @@ OPS: dict[Op, OpInfo] = {
             None,
         ),
         OpInfo(Op.RANGE_MAX, "an upper bound of input attr over the index box, as range_min", None, None),
+        OpInfo(
+            Op.BOUND,
+            "the variable of a reduction (int): attr its name, unique in the program (`i_LINE_COL`), "
+            "operands the reduction's bounds (lo, hi): it takes lo, ..., hi - 1",
+            2,
+            _bound,
+        ),
+        OpInfo(
+            Op.REDUCE,
+            "a bounded reduction (lo, hi, term): attr `KIND:NAME`, KIND one of sum, any, all, max, min, "
+            "NAME its variable (the `bound` over lo, hi in term); the term's values for NAME = lo, ..., "
+            "hi - 1 combined by + / or / and / max / min, in that order; empty (hi <= lo): 0, false, true, "
+            "-inf / +inf (0 for ints). `dmax` / `dmin` (lo, hi, term, dterm): the dterm of the term a "
+            "max / min selects, ties splitting evenly as between two (`analysis/derivative.py`)",
+            None,
+            _reduce,
+        ),
     ]
 }
 
@@ -583,13 +659,28 @@ def infer_type(op: Op, args: tuple[Node, ...], attr: object = None) -> Type | st
     return info.rule(tuple([a.type for a in args]), attr)
 
 
+def existing(op: Op, type_: Type, args: tuple[Node, ...], attr: int | str | None = None) -> Node | None:
+    """The live interned node with these fields, or None if there is none: builds nothing (a node that
+    does not exist is an operand of nothing). `attr` not a float."""
+    ref = _TABLE.get((op, type_, attr, tuple([a.canonical for a in args])))
+    return None if ref is None else ref()
+
+
+_MADE: dict[tuple[Op, tuple[Type, ...]], Type] = {}
+"""The type `make` found for an op over operands of these types (its rules read no attr then)."""
+
+
 def make(op: Op, *args: Node, loc: Loc | None = None) -> Node:
     """Build an interior node, typing it by its rule; an ill-typed one is an internal error."""
-    result = infer_type(op, args)
-    if not isinstance(result, Type):
-        from attnc.errors import InternalError
+    key = (op, tuple([a.type for a in args]))
+    result = _MADE.get(key)
+    if result is None:
+        typed = infer_type(op, args)
+        if not isinstance(typed, Type):
+            from attnc.errors import InternalError
 
-        raise InternalError(f"ill-typed {op}: {result}")
+            raise InternalError(f"ill-typed {op}: {typed}")
+        result = _MADE[key] = typed
     return Node(op, result, args, None, loc)
 
 

@@ -39,7 +39,7 @@ _TOKEN = re.compile(
 )
 
 
-_SYMBOL_OPS = (Op.LOAD, Op.CALL, Op.PATTERN, Op.RANGE_MIN, Op.RANGE_MAX)
+_SYMBOL_OPS = (Op.LOAD, Op.CALL, Op.PATTERN, Op.RANGE_MIN, Op.RANGE_MAX, Op.BOUND, Op.REDUCE)
 
 
 class IRParseError(InternalError):

@@ -20,7 +20,7 @@ from attnc.ir.nodes import FnIR, ModuleIR, Node, Op, ParamDecl, PatternIR, Type,
 from attnc.ir.results import RANGE_AXES
 
 _LEAVES = (Op.CONST, Op.VAR, Op.SIZE, Op.PARAM, Op.SCORE, Op.REF)
-_SYMBOL_OPS = (Op.LOAD, Op.CALL, Op.PATTERN, Op.RANGE_MIN, Op.RANGE_MAX)
+_SYMBOL_OPS = (Op.LOAD, Op.CALL, Op.PATTERN, Op.RANGE_MIN, Op.RANGE_MAX, Op.BOUND, Op.REDUCE)
 
 
 class _Numbering:
@@ -31,6 +31,9 @@ class _Numbering:
         self.lines: list[str] = []
 
     def operand(self, node: Node) -> str:
+        name = self.names.get(node)
+        if name is not None:  # an interior node, named when defined
+            return name
         if node.op is Op.CONST:
             return format_const(node.attr)  # type: ignore[arg-type]
         if node.op in (Op.VAR, Op.SIZE):
@@ -46,7 +49,7 @@ class _Numbering:
     def define(self, root: Node) -> str:
         """Emit lines for every not-yet-named interior node under root; return root's operand text."""
         for node in root.walk(skip=self.names.__contains__):  # named: printed with its operands
-            if node.op in _LEAVES:
+            if not node.args and node.op in _LEAVES:
                 continue
             name = f"%{len(self.names)}"
             args = ", ".join([self.operand(a) for a in node.args])

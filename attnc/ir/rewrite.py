@@ -34,7 +34,7 @@ def rewrite(
         return False
 
     for node in root.walk(skip=known):
-        rebuilt = _rebuilt(node, memo)
+        rebuilt = _rebuilt(node, memo) if node.args else node  # (no call for a leaf: most are)
         replaced = None if node in leave else rule(rebuilt)
         memo[node] = rebuilt if replaced is None else replaced
     return memo[root]

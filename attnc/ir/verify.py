@@ -36,15 +36,13 @@ _KERNEL_READ = frozenset({*INDEX_VARS, "s"})
 _CONTEXTUAL = (Op.VAR, Op.SCORE, Op.PARAM, Op.REF, Op.LOAD, Op.RANGE_MIN, Op.RANGE_MAX, Op.CALL, Op.PATTERN)
 """The ops whose check in `_Verifier.one` depends on where the expression stands (the tile variables and
 the score are allowed in some expressions only, names resolve against a scope or a declaration)."""
+_DECLARED = frozenset((Op.CONST, Op.SIZE, *_CONTEXTUAL))
+"""The ops `_Verifier.one` checks against a declaration, a scope or a set of names; the others' nodes
+are typed by their op's rule (and found in this set without reading `Op`'s members one by one, which
+costs Python 3.10 and 3.11 a call each: `ir/nodes.py`)."""
 _SYMBOLS = "_verified_symbols"
 """On an interned node that passed `one` with everything under it: the (interned) nodes of `_CONTEXTUAL`
-ops under it; not itself, which would keep it alive until a garbage collection (`_symbols` adds it)."""
-
-
-def _symbols(node: Node) -> frozenset[Node]:
-    """The nodes of `_CONTEXTUAL` ops in a marked node's expression, itself included."""
-    below: frozenset[Node] = node.canonical.__dict__[_SYMBOLS]
-    return below | {node.canonical} if node.op in _CONTEXTUAL else below
+ops under it; not itself, which would keep it alive until a garbage collection (its users add it)."""
 
 
 class _Verifier:
@@ -70,11 +68,16 @@ class _Verifier:
         loads, calls), whose meaning depends on where the expression stands, so those are checked
         again in each context, and the mark keeps them."""
         boundary: list[frozenset[Node]] = []
+        symbols: set[Node] = set()  # the marked nodes' symbols, themselves included if contextual
 
         def marked(n: Node) -> bool:
-            if _SYMBOLS not in n.canonical.__dict__:
+            twin = n.canonical
+            below = twin.__dict__.get(_SYMBOLS)
+            if below is None:
                 return False
-            boundary.append(_symbols(n))
+            boundary.append(below)
+            if n.op in _CONTEXTUAL:
+                symbols.add(twin)
             return True
 
         walked: set[Node] = set()
@@ -82,18 +85,34 @@ class _Verifier:
             failures = len(self.errors)
             self.one(where, n, refs, pattern, allow_score)
             walked.add(n)
-            if len(self.errors) == failures and all(_SYMBOLS in a.canonical.__dict__ for a in n.args):
-                below = frozenset[Node]().union(*(_symbols(a) for a in n.args))
-                object.__setattr__(n.canonical, _SYMBOLS, below)
-        for symbol in frozenset().union(*boundary) - walked:
+            if len(self.errors) != failures:
+                continue
+            below: set[Node] | None = set()  # the operands' marks and contextual selves, if all are marked
+            for a in n.args:
+                twin = a.canonical
+                marks = twin.__dict__.get(_SYMBOLS)
+                if marks is None:
+                    below = None
+                    break
+                below |= marks
+                if a.op in _CONTEXTUAL:
+                    below.add(twin)
+            if below is not None:
+                object.__setattr__(n.canonical, _SYMBOLS, frozenset(below))
+        symbols.update(*boundary)
+        for symbol in symbols - walked:
             self.one(where, symbol, refs, pattern, allow_score)
 
     def one(
         self, where: str, n: Node, refs: dict[str, Type], pattern: PatternIR | None, allow_score: bool
     ) -> None:
         op = n.op
-        if op not in OPS:
-            self.fail(where, f"unknown op {op}")
+        if op not in _DECLARED:  # most nodes: an interior op, typed by its rule
+            inferred = infer_type(op, n.args, n.attr) if op in OPS else None
+            if inferred is None:
+                self.fail(where, f"unknown op {op}")
+            elif inferred is not n.type:
+                self.fail(where, f"{op} typed {n.type}, rule gives {inferred}")
         elif op is Op.CONST:
             expected = {bool: Type.BOOL, int: Type.INT, float: Type.FLOAT}.get(type(n.attr))
             if expected is not n.type:
@@ -143,10 +162,6 @@ class _Verifier:
             result = callee.body.type if isinstance(callee, FnIR) else Type.BOOL
             if tuple(a.type for a in n.args) != types or n.type is not result:
                 self.fail(where, f"{op} @{n.attr} does not match its signature")
-        else:
-            inferred = infer_type(op, n.args, n.attr)
-            if inferred is not n.type:
-                self.fail(where, f"{op} typed {n.type}, rule gives {inferred}")
 
     def fn(self, fn: FnIR) -> None:
         refs = {p.name: p.type for p in fn.params}

@@ -24,6 +24,7 @@ from attnc.analysis.normal_form import fold_constant
 from attnc.analysis.value_ranges import ValueRanges, check_fits
 from attnc.errors import AttnTypeError, InternalError
 from attnc.ir.nodes import ModuleIR, Node, Op, ParamDecl, PatternIR, Type, const, format_const, param
+from attnc.ir.reduce import unroll_all
 from attnc.ir.rewrite import rewrite, substitute
 
 
@@ -52,7 +53,8 @@ class BindParams:
             nodes[decl.name] = const(value)
 
         def bind(root: Node) -> Node:
-            return rewrite(substitute(root, nodes), fold_constant)
+            # Reductions whose bounds are now constants are unrolled (`ir/reduce.py`), then folded.
+            return rewrite(unroll_all(rewrite(substitute(root, nodes), fold_constant)), fold_constant)
 
         inputs = tuple(replace(d, dims=tuple(bind(x) for x in d.dims)) for d in entry.inputs)
         bound = replace(

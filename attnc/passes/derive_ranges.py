@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from attnc.analysis.intervals import Interval, IntervalAnalysis
-from attnc.analysis.normal_form import build_linear, canonicalize_all, linear, value_ranges
+from attnc.analysis.normal_form import Terms, canonicalize_all, combine, linear, linear_form, value_ranges
 from attnc.analysis.value_ranges import ValueRanges
 from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const, make, size, var
 from attnc.ir.results import AxisRange, Ranges
@@ -122,11 +122,9 @@ class _Solver:
         left, right = atom.args
         terms_l, c_l = linear(left)
         terms_r, c_r = linear(right)
-        terms = dict(terms_l)
-        for a, k in terms_r.items():
-            terms[a] = terms.get(a, 0) - k
+        terms = combine(terms_l, terms_r, -1)
         constant = c_r - c_l  # sum(terms) op constant
-        dependent = [(a, k) for a, k in terms.items() if k and _uses(a, self.target)]
+        dependent = [(a, k) for a, k in terms.items() if _uses(a, self.target)]
         if len(dependent) != 1:
             return None
         g, k = dependent[0]
@@ -136,9 +134,9 @@ class _Solver:
         if not (g.op is Op.VAR and g.attr == self.target):
             return None
         # k * atom + P op constant, so k * atom op R with R = constant - P.
-        rest = {a: -c for a, c in terms.items() if a != dependent[0][0] and c}
-        r_point = build_linear(rest, constant)
-        r = self.analysis.interval(r_point)
+        rest = {a: -c for a, c in terms.items() if a != dependent[0][0]}
+        r_point = linear_form(rest, constant)
+        r = self._linear_interval(rest, constant)
         op = atom.op
         if op is Op.LT:
             r, op, r_point = self._shift(r, -1), Op.LE, _affine(r_point, 1, -1)
@@ -246,19 +244,34 @@ class _Solver:
         key = (lower, upper)
         if key not in self._gaps:
             (upper_terms, upper_constant), (lower_terms, lower_constant) = linear(upper), linear(lower)
-            terms = dict(upper_terms)
-            for atom, k in lower_terms.items():
-                terms[atom] = terms.get(atom, 0) - k
-            gap = build_linear({a: k for a, k in terms.items() if k}, upper_constant - lower_constant)
-            self._gaps[key] = self.analysis.interval(gap).hi
+            gap = combine(upper_terms, lower_terms, -1)
+            self._gaps[key] = self._linear_interval(gap, upper_constant - lower_constant).hi
         return self._gaps[key]
+
+    def _linear_interval(self, terms: Terms, constant: int) -> Interval:
+        """The interval of `sum(k * atom) + constant` over the tile, from its atoms' intervals, each end
+        in the normal form's linear shape: what `canonicalize` makes of the ends `interval` finds for
+        the sum's tree, made without building that tree (its `+`, `-` and `*` of the atoms' ends)."""
+        return Interval(self._linear_end(terms, constant, False), self._linear_end(terms, constant, True))
+
+    def _linear_end(self, terms: Terms, constant: int, upper: bool) -> Node | None:
+        total: Terms = {}
+        for atom, k in terms.items():
+            atom_range = self.analysis.interval(atom)
+            end = atom_range.hi if (k > 0) == upper else atom_range.lo
+            if end is None:  # unbounded that way
+                return None
+            end_terms, end_constant = linear(end)
+            total = combine(total, end_terms, k)
+            constant += k * end_constant
+        return linear_form(total, constant)
 
 
 def _affine(x: Node, scale: int, offset: int = 0) -> Node:
     """`scale * x + offset` for an int `x`, built in the normal form's linear shape (what canonicalize
     would make of it), so that the bounds reach `canonicalize_all` close to their normal form."""
     terms, constant = linear(x)
-    return build_linear({a: scale * k for a, k in terms.items()}, scale * constant + offset)
+    return linear_form({a: scale * k for a, k in terms.items()}, scale * constant + offset)
 
 
 def derive(pattern: PatternIR, ranges: ValueRanges) -> tuple[list[Bounds], list[Bounds]]:

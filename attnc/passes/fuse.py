@@ -43,7 +43,7 @@ from typing import ClassVar
 
 from attnc.analysis.derivative import derivative
 from attnc.analysis.normal_form import split_comparison, value_ranges
-from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const
+from attnc.ir.nodes import BOUND_MARK, ModuleIR, Node, Op, PatternIR, Type, const
 from attnc.ir.results import KernelValues, ScoreGradient
 from attnc.ir.rewrite import rewrite
 
@@ -56,8 +56,10 @@ def _uses_kv(node: Node) -> bool:
 
 
 def _loop_invariant(node: Node) -> bool:
-    """Whether the value is the same for every key tile of a query tile: it reads neither kv nor s."""
-    return "kv" not in node.free and "s" not in node.free
+    """Whether the value is the same for every key tile of a query tile: it reads neither kv nor s
+    (nor a reduction's variable: it is computed inside that reduction's loop)."""
+    free = node.free
+    return "kv" not in free and "s" not in free and not any(n[0] == BOUND_MARK for n in free)
 
 
 def kernel_form(root: Node, pattern: PatternIR) -> Node:
@@ -119,7 +121,9 @@ def score_gradients(pattern: PatternIR) -> tuple[Node | None, list[tuple[Node, N
     dscore = const(0.0) if dscore is None else None if dscore == const(1.0) else dscore
     loads = []
     for n in score.walk():
-        if n.op is Op.LOAD and n.type is Type.FLOAT:
+        # A load inside a reduction's loop reads a new position on each step: it has no gradient
+        # (an input requiring grad there is refused at the call); unrolled reductions have none.
+        if n.op is Op.LOAD and n.type is Type.FLOAT and not any(v[0] == BOUND_MARK for v in n.free):
             grad = derivative(score, n, pattern)
             if grad is not None:
                 loads.append((n, grad))

@@ -40,7 +40,7 @@ from torch.autograd import forward_ad
 from attnc import oracle
 from attnc.ir.nodes import PatternIR, Type
 from attnc.runtime import backend, registry
-from attnc.runtime.launch import Forward
+from attnc.runtime.launch import Forward, empty_like_strides
 
 FORWARD_AD_UNSUPPORTED = (
     "attnc kernels support reverse-mode autograd only; forward-mode AD (torch.func.jvp, jacfwd, "
@@ -87,16 +87,29 @@ def _env(
     inputs: list[Tensor],
     int_params: list[int],
     float_params: list[float],
+    q_offset: int,
+    q_offsets: Tensor | None,
+    kv_rows: Tensor | None = None,
+    kv_len: int | None = None,
+    chunk: tuple[int, int, int] = (0, -1, -1),
 ) -> oracle.Env:
+    """The op's arguments as an environment; `chunk`: (kv_offset, q_size, kv_size), -1 for a size that
+    follows from the offsets and lengths (`oracle.Env`)."""
     names = [d.name for d in forward.pattern.inputs]
+    kv_offset, q_size, kv_size = chunk
     return oracle.Env(
         q.shape[0],
         q.shape[1],
         q.shape[2],
-        k.shape[2],
+        k.shape[2] if kv_len is None else kv_len,
         q.device,
         dict(zip(names, inputs, strict=True)),
         params=_params(forward.pattern, int_params, float_params),
+        q_offset=q_offset if q_offsets is None else q_offsets,
+        kv_rows=kv_rows,
+        kv_offset=kv_offset,
+        q_size=None if q_size < 0 else q_size,
+        kv_size=None if kv_size < 0 else kv_size,
     )
 
 
@@ -110,10 +123,50 @@ def attention(
     scale: float,
     int_params: list[int],
     float_params: list[float],
+    q_offset: int = 0,
+    q_offsets: Tensor | None = None,
+    kernel_options: list[int] | None = None,
+    kv_rows: Tensor | None = None,
+    block_table: Tensor | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
+    kv_offset: int = 0,
+    q_size: int = -1,
+    kv_size: int = -1,
+    return_max: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """(out, lse) of the pattern whose IR text is `pattern` (arguments checked by `Kernel.__call__`)."""
+    """(out, lse) of the pattern whose IR text is `pattern` (arguments checked by `Kernel.__call__`,
+    `Kernel.decode`, `Kernel.varlen` and `Kernel.chunk`). A chunk of a longer problem (`Kernel.chunk`):
+    key row j is position `kv_offset + j`, and the pattern's sizes are `q_size`/`kv_size` (-1: the
+    offset plus the rows). With `return_max`, lse is [2, *lse's shape]: the lse and each query's largest
+    score (`return_aux`; it has no gradient). Query row i of batch row b is position `q_offsets[b] + i` (an
+    int tensor [B]), else `q_offset + i`. `kernel_options`: [BLOCK_M, BLOCK_N, num_warps, num_stages],
+    0 where not given (`launch.with_options`). Decoding: `kv_rows` int32 [B], the valid key rows of
+    each batch row, and `block_table` int32 [B, pages per row] for a paged cache k/v [pages, page size,
+    Hkv, D]. Packed sequences: q [1, Hq, Tq, D] and k/v [1, Hkv, Tk, D] (views of the packed
+    tensors), `cu_seqlens_q`/`cu_seqlens_k` int32 [N + 1] and the longest lengths."""
     forward = registry.find(pattern)
-    return forward.run(q, k, v, _env(forward, q, k, inputs, int_params, float_params), scale)
+    if cu_seqlens_q is not None and cu_seqlens_k is not None:
+        names = [d.name for d in forward.pattern.inputs]
+        env = oracle.Env(
+            cu_seqlens_q.shape[0] - 1,
+            q.shape[1],
+            max_seqlen_q,
+            max_seqlen_k,
+            q.device,
+            dict(zip(names, inputs, strict=True)),
+            params=_params(forward.pattern, int_params, float_params),
+            q_rows=cu_seqlens_q[1:] - cu_seqlens_q[:-1],
+            kv_rows=cu_seqlens_k[1:] - cu_seqlens_k[:-1],
+        )
+        cu_seqlens = (cu_seqlens_q, cu_seqlens_k)
+        return forward.run(q, k, v, env, scale, kernel_options, cu_seqlens=cu_seqlens, return_max=return_max)
+    kv_len = None if block_table is None else block_table.shape[1] * k.shape[1]
+    chunk = (kv_offset, q_size, kv_size)
+    env = _env(forward, q, k, inputs, int_params, float_params, q_offset, q_offsets, kv_rows, kv_len, chunk)
+    return forward.run(q, k, v, env, scale, kernel_options, block_table, return_max=return_max)
 
 
 @attention.register_fake
@@ -126,9 +179,22 @@ def _attention_fake(
     scale: float,
     int_params: list[int],
     float_params: list[float],
+    q_offset: int = 0,
+    q_offsets: Tensor | None = None,
+    kernel_options: list[int] | None = None,
+    kv_rows: Tensor | None = None,
+    block_table: Tensor | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    cu_seqlens_k: Tensor | None = None,
+    max_seqlen_q: int = 0,
+    max_seqlen_k: int = 0,
+    kv_offset: int = 0,
+    q_size: int = -1,
+    kv_size: int = -1,
+    return_max: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    out = q.new_empty((*q.shape[:3], v.shape[3]))
-    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    out = empty_like_strides(q, v.shape[3])  # as `Forward.run` allocates it
+    lse = q.new_empty((2, *q.shape[:3]) if return_max else q.shape[:3], dtype=torch.float32)
     return out, lse
 
 
@@ -147,6 +213,12 @@ def attention_backward(
     int_params: list[int],
     float_params: list[float],
     wanted: list[bool],
+    q_offset: int = 0,
+    q_offsets: Tensor | None = None,
+    kernel_options: list[int] | None = None,
+    kv_offset: int = 0,
+    q_size: int = -1,
+    kv_size: int = -1,
 ) -> list[Tensor]:
     """[dq, dk, dv, then the gradient of each input whose `wanted` flag is set]."""
     forward = registry.find(pattern)
@@ -154,8 +226,11 @@ def attention_backward(
     chosen = tuple(n for n, w in zip(names, wanted, strict=True) if w)
     if chosen:
         check_deterministic(forward.name, chosen)
-    env = _env(forward, q, k, inputs, int_params, float_params)
-    dq, dk, dv, grads = forward.backward.run(q, k, v, out, lse, dout, dlse, env, scale, chosen)
+    chunk = (kv_offset, q_size, kv_size)
+    env = _env(forward, q, k, inputs, int_params, float_params, q_offset, q_offsets, chunk=chunk)
+    dq, dk, dv, grads = forward.backward.run(
+        q, k, v, out, lse, dout, dlse, env, scale, chosen, kernel_options
+    )
     return [dq, dk, dv, *(grads[n] for n in chosen)]
 
 
@@ -174,6 +249,12 @@ def _attention_backward_fake(
     int_params: list[int],
     float_params: list[float],
     wanted: list[bool],
+    q_offset: int = 0,
+    q_offsets: Tensor | None = None,
+    kernel_options: list[int] | None = None,
+    kv_offset: int = 0,
+    q_size: int = -1,
+    kv_size: int = -1,
 ) -> list[Tensor]:
     # The op returns input gradients contiguous (t.new_empty), whatever the input's strides.
     chosen = [t.new_empty(t.shape) for t, w in zip(inputs, wanted, strict=True) if w]
@@ -181,15 +262,29 @@ def _attention_backward_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, tensors, pattern, scale, int_params, float_params = inputs
+    q, k, v, tensors, pattern, scale, int_params, float_params, q_offset, q_offsets, kernel_options = inputs[
+        :11
+    ]
+    # kv_rows, block_table (decoding), cu_seqlens_q, cu_seqlens_k (packed sequences): forward only.
+    ctx.decoding = any(x is not None for x in inputs[11:15])
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, *tensors)
+    ctx.save_for_backward(q, k, v, out, lse, q_offsets, *tensors)
     ctx.pattern, ctx.scale, ctx.int_params, ctx.float_params = pattern, scale, int_params, float_params
+    ctx.q_offset, ctx.kernel_options = q_offset, kernel_options
+    ctx.chunk = tuple(inputs[17:20])  # kv_offset, q_size, kv_size
+    ctx.return_max = inputs[20]
     ctx.wanted = [t.requires_grad for t in tensors]
 
 
 def _backward(ctx, dout: Tensor, dlse: Tensor | None):
-    q, k, v, out, lse, *tensors = ctx.saved_tensors
+    if ctx.decoding:
+        raise NotImplementedError(
+            "attnc: Kernel.decode and Kernel.varlen have no backward pass yet (run them under "
+            "torch.no_grad(); for training on packed sequences, a document mask over one batch row has one)"
+        )
+    q, k, v, out, lse, q_offsets, *tensors = ctx.saved_tensors
+    if ctx.return_max:  # lse and the row maxima: only the lse has a gradient
+        lse, dlse = lse[0], None if dlse is None else dlse[0]
     grads = attention_backward(
         q,
         k,
@@ -204,11 +299,19 @@ def _backward(ctx, dout: Tensor, dlse: Tensor | None):
         ctx.int_params,
         ctx.float_params,
         ctx.wanted,
+        ctx.q_offset,
+        q_offsets,
+        ctx.kernel_options,
+        *ctx.chunk,
     )
     dq, dk, dv, *rest = grads
     chosen = iter(rest)
     input_grads = [next(chosen) if w else None for w in ctx.wanted]
-    return dq, dk, dv, input_grads, None, None, _no_gradient(ctx.int_params), _no_gradient(ctx.float_params)
+    no_params = _no_gradient(ctx.int_params), _no_gradient(ctx.float_params)
+    result = (dq, dk, dv, input_grads, None, None, *no_params, *([None] * 13))
+    # One gradient per argument the call passed: the dispatcher drops trailing arguments equal to their
+    # defaults (q_offset=0, q_offsets=None, kernel_options=None) from the autograd node's inputs.
+    return result[: len(ctx.needs_input_grad)]
 
 
 def _no_gradient(values: list) -> list | None:

@@ -107,10 +107,16 @@ def cache_subdir(name: str, create: bool = False) -> Path:
     directory = root / name
     _refuse_foreign(root)
     if create:
-        if root.exists() and not root.is_dir():  # mkdir would say "File exists"
-            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root))
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        directory.mkdir(mode=0o700, exist_ok=True)
+        try:  # one call where the root is there already (then a file as the root fails it: ENOTDIR)
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            if not directory.is_dir():
+                raise
+        except FileNotFoundError:
+            if root.exists() and not root.is_dir():  # mkdir would say "File exists"
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(root)) from None
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, exist_ok=True)
     _refuse_foreign(directory)
     return directory
 
@@ -211,40 +217,56 @@ def structure_text(pattern: PatternIR) -> str:
     return text.split("\n", 1)[1]
 
 
+def _template_files() -> tuple[tuple[str, int, int], ...]:
+    """The path, modification time and size of every template, by name (a listing and a `stat` each:
+    what each key pays to notice an edited template)."""
+    with os.scandir(TEMPLATES) as entries:
+        paths = sorted((e.name, e.path) for e in entries if e.name.endswith(".jinja"))
+    return tuple((path, (info := os.stat(path)).st_mtime_ns, info.st_size) for _, path in paths)
+
+
 def _templates_text() -> str:
     """The name and text of every template (they import each other's macros), read from disk again only
     when a file's size or modification time changed."""
-    files = sorted(TEMPLATES.glob("*.jinja"))
-    return _read_templates(tuple((t, t.stat().st_mtime_ns, t.stat().st_size) for t in files))
+    return _read_templates(_template_files())
 
 
 @functools.lru_cache(maxsize=4)
-def _read_templates(files: tuple[tuple[Path, int, int], ...]) -> str:
-    return "\n\0".join(f"{t.name}\n{t.read_text(encoding='utf-8')}" for t, _, _ in files)
+def _read_templates(files: tuple[tuple[str, int, int], ...]) -> str:
+    return "\n\0".join(f"{Path(t).name}\n{Path(t).read_text(encoding='utf-8')}" for t, _, _ in files)
+
+
+@functools.lru_cache(maxsize=16)
+def _key_prefix(triton: str, template: str, templates: str) -> hashlib._Hash:
+    """The key's hash fed with what every kernel of a template shares (the templates' text is most of
+    what a key hashes): each key continues a copy of it."""
+    parts = [f"attnc {__version__}", f"triton {triton}", f"template {template}", templates, ""]
+    return hashlib.sha256("\n\0".join(parts).encode())
 
 
 def kernel_key(
     pattern: PatternIR, spec: KernelSpec | BackwardSpec, template: str, structure: str | None = None
 ) -> str:
-    """The cache key of a kernel; `structure`, the pattern's `structure_text` if the caller has it."""
-    parts = [
-        f"attnc {__version__}",
-        f"triton {triton_version()}",
-        f"template {template}",
-        _templates_text(),
-        structure_text(pattern) if structure is None else structure,
-        repr(spec),
-    ]
-    return hashlib.sha256("\n\0".join(parts).encode()).hexdigest()
+    """The cache key of a kernel: the sha256 of its parts (attnc's version, Triton's, the template's name,
+    every template's text, the pattern's `structure_text` and the spec), each after the last and a
+    `\\n\\0`. `structure`, the pattern's `structure_text` if the caller has it."""
+    key = _key_prefix(triton_version(), template, _templates_text()).copy()
+    rest = [structure_text(pattern) if structure is None else structure, repr(spec)]
+    key.update("\n\0".join(rest).encode())
+    return key.hexdigest()
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write a file so that readers see the old content or the new, never a part. The text is written
+    as its UTF-8 bytes, in one write (no newline translation: the file is what the seal hashes)."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except FileNotFoundError:  # the directory first (most writes go to one that exists)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(text.encode("utf-8"))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

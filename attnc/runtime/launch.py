@@ -24,8 +24,8 @@ import functools
 import struct
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import astuple, dataclass
 from typing import Any
 
 import torch
@@ -74,7 +74,16 @@ def _plan_key(env: oracle.Env) -> tuple | None:
             return None
         inputs.append((name, id(t), t._version, t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype))
     params = tuple(sorted(env.params.items()))
-    return env.q_len, env.kv_len, env.batch, env.num_heads, str(env.device), params, tuple(inputs)
+    per_row = []
+    for tensor in (env.q_offset, env.q_rows, env.kv_rows):
+        if isinstance(tensor, torch.Tensor):  # as an input: the very tensor, unchanged
+            if tensor.is_inference():
+                return None
+            per_row.append(("tensor", id(tensor), tensor._version, tensor.data_ptr()))
+        else:
+            per_row.append(tensor)
+    geometry = (*per_row, env.kv_offset, env.q_size, env.kv_size)
+    return env.q_len, env.kv_len, env.batch, env.num_heads, str(env.device), params, tuple(inputs), geometry
 
 
 class PlanCache:
@@ -179,6 +188,7 @@ class Forward:
     def __post_init__(self) -> None:
         self._tuners: dict[str, autotune.Tuner] = {}
         self._backward: Backward | None = None
+        self.reads_head = any("h" in root.free for root in self.pattern.roots())
         self.plans = PlanCache()
         self.last_config: Config | None = None
         self.last_backend: str | None = None
@@ -194,16 +204,36 @@ class Forward:
         return self._backward
 
     def run(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, env: oracle.Env, scale: float
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        env: oracle.Env,
+        scale: float,
+        options: Sequence[int] | None = None,
+        block_table: torch.Tensor | None = None,
+        cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None = None,
+        return_max: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch, heads, q_len, dim = q.shape
-        kv_len, dim_v = k.shape[2], v.shape[3]
-        out = torch.empty((batch, heads, q_len, dim_v), dtype=q.dtype, device=q.device)
-        lse = torch.empty((batch, heads, q_len), dtype=torch.float32, device=q.device)
+        """(out, lse); `options`: a call's `kernel_options` (`with_options`). With `block_table` (int32
+        [B, pages per row]) k and v are a paged cache [pages, page size, Hkv, D] (`Kernel.decode`);
+        `env.kv_rows` gives each row's valid keys. With `cu_seqlens` (int32 [B + 1] for q and for k/v)
+        q, k and v are packed sequences viewed as [1, H, total rows, D] (`Kernel.varlen`): out is too,
+        and lse [1, Hq, total rows]. The launch's sizes come from `env` (for packed sequences the
+        longest sequence's lengths). With `return_max`, lse is [2, *lse's shape]: the lse, then each
+        query's largest allowed score (natural domain, -inf where it sees no key)."""
+        batch, heads, dim = env.batch, q.shape[1], q.shape[3]
+        q_len, kv_len, dim_v = env.q_len, env.kv_len, v.shape[3]
+        kv_heads = k.shape[2] if block_table is not None else k.shape[1]
+        out = empty_like_strides(q, dim_v)
+        lse_and_max = torch.empty(
+            (2 if return_max else 1, *q.shape[:3]), dtype=torch.float32, device=q.device
+        )
+        lse = lse_and_max[0]
         if out.numel() == 0 and lse.numel() == 0:
-            return out, lse
+            return out, lse_and_max if return_max else lse
         backend = active()
-        shape = LaunchShape(DTYPES[q.dtype], dim, dim_v, heads // k.shape[1], q_len, kv_len, batch * heads)
+        shape = LaunchShape(DTYPES[q.dtype], dim, dim_v, heads // kv_heads, q_len, kv_len, batch * heads)
         with _serialised(backend):  # loading too: never while another thread launches
             kernel = module(self.source, backend).attnc_fwd
 
@@ -214,21 +244,47 @@ class Forward:
             assert tiles is not None
             return _metadata_args(tiles)
 
+        maxima = lse_and_max[1] if return_max else lse  # (never written without return_max)
+        geometry, geometry_flags = geometry_args(env, lse)
+        strides, cache_args, cache_flags = _layout_args(q, k, v, env, lse, block_table, cu_seqlens)
+
         def launch(
             config: Config, plan: list[Any], out: torch.Tensor, lse: torch.Tensor, count: bool = False
         ) -> None:
-            tiles = (batch, heads, -(-q_len // config.block_m), -(-kv_len // config.block_n))
-            visits = _visits("forward", tiles, q.device, lse) if count else lse
-            grid = (-(-q_len // config.block_m) * batch * heads,)
-            kernel[grid](
-                q, k, v, out, lse,
+            pack = pack_gqa(self, shape, config, cu_seqlens is not None, backend, options)
+            grid_heads = kv_heads if pack else heads
+            n_q, n_kv = (
+                -(-q_len * (shape.group if pack else 1) // config.block_m),
+                -(-kv_len // config.block_n),
+            )
+            visits = _visits("forward", (batch, grid_heads, n_q, n_kv), q.device, lse) if count else lse
+            splits = kv_splits(self.spec.analytic, batch * grid_heads * n_q, n_kv, q.device, backend, options)
+            split_tiles = -(-n_kv // splits)
+            parts_out, parts_lse, parts_max = out, lse, maxima
+            if splits > 1:  # float32 partial results, one per split, merged below
+                parts_out = torch.empty((splits, *out.shape), dtype=torch.float32, device=out.device)
+                parts_lse = torch.empty((splits, *lse.shape), dtype=torch.float32, device=out.device)
+                parts_max = torch.empty_like(parts_lse) if return_max else parts_lse
+            # The output's strides (one part's, for splits; a packed batch row's step 0).
+            out_strides = (0 if cu_seqlens is not None else parts_out.stride(-4), *parts_out.stride()[-3:])
+            split_strides = (parts_out.stride(0), parts_lse.stride(0)) if splits > 1 else (0, 0)
+            kernel[(n_q * batch * grid_heads * splits,)](
+                q, k, v, parts_out, parts_lse,
                 *_input_args(self.spec.inputs, env),
                 *_param_args(self.spec.params, self.pattern, env),
                 *plan,
-                *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-                batch, heads, q_len, kv_len, shape.group, scale, visits,
+                *strides, *out_strides,
+                batch, heads, *geometry, shape.group, scale, visits, *cache_args,
+                split_tiles, *split_strides, parts_max,
                 **_constants(config, dim, dim_v, q.dtype, backend, count and _VISITS is not None),
+                **geometry_flags, **cache_flags, PACK_GQA=pack, STORE_MAX=return_max,
             )  # fmt: skip
+            if splits > 1:
+                merged_out, merged_lse = merge_splits(parts_out, parts_lse)
+                out.copy_(merged_out)
+                lse.copy_(merged_lse)
+                if return_max:
+                    maxima.copy_(parts_max.amax(0))
 
         def measure(config: Config) -> float:
             """Seconds one launch takes (the plan built before timing)."""
@@ -237,14 +293,17 @@ class Forward:
 
         pinned = self.plans.block(env)
         with _on_device(q.device), _serialised(backend):
-            config = _config(
-                self._tuners, self.source.key, self.name, backend, q.device, shape, measure, block=pinned
+            config = with_options(
+                _config(
+                    self._tuners, self.source.key, self.name, backend, q.device, shape, measure, block=pinned
+                ),
+                options,
             )
             launch(config, plan_args(config), out, lse, count=True)
         if not self.spec.analytic:
             self.plans.launched(env, (config.block_m, config.block_n))
         self.last_config, self.last_backend = config, backend
-        return out, lse
+        return out, lse_and_max if return_max else lse
 
 
 def _param_args(params: tuple[ParamArg, ...], pattern: PatternIR, env: oracle.Env) -> list[Any]:
@@ -261,6 +320,76 @@ def _param_args(params: tuple[ParamArg, ...], pattern: PatternIR, env: oracle.En
     return args
 
 
+def geometry_args(env: oracle.Env, spare: torch.Tensor) -> tuple[list[Any], dict[str, bool]]:
+    """The kernels' `Q_ROWS, KV_ROWS, Q_SIZE, KV_SIZE, q_offset, kv_offset, RowOffsets` (the template's
+    `geometry`) for `env`, and their constexprs: ROW_OFFSETS, whether q_offset is per batch row (then
+    RowOffsets holds the offsets as int32 and Q_SIZE counts the rows alone; else `spare`, a tensor
+    never read), and SHIFTED, whether any offset or size of its own is given (else the kernels' shifts
+    are the constant 0, and the backward's ranges lie inside the rows)."""
+    per_row = isinstance(env.q_offset, torch.Tensor)
+    if per_row:
+        if env.q_size is not None:
+            raise InternalError("a per-row q_offset with an explicit q_size")
+        row_offsets = env.q_offset.to(device=spare.device, dtype=torch.int32).contiguous()
+        q_offset, q_size = 0, env.q_len
+    else:
+        row_offsets, q_offset = spare, int(env.q_offset)  # type: ignore[arg-type]
+        q_size = env.q_size if env.q_size is not None else env.q_len + q_offset
+    kv_size = env.kv_size if env.kv_size is not None else env.kv_len + env.kv_offset
+    # Positions other than the rows, or sizes past them (`Kernel.chunk`): the kernels cut ranges to the rows.
+    shifted = (
+        per_row or q_offset != 0 or env.kv_offset != 0 or env.q_size is not None or env.kv_size is not None
+    )
+    flags = dict(ROW_OFFSETS=per_row, SHIFTED=shifted)
+    return [env.q_len, env.kv_len, q_size, kv_size, q_offset, env.kv_offset, row_offsets], flags
+
+
+def empty_like_strides(q: torch.Tensor, dim_v: int) -> torch.Tensor:
+    """An empty [*q.shape[:3], dim_v] tensor of q's dtype laid out in q's stride order (an output of q's
+    [B, L, H, D] layout transposed is such a transpose too, as FlexAttention's is)."""
+    order = sorted(range(4), key=lambda d: (-q.stride(d), d))  # outermost dimension first
+    sizes = (*q.shape[:3], dim_v)
+    out = torch.empty([sizes[d] for d in order], dtype=q.dtype, device=q.device)
+    return out.permute([order.index(d) for d in range(4)])
+
+
+def _layout_args(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    env: oracle.Env,
+    spare: torch.Tensor,
+    block_table: torch.Tensor | None,
+    cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[list[int], list[Any], dict[str, Any]]:
+    """How the forward kernel finds its rows (`Forward.run`): q's, k's and v's strides; the arguments
+    `KvRowCounts, BlockTable, stride_table, TABLE_PAGES, NUM_PAGES, CuSeqQ, CuSeqK, TOTAL_Q, TOTAL_K`
+    (`spare`, a tensor never read, and zeros where unused); and the constexprs KV_ROW_COUNTS, PAGED,
+    PAGE_SIZE, VARLEN."""
+    q_strides = list(q.stride())
+    kv_strides = [*_kv_strides(k, env.batch), *_kv_strides(v, env.batch)]
+    cache_args: list[Any] = [spare, spare, 0, 0, 1, spare, spare, 0, 0]
+    flags: dict[str, Any] = dict(KV_ROW_COUNTS=False, PAGED=False, PAGE_SIZE=1, VARLEN=False)
+    if cu_seqlens is not None:  # packed: every sequence starts at its row of the one batch row
+        q_strides[0] = kv_strides[0] = kv_strides[4] = 0
+        cache_args[5:] = [*cu_seqlens, q.shape[2], k.shape[2]]
+        flags["VARLEN"] = True
+    elif env.kv_rows is not None:  # decoding: valid key rows per batch row
+        cache_args[0] = env.kv_rows.to(device=q.device, dtype=torch.int32).contiguous()
+        flags["KV_ROW_COUNTS"] = True
+    if block_table is not None:
+        # [pages, page size, heads, dim]: the kernel's batch stride steps pages, its row stride slots.
+        kv_strides = [s for t in (k, v) for s in (t.stride(0), t.stride(2), t.stride(1), t.stride(3))]
+        cache_args[1:5] = [block_table, block_table.stride(0), block_table.shape[1], k.shape[0]]
+        flags.update(PAGED=True, PAGE_SIZE=k.shape[1])
+    return [*q_strides, *kv_strides], cache_args, flags
+
+
+def _kv_strides(t: torch.Tensor, batch: int) -> tuple[int, ...]:
+    """k's or v's strides for the kernels: a batch of 1 broadcast over q's `batch` rows steps 0."""
+    return (0, *t.stride()[1:]) if t.shape[0] == 1 and batch != 1 else tuple(t.stride())
+
+
 def _input_args(inputs: tuple[InputArg, ...], env: oracle.Env) -> list[Any]:
     args: list[Any] = []
     for arg in inputs:
@@ -269,6 +398,79 @@ def _input_args(inputs: tuple[InputArg, ...], env: oracle.Env) -> list[Any]:
             tensor = tensor.view(torch.uint8)
         args += [tensor, *tensor.shape, *tensor.stride()]
     return args
+
+
+def with_options(config: Config, options: Sequence[int] | None) -> Config:
+    """`config` with the fields a call's `kernel_options` give: [BLOCK_M, BLOCK_N, num_warps, num_stages,
+    SPLIT_KV], 0 for a field not given (`Kernel.__call__` checked them). They take precedence over
+    `ATTNC_CONFIG`, the autotuner and the heuristics, and over a plan's block (the plan is derived for
+    the new one). SPLIT_KV is `kv_splits`'."""
+    if not options:
+        return config
+    given = [value or default for value, default in zip(options[:4], astuple(config), strict=True)]
+    return Config(*given)
+
+
+def pack_gqa(
+    forward: Forward,
+    shape: LaunchShape,
+    config: Config,
+    varlen: bool,
+    backend: str,
+    options: Sequence[int] | None,
+) -> bool:
+    """Whether the forward packs the query heads of each key/value head into its tiles (the kernel's
+    PACK_GQA), so that short queries (decoding) fill the tile and each key tile is read once per group,
+    not once per query head: the `PACK_GQA` kernel option where given (1 or 0); else on a GPU for
+    grouped heads whose queries fill at most half a tile. Never for packed sequences, metadata plans or
+    patterns that read `h` (a tile's rows would then differ in more than their positions)."""
+    if shape.group == 1 or varlen or not forward.spec.analytic or forward.reads_head:
+        return False
+    if options and len(options) > 5 and options[5]:
+        return options[5] == 1
+    if backend == INTERPRETER:
+        return False
+    return 2 * shape.q_len <= config.block_m
+
+
+MAX_KV_SPLITS = 64
+"""The most key splits `kv_splits` chooses (a `SPLIT_KV` kernel option may ask for more)."""
+
+
+def kv_splits(
+    analytic: bool,
+    programs: int,
+    key_tiles: int,
+    device: torch.device,
+    backend: str,
+    options: Sequence[int] | None,
+) -> int:
+    """How many parts the key tiles of each query tile are split into (flash-decoding), each computed
+    by its own program and merged by lse (`merge_splits`): the `SPLIT_KV` kernel option where given;
+    else, on a GPU, enough to give every multiprocessor two programs when the (batch row, head, query
+    tile) programs alone cannot (short queries: decoding), with at least 4 key tiles per part and at
+    most `MAX_KV_SPLITS` parts; 1 under the interpreter, and for metadata plans (whose loops do not
+    split)."""
+    if not analytic or key_tiles <= 1:
+        return 1
+    if options and len(options) > 4 and options[4]:
+        return max(1, min(options[4], key_tiles))
+    if backend == INTERPRETER or device.type != "cuda":
+        return 1
+    processors = torch.cuda.get_device_properties(device).multi_processor_count
+    if programs >= processors:
+        return 1
+    wanted = -(-2 * processors // max(programs, 1))
+    return max(1, min(wanted, key_tiles // 4, MAX_KV_SPLITS))
+
+
+def merge_splits(parts_out: torch.Tensor, parts_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output and lse of the whole keys from those of key splits [splits, ...] (each normalised
+    over its own keys): lse = logsumexp of the parts', out = the parts' outputs weighted by exp(lse_part
+    - lse). A query no key of any split may see keeps output 0 and lse -inf."""
+    lse = torch.logsumexp(parts_lse, dim=0)
+    weights = torch.exp(parts_lse - lse.unsqueeze(0)).nan_to_num(0.0)  # -inf - -inf: no keys at all
+    return (weights.unsqueeze(-1) * parts_out).sum(0), lse
 
 
 def _config(
@@ -414,9 +616,11 @@ class Backward:
         env: oracle.Env,
         scale: float,
         wanted: tuple[str, ...],
+        options: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(dq, dk, dv, gradients of the `wanted` inputs, by name, in their own dtypes) for the loss
-        gradients `dout` of the output and `dlse` of the lse (None: the lse was not used)."""
+        gradients `dout` of the output and `dlse` of the lse (None: the lse was not used); `options` as
+        for the forward."""
         batch, heads, q_len, dim = q.shape
         kv_len, dim_v = k.shape[2], v.shape[3]
         grad_args = {a.name: a for a in self.spec.grad_inputs}
@@ -490,8 +694,10 @@ class Backward:
                     )
                 inputs += [buffer, *buffer.stride()]
             inputs += _param_args(self.spec.params, self.pattern, env)
-            sizes = (batch, heads, q_len, kv_len, shape.group, scale)
-            strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
+            geometry, geometry_flags = geometry_args(env, delta)
+            common.update(geometry_flags)
+            sizes = (batch, heads, *geometry, shape.group, scale)
+            strides = (*q.stride(), *_kv_strides(k, batch), *_kv_strides(v, batch), *dout.stride())
             grid = (-(-q_len // config.block_m) * batch * heads,)
             module_.attnc_bwd_dq[grid](
                 q, k, v, dout, lse, delta, dq, *inputs, *plans[0], *strides, *dq.stride(), *sizes, dq_visits,
@@ -504,7 +710,16 @@ class Backward:
                 *sizes, dkv_visits, **common,
             )  # fmt: skip
 
+        # k and v broadcast over q's batch (batch size 1): each batch row's dK/dV go to a float32 buffer
+        # of their own, summed after the launch.
+        broadcast = k.shape[0] != batch
+
         def new_result(grad_buffers: dict[str, torch.Tensor]):
+            if broadcast:
+                dk, dv = (
+                    torch.empty((batch, *t.shape[1:]), dtype=torch.float32, device=t.device) for t in (k, v)
+                )
+                return torch.empty_like(q), dk, dv, grad_buffers
             return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grad_buffers
 
         def measure(config: Config) -> float:
@@ -516,14 +731,16 @@ class Backward:
         # can run with that block.
         pinned = self.plans.block(env)
         with _on_device(q.device), _serialised(backend):
-            config = _config(
+            config = with_options(_config(
                 self._tuners, self.source.key, f"{self.name} backward", backend, q.device, shape, measure,
                 backward=True, block=pinned,
-            )  # fmt: skip
+            ), options)  # fmt: skip
             result = new_result(grads)
             launch(config, plan_args(config), delta_of(config), result, count=True)
         self.last_config = config
         dq, dk, dv, _ = result
+        if broadcast:
+            dk, dv = dk.sum(0, keepdim=True).to(k.dtype), dv.sum(0, keepdim=True).to(v.dtype)
         return dq, dk, dv, {n: g.to(env.inputs[n].dtype) for n, g in grads.items()}
 
 

@@ -1,8 +1,11 @@
 """Launch plans: which key tiles each query tile visits, and which of them are FULL.
 
 A `Plan` is what a kernel launch consumes (`Kernel.plan`). Tiles are `block = (BLOCK_M, BLOCK_N)`
-positions; query tile `m` covers queries `[m * BLOCK_M, min((m + 1) * BLOCK_M, Q_LEN))` and key tile
-`n` keys `[n * BLOCK_N, min((n + 1) * BLOCK_N, KV_LEN))`. Tile classes: 0 EMPTY (no allowed pair),
+rows; query tile `m` covers rows `[m * BLOCK_M, min((m + 1) * BLOCK_M, q_len))` of q and key tile `n`
+rows `[n * BLOCK_N, min((n + 1) * BLOCK_N, kv_len))` of k/v. Under offsets (`kern(q, k, v,
+q_offset=...)`) a row's position in the pattern is its offset plus its index (`oracle.Env`): the
+classes are those of the positions the rows hold, so a per-row `q_offset` tensor gives a plan per
+batch row. Tile classes: 0 EMPTY (no allowed pair),
 1 PARTIAL (the kernel evaluates the mask), 2 FULL (every pair inside the lengths allowed; the kernel
 skips the mask). A plan may call a tile PARTIAL that is EMPTY or FULL, never the reverse.
 
@@ -134,6 +137,7 @@ class Plan:
     # has none); and the plans of this one for other blocks (`at_block`), made once each.
     versions: tuple[tuple[str, int | None], ...] = ()
     derived: dict[tuple[int, int], Plan] = field(default_factory=dict, compare=False, repr=False)
+    q_offset_version: int | None = None  # a per-row q_offset tensor's version counter
 
     @property
     def analytic(self) -> bool:
@@ -172,6 +176,23 @@ class Plan:
                 f"q_len={self.q_len}, kv_len={self.kv_len}, but this call has q_len={env.q_len}, "
                 f"kv_len={env.kv_len}"
             )
+        mine_offset, their_offset = self.env.q_offset, env.q_offset
+        if isinstance(mine_offset, torch.Tensor) or isinstance(their_offset, torch.Tensor):
+            if compiling:
+                if isinstance(mine_offset, torch.Tensor) != isinstance(their_offset, torch.Tensor):
+                    raise refuse("another kind of q_offset (an int or a tensor)")
+            elif mine_offset is not their_offset:
+                raise refuse("another q_offset (a plan is tied to its q_offset tensor's identity)")
+            elif self.q_offset_version is not None and _version(their_offset) != self.q_offset_version:
+                raise refuse("q_offset as it was before an in-place change (its version counter moved)")
+        elif mine_offset != their_offset:
+            raise refuse(f"q_offset={mine_offset}, but this call has q_offset={their_offset}")
+        geometry = (self.env.kv_offset, self.env.q_size, self.env.kv_size)
+        if geometry != (env.kv_offset, env.q_size, env.kv_size):
+            raise refuse(
+                f"(kv_offset, q_size, kv_size)={geometry}, but this call has "
+                f"{(env.kv_offset, env.q_size, env.kv_size)}"
+            )
         axes = self._axes()
         for axis, what, mine, theirs in (
             ("b", "batch", self.batch, env.batch),
@@ -207,7 +228,9 @@ class Plan:
         ) -> torch.Tensor:
             if mask is None:
                 return q_idx >= 0
-            local = tile_env(env, {"b": b, "h": h, "q": q_idx, "kv": kv_idx}, {})
+            # FlexAttention's indices count rows: the pattern sees positions.
+            positions = {"q": q_idx + q_shift(env, b), "kv": kv_idx + env.kv_offset}
+            local = tile_env(env, {"b": b, "h": h, **positions}, {})
             return oracle.evaluate(mask, pattern, local)
 
         return mask_mod
@@ -239,7 +262,8 @@ class Plan:
             roots = [x for r in self.kv_ranges + self.q_ranges for x in (r.lo, r.hi, r.full_lo, r.full_hi)]
             return {a for a in ("b", "h") if uses(roots, a)}
         sparsity = self.pattern.sparsity
-        return set(sparsity.axes) if sparsity is not None else {"b", "h"}
+        axes = set(sparsity.axes) if sparsity is not None else {"b", "h"}
+        return axes | {"b"} if per_row_offsets(self.env) else axes
 
     @property
     def num_tiles(self) -> tuple[int, int]:
@@ -310,19 +334,43 @@ def tile_bounds(
 
 
 def tile_env(base: oracle.Env, points: dict[str, torch.Tensor], tiles: dict[str, torch.Tensor]) -> oracle.Env:
-    """`base` with index variables and tile bounds bound to the given (broadcasting) tensors."""
-    return oracle.Env(
-        base.batch,
-        base.num_heads,
-        base.q_len,
-        base.kv_len,
-        base.device,
-        base.inputs,
-        points=points,
-        tiles=tiles,
-        tables=base.tables,
-        params=base.params,
-    )
+    """`base` with index variables and tile bounds bound to the given (broadcasting) position tensors."""
+    return base.with_tiles(points, tiles)
+
+
+def q_shift(env: oracle.Env, b: torch.Tensor | None = None) -> int | torch.Tensor:
+    """The position of query row 0: `env.q_offset`, or for per-row offsets the offsets of the batch
+    rows `b` (a broadcasting index tensor; None: all rows, [B, 1, 1, 1])."""
+    shift = env.q_shift()
+    if isinstance(shift, torch.Tensor) and b is not None:
+        return shift.reshape(-1)[b]
+    return shift
+
+
+def per_row_offsets(env: oracle.Env) -> bool:
+    """Whether q_offset is a tensor or the valid key rows differ per batch row (decoding): plans then
+    have a batch axis."""
+    return isinstance(env.q_offset, torch.Tensor) or env.kv_rows is not None or env.q_rows is not None
+
+
+def cut_to_rows(
+    classes: torch.Tensor, env: oracle.Env, block_n: int, block_m: int | None = None
+) -> torch.Tensor:
+    """Classes [B, H', query tiles, key tiles] with each batch row's key tiles past its valid key rows
+    (`env.kv_rows`: decoding, packed sequences) EMPTY and the one they cut PARTIAL at most (the kernel
+    checks its rows); with `block_m`, query tiles past `env.q_rows` EMPTY too (packed sequences)."""
+    if env.kv_rows is not None:
+        rows = env.kv_rows.to(device=classes.device, dtype=torch.int64).reshape(-1, 1, 1, 1)
+        first = torch.arange(classes.shape[-1], device=classes.device, dtype=torch.int64) * block_n
+        beyond = first.reshape(1, 1, 1, -1) >= rows
+        cut = (first + block_n).reshape(1, 1, 1, -1) > rows
+        capped = torch.where(cut & (classes == FULL), torch.full_like(classes, PARTIAL), classes)
+        classes = torch.where(beyond, torch.full_like(classes, EMPTY), capped)
+    if env.q_rows is not None and block_m is not None:
+        rows = env.q_rows.to(device=classes.device, dtype=torch.int64).reshape(-1, 1, 1, 1)
+        first = torch.arange(classes.shape[-2], device=classes.device, dtype=torch.int64) * block_m
+        classes = torch.where(first.reshape(1, 1, -1, 1) >= rows, torch.full_like(classes, EMPTY), classes)
+    return classes
 
 
 def _ranges_map(ranges: tuple[AxisRange, ...], plan: Plan, rows: str, cols: str) -> torch.Tensor:
@@ -333,17 +381,20 @@ def _ranges_map(ranges: tuple[AxisRange, ...], plan: Plan, rows: str, cols: str)
     device = plan.env.device
     n_rows, n_cols = _cdiv(lengths[rows], blocks[rows]), _cdiv(lengths[cols], blocks[cols])
     roots = [x for r in ranges for x in (r.lo, r.hi, r.full_lo, r.full_hi)]
-    batches = plan.batch if uses(roots, "b") else 1
+    batches = plan.batch if uses(roots, "b") or per_row_offsets(plan.env) else 1
     heads = plan.num_heads if uses(roots, "h") else 1
     first, last = tile_bounds(n_rows, blocks[rows], lengths[rows], device)
-    points = {
-        "b": torch.arange(batches, device=device).reshape(-1, 1, 1, 1),
-        "h": torch.arange(heads, device=device).reshape(1, -1, 1, 1),
-    }
+    b = torch.arange(batches, device=device).reshape(-1, 1, 1, 1)
+    points = {"b": b, "h": torch.arange(heads, device=device).reshape(1, -1, 1, 1)}
+    # Ranges are positions; tiles count rows. Row 0 of each axis is at its shift.
+    shifts = {"q": q_shift(plan.env, b), "kv": plan.env.kv_offset}
     env = tile_env(
         plan.env,
         points,
-        {f"{rows}_first": first.reshape(1, 1, -1, 1), f"{rows}_last": last.reshape(1, 1, -1, 1)},
+        {
+            f"{rows}_first": first.reshape(1, 1, -1, 1) + shifts[rows],
+            f"{rows}_last": last.reshape(1, 1, -1, 1) + shifts[rows],
+        },
     )
     shape = (batches, heads, n_rows, 1)
     col = torch.arange(n_cols, device=device).reshape(1, 1, 1, n_cols)
@@ -352,7 +403,9 @@ def _ranges_map(ranges: tuple[AxisRange, ...], plan: Plan, rows: str, cols: str)
         lo, hi, full_lo, full_hi = (
             oracle.evaluate(x, plan.pattern, env).expand(shape) for x in (r.lo, r.hi, r.full_lo, r.full_hi)
         )
-        spans.append((lo, hi, torch.maximum(full_lo, lo), torch.minimum(full_hi, hi)))
+        shift = shifts[cols]
+        core_lo, core_hi = torch.maximum(full_lo, lo) - shift, torch.minimum(full_hi, hi) - shift
+        spans.append((lo - shift, hi - shift, core_lo, core_hi))
     cores = merge_cores([(c_lo, c_hi) for _, _, c_lo, c_hi in spans])
     classes = torch.zeros((batches, heads, n_rows, n_cols), dtype=torch.int8, device=device)
     for (lo, hi, _, _), (core_lo, core_hi) in zip(spans, cores, strict=True):
@@ -361,6 +414,10 @@ def _ranges_map(ranges: tuple[AxisRange, ...], plan: Plan, rows: str, cols: str)
         full = (col >= f_first) & (col <= f_last)
         here = torch.where(full, FULL, torch.where(visited, PARTIAL, EMPTY)).to(torch.int8)
         classes = torch.maximum(classes, here)
+    if cols == "kv":
+        classes = cut_to_rows(classes, plan.env, blocks["kv"], blocks["q"])
+    elif plan.env.kv_rows is not None or plan.env.q_rows is not None:
+        raise InternalError("the transposed plan of a decoding call (decoding has no backward pass)")
     return classes
 
 
@@ -435,6 +492,7 @@ def build_block_sparse(
     _check_entries(batches, heads, n_q, n_kv, pattern.loc)
     q_first, q_last = tile_bounds(n_q, block[0], env.q_len, device)
     kv_first, kv_last = tile_bounds(n_kv, block[1], env.kv_len, device)
+    kv_first, kv_last = kv_first + env.kv_offset, kv_last + env.kv_offset  # positions
     cols = {"kv_first": kv_first.reshape(1, 1, -1), "kv_last": kv_last.reshape(1, 1, -1)}
     pairs = batches * heads
     classes = torch.empty((pairs, n_q, n_kv), dtype=torch.int8, device=device)
@@ -447,13 +505,18 @@ def build_block_sparse(
     for p0 in range(0, pairs, step_pairs):
         bh = torch.arange(p0, min(p0 + step_pairs, pairs), device=device).reshape(-1, 1, 1)
         points = {"b": bh // heads, "h": bh % heads}
+        shift = q_shift(env, points["b"])
         for m0 in range(0, n_q, step_m):
             m = torch.arange(m0, min(m0 + step_m, n_q), device=device)
-            tiles = {"q_first": q_first[m].reshape(1, -1, 1), "q_last": q_last[m].reshape(1, -1, 1), **cols}
+            tiles = {
+                "q_first": q_first[m].reshape(1, -1, 1) + shift,
+                "q_last": q_last[m].reshape(1, -1, 1) + shift,
+                **cols,
+            }
             classes[p0 : p0 + len(bh), m0 : m0 + len(m)] = predicate_classes(
                 pattern, env, points, tiles, (len(bh), len(m), n_kv)
             )
-    classes = classes.reshape(batches, heads, n_q, n_kv)
+    classes = cut_to_rows(classes.reshape(batches, heads, n_q, n_kv), env, block[1], block[0])
     return _compact(classes), _compact(classes.transpose(-1, -2).contiguous())
 
 
@@ -539,7 +602,7 @@ def make_plan(pattern: PatternIR, env: oracle.Env, block: tuple[int, int]) -> Pl
             versions=_versions(env),
         )  # type: ignore[arg-type]
     oracle.check_sizes(pattern, env)
-    batches = env.batch if "b" in sparsity.axes else 1
+    batches = env.batch if "b" in sparsity.axes or per_row_offsets(env) else 1
     heads = env.num_heads if "h" in sparsity.axes else 1
     kv_tiles, q_tiles = build_block_sparse(pattern, env, block, batches, heads)
     global _BUILDS
@@ -554,6 +617,7 @@ def make_plan(pattern: PatternIR, env: oracle.Env, block: tuple[int, int]) -> Pl
         pattern=pattern,
         env=env,
         versions=_versions(env),
+        q_offset_version=_version(env.q_offset) if isinstance(env.q_offset, torch.Tensor) else None,
     )  # type: ignore[arg-type]
 
 
@@ -572,13 +636,15 @@ def exact_block_map(
         "b": torch.arange(batches, device=device).reshape(-1, 1, 1, 1),
         "h": torch.arange(heads, device=device).reshape(1, -1, 1, 1),
     }
-    tiles = {
-        "q_first": q_first.reshape(1, 1, -1, 1),
-        "q_last": q_last.reshape(1, 1, -1, 1),
-        "kv_first": kv_first.reshape(1, 1, 1, -1),
-        "kv_last": kv_last.reshape(1, 1, 1, -1),
+    shift = q_shift(env, points["b"])
+    tiles = {  # positions
+        "q_first": q_first.reshape(1, 1, -1, 1) + shift,
+        "q_last": q_last.reshape(1, 1, -1, 1) + shift,
+        "kv_first": kv_first.reshape(1, 1, 1, -1) + env.kv_offset,
+        "kv_last": kv_last.reshape(1, 1, 1, -1) + env.kv_offset,
     }
-    classes = predicate_classes(final, env, points, tiles, (batches, heads, n_q, n_kv)).clone()
+    classes = predicate_classes(final, env, points, tiles, (batches, heads, n_q, n_kv))
+    classes = cut_to_rows(classes, env, block[1], block[0]).clone()
     unknown = (classes == PARTIAL).nonzero()
     if bound.mask is None or len(unknown) == 0:
         return classes
@@ -591,10 +657,13 @@ def exact_block_map(
         b, h, m, n = (t[:, i].reshape(-1, 1, 1) for i in range(4))
         q = m * bm + q_off
         kv = n * bn + kv_off
-        inside = (q < env.q_len) & (kv < env.kv_len)
+        kv_end = env.kv_len if env.kv_rows is None else env.kv_rows.to(device).reshape(-1)[b]
+        q_end = env.q_len if env.q_rows is None else env.q_rows.to(device).reshape(-1)[b]
+        inside = (q < q_end) & (kv < kv_end)
         # The mask is evaluated inside the lengths only (where `value_ranges` bounds it): positions past
         # them, in the last tiles, repeat the last one and are discarded.
         q, kv = q.clamp(max=max(env.q_len - 1, 0)), kv.clamp(max=max(env.kv_len - 1, 0))
+        q, kv = q + q_shift(env, b), kv + env.kv_offset  # rows to positions
         local = tile_env(env, {"b": b, "h": h, "q": q, "kv": kv}, {})
         allowed = oracle.evaluate(bound.mask, bound, local).expand(inside.shape)
         anywhere = (allowed & inside).flatten(1).any(dim=1)

@@ -7,7 +7,8 @@ dims are expressions of the sizes, `let`s, a mask and a score. Expressions are b
 float, bool) from the whole language: index variables and sizes, literals, `+ - * / // %` (floor
 division and modulo also with negative and zero operands), unary minus, chained comparisons,
 `and or not`, the bitwise `& | ^ << >>` (shift counts also negative or past 63, which clamp), every
-built-in function (`sin cos tan erf` among them), `-inf` as the value of a masked-out score, calls of
+built-in function (`sin cos tan erf` among them), bounded reductions (`sum any all max min`, unrolled
+or loops, also empty, over constant or parameter bounds), `-inf` as the value of a masked-out score, calls of
 the file's `fn`s and of stdlib and local patterns with positional and keyword arguments, and loads of
 the inputs (0-d ones too, `t[]`) at data-dependent indices (reads outside a shape are part of the
 language: they give 0 / false).
@@ -26,6 +27,7 @@ Choices are ordered simplest first, so that Hypothesis shrinks a failing program
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
@@ -67,6 +69,17 @@ FORMS = (
 )  # fmt: skip
 
 
+_NAME = re.compile(r"\b([A-Za-z_]\w*)\b(?!\s*[(\[])")
+_NOT_VARIABLES = re.compile(r"true|false|in|ri\d+")
+
+
+def _reads_a_variable(text: str) -> bool:
+    """Whether an int expression's text reads a position, size, parameter, let or input, so that the
+    front end cannot evaluate it (a reduction's variable does not count: short reductions of literals
+    are unrolled into constants)."""
+    return any(not _NOT_VARIABLES.fullmatch(m.group(1)) for m in _NAME.finditer(text)) or "[" in text
+
+
 def lit(value: int | float) -> str:
     """A literal, parenthesised when negative."""
     text = repr(value) if isinstance(value, float) else str(value)
@@ -102,6 +115,7 @@ class Scope:
     score: bool = False  # inside `score`: `s` is in scope
     grid: bool = True  # the index variables and sizes are in scope
     float_compare: bool = False  # floats may be compared (only in a mask)
+    reductions: int = 0  # reduction variables drawn so far: the next is `ri<n>`, a new name
 
 
 @dataclass(frozen=True)
@@ -143,7 +157,7 @@ class _Draw:
         sub = depth - 1
         kind = self.one(
             ("add", "sub", "mul", "floordiv", "mod", "neg", "abs", "min", "max", "clamp", "where", "load",
-             "fn", "vardiv", "round", "product", "bits")
+             "fn", "vardiv", "round", "product", "bits", "reduce")
         )  # fmt: skip
         if kind == "add":
             return f"({self.int_(sub)} + {self.int_(sub)})"
@@ -160,6 +174,8 @@ class _Draw:
             return f"({self.int_leaf()} * {self.int_leaf()})"
         if kind == "bits":
             return self.bits(sub)
+        if kind == "reduce":
+            return self.reduction(INT, sub)
         if kind == "neg":
             return f"(-{self.int_(sub)})"
         if kind == "abs":
@@ -182,6 +198,11 @@ class _Draw:
         past 63 by 63), `<<` of a position, size or small literal by at most 4 (so no int leaves
         int64; a variable count is masked to [0, 3])."""
         op = self.one(("&", "|", "^", ">>", "<<"))
+        if op == ">>":
+            value, count = self.int_(depth), self.int_(depth)
+            if not _reads_a_variable(count):  # a constant count outside [0, 63] is a located error
+                count = f"clamp({count}, 0, 63)"
+            return f"({value} >> {count})"
         if op != "<<":
             return f"({self.int_(depth)} {op} {self.int_(depth)})"
         value = self.one(("q", "kv", "h", "b", *SIZES)) if self.scope.grid else lit(self.small())
@@ -194,7 +215,11 @@ class _Draw:
         names = list(self.scope.names[FLOAT])
         if self.scope.score:
             names = ["s", "s", *names]
-        kind = self.draw(st.integers(0, 3))
+        kind = self.draw(st.integers(0, 4))
+        if kind == 4:  # a float input at its natural indices (`bias[h, kv]`), where there is one
+            loaded = self.load(FLOAT, -1)
+            if loaded is not None:
+                return loaded
         if kind == 0 or not names:
             return lit(self.draw(st.sampled_from((0.5, 1.0, -1.5, 2.0, 0.25, -0.75, 3.0))))
         return self.one(names)
@@ -205,7 +230,7 @@ class _Draw:
         sub = depth - 1
         kind = self.one(
             ("add", "mul", "sub", "int", "scale", "div", "neg", "tanh", "sigmoid", "exp", "log", "sqrt",
-             "abs", "min", "max", "clamp", "where", "load", "fn", "round", "trig")
+             "abs", "min", "max", "clamp", "where", "load", "fn", "round", "trig", "reduce")
         )  # fmt: skip
         if kind == "add":
             return f"({self.float_(sub)} + {self.float_(sub)})"
@@ -224,6 +249,8 @@ class _Draw:
             return f"(-{self.float_(sub)})"
         if kind in ("tanh", "sigmoid"):
             return f"{kind}({self.float_(sub)})"
+        if kind == "reduce":
+            return self.reduction(FLOAT, sub)
         if kind == "trig":
             fn = self.one(("sin", "cos", "erf", "tan"))
             if fn == "tan":  # of [-1.5, 1.5]: finite, and away from the poles at +-pi/2
@@ -280,7 +307,9 @@ class _Draw:
         if depth <= 0 or self.draw(st.integers(0, 3)) == 0:
             return self.bool_leaf()
         sub = depth - 1
-        kind = self.one(("and", "or", "not", "compare", "chain", "booleq", "where", "load", "fn", "floats"))
+        kind = self.one(
+            ("and", "or", "not", "compare", "chain", "booleq", "where", "load", "fn", "floats", "reduce")
+        )
         if kind in ("and", "or"):
             args = [self.bool_(sub) for _ in range(self.draw(st.integers(2, 3)))]
             return f"({f' {kind} '.join(args)})"
@@ -299,9 +328,43 @@ class _Draw:
             return self.load(BOOL, sub) or self.bool_leaf()
         if kind == "fn":
             return self.call(BOOL, sub) or self.bool_leaf()
+        if kind == "reduce":
+            return self.reduction(BOOL, sub)
         if not self.scope.float_compare:
             return self.compare(sub)
         return f"({self.float_(sub)} {self.one(COMPARISONS)} {self.float_(sub)})"
+
+    def reduction(self, type_: str, depth: int) -> str:
+        """A bounded reduction: `any` / `all` of bools, `sum` / `max` / `min` of numbers, over a range
+        with constant bounds (unrolled when short, a loop past `UNROLL_LIMIT` terms) or a parameter
+        bound (a loop when the parameter is runtime; the range may be empty). A float max / min is of a
+        range never empty (its empty value is an infinity, which a score must not become), and an
+        int sum's terms are clamped to [-50, 50], so that no int leaves int64 however long the range."""
+        var = f"ri{self.scope.reductions}"
+        self.scope.reductions += 1
+        kind = self.one(("any", "all") if type_ == BOOL else ("sum", "max", "min"))
+        # A parameter clamped: a runtime one may be given any value up to 2**30 at a call, which would be
+        # that many steps of the kernel's loop.
+        params = [
+            f"clamp({n}, -4, 24)"
+            for n in self.scope.names[INT]
+            if n == "w" or (n[0] == "p" and n[1:].isdigit())
+        ]
+        lo = self.one(("0", "1", "(-2)"))
+        hi = self.one(("3", "0", "20", *params))
+        if type_ == FLOAT and kind != "sum":  # never empty: lo + 1 .. lo + |hi| + 2
+            hi = f"{lo} + abs({hi}) + 1"
+        self.scope.names[INT].append(var)
+        try:
+            term = None
+            if self.draw(st.integers(0, 2)) == 0:  # over an input's axis: `t[h, ri0]`
+                term = self.load_along(type_, var)
+            term = term or self.value(type_, depth)
+        finally:
+            self.scope.names[INT].remove(var)
+        if type_ == INT and kind == "sum":
+            term = f"clamp({term}, -50, 50)"
+        return f"{kind}({var} in {lo}..{hi}: {term})"
 
     def compare(self, depth: int) -> str:
         return f"({self.int_(depth)} {self.one(COMPARISONS)} {self.int_(depth)})"
@@ -340,6 +403,16 @@ class _Draw:
                 indices.append(self.load(INT, -1) or DIMS[dim])  # data-dependent, as t[doc[kv]]
             else:
                 indices.append(DIMS[dim])
+        return f"{chosen.name}[{', '.join(indices)}]"
+
+    def load_along(self, type_: str, var: str) -> str | None:
+        """A load of an input at its natural indices but the last, which is `var` (a reduction's
+        variable): a sum over a table's row, `t[h, ri0]`."""
+        inputs = [i for i in self.scope.inputs if i.type == type_ and i.dims]
+        if not inputs or not self.scope.grid:
+            return None
+        chosen = self.one(inputs)
+        indices = [DIMS[dim] for dim in chosen.dims[:-1]] + [var]
         return f"{chosen.name}[{', '.join(indices)}]"
 
     def call(self, type_: str, depth: int) -> str | None:
