@@ -51,7 +51,7 @@ from attnc.passes.manager import INPUT_STAGE
 from attnc.runtime import autograd, backend, cache, registry
 from attnc.runtime.autotune import MAX_BLOCK, Config
 from attnc.runtime.launch import DTYPES, MAX_HEAD_DIM, Forward
-from attnc.runtime.plan import Plan, exact_block_map, make_plan, per_row_offsets, uses
+from attnc.runtime.plan import Plan, exact_block_map, make_plan, per_row_plan, uses
 
 Value = int | float | bool
 
@@ -658,7 +658,7 @@ class Kernel:
         env = self._env(q_len, kv_len, batch, num_heads, *self._split(inputs), None, q_offset)
         tiles = () if self.pattern.tiles is None else tuple(self.pattern.tiles.roots())
         roots = [r for r in (self._bound.mask, *tiles) if r is not None]
-        batches = env.batch if uses(roots, "b") or per_row_offsets(env) else 1
+        batches = env.batch if uses(roots, "b") or per_row_plan(env) else 1
         heads = env.num_heads if uses(roots, "h") else 1
         self._check_dense("the block map", (batches, heads, -(-q_len // bm), -(-kv_len // bn)))
         classes = exact_block_map(self._bound, self.pattern, env, (bm, bn), batches, heads)
@@ -804,6 +804,17 @@ class Kernel:
         if return_aux:  # lse and the row maxima, which carry no gradient
             return out, lse[0], lse[1].detach()
         return (out, lse) if return_lse else out
+
+    def _check_one_kernel_dtype(self, **tensors: torch.Tensor) -> None:
+        """An `InputError` unless the tensors (q, k, v by their argument names) share one dtype the
+        kernels compute in (the calls without a float64 path or autocast: `decode`, `varlen`, `chunk`)."""
+        dtypes = [t.dtype for t in tensors.values()]
+        if dtypes[0] not in DTYPES or any(d != dtypes[0] for d in dtypes):
+            raise InputError(
+                f"{', '.join(tensors)} must have one dtype of float16, bfloat16, float32, got "
+                f"{', '.join(str(d)[6:] for d in dtypes)}",
+                self._bound.loc,
+            )
 
     def _check_launchable(self, device: torch.device, dim: int, dim_v: int) -> None:
         """An `InputError` unless the kernels can run on `device` with these head dims (of q/k and v)."""
@@ -1020,12 +1031,7 @@ class Kernel:
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 shown = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise InputError(f"{name} must be a 4-D tensor, got {shown}", loc)
-        if q.dtype not in DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-            raise InputError(
-                f"q, k_cache and v_cache must be one of float16, bfloat16, float32, got {q.dtype}, "
-                f"{k_cache.dtype}, {v_cache.dtype}",
-                loc,
-            )
+        self._check_one_kernel_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
         for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
             if t.device != q.device:
                 raise InputError(f"{name} is on {t.device}, q on {q.device}", loc)
@@ -1113,12 +1119,7 @@ class Kernel:
                 )
         views = [t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)]  # [1, H, T, D], no copy
         self._check_qkv(*views)
-        if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-            raise InputError(
-                f"q, k and v must have one dtype of float16, bfloat16, float32, got {q.dtype}, {k.dtype}, "
-                f"{v.dtype}",
-                loc,
-            )
+        self._check_one_kernel_dtype(q=q, k=k, v=v)
         self._check_launchable(q.device, q.shape[2], v.shape[2])
         cu_q = self._int_tensor("cu_seqlens_q", cu_seqlens_q, (None,), q.device)
         cu_k = self._int_tensor("cu_seqlens_k", cu_seqlens_k, (cu_q.shape[0],), q.device)
@@ -1190,12 +1191,7 @@ class Kernel:
         (`attnc.runtime.launch.merge_splits`). Differentiable, as `__call__` is; q, k, v as there."""
         self._check_qkv(q, k, v)
         loc = self._bound.loc
-        if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-            raise InputError(
-                f"q, k and v must have one dtype of float16, bfloat16, float32, got {q.dtype}, {k.dtype}, "
-                f"{v.dtype}",
-                loc,
-            )
+        self._check_one_kernel_dtype(q=q, k=k, v=v)
         self._check_launchable(q.device, q.shape[3], v.shape[3])
         for name, value in (
             ("q_offset", q_offset),

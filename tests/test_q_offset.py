@@ -56,7 +56,7 @@ def test_forward_and_backward_at_an_int_offset_match_the_oracle(kern: attnc.Kern
     assert_matches_oracle(kern, 24, 70, q_offset)
 
 
-def test_per_row_offsets_give_each_batch_row_its_own_positions() -> None:
+def test_per_row_plan_give_each_batch_row_its_own_positions() -> None:
     offsets = torch.tensor([46, 5, 0], dtype=torch.int32)
     assert_matches_oracle(STD.sliding_window(window=20), 24, 70, offsets, batch=3)
     q, k, v = qkv(3, 24, 70)
@@ -173,7 +173,7 @@ def test_a_bad_q_offset_is_a_clear_error(q_offset, error: type, match: str) -> N
         STD.causal().reference(q, k, v, q_offset=q_offset)
 
 
-def test_per_row_offsets_refuse_inputs_shaped_by_q_len() -> None:
+def test_per_row_plan_refuse_inputs_shaped_by_q_len() -> None:
     kern = attnc.loads("pattern p { input bias: float32[Q_LEN]\n score = s + bias[q] }").p()
     q, k, v = qkv(2, 8, 16)
     with pytest.raises(attnc.InputError, match=r"depends on Q_LEN.*pass q_offset as an int") as info:

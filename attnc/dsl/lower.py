@@ -750,7 +750,7 @@ class _ExprLowerer:
                 f"operator '{e.op}' needs ints, got {left.type} and {right.type}{hint}", e.op_loc
             )
         if e.op in ("<<", ">>"):
-            count = _evaluate_constant(right)
+            count = reductions.constant(right)
             if isinstance(count, int) and not 0 <= count <= fold.SHIFT_LIMIT:
                 raise AttnTypeError(
                     f"shift count {count} is outside [0, {fold.SHIFT_LIMIT}]: ints are 64-bit", e.right.loc
@@ -865,23 +865,10 @@ def _constant(program: Program, scope: FileScope, expr: ast.Expr, target: Type, 
     lowerer = _Const(program, scope)
     lowerer.context = "a default value"
     node = _to_type(lowerer.expr(expr), target, expr.loc, what)
-    value = _evaluate_constant(node)
+    value = reductions.constant(node)
     if value is None:
         raise AttnTypeError(f"{what} must be a constant made of literals", expr.loc)
     return const(value, expr.loc)
-
-
-def _evaluate_constant(node: Node) -> int | float | bool | None:
-    """The value of an expression of literals (None: it is not one), operands first, without recursion."""
-    values: dict[Node, int | float | bool | None] = {}
-    for n in node.walk():
-        if n.op is Op.CONST:
-            values[n] = n.attr  # type: ignore[assignment]
-            continue
-        args = [values[a] for a in n.args]
-        foldable = fold.foldable(n.op) and all(a is not None for a in args)
-        values[n] = fold.evaluate(n.op, args) if foldable else None  # type: ignore[arg-type]
-    return values[node]
 
 
 def _params(

@@ -87,26 +87,32 @@ def _env(
     inputs: list[Tensor],
     int_params: list[int],
     float_params: list[float],
-    q_offset: int,
-    q_offsets: Tensor | None,
-    kv_rows: Tensor | None = None,
-    kv_len: int | None = None,
-    chunk: tuple[int, int, int] = (0, -1, -1),
+    sizes: tuple[int, int, int] | None = None,
+    **geometry: Any,
 ) -> oracle.Env:
-    """The op's arguments as an environment; `chunk`: (kv_offset, q_size, kv_size), -1 for a size that
-    follows from the offsets and lengths (`oracle.Env`)."""
+    """The op's arguments as an environment: sizes (batch, q_len, kv_len) from q and k unless given
+    (packed sequences, paged caches), and `geometry`, `oracle.Env`'s offsets and per-row lengths."""
     names = [d.name for d in forward.pattern.inputs]
-    kv_offset, q_size, kv_size = chunk
+    batch, q_len, kv_len = (q.shape[0], q.shape[2], k.shape[2]) if sizes is None else sizes
     return oracle.Env(
-        q.shape[0],
+        batch,
         q.shape[1],
-        q.shape[2],
-        k.shape[2] if kv_len is None else kv_len,
+        q_len,
+        kv_len,
         q.device,
         dict(zip(names, inputs, strict=True)),
         params=_params(forward.pattern, int_params, float_params),
+        **geometry,
+    )
+
+
+def _chunk(
+    q_offset: int, q_offsets: Tensor | None, kv_offset: int, q_size: int, kv_size: int
+) -> dict[str, Any]:
+    """The op's offsets and sizes (-1: a size that follows from the offset and the rows) as
+    `oracle.Env`'s fields."""
+    return dict(
         q_offset=q_offset if q_offsets is None else q_offsets,
-        kv_rows=kv_rows,
         kv_offset=kv_offset,
         q_size=None if q_size < 0 else q_size,
         kv_size=None if kv_size < 0 else kv_size,
@@ -138,34 +144,30 @@ def attention(
     return_max: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of the pattern whose IR text is `pattern` (arguments checked by `Kernel.__call__`,
-    `Kernel.decode`, `Kernel.varlen` and `Kernel.chunk`). A chunk of a longer problem (`Kernel.chunk`):
-    key row j is position `kv_offset + j`, and the pattern's sizes are `q_size`/`kv_size` (-1: the
-    offset plus the rows). With `return_max`, lse is [2, *lse's shape]: the lse and each query's largest
-    score (`return_aux`; it has no gradient). Query row i of batch row b is position `q_offsets[b] + i` (an
-    int tensor [B]), else `q_offset + i`. `kernel_options`: [BLOCK_M, BLOCK_N, num_warps, num_stages],
-    0 where not given (`launch.with_options`). Decoding: `kv_rows` int32 [B], the valid key rows of
-    each batch row, and `block_table` int32 [B, pages per row] for a paged cache k/v [pages, page size,
-    Hkv, D]. Packed sequences: q [1, Hq, Tq, D] and k/v [1, Hkv, Tk, D] (views of the packed
-    tensors), `cu_seqlens_q`/`cu_seqlens_k` int32 [N + 1] and the longest lengths."""
+    `Kernel.decode`, `Kernel.varlen` and `Kernel.chunk`).
+
+    Positions: query row i of batch row b is position `q_offsets[b] + i` (an int tensor [B]), else
+    `q_offset + i`; key row j is position `kv_offset + j`; the pattern's sizes are `q_size`/`kv_size`
+    (-1: the offset plus the rows; other sizes: a chunk of a longer problem, `Kernel.chunk`).
+    `kernel_options`: [BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT_KV, PACK_GQA], 0 where not given
+    (`launch.with_options`). Decoding: `kv_rows` int32 [B], the valid key rows of each batch row, and
+    `block_table` int32 [B, pages per row] for a paged cache k/v [pages, page size, Hkv, D]. Packed
+    sequences: q [1, Hq, Tq, D] and k/v [1, Hkv, Tk, D] (views of the packed tensors),
+    `cu_seqlens_q`/`cu_seqlens_k` int32 [N + 1] and the longest lengths. With `return_max`, lse is
+    [2, *lse's shape]: the lse and each query's largest score (`return_aux`; it has no gradient)."""
     forward = registry.find(pattern)
     if cu_seqlens_q is not None and cu_seqlens_k is not None:
-        names = [d.name for d in forward.pattern.inputs]
-        env = oracle.Env(
-            cu_seqlens_q.shape[0] - 1,
-            q.shape[1],
-            max_seqlen_q,
-            max_seqlen_k,
-            q.device,
-            dict(zip(names, inputs, strict=True)),
-            params=_params(forward.pattern, int_params, float_params),
+        env = _env(
+            forward, q, k, inputs, int_params, float_params,
+            sizes=(cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k),
             q_rows=cu_seqlens_q[1:] - cu_seqlens_q[:-1],
             kv_rows=cu_seqlens_k[1:] - cu_seqlens_k[:-1],
-        )
+        )  # fmt: skip
         cu_seqlens = (cu_seqlens_q, cu_seqlens_k)
         return forward.run(q, k, v, env, scale, kernel_options, cu_seqlens=cu_seqlens, return_max=return_max)
-    kv_len = None if block_table is None else block_table.shape[1] * k.shape[1]
-    chunk = (kv_offset, q_size, kv_size)
-    env = _env(forward, q, k, inputs, int_params, float_params, q_offset, q_offsets, kv_rows, kv_len, chunk)
+    sizes = None if block_table is None else (q.shape[0], q.shape[2], block_table.shape[1] * k.shape[1])
+    geometry = _chunk(q_offset, q_offsets, kv_offset, q_size, kv_size)
+    env = _env(forward, q, k, inputs, int_params, float_params, sizes, kv_rows=kv_rows, **geometry)
     return forward.run(q, k, v, env, scale, kernel_options, block_table, return_max=return_max)
 
 
@@ -226,8 +228,8 @@ def attention_backward(
     chosen = tuple(n for n, w in zip(names, wanted, strict=True) if w)
     if chosen:
         check_deterministic(forward.name, chosen)
-    chunk = (kv_offset, q_size, kv_size)
-    env = _env(forward, q, k, inputs, int_params, float_params, q_offset, q_offsets, chunk=chunk)
+    geometry = _chunk(q_offset, q_offsets, kv_offset, q_size, kv_size)
+    env = _env(forward, q, k, inputs, int_params, float_params, **geometry)
     dq, dk, dv, grads = forward.backward.run(
         q, k, v, out, lse, dout, dlse, env, scale, chosen, kernel_options
     )

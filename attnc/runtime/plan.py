@@ -263,7 +263,7 @@ class Plan:
             return {a for a in ("b", "h") if uses(roots, a)}
         sparsity = self.pattern.sparsity
         axes = set(sparsity.axes) if sparsity is not None else {"b", "h"}
-        return axes | {"b"} if per_row_offsets(self.env) else axes
+        return axes | {"b"} if per_row_plan(self.env) else axes
 
     @property
     def num_tiles(self) -> tuple[int, int]:
@@ -347,9 +347,9 @@ def q_shift(env: oracle.Env, b: torch.Tensor | None = None) -> int | torch.Tenso
     return shift
 
 
-def per_row_offsets(env: oracle.Env) -> bool:
-    """Whether q_offset is a tensor or the valid key rows differ per batch row (decoding): plans then
-    have a batch axis."""
+def per_row_plan(env: oracle.Env) -> bool:
+    """Whether the plan has a batch axis whatever the pattern reads: q_offset is a tensor (one per batch
+    row), or the valid rows differ per batch row (decoding, packed sequences)."""
     return isinstance(env.q_offset, torch.Tensor) or env.kv_rows is not None or env.q_rows is not None
 
 
@@ -381,7 +381,7 @@ def _ranges_map(ranges: tuple[AxisRange, ...], plan: Plan, rows: str, cols: str)
     device = plan.env.device
     n_rows, n_cols = _cdiv(lengths[rows], blocks[rows]), _cdiv(lengths[cols], blocks[cols])
     roots = [x for r in ranges for x in (r.lo, r.hi, r.full_lo, r.full_hi)]
-    batches = plan.batch if uses(roots, "b") or per_row_offsets(plan.env) else 1
+    batches = plan.batch if uses(roots, "b") or per_row_plan(plan.env) else 1
     heads = plan.num_heads if uses(roots, "h") else 1
     first, last = tile_bounds(n_rows, blocks[rows], lengths[rows], device)
     b = torch.arange(batches, device=device).reshape(-1, 1, 1, 1)
@@ -602,7 +602,7 @@ def make_plan(pattern: PatternIR, env: oracle.Env, block: tuple[int, int]) -> Pl
             versions=_versions(env),
         )  # type: ignore[arg-type]
     oracle.check_sizes(pattern, env)
-    batches = env.batch if "b" in sparsity.axes or per_row_offsets(env) else 1
+    batches = env.batch if "b" in sparsity.axes or per_row_plan(env) else 1
     heads = env.num_heads if "h" in sparsity.axes else 1
     kv_tiles, q_tiles = build_block_sparse(pattern, env, block, batches, heads)
     global _BUILDS
