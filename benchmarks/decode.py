@@ -19,6 +19,9 @@ sliding-window time that does not grow with the context.
     .venv/bin/python benchmarks/decode.py --out benchmarks/results/decode-<device>-<date>.json   # GPU
     .venv/bin/python benchmarks/decode.py --smoke      # CPU, Triton's interpreter: tiny sizes, checks only
 
+`--contexts` picks the cache lengths; `--time-budget-s S` starts no case after S seconds (the rest are
+recorded as skipped) and the JSON is rewritten after every case.
+
 `--smoke` runs every pattern and both Lq at tiny sizes (context 40-200, Hq 4, Hkv 2, d 16, float32,
 ragged lengths with an empty row) and checks attnc and SDPA against the reference; no timing. CI runs it
 (tests/test_decode_bench.py).
@@ -31,6 +34,7 @@ import datetime
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -182,39 +186,57 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU, checks only")
     parser.add_argument("--out", type=Path, help="where to write the JSON results")
     parser.add_argument("--peak-gbs", type=float, help="the device's HBM peak in GB/s")
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", help="cache lengths to run (default 4096 32768 131072)"
+    )
+    parser.add_argument(
+        "--time-budget-s",
+        type=float,
+        help="start no case after this many seconds; the rest are recorded as skipped (the JSON is "
+        "rewritten after every case, so a run cut short keeps what it finished)",
+    )
     args = parser.parse_args(argv)
+    started = time.monotonic()
     device = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
         grid = [(b, q_len, n) for b in (2,) for q_len in (1, 4) for n in (40, 200)]
         window = 24
     else:
-        grid = [(b, q_len, n) for b in (1, 8, 64) for q_len in (1, 4) for n in (4096, 32768, 131072)]
+        contexts = args.contexts or (4096, 32768, 131072)
+        grid = [(b, q_len, n) for b in (1, 8, 64) for q_len in (1, 4) for n in contexts]
         window = 4096
-    cases = []
-    for name, kern in kernels(window).items():
-        for batch, q_len, length in grid:
-            if not args.smoke and batch * length > 64 * 32768:  # cache memory: at most 16 GiB of K and V
-                continue
-            cases.append(run_case(name, kern, batch, q_len, length, args.smoke, device))
-            print(json.dumps(cases[-1]), flush=True)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     peak = args.peak_gbs or next((v for key, v in HBM_PEAK_GBS.items() if key in device_name), None)
-    if peak:
-        for case in cases:
-            for result in case["results"]:
-                if "gb_per_s" in result:
-                    result["fraction_of_peak"] = result["gb_per_s"] / peak
-    report = {
+    report: dict[str, Any] = {
         "benchmark": "decode",
         "device": device_name,
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
         "smoke": args.smoke,
         "hbm_peak_gbs": peak,
-        "cases": cases,
+        "cases": [],
+        "skipped": [],
     }
+    cases, skipped = report["cases"], report["skipped"]
+    for name, kern in kernels(window).items():
+        for batch, q_len, length in grid:
+            if not args.smoke and batch * length > 64 * 32768:  # cache memory: at most 16 GiB of K and V
+                continue
+            if args.time_budget_s is not None and time.monotonic() - started > args.time_budget_s:
+                skipped.append({"pattern": name, "batch": batch, "q_len": q_len, "context": length})
+                continue
+            case = run_case(name, kern, batch, q_len, length, args.smoke, device)
+            for result in case["results"]:
+                if peak and "gb_per_s" in result:
+                    result["fraction_of_peak"] = result["gb_per_s"] / peak
+            cases.append(case)
+            print(json.dumps(case), flush=True)
+            if args.out:
+                args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    if skipped:
+        print(f"{len(skipped)} cases skipped after --time-budget-s {args.time_budget_s}", file=sys.stderr)
     failed = [
         (c["pattern"], c["batch"], c["q_len"], c["context"], r["system"])
         for c in cases

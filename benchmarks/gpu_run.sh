@@ -6,6 +6,9 @@
 #   bash benchmarks/gpu_run.sh tests [PYTEST ARGS...]   # the kernel tests on the GPU (default: the test
 #                                                        # files that launch kernels)
 #   bash benchmarks/gpu_run.sh bench [BENCH OPTIONS...]  # attnc bench; options as `attnc bench --help`
+#   bash benchmarks/gpu_run.sh decode [DECODE OPTIONS...] # benchmarks/decode.py (paged decoding)
+#   bash benchmarks/gpu_run.sh fuzz [SECONDS]            # the fuzz corpus replayed, then `attnc fuzz`
+#   bash benchmarks/gpu_run.sh first                     # all four, cut to fit one ~9-minute call
 #
 # Logs and results go to $OUT (default ./out). Each part stops itself before 8 minutes: pytest under
 # `timeout`, the benchmark by --time-budget-s (no new case after it; every finished case is already in
@@ -55,8 +58,30 @@ bench)
     timeout 470 "$PYTHON" -m attnc bench --time-budget-s 330 --output "$OUT/attention-$stamp.json" "$@" 2>&1 |
         tee "$OUT/bench-$stamp.log"
     ;;
+decode)
+    timeout 470 "$PYTHON" benchmarks/decode.py --time-budget-s 400 --out "$OUT/decode-$stamp.json" "$@" 2>&1 |
+        tee "$OUT/decode-$stamp.log"
+    ;;
+fuzz)
+    seconds=${1:-60}
+    timeout 470 "$PYTHON" -m attnc fuzz --replay tests/fuzz_corpus/*.attn 2>&1 | tee "$OUT/fuzz-replay-$stamp.log"
+    timeout $((seconds + 120)) "$PYTHON" -m attnc fuzz --seconds "$seconds" --seed 23 --target kernels \
+        --save "$OUT/fuzz-failures" 2>&1 | tee "$OUT/fuzz-$stamp.log"
+    ;;
+first)
+    # Issue 23's first visit in one call of about 9 minutes (run with timeout_s ~580): each part under
+    # its own limit, in the order of what a GPU alone can show. The speed parts keep every finished case.
+    ATTNC_AUTOTUNE=0 timeout 120 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+        tests/test_backward.py tests/test_decode.py 2>&1 | tee "$OUT/tests-$stamp.log" | tail -40
+    timeout 260 "$PYTHON" -m attnc bench --time-budget-s 200 --lengths 16384 --head-dims 128 \
+        --gqa-kv-heads 0 --patterns full causal document_causal block_sparse sliding_window --output "$OUT/attention-$stamp.json" 2>&1 | tee "$OUT/bench-$stamp.log" | tail -40
+    timeout 100 "$PYTHON" benchmarks/decode.py --time-budget-s 60 --contexts 4096 32768 \
+        --out "$OUT/decode-$stamp.json" 2>&1 | tee "$OUT/decode-$stamp.log" | tail -20
+    timeout 60 "$PYTHON" -m attnc fuzz --seconds 40 --seed 23 --target kernels --save "$OUT/fuzz-failures" \
+        2>&1 | tee "$OUT/fuzz-$stamp.log" | tail -10
+    ;;
 *)
-    echo "usage: bash benchmarks/gpu_run.sh tests [PYTEST ARGS...] | bench [BENCH OPTIONS...]" >&2
+    echo "usage: bash benchmarks/gpu_run.sh tests [PYTEST ARGS...] | bench [BENCH OPTIONS...] | decode [...] | fuzz [SECONDS] | first" >&2
     exit 2
     ;;
 esac

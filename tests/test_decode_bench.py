@@ -27,3 +27,11 @@ def test_the_smoke_run_checks_every_pattern_and_query_length(tmp_path: Path) -> 
     assert {c["q_len"] for c in cases} == {1, 4}
     assert all(r["passed"] for c in cases for r in c["results"])
     assert {r["system"] for c in cases for r in c["results"]} == {"attnc", "sdpa"}
+
+
+def test_a_spent_time_budget_records_the_remaining_cases_as_skipped(tmp_path: Path) -> None:
+    out = tmp_path / "decode.json"
+    assert load_benchmark().main(["--smoke", "--time-budget-s", "0", "--out", str(out)]) == 0
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert report["cases"] == []
+    assert len(report["skipped"]) == 3 * 2 * 2  # patterns x query lengths x contexts
