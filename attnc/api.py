@@ -165,7 +165,9 @@ class Pattern:
         if self.name not in known:
             entry = self._module_ir.entry
             with deep_recursion(), node_budget(entry.loc, f"pattern '{self.name}' (inline)"):
-                known[self.name] = static_params(Inline().run(self._module_ir).entry)
+                inlined = Inline().run(self._module_ir)
+            _INLINED.setdefault(self._program, {})[self.name] = (self._module_ir, inlined)
+            known[self.name] = static_params(inlined.entry)
         return known[self.name]
 
     @property
@@ -279,12 +281,19 @@ pattern for new runtime values (`mod.sliding_window(window=w)` in a sweep) runs 
 _STATIC_NAMES: weakref.WeakKeyDictionary[Program, dict[str, frozenset[str]]] = weakref.WeakKeyDictionary()
 """`Pattern.static_names` of each loaded program, by pattern (`module[name]` makes a new `Pattern`)."""
 
+_INLINED: weakref.WeakKeyDictionary[Program, dict[str, tuple[ModuleIR, ModuleIR]]] = (
+    weakref.WeakKeyDictionary()
+)
+"""The module `Pattern.static_names` inlined and what `inline` made of it, by pattern, until the next
+compilation of that module takes it (its pipeline starts from it: one inline per build, not two)."""
+
 
 def clear_memory() -> None:
     """Forget the compiled pipelines and static parameter sets of every program (the kernel sources
     are `runtime.cache.clear_memory`'s): the next kernel of a pattern runs every pass again."""
     _PIPELINES.clear()
     _STATIC_NAMES.clear()
+    _INLINED.clear()
 
 
 PIPELINES_PER_PROGRAM = 256
@@ -305,7 +314,8 @@ def _pipeline(
     if key not in compiled:
         if len(compiled) >= PIPELINES_PER_PROGRAM:
             del compiled[next(iter(compiled))]
-        compiled[key] = compile_pattern(module_ir, values)
+        source, inlined = _INLINED.get(program, {}).pop(entry.name, (None, None))
+        compiled[key] = compile_pattern(module_ir, values, inlined=inlined if source is module_ir else None)
         return compiled[key]
     done = compiled[key]
     return replace(done, source=cache.source(done.entry, done.spec, structure=done.source.structure))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TextIO, overload
+from typing import ClassVar, TextIO, overload
 
 from attnc.codegen.lower import build_spec
 from attnc.codegen.spec import KernelSpec
@@ -73,18 +73,38 @@ class CompiledPattern:
         return self.passes.stages.with_text(LOWER_STAGE, self.source.text)
 
 
+@dataclass(frozen=True)
+class _Inlined:
+    """`inline` of a module whose result the caller has already (`Pattern.static_names` inlines to
+    decide the static parameters): that result, for that very module; any other module is inlined."""
+
+    name: ClassVar[str] = Inline.name
+    source: ModuleIR
+    result: ModuleIR
+
+    def run(self, module: ModuleIR) -> ModuleIR:
+        return self.result if module is self.source else Inline().run(module)
+
+
 def compile_pattern(
     module: ModuleIR,
     values: tuple[tuple[str, Value], ...],
     print_between: TextIO | None = None,
     specialize: frozenset[str] = frozenset(),
+    inlined: ModuleIR | None = None,
 ) -> CompiledPattern:
     """Run the pipeline on a pattern (the module's entry) with its parameter values. The kernel is
     specialised on the static parameters and on those named in `specialize`; the others are runtime
-    arguments (`bind-params`), whose values here are not part of the result."""
+    arguments (`bind-params`), whose values here are not part of the result. `inlined`: what `inline`
+    makes of `module`, where the caller has it (then the pipeline does not inline it again)."""
     pm = PassManager(print_between=print_between)
     for pass_class in PIPELINE:
-        pm.add(BindParams(values, specialize) if pass_class is BindParams else pass_class())
+        if pass_class is BindParams:
+            pm.add(BindParams(values, specialize))
+        elif pass_class is Inline and inlined is not None:
+            pm.add(_Inlined(module, inlined))
+        else:
+            pm.add(pass_class())
     with deep_recursion():
         passes = pm.run(module)
         spec = build_spec(passes.final.entry)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from attnc.analysis import value_ranges
-from attnc.analysis.summaries import RangeTable, box_bound
+from attnc.analysis.summaries import RangeTable, TileSpan, box_bound, static_widths
 from attnc.ir import reduce as reductions
 from attnc.ir.nodes import InputDecl, Node, Op, PatternIR, Type
 
@@ -51,6 +51,9 @@ class Env:
     points: Mapping[str, torch.Tensor] = field(default_factory=dict)
     tiles: Mapping[str, torch.Tensor] = field(default_factory=dict)
     tables: dict[tuple[str, int], RangeTable] = field(default_factory=dict, repr=False)
+    # The tile boxes' static extents by axis ("q", "kv"), where `tiles` holds boxes: what a range
+    # summary over several axes enumerates without reading the boxes' widths (`summaries.box_bound`).
+    tile_spans: Mapping[str, TileSpan] = field(default_factory=dict)
     float_dtype: torch.dtype = torch.float64  # the type floats are computed in (see `attention`)
     params: Mapping[str, int | float] = field(default_factory=dict)
     q_offset: int | torch.Tensor = 0
@@ -158,12 +161,14 @@ def _range(node: Node, decl: InputDecl, env: Env, args: list[torch.Tensor]) -> t
 
     def table(axis: int) -> RangeTable:
         if (decl.name, axis) not in env.tables:
-            env.tables[decl.name, axis] = RangeTable.build(tensor, axis)
+            env.tables[decl.name, axis] = RangeTable.of(tensor, axis)
         return env.tables[decl.name, axis]
 
     # No host synchronisation while a CUDA graph captures the plan's build (`summaries.box_bound`).
     capturing = tensor.is_cuda and torch.cuda.is_current_stream_capturing()
-    bound = box_bound(tensor, args[0::2], args[1::2], ranged, table, node.op is Op.RANGE_MAX, not capturing)
+    widths = static_widths(node.args, ranged, env.tile_spans, env.params)
+    maximum = node.op is Op.RANGE_MAX
+    bound = box_bound(tensor, args[0::2], args[1::2], ranged, table, maximum, not capturing, widths)
     return bound.to(_DTYPES[decl.type])
 
 

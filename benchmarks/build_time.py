@@ -16,8 +16,9 @@ Method:
    (`checked_code` on the forward source: what a first call adds before Triton's own compile). The
    median of `--reps` is reported, with the minimum, the maximum and the first build (the only one
    whose IR nodes no earlier build of the same pattern made), and per pass (its verification included;
-   `lower-triton` is the rest: the kernel spec, the cache key, the render and the write). Nothing here
-   runs Triton's compiler or a kernel.
+   `lower-triton` is the rest: the kernel spec, the cache key, the render and the write, and since
+   issue16-r5 the `inline` that deciding the static parameters runs before the pipeline, whose
+   `inline` stage then takes that module). Nothing here runs Triton's compiler or a kernel.
 2. **Programs whose DAG is small and whose tree is exponential** (a 40-deep chain of `fn`s each using
    its argument twice; 60 `let`s each squaring the last): each in its own process with a timeout
    (`--stress-timeout`, default 60 s), timed the same way; a timeout or an error is recorded as such.
@@ -42,6 +43,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -91,6 +93,9 @@ def _fresh_cache() -> None:
 
     cache.clear_memory()
     api.clear_memory()  # the compiled pipelines of each loaded program: a repetition runs every pass
+    previous = os.environ.get("ATTNC_CACHE_DIR", "")
+    if Path(previous).name.startswith("attnc-build-time-"):  # this worker's last one (not timed)
+        shutil.rmtree(previous, ignore_errors=True)
     os.environ["ATTNC_CACHE_DIR"] = tempfile.mkdtemp(prefix="attnc-build-time-")
 
 

@@ -15,11 +15,18 @@ mean. Bytes are K and V rows received per rank, batch 1, one head of 128 bf16 el
 do not depend on those. An all-gather and a full ring both receive (R-1)/R of K and V on every rank.
 `lower_bound` is attnc's heaviest query chunk plus the cheapest others a rank must hold with it (every
 rank holds at least `num_chunks // R`), over the mean rank load: no layout of whole chunks of that
-size balances better. `dispatch_s` times the whole `dispatch` call (census, assignment, default-chunk
-choice) on one thread after a warm-up, wall time (median, min) and process CPU time (median of
-`--reps`; the README shows it: the machine is shared, and one thread's CPU time moves less with the
-load than wall time); `range_tables_cpu_s` times, apart, the part of it that builds the inputs'
-range-min/max tables (`analysis.summaries.RangeTable`, tens of MB for 786K tokens), which
+size balances better. `tile_row_bound` (64 ranks only: it needs a census at 256-token chunks) is the
+same bound for chunks of a single 128-query tile row, the finest split of the queries: where it is far
+above 1 (a global token's row), only splitting one query row's keys over several ranks could balance.
+Where the dispatch splits a heavy query chunk by its keys (`parts` > 0: other ranks compute it
+against their key chunks and return partial outputs; `docs/distributed.md`, "Split query chunks"),
+`whole_chunks` gives the same figures for the dispatch without splits (`split_target=inf`: the layout
+before splitting existed), and the bytes include the query chunks and partial outputs received.
+`dispatch_s` times the whole `dispatch` call (census, assignment, default-chunk choice) on one thread
+after a warm-up, wall time (median, min) and process CPU time (median of `--reps`; the README shows
+it: the machine is shared, and one thread's CPU time moves less with the load than wall time);
+`range_tables_cpu_s` times, apart, the part of it that builds the inputs' range-min/max tables
+(`distributed.census.BlockRangeTable`, over 128-token blocks), which
 data-dependent masks need once per dispatch.
 
     .venv/bin/python benchmarks/context_parallel.py \
@@ -40,9 +47,9 @@ from typing import Any
 import torch
 
 import attnc
-from attnc.analysis.summaries import RangeTable
 from attnc.distributed import ContextParallel, CostModel, tile_census
 from attnc.distributed.assign import contiguous, head_tail
+from attnc.distributed.census import BlockRangeTable
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TOKENS_PER_RANK = 8192
@@ -139,6 +146,21 @@ def heaviest_rank(chunk_cost: torch.Tensor, held: int) -> float:
     return float(ordered[-1] + ordered[: max(held - 1, 0)].sum())
 
 
+def tile_row_bound(kern: attnc.Kernel, inputs: dict[str, Any], seq_len: int, ranks: int) -> float:
+    """`heaviest_rank` for chunks of one 128-query tile row (the halves of 256-token chunks), over the
+    mean rank load, the larger of forward and backward."""
+    model = CostModel()
+    census = tile_census(kern, seq_len, chunk=256, batch=1, num_heads=1, **inputs)
+    bounds = []
+    for w_partial, w_full in (
+        (model.forward_partial, model.forward_full),
+        (model.backward_partial, model.backward_full),
+    ):
+        rows = (w_partial * census.half_partial.double() + w_full * census.half_full.double()).flatten()
+        bounds.append(heaviest_rank(rows, len(rows) // ranks) / float(rows.sum() / ranks))
+    return max(bounds)
+
+
 def imbalance(cost: torch.Tensor) -> float:
     return float(cost.max() / cost.mean()) if float(cost.mean()) > 0 else 1.0
 
@@ -160,7 +182,7 @@ def run_case(name: str, kern: attnc.Kernel, inputs: dict[str, Any], ranks: int, 
     all_gather = (ranks - 1) * TOKENS_PER_RANK * 2 * HEAD_DIM * DTYPE_BYTES
     cp = ContextParallel(kern, world_size=ranks)
     layout, times, cpu = timed(lambda: cp.dispatch(seq_len, **inputs), reps)
-    _, _, tables = timed(lambda: [RangeTable.build(x, x.dim() - 1) for x in inputs.values()], reps)
+    _, _, tables = timed(lambda: [BlockRangeTable.build(x, x.dim() - 1, 128) for x in inputs.values()], reps)
     stats = layout.stats(head_dim=HEAD_DIM, dtype=torch.bfloat16)
     forward = torch.tensor([s["forward_cost"] for s in stats], dtype=torch.float64)
     backward = torch.tensor([s["backward_cost"] for s in stats], dtype=torch.float64)
@@ -183,12 +205,32 @@ def run_case(name: str, kern: attnc.Kernel, inputs: dict[str, Any], ranks: int, 
             "max_bytes_received": received,
             "bytes_vs_all_gather": received / all_gather,
             "max_chunks_received": max(int(s["chunks_received"]) for s in stats),
+            "parts": len(layout.parts),
+            "max_query_chunks_received": max(int(s["query_chunks_received"]) for s in stats),
+            "max_partials_received": max(int(s["partials_received"]) for s in stats),
             "dispatch_s_median": statistics.median(times),
             "dispatch_s_min": min(times),
             "dispatch_cpu_s_median": statistics.median(cpu),
             "range_tables_cpu_s_median": statistics.median(tables),
         },
     }
+    if layout.parts:
+        whole = ContextParallel(kern, world_size=ranks, split_target=float("inf")).dispatch(seq_len, **inputs)
+        whole_stats = whole.stats(head_dim=HEAD_DIM, dtype=torch.bfloat16)
+        whole_received = max(int(s["bytes_received"]) for s in whole_stats)
+        result["attnc"]["whole_chunks"] = {
+            "chunk": whole.chunk,
+            "forward_imbalance": imbalance(
+                torch.tensor([s["forward_cost"] for s in whole_stats], dtype=torch.float64)
+            ),
+            "backward_imbalance": imbalance(
+                torch.tensor([s["backward_cost"] for s in whole_stats], dtype=torch.float64)
+            ),
+            "max_bytes_received": whole_received,
+            "bytes_vs_all_gather": whole_received / all_gather,
+        }
+    if ranks == 64:
+        result["attnc"]["tile_row_bound"] = max(1.0, tile_row_bound(kern, inputs, seq_len, ranks))
     if "doc" in inputs:
         lengths = torch.unique_consecutive(inputs["doc"][0], return_counts=True)[1]
         result["documents"] = {
@@ -217,8 +259,9 @@ def markdown(path: Path, ranks: int) -> str:
     largest = max(r["ranks"] for r in rows)
     times = {r["mask"]: r["attnc"] for r in rows if r["ranks"] == largest}
     lines = [
-        f"| mask ({ranks} ranks x 8K) | attnc fwd / bwd | bound | head-tail fwd / bwd | ring fwd / bwd "
-        f"| attnc bytes vs all-gather | dispatch at {largest} ranks, CPU time (range tables) |",
+        f"| mask ({ranks} ranks x 8K) | attnc fwd / bwd | bound (tile row) | head-tail fwd / bwd "
+        f"| ring fwd / bwd | attnc bytes vs all-gather "
+        f"| dispatch at {largest} ranks, CPU time (range tables) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
@@ -227,7 +270,8 @@ def markdown(path: Path, ranks: int) -> str:
         a, h, c, t = r["attnc"], r["head_tail"], r["contiguous_ring"], times[r["mask"]]
         lines.append(
             f"| {r['mask']} | {a['forward_imbalance']:.3f} / {a['backward_imbalance']:.3f} | "
-            f"{a['lower_bound']:.3f} | {h['forward_imbalance']:.3f} / {h['backward_imbalance']:.3f} | "
+            f"{a['lower_bound']:.3f} ({a.get('tile_row_bound', float('nan')):.3f}) | "
+            f"{h['forward_imbalance']:.3f} / {h['backward_imbalance']:.3f} | "
             f"{c['forward_imbalance']:.3f} / {c['backward_imbalance']:.3f} | "
             f"{a['bytes_vs_all_gather'] * 100:.1f}% | {t['dispatch_cpu_s_median'] * 1e3:.0f} ms "
             f"({t['range_tables_cpu_s_median'] * 1e3:.0f} ms) |"
@@ -258,7 +302,7 @@ def main() -> None:
             print(
                 f"{name:22s} R={ranks:3d} chunk={a['chunk']:5d} attnc fwd {a['forward_imbalance']:.3f} "
                 f"bwd {a['backward_imbalance']:.3f} (bound {a['lower_bound']:.3f}) bytes "
-                f"{a['bytes_vs_all_gather']:.3f} of all-gather, "
+                f"{a['bytes_vs_all_gather']:.3f} of all-gather, parts {a['parts']}, "
                 f"dispatch {a['dispatch_s_median'] * 1e3:.0f} ms "
                 f"(CPU {a['dispatch_cpu_s_median'] * 1e3:.0f} ms)"
                 f" | head-tail {h['forward_imbalance']:.3f}/{h['backward_imbalance']:.3f}"

@@ -45,6 +45,8 @@ Usage::
     python benchmarks/plan_cost.py                  # check, then the full sweep (CPU)
     python benchmarks/plan_cost.py --quick          # check + a small subset (smoke test, < 1 min)
     python benchmarks/plan_cost.py --device cuda    # the same on a GPU
+    python benchmarks/plan_cost.py --methods attnc --patterns document_causal --threads 1 \
+        --merge benchmarks/results/plan_cost-....json --label r5   # rerun some rows, keep the others
 
 Results go to `benchmarks/results/plan_cost-<device>-<date>.json`; a Markdown table is printed.
 """
@@ -414,8 +416,12 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
         kern = case.kernel()
         result["build_s"] = time.perf_counter() - start
         inputs = case.inputs(device)
+        from attnc.analysis.summaries import forget_tables
 
         def call() -> Any:
+            # Every call summarises its inputs anew, as a plan for a new input does (repeated plans
+            # of one unchanged input reuse its range tables: `RangeTable.of`).
+            forget_tables()
             return kern.plan(length, length, block=(BLOCK, BLOCK), device=device, **inputs)
 
     else:
@@ -430,7 +436,11 @@ def run_worker(spec: WorkerSpec) -> dict[str, Any]:
     del out
     memory = PeakMemory(device)
     memory.start()
+    cpu_start = time.process_time()
     times = repeat_timed(call, device, spec.reps, spec.min_time_s, spec.budget_s)
+    # The process's CPU time per call: less disturbed than the wall time by other processes on a
+    # shared CPU (with --threads 1 it is the one thread's time).
+    result["mean_cpu_s"] = (time.process_time() - cpu_start) / len(times)
     result["peak_mib"] = memory.peak_mib()
     result["baseline_mib"] = memory.baseline_mib
     result |= {
@@ -681,6 +691,27 @@ def one_time_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def merged(report: dict[str, Any], earlier: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    """This run's cases, then the earlier result's cases this run did not repeat (same pattern, length
+    and method), each marked `from_earlier` with that run's commit and date; `report` records the merge."""
+    rerun = {(c["pattern"], c["length"], c["method"]) for c in report["cases"]}
+    kept = [
+        {**c, "from_earlier": {"attnc_git": earlier.get("attnc_git"), "date": earlier.get("date")}}
+        for c in earlier.get("cases", [])
+        if (c["pattern"], c["length"], c["method"]) not in rerun
+    ]
+    report["merged_from"] = {
+        "path": str(path.resolve().relative_to(ROOT) if path.resolve().is_relative_to(ROOT) else path),
+        "attnc_git": earlier.get("attnc_git"),
+        "date": earlier.get("date"),
+        "settings": earlier.get("settings"),
+        "cases_kept": len(kept),
+    }
+    order = {(p, n): i for i, (p, n) in enumerate((p, n) for n in LENGTHS for p in PATTERNS)}
+    cases = report["cases"] + kept
+    return sorted(cases, key=lambda c: (order.get((c["pattern"], c["length"]), len(order)), c["method"]))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -705,6 +736,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-check", dest="check", action="store_false", help="skip the equivalence checks")
     parser.add_argument("--check-only", action="store_true", help="run the equivalence checks only")
     parser.add_argument("--output", type=Path, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--label", help="appended to the result's file name (a partial rerun: with --merge)")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        help="an earlier result: its cases not rerun here are kept (marked with its commit and date)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
@@ -778,13 +815,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_only:
             return 0
     report["cases"] = sweep(args, device)
+    if args.merge is not None:
+        report["cases"] = merged(report, json.loads(args.merge.read_text(encoding="utf-8")), args.merge)
     report["speedup_flex_over_attnc"] = [
         {"pattern": p, "length": n, "speedup": s} for (p, n), s in speedups(report["cases"]).items()
     ]
     report["total_wall_s"] = time.perf_counter() - started
     # A smoke test's numbers are no result: they go to the temporary directory unless asked.
     results = Path(tempfile.gettempdir()) if args.quick else ROOT / "benchmarks" / "results"
-    name = f"plan_cost-{slug(report['device'])}-{report['date']}{'-quick' if args.quick else ''}.json"
+    label = ("-quick" if args.quick else "") + (f"-{args.label}" if args.label else "")
+    name = f"plan_cost-{slug(report['device'])}-{report['date']}{label}.json"
     output = args.output or results / name
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

@@ -10,7 +10,14 @@ For every benchmark pattern (`attnc/bench.py`, at its GPU scale: windows of 1024
 - **Flex**: the same for FlexAttention's `BlockMask` at its defaults (128 x 128 blocks): a block is
   visited when any of its pairs is allowed and FULL when all are. This is what `create_block_mask`
   computes from the `mask_mod`; here it is computed with torch from the same dense mask, a block of
-  query rows at a time, without FlexAttention itself (exact, and the same numbers on any torch).
+  query rows at a time, without FlexAttention itself (exact, and the same numbers on any torch). It is
+  also the **exact tile map** (what `kern.block_map` gives): the tiles any tile-granular kernel must
+  visit, so attnc's work over it is what the plan adds, and the exact map's work over ideal is what
+  the tiles themselves cost.
+- **At the launched tiles**: the same at the other tile sizes of `--tiles` (default 128 x 64, the
+  forward's first choice in `runtime/autotune.py` for head dims up to 128, and 32 x 64, the
+  backward's): attnc's plan and the exact tile map at that size. A kernel called without a plan builds
+  its plan for the block it launches, so these are the work it does.
 
 Work is reported as visited pairs / ideal pairs (1.0: nothing visited in vain; tiles on a mask's edge
 make it exceed 1 for any tiled kernel). The run also checks that attnc's plan is sound against the dense
@@ -21,7 +28,7 @@ Plan build time: `kern.plan` at 128K tokens for causal documents and the 10% blo
 
 Usage::
 
-    .venv/bin/python benchmarks/plan_work.py                  # ~5 min on 2 cores
+    .venv/bin/python benchmarks/plan_work.py                  # ~10 min on 2 cores
     .venv/bin/python benchmarks/plan_work.py --lengths 8192 --patterns block_sparse moba   # a subset
     .venv/bin/python benchmarks/plan_work.py --lengths --threads 1 --label build-after     # build times only
 
@@ -58,6 +65,8 @@ BUILD_LENGTH = 131072
 SEED = 0
 EMPTY, PARTIAL, FULL = 0, 1, 2
 MOBA_BLOCK = 512  # MoBA's blocks are 512 to 4096 tokens; 10% of the past blocks selected per query block
+MOBA_SMALL_BLOCK = 64  # and a finer selection (table granularity 64, below a 128-row tile)
+TILES = ((128, 64), (32, 64))  # besides TILE x TILE: the forward's and the backward's first choices
 VS_COLUMNS = 64  # vertical-slash: 4 sinks + 60 random key columns, and 64 diagonals: 0..31 + 32 random
 VS_DIAGONALS = 64
 
@@ -66,18 +75,25 @@ def _sparse() -> attnc.Module:
     return attnc.load(ROOT / "examples" / "dynamic_sparse.attn")
 
 
-def _moba(shape: bench.Shape, scale: bench.Scale, device: torch.device, seed: int) -> bench.Workload:
-    blocks = -(-shape.length // MOBA_BLOCK)
+def _moba(
+    shape: bench.Shape, scale: bench.Scale, device: torch.device, seed: int, block: int = MOBA_BLOCK
+) -> bench.Workload:
+    blocks = -(-shape.length // block)
     selected = bench.block_map(shape.batch, shape.heads, blocks, blocks, scale.block_density, seed).to(device)
 
     def moba(b, h, q, kv):  # type: ignore[no-untyped-def]
-        own = q // MOBA_BLOCK == kv // MOBA_BLOCK
-        return (kv <= q) & (own | selected[b, h, q // MOBA_BLOCK, kv // MOBA_BLOCK])
+        own = q // block == kv // block
+        return (kv <= q) & (own | selected[b, h, q // block, kv // block])
 
-    kernel = _sparse().moba(block=MOBA_BLOCK)
-    label = f"MoBA {MOBA_BLOCK} ({scale.block_density:.0%})"
-    params = {"block": MOBA_BLOCK, "density": scale.block_density}
-    return bench.Workload("moba", label, params, kernel, {"selected": selected}, moba, True, True, None)
+    kernel = _sparse().moba(block=block)
+    label = f"MoBA {block} ({scale.block_density:.0%})"
+    params = {"block": block, "density": scale.block_density}
+    name = "moba" if block == MOBA_BLOCK else f"moba_{block}"
+    return bench.Workload(name, label, params, kernel, {"selected": selected}, moba, True, True, None)
+
+
+def _moba_small(shape: bench.Shape, scale: bench.Scale, device: torch.device, seed: int) -> bench.Workload:
+    return _moba(shape, scale, device, seed, MOBA_SMALL_BLOCK)
 
 
 def _vertical_slash(
@@ -110,47 +126,60 @@ def _vertical_slash(
 PATTERNS: dict[str, Callable[..., bench.Workload]] = {
     **bench.PATTERNS,
     "moba": _moba,
+    f"moba_{MOBA_SMALL_BLOCK}": _moba_small,
     "vertical_slash": _vertical_slash,
 }
 
 
-def tile_areas(length: int, device: torch.device) -> torch.Tensor:
-    """Pairs inside the lengths of each (query tile, key tile), int64 [tiles, tiles]."""
-    first = torch.arange(0, length, TILE, device=device)
-    size = (torch.clamp(first + TILE, max=length) - first).to(torch.int64)
-    return size.reshape(-1, 1) * size.reshape(1, -1)
+Tile = tuple[int, int]
+
+
+def _sizes(length: int, block: int, device: torch.device) -> torch.Tensor:
+    first = torch.arange(0, length, block, device=device)
+    return (torch.clamp(first + block, max=length) - first).to(torch.int64)
+
+
+def tile_areas(length: int, device: torch.device, tile: Tile = (TILE, TILE)) -> torch.Tensor:
+    """Pairs inside the lengths of each (query tile, key tile), int64 [query tiles, key tiles]."""
+    return _sizes(length, tile[0], device).reshape(-1, 1) * _sizes(length, tile[1], device).reshape(1, -1)
 
 
 def exact_tiles(
-    workload: bench.Workload, shape: bench.Shape, device: torch.device
-) -> tuple[torch.Tensor, int]:
-    """(exact tile classes int8 [B', H', tiles, tiles], allowed pairs) from the dense `mask_mod`, query
-    tiles a block at a time: what FlexAttention's create_block_mask computes at 128 x 128."""
+    workload: bench.Workload, shape: bench.Shape, device: torch.device, tiles: list[Tile]
+) -> tuple[dict[Tile, torch.Tensor], int]:
+    """(exact tile classes int8 [B', H', query tiles, key tiles] for each tile size, allowed pairs) from
+    the dense `mask_mod`, query rows a block at a time: at 128 x 128 what FlexAttention's
+    create_block_mask computes."""
     batch = shape.batch if workload.batch_dependent else 1
     heads = shape.heads if workload.head_dependent else 1
-    n = -(-shape.length // TILE)
-    rows = max(TILE, (bench.ROW_ELEMENTS // max(1, batch * heads * shape.length)) // TILE * TILE)
-    classes = torch.empty(batch, heads, n, n, dtype=torch.int8, device=device)
-    areas = tile_areas(shape.length, device)
+    step = max(t[0] for t in tiles)  # every query tile size divides it (powers of two)
+    rows = max(step, (bench.ROW_ELEMENTS // max(1, batch * heads * shape.length)) // step * step)
+    classes = {
+        t: torch.empty(batch, heads, -(-shape.length // t[0]), -(-shape.length // t[1]), dtype=torch.int8)
+        for t in tiles
+    }
     pairs = 0
     for start in range(0, shape.length, rows):
         stop = min(shape.length, start + rows)
         allowed = bench.mask_rows(workload, shape, start, stop, device)
         pairs += int(allowed.sum())
-        pad_q, pad_kv = -(stop - start) % TILE, -shape.length % TILE
-        padded = torch.nn.functional.pad(allowed, (0, pad_kv, 0, pad_q))
-        m = padded.shape[2] // TILE
-        counts = padded.reshape(batch, heads, m, TILE, n, TILE).sum(dim=(3, 5))
-        area = areas[start // TILE : start // TILE + m]
-        here = torch.where(counts == area, FULL, torch.where(counts > 0, PARTIAL, EMPTY))
-        classes[:, :, start // TILE : start // TILE + m] = here.to(torch.int8)
-    return classes, pairs * (shape.batch // batch) * (shape.heads // heads)
+        for (tm, tn), out in classes.items():
+            pad_q, pad_kv = -(stop - start) % tm, -shape.length % tn
+            padded = torch.nn.functional.pad(allowed, (0, pad_kv, 0, pad_q))
+            m, n = padded.shape[2] // tm, padded.shape[3] // tn
+            counts = padded.reshape(batch, heads, m, tm, n, tn).sum(dim=(3, 5))
+            area = tile_areas(shape.length, device, (tm, tn))[start // tm : start // tm + m]
+            here = torch.where(counts == area, FULL, torch.where(counts > 0, PARTIAL, EMPTY))
+            out[:, :, start // tm : start // tm + m] = here.to(torch.int8).cpu()
+    return {t: c.to(device) for t, c in classes.items()}, pairs * (shape.batch // batch) * (
+        shape.heads // heads
+    )
 
 
-def work(classes: torch.Tensor, shape: bench.Shape) -> dict[str, int]:
+def work(classes: torch.Tensor, shape: bench.Shape, tile: Tile = (TILE, TILE)) -> dict[str, int]:
     """Visited pairs and tiles (PARTIAL or FULL) and FULL tiles, over every batch row and head."""
     classes = classes.expand(shape.batch, shape.heads, -1, -1)
-    areas = tile_areas(shape.length, classes.device)
+    areas = tile_areas(shape.length, classes.device, tile)
     visited = classes != EMPTY
     return {
         "visited_pairs": int((visited * areas).sum()),
@@ -159,21 +188,39 @@ def work(classes: torch.Tensor, shape: bench.Shape) -> dict[str, int]:
     }
 
 
-def measure(name: str, length: int, device: torch.device) -> dict[str, Any]:
+def measure(name: str, length: int, device: torch.device, tiles: list[Tile]) -> dict[str, Any]:
     shape = bench.Shape(length, 1, 1)
     workload = PATTERNS[name](shape, bench.GPU_SCALE, device, SEED)
     kw = {"batch": shape.batch, "num_heads": shape.heads, **workload.inputs}
-    started = time.perf_counter()
-    plan = workload.kernel.plan(length, length, block=(TILE, TILE), device=device, **kw)
-    plan_s = time.perf_counter() - started
-    planned = plan.block_map()
-    exact, ideal = exact_tiles(workload, shape, device)
-    shape_bh = torch.broadcast_shapes(planned.shape, exact.shape)
-    p, e = planned.expand(shape_bh), exact.expand(shape_bh)
-    unsound = int(((p != e) & (p != PARTIAL)).sum())
-    if unsound:
-        raise SystemExit(f"{name} at {length}: the plan claims a class {unsound} tiles do not have")
-    attnc_work, flex_work = work(planned, shape), work(exact, shape)
+    exact_by_tile, ideal = exact_tiles(workload, shape, device, [(TILE, TILE), *tiles])
+    by_tile, plan_s = [], 0.0
+    for tile in [(TILE, TILE), *tiles]:
+        started = time.perf_counter()
+        plan = workload.kernel.plan(length, length, block=tile, device=device, **kw)
+        if tile == (TILE, TILE):
+            plan_s = time.perf_counter() - started
+        planned, exact = plan.block_map(), exact_by_tile[tile]
+        shape_bh = torch.broadcast_shapes(planned.shape, exact.shape)
+        p, e = planned.expand(shape_bh), exact.expand(shape_bh)
+        unsound = int(((p != e) & (p != PARTIAL)).sum())
+        if unsound:
+            raise SystemExit(
+                f"{name} at {length}, {tile}: the plan claims a class {unsound} tiles do not have"
+            )
+        mine, exact_work = work(planned, shape, tile), work(exact, shape, tile)
+        by_tile.append(
+            {
+                "tile": list(tile),
+                "attnc": mine,
+                "exact": exact_work,
+                "attnc_work_over_ideal": mine["visited_pairs"] / ideal if ideal else None,
+                "exact_work_over_ideal": exact_work["visited_pairs"] / ideal if ideal else None,
+                "attnc_work_over_exact": mine["visited_pairs"] / exact_work["visited_pairs"]
+                if exact_work["visited_pairs"]
+                else None,
+            }
+        )
+    attnc_work, flex_work = by_tile[0]["attnc"], by_tile[0]["exact"]
     return {
         "pattern": name,
         "label": workload.label,
@@ -185,6 +232,8 @@ def measure(name: str, length: int, device: torch.device) -> dict[str, Any]:
         "flex": flex_work,
         "attnc_work_over_ideal": attnc_work["visited_pairs"] / ideal if ideal else None,
         "flex_work_over_ideal": flex_work["visited_pairs"] / ideal if ideal else None,
+        "attnc_work_over_exact_tiles": by_tile[0]["attnc_work_over_exact"],
+        "by_tile": by_tile,
         "plan_s": plan_s,
     }
 
@@ -252,11 +301,15 @@ def _slug(device: torch.device) -> str:
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    lines = [
-        "| pattern | tokens | ideal (allowed pairs) | attnc plan work / ideal | Flex BlockMask work / ideal "
-        "| attnc / Flex | attnc FULL tiles / Flex's |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    """The Markdown table: at 128 x 128 against Flex's BlockMask (= the exact tile map), then at each
+    other tile size attnc's plan and the exact map, both over ideal."""
+    others = [tuple(t["tile"]) for t in records[0]["by_tile"][1:]] if records else []
+    head = [
+        "pattern", "tokens", "ideal (allowed pairs)", "attnc plan work / ideal",
+        "Flex BlockMask work / ideal", "attnc / exact tile map", "attnc FULL tiles / Flex's",
+        *(f"at {tm} x {tn}: attnc / ideal (exact map / ideal)" for tm, tn in others),
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for r in records:
         attnc, flex = r["attnc"], r["flex"]
         cells = [
@@ -265,11 +318,20 @@ def table(records: list[dict[str, Any]]) -> str:
             f"{r['ideal_pairs']:,}",
             f"{r['attnc_work_over_ideal']:.2f}x",
             f"{r['flex_work_over_ideal']:.2f}x",
-            f"{attnc['visited_pairs'] / flex['visited_pairs']:.2f}x",
+            f"{r['attnc_work_over_exact_tiles']:.2f}x",
             f"{attnc['full_tiles']:,} / {flex['full_tiles']:,}",
+            *(
+                f"{t['attnc_work_over_ideal']:.2f}x ({t['exact_work_over_ideal']:.2f}x)"
+                for t in r["by_tile"][1:]
+            ),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _tile(text: str) -> Tile:
+    rows, cols = text.lower().split("x")
+    return int(rows), int(cols)
 
 
 def main() -> None:
@@ -278,6 +340,13 @@ def main() -> None:
     parser.add_argument("--patterns", nargs="+", choices=list(PATTERNS), default=list(PATTERNS))
     parser.add_argument(
         "--build", nargs="*", choices=list(PATTERNS), default=["document_causal", "block_sparse"]
+    )
+    parser.add_argument(
+        "--tiles",
+        type=_tile,
+        nargs="*",
+        default=list(TILES),
+        help="tile sizes besides 128x128, as ROWSxCOLS (default: 128x64 32x64)",
     )
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--label", default="after", help="names the result file (e.g. before / after)")
@@ -295,10 +364,14 @@ def main() -> None:
     records = []
     for length in args.lengths:
         for name in args.patterns:
-            record = measure(name, length, device)
+            record = measure(name, length, device, args.tiles)
+            at_tiles = ", ".join(
+                f"{t['tile'][0]}x{t['tile'][1]} {t['attnc_work_over_ideal']:.3f}x"
+                for t in record["by_tile"][1:]
+            )
             print(
                 f"{name:16} {length:>6}: attnc {record['attnc_work_over_ideal']:.3f}x, "
-                f"Flex {record['flex_work_over_ideal']:.3f}x of ideal",
+                f"Flex {record['flex_work_over_ideal']:.3f}x of ideal; {at_tiles}",
                 flush=True,
             )
             records.append(record)
@@ -324,6 +397,7 @@ def main() -> None:
         "device": device_name,
         "torch": torch.__version__,
         "tile": [TILE, TILE],
+        "tiles": [list(t) for t in args.tiles],
         "flex_method": "computed with torch from the dense mask_mod (blocks of 128 x 128 with any / all "
         "pairs allowed), as create_block_mask does; FlexAttention itself not run",
         "batch": 1,

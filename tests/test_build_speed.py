@@ -514,3 +514,102 @@ def test_a_linear_form_knows_its_terms_without_a_walk(monkeypatch: pytest.Monkey
         form = normal_form.linear_form(terms, -5)
         assert normal_form.linear(form) == (terms, -5) and walks == []
     assert normal_form._linear(form) == (terms, -5)  # what the walk finds
+
+
+# ---- round 5: one inline per build, one walk for many roots, verification of what changed -----------
+
+
+def test_a_kernel_build_inlines_its_pattern_once(cache_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnc.passes import inline
+
+    attnc.api.clear_memory()
+    inlined = counting(monkeypatch, inline._Inliner, "entry")
+    kernel = attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm()
+    # `static_names` inlines to decide the static parameters; the pipeline starts from that module.
+    assert len(inlined) == 1
+    modules = kernel._compiled.passes.modules
+    assert print_module(modules["inline"]) == print_module(inline.Inline().run(modules["input"]))
+
+
+def test_walk_all_yields_each_node_of_several_roots_once_operands_first() -> None:
+    from attnc.ir.nodes import walk_all
+
+    w = Node(Op.PARAM, Type.INT, (), "walk_all_w")
+    shared = make(Op.SUB, var("q"), w)
+    first, second = make(Op.ADD, shared, var("kv")), make(Op.MUL, shared, shared)
+    walked = list(walk_all([first, second]))
+    # What walking each root in turn gives, less what the first root yielded already.
+    assert walked == [*first.walk(), *(n for n in second.walk() if n not in set(first.walk()))]
+    assert len(walked) == len(set(walked)) and walked[-1] is second
+    assert list(walk_all([first, second], skip=lambda n: n is shared)) == [var("kv"), first, second]
+
+
+def test_rewrite_all_gives_each_roots_rewrite_applying_the_rule_once_per_node() -> None:
+    from attnc.ir.rewrite import rewrite, rewrite_all
+
+    w = Node(Op.PARAM, Type.INT, (), "rewrite_all_w")
+    shared = make(Op.SUB, var("q"), w)
+    roots = [make(Op.ADD, shared, var("kv")), make(Op.MUL, shared, const_int(2)), shared]
+    seen: list[Node] = []
+
+    def swap(node: Node) -> Node | None:  # q and kv change places
+        seen.append(node)
+        return var("kv") if node == var("q") else var("q") if node == var("kv") else None
+
+    together = rewrite_all(roots, swap)
+    assert len(seen) == len(set(seen)) == len(set(walk for r in roots for walk in r.walk()))
+    assert together == [rewrite(r, swap) for r in roots]
+    assert together[2] == make(Op.SUB, var("kv"), w)
+
+
+def test_bind_params_substitutes_and_folds_each_expression_in_one_rewrite(
+    cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from attnc.passes import bind_params
+
+    module = attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm()._compiled.passes.modules["inline"]
+    rewritten = counting(monkeypatch, bind_params, "rewrite")
+    bound = bind_params.BindParams((("window", 256), ("sinks", 4)), frozenset({"window"})).run(module)
+    assert len(rewritten) == 1  # the mask: no reduction to unroll, so no second fold
+    assert print_module(bound).count("!sinks") == 1 and "!window" not in print_module(bound)
+    assert "sub(q, kv)" in print_module(bound) and "256" in print_module(bound)
+
+
+def test_bind_params_bounds_an_inlined_pattern_with_the_compilations_shared_ranges(
+    cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from attnc.passes import bind_params
+
+    own = counting(monkeypatch, bind_params, "ValueRanges")
+    shared = counting(monkeypatch, normal_form, "ValueRanges")
+    attnc.api.clear_memory()
+    attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm()
+    assert own == [] and len(shared) == 1  # the one `canonicalize` and the analyses use too
+
+
+def test_verification_after_fuse_does_not_check_again_the_results_lets_leave_valid(
+    cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dataclasses import replace
+
+    modules = attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm()._compiled.passes.modules
+    before, after = modules["block-sparsify"], modules["fuse"]
+    assert len(after.entry.lets) > len(before.entry.lets)  # fuse hoisted a row into a let
+    checked = counting(monkeypatch, verify_module._Verifier, "result", argument=2)
+    verify(after, "fuse", before)
+    assert checked and not any(str(what).startswith(("tiles", "range")) for what in checked)
+    # Lets changed rather than added: everything is checked again.
+    changed = before.with_entry(replace(before.entry, lets=(("row_0", var("q")),)))
+    verify(after, "fuse", changed)
+    assert any(str(what).startswith("range") for what in checked)
+
+
+def test_verifying_a_marked_value_again_walks_none_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    mask = make(Op.LE, make(Op.SUB, var("q"), Node(Op.REF, Type.INT, (), "marked_w")), var("kv"))
+    module = module_with_mask(mask, (ParamDecl("marked_w", Type.INT),))
+    verify(module)  # marks the mask's nodes
+    walks = counting(monkeypatch, Node, "walk")
+    verify(module)
+    assert walks == []
+    with pytest.raises(InternalError, match=r"\$marked_w does not name a int in scope"):
+        verify(module_with_mask(mask, ()))  # its symbols are still checked where it stands

@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import attnc
-from attnc.distributed import ContextParallel, CostModel, Layout, tile_census
+from attnc.distributed import ContextParallel, CostModel, Layout, context_parallel, tile_census
+from attnc.distributed.census import BlockRangeTable
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = (32, 32)
@@ -57,6 +58,89 @@ def dispatch(name: str, world_size: int = 4, **options: Any) -> Layout:
 
 def imbalance(costs: list[float]) -> float:
     return max(costs) / (sum(costs) / len(costs))
+
+
+def longformer(**options: Any) -> Layout:
+    """Longformer-style (16 global tokens, a window of 20) over 8 chunks on 4 ranks: the chunk holding
+    the global tokens alone costs about half a rank's share, so no layout of whole chunks balances."""
+    kern = attnc.load(ROOT / "examples" / "longformer.attn").longformer_global(w=20)
+    is_global = torch.zeros((1, SEQ), dtype=torch.bool)
+    is_global[0, :16] = True
+    cp = ContextParallel(kern, world_size=4, block=BLOCK, **options)
+    return cp.dispatch(SEQ, chunk=CHUNK, is_global=is_global)
+
+
+def test_a_heavy_query_chunk_is_split_by_its_keys_to_balance() -> None:
+    whole, split = longformer(split_target=float("inf")), longformer()
+    assert not whole.parts and split.parts
+    for key in ("forward_cost", "backward_cost"):
+        assert imbalance([s[key] for s in whole.stats()]) > 1.4
+        assert imbalance([s[key] for s in split.stats()]) <= 1.05
+
+
+def test_split_costs_sum_to_the_unsplit_total_and_parts_cost_their_tiles() -> None:
+    whole, split = longformer(split_target=float("inf")), longformer()
+    for key in ("forward_cost", "backward_cost"):
+        assert sum(s[key] for s in split.stats()) == pytest.approx(sum(s[key] for s in whole.stats()))
+    kern = attnc.load(ROOT / "examples" / "longformer.attn").longformer_global(w=20)
+    is_global = torch.zeros((1, SEQ), dtype=torch.bool)
+    is_global[0, :16] = True
+    partial, full = chunk_counts(kern, {"is_global": is_global})
+    model = CostModel()
+    for part in split.parts:
+        keys = list(part.kv_chunks)
+        forward = model.forward_partial * partial + model.forward_full * full
+        backward = model.backward_partial * partial + model.backward_full * full
+        assert part.forward == pytest.approx(float(forward[part.q_chunk, keys].sum()))
+        assert part.backward == pytest.approx(float(backward[part.q_chunk, keys].sum()))
+
+
+def test_a_split_chunks_owner_and_parts_cover_its_visited_keys_once() -> None:
+    layout = longformer()
+    for c in range(layout.num_chunks):
+        pieces = [layout.own_kv_chunks(c), *(p.kv_chunks for p in layout.parts_of(c))]
+        assert sorted(j for piece in pieces for j in piece) == list(layout.kv_chunks(c))
+        assert all(p.helper != layout.owner[c] for p in layout.parts_of(c))
+
+
+def test_a_rank_receives_exactly_the_chunks_its_queries_and_parts_visit() -> None:
+    layout = longformer()
+    for rank in range(4):
+        mine = set(layout.chunks(rank))
+        needed = {j for c in mine for j in layout.own_kv_chunks(c)}
+        needed |= {j for p in layout.helps(rank) for j in p.kv_chunks}
+        received = layout.receives(rank)
+        assert {c for chunks in received.values() for c in chunks} == needed - mine
+        queries = layout.q_receives(rank)
+        assert sorted(c for chunks in queries.values() for c in chunks) == [
+            p.q_chunk for p in layout.helps(rank)
+        ]
+        assert all(layout.owner[c] == src for src, chunks in queries.items() for c in chunks)
+        for dst, chunks in layout.q_sends(rank).items():
+            assert layout.q_receives(dst)[rank] == chunks
+
+
+def test_bytes_received_count_query_chunks_and_partial_outputs() -> None:
+    layout = longformer()
+    stats = layout.stats(head_dim=16, dtype=torch.float32)
+    for s in stats:
+        kv = s["chunks_received"] * 2 * CHUNK * 16 * 4
+        q = s["query_chunks_received"] * CHUNK * 16 * 4
+        partials = s["partials_received"] * CHUNK * 17 * 4  # output and lse rows, float32
+        assert s["bytes_received"] == kv + q + partials
+    assert sum(s["query_chunks_received"] for s in stats) == len(layout.parts)
+    assert sum(s["partials_received"] for s in stats) == len(layout.parts)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_layouts_that_balance_whole_are_not_split(name: str) -> None:
+    layout, whole = dispatch(name), dispatch(name, split_target=float("inf"))
+    assert layout.parts == () and layout.owner == whole.owner
+
+
+def test_a_split_target_below_one_is_an_error() -> None:
+    with pytest.raises(attnc.InputError, match="split_target must be a number >= 1"):
+        ContextParallel(attnc.stdlib().causal(), world_size=2, split_target=0.5)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -200,6 +284,64 @@ def test_dispatch_many_balances_the_sum_of_the_kernels() -> None:
     assert layout.forward == pytest.approx(expected)
     assert imbalance([s["forward_cost"] for s in layout.stats()]) <= 1.05
     assert imbalance([s["backward_cost"] for s in layout.stats()]) <= 1.05
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_half_counts_are_the_census_of_chunks_half_as_large(name: str) -> None:
+    kern, inputs = CASES[name]
+    census = tile_census(kern, SEQ, chunk=CHUNK, block=BLOCK, batch=1, num_heads=1, **inputs)
+    halves = tile_census(kern, SEQ, chunk=CHUNK // 2, block=BLOCK, batch=1, num_heads=1, **inputs)
+    assert torch.equal(census.half_partial, halves.partial.sum(1).reshape(-1, 2))
+    assert torch.equal(census.half_full, halves.full.sum(1).reshape(-1, 2))
+
+
+def test_block_range_tables_are_exact_on_block_boxes_and_wider_off_them() -> None:
+    values = torch.tensor([[5, 3, 9, 1, 4, 4, 7, 2, 8, 6]], dtype=torch.int32)  # blocks of 4: 3 of them
+    table = BlockRangeTable.build(values, 1, 4)
+    row = torch.zeros((), dtype=torch.int64)
+    for lo, hi in [
+        (0, 3),
+        (4, 7),
+        (0, 7),
+        (8, 9),
+        (4, 9),
+        (1, 6),
+        (5, 5),
+        (-2, 3),
+        (8, 12),
+        (11, 14),
+        (3, 2),
+    ]:
+        low, high = table.query([row, None], torch.tensor(lo), torch.tensor(hi))
+        inside = values[0, max(lo, 0) : hi + 1].tolist() + ([0] if lo < 0 or hi > 9 or lo > hi else [])
+        if lo > 9 or lo > hi:
+            inside = [0]
+        whole_blocks = lo % 4 == 0 and (hi % 4 == 3 or hi == 9)
+        if whole_blocks or lo > hi or lo > 9:  # exact
+            assert (int(low), int(high)) == (min(inside), max(inside)), (lo, hi)
+        else:  # another box: the bounds of the blocks it touches, which hold its values
+            assert int(low) <= min(inside) and int(high) >= max(inside), (lo, hi)
+    assert [int(x) for x in table.query([row, None], torch.tensor(1), torch.tensor(6))] == [1, 9]
+
+
+def test_smaller_chunks_are_not_tried_where_the_heaviest_half_chunk_bounds_the_balance(monkeypatch) -> None:
+    # One global token row visits every key: its chunk, halved or not, outweighs a rank's share.
+    kern = attnc.load(ROOT / "examples" / "longformer.attn").longformer_global(w=8)
+    is_global = torch.zeros((1, SEQ), dtype=torch.bool)
+    is_global[0, :8] = True
+    sizes: list[int] = []
+    census_from_env = context_parallel.census_from_env
+
+    def counting(kern: attnc.Kernel, env: Any, seq_len: int, chunk: int, *rest: Any) -> Any:
+        sizes.append(chunk)
+        return census_from_env(kern, env, seq_len, chunk, *rest)
+
+    monkeypatch.setattr(context_parallel, "census_from_env", counting)
+    # Whole chunks only: a split (the default) balances this layout by the global row's keys.
+    cp = ContextParallel(kern, world_size=4, block=BLOCK, split_target=float("inf"))
+    layout = cp.dispatch(SEQ, is_global=is_global)
+    assert imbalance([s["backward_cost"] for s in layout.stats()]) > 1.4  # above BALANCE_TARGET
+    assert sizes == [64]  # the default chunk; not 32
 
 
 def test_default_chunk_gives_every_rank_four_chunks() -> None:

@@ -23,8 +23,16 @@ from test_examples import CASES, case_id
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnc
-from attnc.analysis.summaries import CAPTURED_STEPS, MAX_ENUMERATED, RangeTable, box_bounds
+from attnc.analysis.summaries import (
+    CAPTURED_STEPS,
+    MAX_ENUMERATED,
+    RangeTable,
+    TileSpan,
+    box_bounds,
+    static_width,
+)
 from attnc.bench import block_map as random_block_map
+from attnc.ir.nodes import Node, Op, Type, const, make, param, var
 from attnc.runtime.plan import EMPTY, FULL, PARTIAL
 from attnc.testing import compare, tile_problems
 
@@ -121,6 +129,83 @@ def test_box_bounds_without_synchronising_are_exact_within_the_captured_steps_an
         # Axis 1 is enumerated, over the box cut to the positions -1 ..= 12 (one outside reads 0).
         narrow = min(int(highs[1][i]), 12) - max(int(lows[1][i]), -1) < CAPTURED_STEPS
         assert (int(low[i]), int(high[i])) == (expected if narrow else whole), i
+
+
+def test_box_bounds_with_static_widths_are_exact_without_synchronising() -> None:
+    # Boxes whose widths are known on the host (from the tile size) are enumerated that many positions
+    # per axis: exact, and nothing is read on the host, also while a CUDA graph captures.
+    g = torch.Generator().manual_seed(6)
+    values = torch.randint(-9, 9, (40, 12, 30), generator=g, dtype=torch.int32)
+    lows = [torch.randint(-2, 42, (120,), generator=g) for _ in range(3)]
+    spans = [torch.randint(0, w + 1, (120,), generator=g) for w in (3, 5, 4)]
+    highs = [lo + span for lo, span in zip(lows, spans, strict=True)]
+    tables = {axis: RangeTable.build(values, axis) for axis in range(3)}
+    boxes = [([int(x[i]) for x in lows], [int(x[i]) for x in highs]) for i in range(120)]
+    expected = [brute_bounds(values.to(torch.int64), *box) for box in boxes]
+    for synchronise in (False, True):
+        with HostReads() as reads:
+            low, high = box_bounds(values, lows, highs, [0, 1, 2], tables.__getitem__, synchronise, [3, 5, 4])
+        assert reads.seen == []
+        assert list(zip(low.tolist(), high.tolist(), strict=True)) == expected
+
+
+Q_FIRST, Q_LAST, KV_FIRST, KV_LAST = var("q_first"), var("q_last"), var("kv_first"), var("kv_last")
+
+
+def ends(op: Op, *args: Node | int) -> tuple[Node, Node]:
+    """The (lo, hi) bounds the interval analysis gives `op(args)` over a tile box: each arg in `q`/`kv`
+    at its two ends (the operands given as q, kv or constants; `-q` means the axis reversed)."""
+    box = {
+        "q": (Q_FIRST, Q_LAST),
+        "kv": (KV_FIRST, KV_LAST),
+        "-q": (Q_LAST, Q_FIRST),
+        "-kv": (KV_LAST, KV_FIRST),
+    }
+    lo = [box[a][0] if isinstance(a, str) else a if isinstance(a, Node) else const(a) for a in args]
+    hi = [box[a][1] if isinstance(a, str) else a if isinstance(a, Node) else const(a) for a in args]
+    return make(op, *lo), make(op, *hi)
+
+
+ALIGNED = {"q": TileSpan(127, 128, 0), "kv": TileSpan(63, 64, 0)}
+SHIFTED = {"q": TileSpan(127, 128, 37), "kv": TileSpan(63, 64, 0)}
+PER_ROW = {"q": TileSpan(127), "kv": TileSpan(63, 64, 0)}
+
+
+@pytest.mark.parametrize(
+    ("bounds", "spans", "width"),
+    [
+        (ends(Op.FLOORDIV, "q", 64), ALIGNED, 1),  # 128 aligned rows: 2 blocks of 64
+        (ends(Op.FLOORDIV, "q", 64), SHIFTED, 2),  # starting at 37 mod 64: 3 blocks
+        (ends(Op.FLOORDIV, "q", 64), PER_ROW, 2),  # a per-row offset: any start
+        (ends(Op.FLOORDIV, "kv", 128), ALIGNED, 0),  # a 64-tile inside one 128-block
+        (ends(Op.FLOORDIV, "q", 48), ALIGNED, 3),  # gcd(128, 48) = 16: a start at 16 mod 48 at worst
+        (ends(Op.SUB, "q", "-kv"), ALIGNED, 190),  # q - kv: both widths
+        (ends(Op.MUL, "-kv", -3), ALIGNED, 189),  # decreasing: its ends come from the other tile ends
+        (ends(Op.MOD, "q", 10), ALIGNED, 9),
+        (ends(Op.MIN, "q", "kv"), ALIGNED, 127),
+        (ends(Op.FLOORDIV, "q", param("m", Type.INT)), ALIGNED, 3),  # m = 32, read on the host
+        (ends(Op.FLOORDIV, "q", param("m", Type.INT)), {**ALIGNED, "q": TileSpan(127, 1, 0)}, 4),
+        (ends(Op.ABS, "q"), ALIGNED, None),  # no static shape: measured on the device
+    ],
+    ids=[
+        "q//64",
+        "q//64 shifted",
+        "q//64 per-row",
+        "kv//128",
+        "q//48",
+        "q-kv",
+        "-3*kv",
+        "q%10",
+        "min(q,kv)",
+        "q//m",
+        "q//m per-row",
+        "abs(q)",
+    ],
+)
+def test_static_width_of_an_index_follows_from_the_tile_size_and_alignment(
+    bounds: tuple[Node, Node], spans: dict[str, TileSpan], width: int | None
+) -> None:
+    assert static_width(*bounds, spans, {"m": 32}) == width
 
 
 def test_box_bounds_beyond_the_enumeration_budget_are_the_whole_inputs() -> None:

@@ -13,6 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnc
+from attnc.analysis.summaries import RangeTable
 from attnc.errors import InputError
 from attnc.runtime import autotune, launch
 from attnc.runtime.plan import BlockSparse, metadata_builds
@@ -99,6 +100,29 @@ def test_other_lengths_or_parameter_values_get_their_own_plan() -> None:
     torch.testing.assert_close(out, kern.reference(q, k, v, doc=doc, w=20), atol=1e-5, rtol=1e-5)
 
 
+def test_plans_over_an_unchanged_input_summarise_it_once_and_anew_after_an_in_place_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Decoding steps each need a plan of their own (a new cache_seqlens, here a new q_offset), over
+    # the same document ids: their range tables are built once, and again once the ids change.
+    builds = []
+    build = RangeTable.build
+    monkeypatch.setattr(
+        RangeTable, "build", staticmethod(lambda t, axis: builds.append(axis) or build(t, axis))
+    )
+    doc = documents(64, [20])
+    before = DOC.plan(48, 64, block=BLOCK, q_offset=16, doc=doc).block_map()
+    first = len(builds)
+    for offset in (4, 9):
+        DOC.plan(48, 64, block=BLOCK, q_offset=offset, doc=doc)
+    assert first > 0 and len(builds) == first
+    doc[:, 40:] = 7
+    after = DOC.plan(48, 64, block=BLOCK, q_offset=16, doc=doc).block_map()
+    assert len(builds) == 2 * first
+    assert torch.equal(after, DOC.block_map(48, 64, block=BLOCK, q_offset=16, doc=doc))
+    assert not torch.equal(after, before)
+
+
 # ---- a plan made for another call is an error -------------------------------------------------------------
 
 
@@ -146,6 +170,20 @@ def test_a_plan_for_other_parameter_values_batch_or_block_is_refused() -> None:
         DOC(q, k, v, plan="plan", doc=doc)
 
 
+def test_under_torch_compile_a_plan_for_another_pattern_is_refused_also_after_a_trace_with_a_good_one() -> (
+    None
+):
+    # The pattern is host data: checked while torch.compile traces the call, and a graph traced with
+    # one plan is not reused for a plan of another pattern.
+    causal = attnc.stdlib().causal()
+    look_alike = attnc.loads("pattern p { mask = kv <= q }").p()  # the same mask, another pattern
+    q, k, v = qkv(40)
+    compiled = torch.compile(lambda q, k, v, plan: causal(q, k, v, plan=plan), backend="eager")
+    torch.testing.assert_close(compiled(q, k, v, causal.plan(40, 40)), causal.reference(q, k, v))
+    with pytest.raises(InputError, match="another pattern"):
+        compiled(q, k, v, look_alike.plan(40, 40))
+
+
 # ---- on the device, capturable ----------------------------------------------------------------------------
 
 # Ops whose result size depends on tensor values, or that copy a value to the host: each would make a
@@ -174,10 +212,17 @@ class DataDependentOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("which", ["documents", "vertical-slash", "no input"])
+@pytest.mark.parametrize("which", ["documents", "vertical-slash", "block map", "moba", "no input"])
 def test_building_a_data_dependent_plan_never_synchronises_with_the_device(which: str) -> None:
+    # Block maps and MoBA read boxes of blocks along two axes (4 x 4 blocks of 8 per 32 x 32 tile,
+    # the query tiles shifted off the blocks by q_offset): how many follows from the tile size.
     g = torch.Generator().manual_seed(3)
-    if which == "documents":
+    offset = 0
+    if which in ("block map", "moba"):
+        kern = SPARSE.block_sparse(block=8) if which == "block map" else SPARSE.moba(block=8)
+        name, offset = ("blocks" if which == "block map" else "selected"), 5
+        inputs = {name: torch.rand(2, 3, 39, 38, generator=g) < 0.2}
+    elif which == "documents":
         kern = DOC
         inputs = {"doc": torch.sort(torch.randint(0, 4, (2, 300), generator=g), dim=1).values.int()}
     elif which == "vertical-slash":
@@ -189,7 +234,7 @@ def test_building_a_data_dependent_plan_never_synchronises_with_the_device(which
     else:
         kern, inputs = attnc.stdlib().dilated(window=2, dilation=20), {}
     with DataDependentOps() as ops:
-        plan = kern.plan(300, 300, block=(32, 32), **inputs)
+        plan = kern.plan(300, 300, block=(32, 32), q_offset=offset, **inputs)
     assert not plan.analytic and ops.seen == []
     with DataDependentOps() as ops:  # what it would have seen
         torch.tensor([0, 1, 1]).nonzero()

@@ -29,8 +29,38 @@ from contextlib import contextmanager
 from attnc.analysis.value_ranges import ValueRanges
 from attnc.errors import InternalError
 from attnc.ir import fold
-from attnc.ir.nodes import INDEX_VARS, SIZES, TILE_VARS, Node, Op, PatternIR, Type, const, existing, make
-from attnc.ir.rewrite import rewrite
+from attnc.ir.nodes import (
+    INDEX_VARS,
+    SIZES,
+    TILE_VARS,
+    Node,
+    Op,
+    PatternIR,
+    Type,
+    const,
+    existing,
+    make,
+    walk_all,
+)
+from attnc.ir.rewrite import rewrite_all
+
+# Members read on hot paths, as module constants: a read of `Op.X` or `Type.X` costs Python 3.10 and
+# 3.11 a call of `EnumType.__getattr__`'s hook (`ir/nodes.py`).
+_ABS = Op.ABS
+_AND = Op.AND
+_BOOL = Type.BOOL
+_DIV = Op.DIV
+_EQ = Op.EQ
+_FLOAT = Type.FLOAT
+_FLOORDIV = Op.FLOORDIV
+_GT = Op.GT
+_LT = Op.LT
+_MAX = Op.MAX
+_MIN = Op.MIN
+_MOD = Op.MOD
+_NE = Op.NE
+_NOT = Op.NOT
+_OR = Op.OR
 
 _MAX_ROUNDS = 64
 # The members the rules' hot paths read, as module constants: a read of `Op.ADD` costs Python 3.10 and
@@ -117,8 +147,8 @@ def _canonicalize(roots: tuple[Node, ...], context: _Context) -> tuple[Node, ...
 
     settled = context.settled
     for _ in range(_MAX_ROUNDS):
-        inner = _inner_linear(current, settled)
-        new = [rewrite(root, rule, memo, leave=inner, keep=settled.__contains__) for root in current]
+        inner, walked = _inner_linear(current, settled)
+        new = rewrite_all(current, rule, memo, leave=inner, keep=settled.__contains__)
         for node in inner:  # left alone this round only: its users may change
             memo.pop(node, None)
         if all(map(operator.eq, new, current)):
@@ -127,10 +157,11 @@ def _canonicalize(roots: tuple[Node, ...], context: _Context) -> tuple[Node, ...
             # under the same users there).
             context.normal.update(node for node, rewritten in memo.items() if node is rewritten)
             context.normal.update(new)
-            for root in new:
-                for node in root.walk(skip=settled.__contains__):
-                    if node in context.normal and all(a in settled for a in node.args):
-                        settled.add(node)
+            # The nodes of `new` (equal to `current`), operands first, settled ones left out: the last
+            # round's walk, not walked again.
+            for node in walked:
+                if node in context.normal and all(a in settled for a in node.args):
+                    settled.add(node)
             for start, form in zip(starts, new, strict=True):
                 if start is start.canonical:
                     context.forms[start] = form
@@ -201,25 +232,25 @@ def _is_linear_step(node: Node) -> bool:
     )
 
 
-def _inner_linear(roots: list[Node], settled: set[Node]) -> set[Node]:
+def _inner_linear(roots: list[Node], settled: set[Node]) -> tuple[set[Node], list[Node]]:
     """The int `+ - *c` nodes whose every user is one too: the linear form of the outermost one covers
     them, so normalising each of them as well would cost the square of a long sum's length. Settled
-    nodes are not walked (no user of an unsettled node is settled); a root has a user outside."""
+    nodes are not walked (no user of an unsettled node is settled); a root has a user outside. Also
+    the nodes walked, in the walk's order (operands first)."""
     only_linear_users: dict[Node, bool] = dict.fromkeys(roots, False)
-    seen: set[Node] = set()
     steps: set[Node] = set()
     get = only_linear_users.get
-    for root in roots:
-        for node in root.walk(skip=lambda n: n in settled or n in seen):
-            seen.add(node)
-            if not node.args:
-                continue
-            step = _is_linear_step(node)
-            if step:
-                steps.add(node)
-            for a in node.args:
-                only_linear_users[a] = get(a, True) and step
-    return {n for n in steps if only_linear_users[n]}
+    walked: list[Node] = []
+    for node in walk_all(roots, skip=settled.__contains__):  # each node once, for all the roots
+        walked.append(node)
+        if not node.args:
+            continue
+        step = _is_linear_step(node)
+        if step:
+            steps.add(node)
+        for a in node.args:
+            only_linear_users[a] = get(a, True) and step
+    return {n for n in steps if only_linear_users[n]}, walked
 
 
 def _apply_rules(node: Node, ranges: ValueRanges) -> Node | None:
@@ -246,9 +277,9 @@ def fold_constant(node: Node) -> Node | None:
     value = fold.evaluate(node.op, [a.attr for a in node.args])  # type: ignore[misc]
     if value is None:
         return None
-    if node.type is Type.FLOAT:
+    if node.type is _FLOAT:
         value = float(value)
-    elif node.type is Type.INT:
+    elif node.type is _INT:
         value = int(value)
         if not -(2**63) <= value < 2**63:
             # Left unfolded: `bind-params` reports the user's own overflow, located (value_ranges.py),
@@ -277,9 +308,9 @@ def _text(node: Node) -> tuple[str, str]:
     for n in twin.walk(skip=lambda m: "_order_text" in m.__dict__):
         parts = [_text(a) for a in n.args]  # already computed: the walk visits operands first
         inner = ",".join(p[0] for p in parts)
-        prefix = f"{n.op.value}[{n.attr}]({inner})"[:_TEXT_PREFIX]
+        prefix = f"{n.op._value_}[{n.attr}]({inner})"[:_TEXT_PREFIX]
         digest = hashlib.blake2b(
-            "\0".join([n.op.value, n.type.value, repr(n.attr_key), *(p[1] for p in parts)]).encode(),
+            "\0".join([n.op._value_, n.type._value_, repr(n.attr_key), *(p[1] for p in parts)]).encode(),
             digest_size=16,
         ).hexdigest()
         object.__setattr__(n, "_order_text", (prefix, digest))
@@ -287,15 +318,17 @@ def _text(node: Node) -> tuple[str, str]:
 
 
 _VAR_ORDER = (*INDEX_VARS[2:], *INDEX_VARS[:2], *TILE_VARS)  # q, kv, b, h, then the tile box
+_VAR_RANK = {name: i for i, name in enumerate(_VAR_ORDER)}
+_SIZE_RANK = {name: i for i, name in enumerate(SIZES)}
 
 
 def atom_key(node: Node) -> tuple[int, int, str, str]:
     """The canonical order of atoms in a linear combination: q, kv, b, h, sizes, params, the rest."""
     op = node.op
     if op is _VAR:
-        return (0, _VAR_ORDER.index(str(node.attr)), "", "")
+        return (0, _VAR_RANK[node.attr], "", "")  # type: ignore[index]
     if op is _SIZE:
-        return (1, SIZES.index(str(node.attr)), "", "")
+        return (1, _SIZE_RANK[node.attr], "", "")  # type: ignore[index]
     if op is _REF or op is _PARAM:  # an unbound or a runtime parameter (or a let)
         return (2, 0 if op is _REF else 1, str(node.attr), "")
     return (3, 0, *_text(node))
@@ -377,7 +410,13 @@ def combine(a: Terms, b: Terms, sign: int) -> Terms:
 
 
 def _ordered(terms: Terms) -> list[tuple[Node, int]]:
-    return sorted(terms.items(), key=lambda item: atom_key(item[0]))
+    if len(terms) < 2:  # (most atoms' and bounds' forms: nothing to sort)
+        return list(terms.items())
+    return sorted(terms.items(), key=_term_key)
+
+
+def _term_key(item: tuple[Node, int]) -> tuple[int, int, str, str]:
+    return atom_key(item[0])
 
 
 def build_linear(terms: Terms, constant: int) -> Node:
@@ -401,14 +440,14 @@ def _build_ordered(ordered: list[tuple[Node, int]], constant: int) -> Node:
     result: Node | None = None
     for atom, k in ordered:
         if result is None:
-            result = atom if k == 1 else make(Op.NEG, atom) if k == -1 else make(Op.MUL, const(k), atom)
+            result = atom if k == 1 else make(_NEG, atom) if k == -1 else make(_MUL, const(k), atom)
             continue
-        magnitude = atom if abs(k) == 1 else make(Op.MUL, const(abs(k)), atom)
-        result = make(Op.ADD if k > 0 else Op.SUB, result, magnitude)
+        magnitude = atom if abs(k) == 1 else make(_MUL, const(abs(k)), atom)
+        result = make(_ADD if k > 0 else _SUB, result, magnitude)
     if result is None:
         return const(constant)
     if constant:
-        result = make(Op.ADD if constant > 0 else Op.SUB, result, const(abs(constant)))
+        result = make(_ADD if constant > 0 else _SUB, result, const(abs(constant)))
     return result
 
 
@@ -423,7 +462,7 @@ def split_comparison(node: Node, right: Callable[[Node], bool]) -> Node | None:
     The inverse of the canonical form `E op c`, for evaluators that pay by the size of their operands:
     with `right` selecting the atoms over one axis of a grid, both sides are computed at the size of
     one axis and only the comparison at the size of the grid."""
-    if node.op not in COMPARISONS or node.args[0].type is not Type.INT:
+    if node.op not in COMPARISONS or node.args[0].type is not _INT:
         return None
     terms_a, c_a = linear(node.args[0])
     terms_b, c_b = linear(node.args[1])
@@ -442,7 +481,7 @@ def split_comparison(node: Node, right: Callable[[Node], bool]) -> Node | None:
 
 def _int_arith(node: Node) -> Node | None:
     # add/sub/mul/neg of ints: collect into the canonical linear form.
-    if node.type is not Type.INT:
+    if node.type is not _INT:
         return None
     return _fixed(build_linear(*linear(node)))
 
@@ -467,24 +506,24 @@ def _int_division(node: Node) -> Node | None:
     # x // 1 == x, x // -1 == -x, x % 1 == x % -1 == 0.
     x, d = node.args
     if d.is_const and d.attr in (1, -1):
-        if node.op is Op.MOD:
+        if node.op is _MOD:
             return const(0)
-        return x if d.attr == 1 else make(Op.NEG, x)
+        return x if d.attr == 1 else make(_NEG, x)
     return None
 
 
 def _float_identity(node: Node) -> Node | None:
     # Exact float identities only: x * 1.0, x / 1.0, x - 0.0, -(-x).
-    if node.type is not Type.FLOAT:
+    if node.type is not _FLOAT:
         return None
-    if node.op is Op.NEG:
-        return node.args[0].args[0] if node.args[0].op is Op.NEG else None
+    if node.op is _NEG:
+        return node.args[0].args[0] if node.args[0].op is _NEG else None
     a, b = node.args
-    if node.op is Op.MUL and a.is_const and a.attr == 1.0:
+    if node.op is _MUL and a.is_const and a.attr == 1.0:
         return b
-    if node.op in (Op.MUL, Op.DIV) and b.is_const and b.attr == 1.0:
+    if node.op in (_MUL, _DIV) and b.is_const and b.attr == 1.0:
         return a
-    if node.op is Op.SUB and b.is_const and b.attr == 0.0:
+    if node.op is _SUB and b.is_const and b.attr == 0.0:
         return a
     return None
 
@@ -497,10 +536,10 @@ def _min_max_same(node: Node) -> Node | None:
 def _abs_abs(node: Node) -> Node | None:
     # abs(abs(x)) == abs(x); abs(-x) == abs(x).
     inner = node.args[0]
-    if inner.op is Op.ABS:
+    if inner.op is _ABS:
         return inner
-    if inner.op is Op.NEG:
-        return make(Op.ABS, inner.args[0])
+    if inner.op is _NEG:
+        return make(_ABS, inner.args[0])
     return None
 
 
@@ -512,16 +551,16 @@ _FLIP = {Op.LE: Op.GE, Op.GE: Op.LE, Op.EQ: Op.EQ, Op.NE: Op.NE}
 def _int_compare(node: Node) -> Node | None:
     # `a op b` on ints becomes `E op c` with E canonical (see the module docstring).
     a, b = node.args
-    if a.type is not Type.INT:
+    if a.type is not _INT:
         return None
     ta, ca = linear(a)
     tb, cb = linear(b)
     terms, c = combine(ta, tb, -1), cb - ca
     op = node.op
-    if op is Op.LT:
-        op, c = Op.LE, c - 1
-    elif op is Op.GT:
-        op, c = Op.GE, c + 1
+    if op is _LT:
+        op, c = _LE, c - 1
+    elif op is _GT:
+        op, c = _GE, c + 1
     if not terms:
         return const(bool(fold.evaluate(op, [0, c])))
     ordered = _ordered(terms)  # sorted once: dividing by the gcd or negating keeps the order
@@ -529,12 +568,12 @@ def _int_compare(node: Node) -> Node | None:
     if distributed is not None:
         return distributed
     g = math.gcd(*terms.values())
-    if op is Op.LE:
+    if op is _LE:
         c = c // g
-    elif op is Op.GE:
+    elif op is _GE:
         c = -((-c) // g)
     elif c % g:
-        return const(op is Op.NE)
+        return const(op is _NE)
     else:
         c //= g
     sign = 1
@@ -566,27 +605,27 @@ def _distribute(terms: Terms, ordered: list[tuple[Node, int]], op: Op, c: int) -
             continue
         if _larger_than(terms, _DISTRIBUTE_LIMIT):
             return None
-        x, y = (atom.args[0], make(Op.NEG, atom.args[0])) if atom.op is Op.ABS else atom.args
-        behaves_like_max = (atom.op in (Op.MAX, Op.ABS)) == (k > 0)
+        x, y = (atom.args[0], make(_NEG, atom.args[0])) if atom.op is _ABS else atom.args
+        behaves_like_max = (atom.op in (_MAX, _ABS)) == (k > 0)
         rest = {t: v for t, v in terms.items() if t != atom}
         sides = [make(op, build_linear(combine(rest, {v: k}, 1), 0), const(c)) for v in (x, y)]
         # max(x, y) <= c needs both; min(x, y) <= c needs either. >= is the mirror image.
-        conjunction = behaves_like_max == (op is Op.LE)
-        return make(Op.AND if conjunction else Op.OR, *sides)
+        conjunction = behaves_like_max == (op is _LE)
+        return make(_AND if conjunction else _OR, *sides)
     return None
 
 
 def _bool_equality(node: Node) -> Node | None:
     # x == true is x, x == false is not x, and their != mirrors.
     a, b = node.args
-    if a.type is not Type.BOOL:
+    if a.type is not _BOOL:
         return None
     if a.is_const:
         a, b = b, a
     if not b.is_const:
         return None
-    keep = bool(b.attr) == (node.op is Op.EQ)
-    return a if keep else make(Op.NOT, a)
+    keep = bool(b.attr) == (node.op is _EQ)
+    return a if keep else make(_NOT, a)
 
 
 # ---- booleans ----------------------------------------------------------------------------------------
@@ -615,16 +654,16 @@ _FLIPPED = {Op.LE: Op.GT, Op.GE: Op.LT, Op.LT: Op.GE, Op.GT: Op.LE}
 def _negate_one(node: Node, _negate: Callable[[Node], Node]) -> Node:
     if node.is_const:
         return const(not node.attr)
-    if node.op is Op.NOT:
+    if node.op is _NOT:
         return node.args[0]
-    if node.op in (Op.AND, Op.OR):
-        return make(Op.OR if node.op is Op.AND else Op.AND, *(_negate(a) for a in node.args))
-    if node.op in (Op.EQ, Op.NE):
-        return make(Op.NE if node.op is Op.EQ else Op.EQ, *node.args)
-    if node.op in (Op.LE, Op.GE, Op.LT, Op.GT) and node.args[0].type is Type.INT:
+    if node.op in (_AND, _OR):
+        return make(_OR if node.op is _AND else _AND, *(_negate(a) for a in node.args))
+    if node.op in (_EQ, _NE):
+        return make(_NE if node.op is _EQ else _EQ, *node.args)
+    if node.op in (_LE, _GE, _LT, _GT) and node.args[0].type is _INT:
         # Ints are totally ordered; floats are not (NaN), so float comparisons keep their `not`.
         return make(_FLIPPED[node.op], *node.args)
-    return make(Op.NOT, node)
+    return make(_NOT, node)
 
 
 def _complement(node: Node) -> Node | None:
@@ -633,35 +672,35 @@ def _complement(node: Node) -> Node | None:
     op = node.op
     if op is _CONST:
         return const(not node.attr)
-    if op is Op.NOT:
+    if op is _NOT:
         return node.args[0]
-    if op is Op.AND or op is Op.OR:
+    if op is _AND or op is _OR:
         parts = []
         for a in node.args:
             part = _complement(a)
             if part is None:
                 return None
             parts.append(part)
-        return existing(Op.OR if op is Op.AND else Op.AND, Type.BOOL, tuple(parts))
-    if op is Op.EQ or op is Op.NE:
-        return existing(Op.NE if op is Op.EQ else Op.EQ, Type.BOOL, node.args)
+        return existing(_OR if op is _AND else _AND, _BOOL, tuple(parts))
+    if op is _EQ or op is _NE:
+        return existing(_NE if op is _EQ else _EQ, _BOOL, node.args)
     if op in _FLIPPED and node.args[0].type is _INT:
-        return existing(_FLIPPED[op], Type.BOOL, node.args)
-    return existing(Op.NOT, Type.BOOL, (node,))
+        return existing(_FLIPPED[op], _BOOL, node.args)
+    return existing(_NOT, _BOOL, (node,))
 
 
 def _not(node: Node) -> Node | None:
     # Negation normal form: not pushed down to comparisons and loads.
     result = _negate(node.args[0])
-    return None if result.op is Op.NOT and result.args[0] == node.args[0] else result
+    return None if result.op is _NOT and result.args[0] == node.args[0] else result
 
 
 def _where(node: Node) -> Node | None:
     cond, a, b = node.args
     if a == b:  # where(c, a, a) == a
         return a
-    if node.type is Type.BOOL:  # a bool where is (c and a) or (not c and b), which analyses can read
-        return make(Op.OR, make(Op.AND, cond, a), make(Op.AND, make(Op.NOT, cond), b))
+    if node.type is _BOOL:  # a bool where is (c and a) or (not c and b), which analyses can read
+        return make(_OR, make(_AND, cond, a), make(_AND, make(_NOT, cond), b))
     return None
 
 
@@ -674,7 +713,7 @@ def _bound(node: Node) -> tuple[Node, Op, int] | None:
 
 def _junction(node: Node) -> Node | None:
     # and/or: flatten, drop identities, absorb, deduplicate, complement, merge bounds.
-    is_and = node.op is Op.AND
+    is_and = node.op is _AND
     operands: list[Node] = []
     for arg in node.args:
         operands.extend(arg.args if arg.op is node.op else [arg])
@@ -691,7 +730,7 @@ def _junction(node: Node) -> Node | None:
         complement = _complement(arg)
         if complement is not None and complement in present:
             return const(not is_and)
-    other = Op.OR if is_and else Op.AND
+    other = _OR if is_and else _AND
     kept = [a for a in kept if not (a.op is other and any(x in present for x in a.args))]  # absorption
     merged = _merge_bounds(kept, is_and)
     if isinstance(merged, bool):
@@ -716,9 +755,9 @@ def _merge_bounds(operands: list[Node], is_and: bool) -> list[Node] | bool:
         if bound is None:
             continue
         expr, op, c = bound
-        if op is Op.EQ:
+        if op is _EQ:
             equal.setdefault(expr, set()).add(c)
-        elif op is Op.GE:
+        elif op is _GE:
             lows[expr] = pick_low(lows[expr], c) if expr in lows else c
         else:
             highs[expr] = pick_high(highs[expr], c) if expr in highs else c
@@ -744,13 +783,13 @@ def _merge_bounds(operands: list[Node], is_and: bool) -> list[Node] | bool:
             result.append(arg)
             continue
         expr, op, c = bound
-        if is_and and expr in equal and op is not Op.EQ:
+        if is_and and expr in equal and op is not _EQ:
             continue  # implied by the equality, which was checked against it above
-        key = (expr, op, c if op is Op.EQ else 0)  # distinct equalities are distinct constraints
+        key = (expr, op, c if op is _EQ else 0)  # distinct equalities are distinct constraints
         if key in emitted:
             continue
         emitted.add(key)
-        merged = c if op is Op.EQ else lows[expr] if op is Op.GE else highs[expr]
+        merged = c if op is _EQ else lows[expr] if op is _GE else highs[expr]
         result.append(arg if merged == c else make(op, expr, const(merged)))  # (most stay as they are)
     return result
 
@@ -761,25 +800,25 @@ for _op in Op:
     _rules: list[Rule] = []
     if fold.foldable(_op):
         _rules.append(fold_constant)
-    if _op in (Op.ADD, Op.SUB, Op.MUL, Op.NEG):
+    if _op in (_ADD, _SUB, _MUL, _NEG):
         _rules += [_int_arith, _float_identity]
-    if _op is Op.DIV:
+    if _op is _DIV:
         _rules.append(_float_identity)
-    if _op in (Op.FLOORDIV, Op.MOD):
+    if _op in (_FLOORDIV, _MOD):
         _rules.append(_int_division)
-    if _op in (Op.MIN, Op.MAX):
+    if _op in (_MIN, _MAX):
         _rules.append(_min_max_same)
-    if _op is Op.ABS:
+    if _op is _ABS:
         _rules.append(_abs_abs)
-    if _op in (Op.LT, Op.LE, Op.GT, Op.GE, Op.EQ, Op.NE):
+    if _op in (_LT, _LE, _GT, _GE, _EQ, _NE):
         _rules.append(_int_compare)
-    if _op in (Op.EQ, Op.NE):
+    if _op in (_EQ, _NE):
         _rules.append(_bool_equality)
-    if _op is Op.NOT:
+    if _op is _NOT:
         _rules.append(_not)
-    if _op is Op.WHERE:
+    if _op is _WHERE:
         _rules.append(_where)
-    if _op in (Op.AND, Op.OR):
+    if _op in (_AND, _OR):
         _rules.append(_junction)
     if _rules:
         _RULES[_op] = tuple(_rules)

@@ -18,16 +18,30 @@ ones are enumerated (a tile's box in a block map spans a few blocks per axis) wh
 `MAX_ENUMERATED` positions per query or O(input size) in all; beyond that it answers the bound of the
 whole input, which is sound but loose. Positions outside the input read 0 (false), as loads do, so a
 box reaching outside the input includes 0 in its bounds; an empty box (lo > hi along an axis) gives 0.
+
+How many positions a box spans along each axis follows from the tile size and the index expressions
+(`static_width`: `q // 64` over 128-row tiles starting at multiples of 128 spans 2 blocks), so it is
+known on the host without reading a tensor: no host synchronisation, also while a CUDA graph captures.
+Only an index whose width has no static bound (a load inside an index, `abs` of a difference) is
+measured on the device (one synchronisation), or under capture bounded by a fixed enumeration.
+
+`RangeTable.of` keeps the tables of the last few inputs while they live unchanged, so that plans
+that differ only in their other arguments (decoding steps) summarise an input once.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from attnc.ir.nodes import Node, Op
 
 CHUNK = 16
 # Element levels of the short-window table: windows of 1, 2, 4 and 8 elements cover any box shorter
@@ -128,6 +142,36 @@ class RangeTable:
         mins, maxs = _sections(values, False), _sections(values, True)
         return RangeTable(axis, extent, tuple(tensor.shape), values.shape[-1], mins, maxs)
 
+    @staticmethod
+    def of(tensor: torch.Tensor, axis: int) -> RangeTable:
+        """`build`, kept while the tensor lives and is unchanged (its identity, version counter,
+        address, shape and strides; the last `TABLE_CACHE_SIZE`): consecutive plans over one input
+        whose other arguments change (decoding steps, a new `cache_seqlens` each) build its tables
+        once. Not kept for an inference tensor (no version counter), under torch.compile, or while a
+        CUDA graph captures (the tables would be the graph's, computed only when it replays)."""
+        if (
+            tensor.is_inference()
+            or torch.compiler.is_compiling()
+            or (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+        ):
+            return RangeTable.build(tensor, axis)
+        key = (
+            id(tensor), tensor._version, tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype, str(tensor.device), axis,
+        )  # fmt: skip
+        with _TABLES_LOCK:
+            entry = _TABLES.get(key)
+            if entry is not None and entry[0]() is tensor:
+                _TABLES.move_to_end(key)
+                return entry[1]
+        table = RangeTable.build(tensor, axis)
+        with _TABLES_LOCK:
+            # Dropped with the tensor (its id may then be another's), and beyond the cache's size.
+            _TABLES[key] = (weakref.ref(tensor, lambda _, key=key: _TABLES.pop(key, None)), table)
+            while len(_TABLES) > TABLE_CACHE_SIZE:
+                _TABLES.popitem(last=False)
+        return table
+
     def _columns(
         self, lo: torch.Tensor, hi: torch.Tensor
     ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -191,6 +235,17 @@ class RangeTable:
         return self.bound(points, lo, hi, False), self.bound(points, lo, hi, True)
 
 
+TABLE_CACHE_SIZE = 8
+_TABLES: OrderedDict[tuple, tuple[weakref.ref, RangeTable]] = OrderedDict()
+_TABLES_LOCK = threading.Lock()
+
+
+def forget_tables() -> None:
+    """Drop every kept `RangeTable` (`RangeTable.of`): the next plan builds its inputs' tables anew."""
+    with _TABLES_LOCK:
+        _TABLES.clear()
+
+
 def whole_bounds(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(min, max) of the whole input and 0 (a box may reach outside it): sound for any box."""
     values = _stored(tensor).to(torch.int64)
@@ -198,6 +253,146 @@ def whole_bounds(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if values.numel() == 0:
         return zero, zero
     return torch.minimum(values.amin(), zero), torch.maximum(values.amax(), zero)
+
+
+# ---- static widths of a box ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TileSpan:
+    """The tile boxes along one axis (`q` or `kv`) of a plan's evaluation, statically: every box
+    `[x_first, x_last]` has `x_last - x_first <= width`, and `x_first % modulus == residue` (tiles start
+    at multiples of the block plus the axis's offset; modulus 1 when the offset is a tensor)."""
+
+    width: int
+    modulus: int = 1
+    residue: int = 0
+
+
+_HOST_OPS: dict[Op, Callable[..., int | bool]] = {
+    Op.ADD: lambda a, b: a + b,
+    Op.SUB: lambda a, b: a - b,
+    Op.MUL: lambda a, b: a * b,
+    Op.NEG: lambda a: -a,
+    Op.FLOORDIV: lambda a, b: 0 if b == 0 else a // b,
+    Op.MOD: lambda a, b: a if b == 0 else a % b,
+    Op.MIN: min,
+    Op.MAX: max,
+    Op.EQ: lambda a, b: a == b,
+    Op.NE: lambda a, b: a != b,
+    Op.LT: lambda a, b: a < b,
+    Op.LE: lambda a, b: a <= b,
+    Op.GT: lambda a, b: a > b,
+    Op.GE: lambda a, b: a >= b,
+    Op.AND: lambda *xs: all(xs),
+    Op.OR: lambda *xs: any(xs),
+    Op.NOT: lambda a: not a,
+}
+
+
+def _host_value(node: Node, params: Mapping[str, object]) -> int | bool | None:
+    """The value of an int or bool expression of constants and runtime parameters (host values), else
+    None (it depends on an index, a size, an input, or a parameter traced by torch.compile)."""
+    if node.op is Op.CONST:
+        return node.attr if isinstance(node.attr, int) else None
+    if node.op is Op.PARAM:
+        value = params.get(str(node.attr))
+        return value if isinstance(value, int) else None
+    if node.op not in _HOST_OPS:
+        return None
+    args = [_host_value(a, params) for a in node.args]
+    if any(a is None for a in args):
+        return None
+    return _HOST_OPS[node.op](*args)
+
+
+def static_width(
+    lo: Node, hi: Node, spans: Mapping[str, TileSpan], params: Mapping[str, object] = {}
+) -> int | None:
+    """A bound on `hi - lo` over every tile box, for the bounds `(lo, hi)` of an index that the interval
+    analysis built (`analysis/intervals.py`: they have the same shape, one from each end of the tile
+    box), or None where the shape gives none. `spans` bounds the tile boxes (`TileSpan`, by axis);
+    runtime parameters are read from `params` (host values)."""
+    if lo == hi:
+        return 0
+    lo_value, hi_value = _host_value(lo, params), _host_value(hi, params)
+    if lo_value is not None and hi_value is not None:
+        return int(hi_value) - int(lo_value)
+    if lo.op is Op.VAR and hi.op is Op.VAR:
+        for axis, span in spans.items():
+            first, last = f"{axis}_first", f"{axis}_last"
+            if (lo.attr, hi.attr) == (first, last):
+                return span.width
+            if (lo.attr, hi.attr) == (last, first):
+                return 0
+        return None
+    if lo.op is not hi.op or len(lo.args) != len(hi.args):
+        return None
+
+    def width(a: Node, b: Node) -> int | None:
+        return static_width(a, b, spans, params)
+
+    def total(*widths: int | None) -> int | None:
+        return None if any(w is None for w in widths) else sum(widths)  # type: ignore[arg-type]
+
+    op, (x, y) = lo.op, (lo.args, hi.args)
+    if op is Op.ADD:
+        return total(*(width(a, b) for a, b in zip(x, y, strict=True)))
+    if op is Op.SUB:  # hi - lo = (y0 - x0) + (x1 - y1)
+        return total(width(x[0], y[0]), width(y[1], x[1]))
+    if op is Op.NEG:
+        return width(y[0], x[0])
+    if op in (Op.MIN, Op.MAX):  # min(a2, b2) - min(a1, b1) <= max(a2 - a1, b2 - b1); max likewise
+        return _largest(*(width(a, b) for a, b in zip(x, y, strict=True)))
+    if op is Op.WHERE:
+        conditions = (_host_value(x[0], params), _host_value(y[0], params))
+        if conditions[0] is not None and conditions[1] is not None:
+            return width(x[1] if conditions[0] else x[2], y[1] if conditions[1] else y[2])
+        if x[0] != y[0]:
+            return None
+        return _largest(width(x[1], y[1]), width(x[2], y[2]))
+    if op is Op.MUL:
+        for factor, other in ((0, 1), (1, 0)):
+            k = _host_value(x[factor], params) if x[factor] == y[factor] else None
+            if k is not None:
+                w = width(x[other], y[other]) if k >= 0 else width(y[other], x[other])
+                return None if w is None else abs(int(k)) * w
+        return None
+    if op in (Op.FLOORDIV, Op.MOD):
+        d = _host_value(x[1], params) if x[1] == y[1] else None
+        if d is None:
+            return None
+        d = int(d)
+        if d == 0:  # x // 0 is 0, x % 0 is x
+            return 0 if op is Op.FLOORDIV else width(x[0], y[0])
+        if op is Op.MOD:  # both in [0, d - 1] (or [d + 1, 0])
+            return abs(d) - 1
+        # x // d for d < 0 is (-x) // |d|: decreasing in x, its ends swapped.
+        w = width(x[0], y[0]) if d > 0 else width(y[0], x[0])
+        if w is None:
+            return None
+        # floor((r + w) / |d|) with r = x_lo % |d| at its largest: |d| - 1, or less when the tiles'
+        # alignment fixes r (a tile start divided by a divisor of its block).
+        largest_r = abs(d) - 1
+        if d > 0 and x[0].op is Op.VAR and y[0].op is Op.VAR:
+            for axis, span in spans.items():
+                if (x[0].attr, y[0].attr) == (f"{axis}_first", f"{axis}_last"):
+                    g = math.gcd(span.modulus, d)
+                    largest_r = d - g + span.residue % g
+        return (largest_r + w) // abs(d)
+    return None
+
+
+def _largest(*widths: int | None) -> int | None:
+    return None if any(w is None for w in widths) else max(widths)  # type: ignore[type-var]
+
+
+def static_widths(
+    bounds: Sequence[Node], ranged: Sequence[int], spans: Mapping[str, TileSpan], params: Mapping[str, object]
+) -> list[int | None]:
+    """`static_width` of each axis in `ranged` of a `range_min` / `range_max` node's bounds (lo, hi per
+    axis, side by side)."""
+    return [static_width(bounds[2 * axis], bounds[2 * axis + 1], spans, params) for axis in ranged]
 
 
 def box_bound(
@@ -208,41 +403,50 @@ def box_bound(
     table: Callable[[int], RangeTable],
     maximum: bool,
     synchronise: bool = True,
+    widths: Sequence[int | None] | None = None,
 ) -> torch.Tensor:
     """The minimum (or with `maximum` the maximum), int64, of `tensor` over the box [lows[i], highs[i]]
     of each axis i (broadcasting tensors), where only the axes in `ranged` may span more than one
     position (the others are read at `lows[i]`). `table(axis)` gives the (cached) `RangeTable` along
-    an axis.
+    an axis. `widths` (one per axis in `ranged`, None where unknown) bounds `highs - lows` statically
+    (`static_width`).
 
     A box along one axis is exact and never waits for the device. Over several axes it is exact where
-    the positions enumerated off the tabled axis are few (`MAX_ENUMERATED`, or O(input size) in all),
-    which one host synchronisation reads; without `synchronise` (while a CUDA graph captures) the axes
-    off the one of largest extent are enumerated `CAPTURED_STEPS` positions each, and a box wider than
-    that gets the whole input's bound, decided on the device."""
+    the positions enumerated off the tabled axis are few (`MAX_ENUMERATED`, or O(input size) in all).
+    Their number is the static width where one is given; an axis without one is measured by one host
+    synchronisation, or without `synchronise` (while a CUDA graph captures) enumerated
+    `CAPTURED_STEPS` positions, a box wider than that getting the whole input's bound, decided on the
+    device."""
     if len(ranged) == 1:
         axis = ranged[0]
         points: list[torch.Tensor | None] = list(lows)
         points[axis] = None
         return table(axis).bound(points, lows[axis], highs[axis], maximum)
     shape = tensor.shape
-    first, final, widths = {}, {}, {}
+    first, final = {}, {}
     for axis in ranged:
         # Positions from -1 to the extent: a box reaching outside the input reads one position
         # outside, which reads 0. An empty box reads position -1 alone.
         empty = lows[axis] > highs[axis]
         first[axis] = torch.where(empty, -1, lows[axis].clamp(-1, shape[axis]))
         final[axis] = torch.where(empty, -1, highs[axis].clamp(-1, shape[axis]))
-    if not synchronise:
-        return _captured_bound(tensor, lows, highs, ranged, table, maximum, first, final)
-    for axis in ranged:
-        widths[axis] = int((final[axis] - first[axis] + 1).max()) if first[axis].numel() else 1
+    # Positions per axis: at most the extent and the two outside it.
+    counts: dict[int, int] = {}
+    for axis, width in zip(ranged, widths or [None] * len(ranged), strict=True):
+        if width is not None:
+            counts[axis] = min(max(width, 0) + 1, shape[axis] + 2)
+    unknown = [axis for axis in ranged if axis not in counts]
+    if unknown and not synchronise:
+        return _captured_bound(tensor, lows, highs, ranged, table, maximum, first, final, counts)
+    for axis in unknown:
+        counts[axis] = int((final[axis] - first[axis] + 1).max()) if first[axis].numel() else 1
     pick = torch.maximum if maximum else torch.minimum
     result: torch.Tensor | None = None
-    if math.prod(widths.values()) <= DIRECT_READS:  # a box of a few positions: read them, no table
+    if math.prod(counts.values()) <= DIRECT_READS:  # a box of a few positions: read them, no table
         values = torch.cat(
             [_stored(tensor).reshape(-1), torch.zeros(1, dtype=_stored(tensor).dtype, device=tensor.device)]
         )
-        for steps in itertools.product(*(range(widths[a]) for a in ranged)):
+        for steps in itertools.product(*(range(counts[a]) for a in ranged)):
             index = list(lows)
             for axis, step in zip(ranged, steps, strict=True):
                 index[axis] = torch.minimum(first[axis] + step, final[axis])
@@ -250,14 +454,14 @@ def box_bound(
             result = here if result is None else pick(result, here)
         assert result is not None
         return result.to(torch.int64)
-    along = max(ranged, key=lambda a: widths[a])
+    along = max(ranged, key=lambda a: counts[a])
     enumerated = [a for a in ranged if a != along]
-    positions = math.prod(widths[a] for a in enumerated)
+    positions = math.prod(counts[a] for a in enumerated)
     queries = math.prod(torch.broadcast_shapes(*(x.shape for x in (*lows, *highs))))
     if positions > MAX_ENUMERATED and positions * queries > ENUMERATED_PER_ELEMENT * tensor.numel():
         return whole_bounds(tensor)[1 if maximum else 0]
-    for steps in itertools.product(*(range(widths[a]) for a in enumerated)):
-        points: list[torch.Tensor | None] = list(lows)
+    for steps in itertools.product(*(range(counts[a]) for a in enumerated)):
+        points = list(lows)
         points[along] = None
         for axis, step in zip(enumerated, steps, strict=True):
             points[axis] = torch.minimum(first[axis] + step, final[axis])
@@ -276,13 +480,17 @@ def _captured_bound(
     maximum: bool,
     first: dict[int, torch.Tensor],
     final: dict[int, torch.Tensor],
+    counts: Mapping[int, int],
 ) -> torch.Tensor:
-    """`box_bound` without a host synchronisation: a fixed number of enumerated positions."""
-    along = max(ranged, key=lambda a: tensor.shape[a])
+    """`box_bound` without a host synchronisation where some axes have no static width: those are
+    enumerated a fixed number of positions (the table runs along the one of largest extent), and a
+    box wider than that gets the whole input's bound."""
+    along = max(ranged, key=lambda a: counts.get(a, tensor.shape[a] + 2))
     enumerated = [a for a in ranged if a != along]
+    steps_of = {a: counts.get(a, CAPTURED_STEPS) for a in enumerated}
     pick = torch.maximum if maximum else torch.minimum
     result: torch.Tensor | None = None
-    for steps in itertools.product(range(CAPTURED_STEPS), repeat=len(enumerated)):
+    for steps in itertools.product(*(range(steps_of[a]) for a in enumerated)):
         points: list[torch.Tensor | None] = list(lows)
         points[along] = None
         for axis, step in zip(enumerated, steps, strict=True):
@@ -292,7 +500,8 @@ def _captured_bound(
     assert result is not None
     too_wide = torch.zeros((), dtype=torch.bool, device=result.device)
     for axis in enumerated:
-        too_wide = too_wide | (final[axis] - first[axis] >= CAPTURED_STEPS)
+        if axis not in counts:
+            too_wide = too_wide | (final[axis] - first[axis] >= CAPTURED_STEPS)
     return torch.where(too_wide, whole_bounds(tensor)[1 if maximum else 0], result)
 
 
@@ -315,9 +524,10 @@ def box_bounds(
     ranged: Sequence[int],
     table: Callable[[int], RangeTable],
     synchronise: bool = True,
+    widths: Sequence[int | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(min, max) of `tensor` over the box, as `box_bound`."""
     return (
-        box_bound(tensor, lows, highs, ranged, table, False, synchronise),
-        box_bound(tensor, lows, highs, ranged, table, True, synchronise),
+        box_bound(tensor, lows, highs, ranged, table, False, synchronise, widths),
+        box_bound(tensor, lows, highs, ranged, table, True, synchronise, widths),
     )

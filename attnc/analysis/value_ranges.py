@@ -55,6 +55,7 @@ FLOAT_TO_INT = (
     "floor / ceil of a float are its floor / ceiling as an int64, saturating: at or below -(2**63 - 1) "
     "gives -(2**63 - 1), at or above 2**63 - 1 gives 2**63 - 1, NaN gives 0"
 )
+
 SATURATED = (-((1 << 63) - 1), (1 << 63) - 1)
 """The ints `floor` / `ceil` give: symmetric, so that their magnitude (`abs`, the kernels' division)
 stays inside int64 too."""
@@ -71,6 +72,21 @@ _MONOTONE = (Op.EXP, Op.EXP2, Op.LOG, Op.LOG2, Op.SQRT, Op.TANH, Op.SIGMOID, Op.
 _CONST, _VAR, _SIZE, _PARAM, _REF, _LOAD = Op.CONST, Op.VAR, Op.SIZE, Op.PARAM, Op.REF, Op.LOAD
 _ADD, _SUB, _MIN, _MAX, _NEG, _ABS, _WHERE = Op.ADD, Op.SUB, Op.MIN, Op.MAX, Op.NEG, Op.ABS, Op.WHERE
 _INT, _FLOAT = Type.INT, Type.FLOAT
+_BITAND = Op.BITAND
+_BITOR = Op.BITOR
+_BOUND = Op.BOUND
+_COS = Op.COS
+_DIV = Op.DIV
+_FLOOR = Op.FLOOR
+_LOG = Op.LOG
+_LOG2 = Op.LOG2
+_MUL = Op.MUL
+_REDUCE = Op.REDUCE
+_SHL = Op.SHL
+_SHR = Op.SHR
+_SIN = Op.SIN
+_SQRT = Op.SQRT
+_TOFLOAT = Op.TOFLOAT
 _SUMMARIES = frozenset((Op.RANGE_MIN, Op.RANGE_MAX))
 _ROUNDINGS = frozenset((Op.FLOOR, Op.CEIL))
 _BINARY = frozenset((Op.ADD, Op.SUB, Op.MUL, Op.MIN, Op.MAX))
@@ -138,7 +154,7 @@ class ValueRanges:
 
     def of(self, node: Node) -> Range:
         """Inclusive bounds of an int expression (exact Python ints: they may lie outside int64)."""
-        assert node.type is Type.INT, f"value ranges are for ints, got {node.type}"
+        assert node.type is _INT, f"value ranges are for ints, got {node.type}"
         self._visit(node)
         return self._ranges[node]
 
@@ -256,16 +272,16 @@ class ValueRanges:
             return min(alo, blo), max(ahi, bhi)
         if op in _BITWISE:
             return _bitwise(op, args[0], args[1])
-        if op is Op.BOUND:  # a reduction's variable: lo, ..., hi - 1 (nothing if hi <= lo)
+        if op is _BOUND:  # a reduction's variable: lo, ..., hi - 1 (nothing if hi <= lo)
             (alo, _), (_, bhi) = args
             return alo, max(alo, bhi - 1)
-        if op is Op.REDUCE:  # sum: up to hi - lo terms; max / min: a term, or 0 if empty
+        if op is _REDUCE:  # sum: up to hi - lo terms; max / min: a term, or 0 if empty
             (alo, _), (_, bhi), (tlo, thi) = args
             if str(n.attr).startswith("sum:"):
                 count = max(0, bhi - alo)
                 return min(0, tlo * count), max(0, thi * count)
             return min(tlo, 0), max(thi, 0)
-        if op in (Op.SHL, Op.SHR):
+        if op in (_SHL, _SHR):
             (alo, ahi), (nlo, nhi) = args
             counts = (fold.shift_count(nlo), fold.shift_count(nhi))  # monotone in the count
             corners = [fold.evaluate(op, [x, c]) for x in (alo, ahi) for c in counts]
@@ -275,7 +291,7 @@ class ValueRanges:
     @staticmethod
     def _to_int(op: Op, f: FloatRange) -> Range:
         lo, hi, nan = f
-        rounding = math.floor if op is Op.FLOOR else math.ceil
+        rounding = math.floor if op is _FLOOR else math.ceil
         ends = []
         for x, sign in ((lo, -1), (hi, 1)):
             if math.isfinite(x):
@@ -292,55 +308,55 @@ class ValueRanges:
 
     def _float(self, n: Node) -> FloatRange:
         op = n.op
-        if op is Op.CONST:
+        if op is _CONST:
             value = float(n.attr)  # type: ignore[arg-type]
             return _ANY_FLOAT if math.isnan(value) else (value, value, False)
-        if op is Op.TOFLOAT:
+        if op is _TOFLOAT:
             lo, hi = self._ranges[n.args[0]]
             return float(lo), float(hi), False
-        if op is Op.REF and str(n.attr) in self.lets:
+        if op is _REF and str(n.attr) in self.lets:
             self._visit(self.lets[str(n.attr)])
             return self._floats[self.lets[str(n.attr)]]
-        args = [self._floats[a] for a in n.args if a.type is Type.FLOAT]
-        if op in (Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.MIN, Op.MAX):
+        args = [self._floats[a] for a in n.args if a.type is _FLOAT]
+        if op in (_ADD, _SUB, _MUL, _DIV, _MIN, _MAX):
             (alo, ahi, anan), (blo, bhi, bnan) = args
-            if op is Op.SUB:
+            if op is _SUB:
                 blo, bhi = -bhi, -blo
-            if op is Op.DIV and blo <= 0 <= bhi:
+            if op is _DIV and blo <= 0 <= bhi:
                 return _ANY_FLOAT
             fn = {
-                Op.ADD: lambda x, y: x + y,
-                Op.SUB: lambda x, y: x + y,
-                Op.MUL: lambda x, y: x * y,
-                Op.DIV: lambda x, y: x / y,
-                Op.MIN: min,
-                Op.MAX: max,
+                _ADD: lambda x, y: x + y,
+                _SUB: lambda x, y: x + y,
+                _MUL: lambda x, y: x * y,
+                _DIV: lambda x, y: x / y,
+                _MIN: min,
+                _MAX: max,
             }[op]
             corners = [fn(x, y) for x in (alo, ahi) for y in (blo, bhi)]
             if any(math.isnan(c) for c in corners):  # inf - inf, 0 * inf: anything
                 return _ANY_FLOAT
             return min(corners), max(corners), anan or bnan
-        if op is Op.NEG:
+        if op is _NEG:
             lo, hi, nan = args[0]
             return -hi, -lo, nan
-        if op is Op.ABS:
+        if op is _ABS:
             lo, hi, nan = args[0]
             if lo >= 0:
                 return lo, hi, nan
             return (0.0 if hi >= 0 else -hi), max(-lo, hi), nan
         if op in _MONOTONE:
             lo, hi, nan = args[0]
-            if op in (Op.LOG, Op.LOG2, Op.SQRT) and lo < 0:
+            if op in (_LOG, _LOG2, _SQRT) and lo < 0:
                 lo, nan = 0.0, True
                 hi = max(hi, 0.0)
             low, high = (fold.evaluate(op, [x]) for x in (lo, hi))
             if math.isnan(low) or math.isnan(high):  # type: ignore[arg-type]
                 return _ANY_FLOAT
             return float(low), float(high), nan  # type: ignore[arg-type]
-        if op is Op.WHERE:
+        if op is _WHERE:
             (alo, ahi, anan), (blo, bhi, bnan) = args
             return min(alo, blo), max(ahi, bhi), anan or bnan
-        if op in (Op.SIN, Op.COS):  # NaN of NaN or of an infinity
+        if op in (_SIN, _COS):  # NaN of NaN or of an infinity
             lo, hi, nan = args[0]
             return -1.0, 1.0, nan or not (math.isfinite(lo) and math.isfinite(hi))
         return _ANY_FLOAT  # the score, float inputs, parameters not yet bound
@@ -388,11 +404,11 @@ def _bitwise(op: Op, a: Range, b: Range) -> Range:
     non-negative, of opposite signs negative."""
     top = 1 << max(_width(a), _width(b))
     (alo, ahi), (blo, bhi) = a, b
-    if op is Op.BITAND:
+    if op is _BITAND:
         if alo >= 0 or blo >= 0:
             return 0, min(h for lo_, h in (a, b) if lo_ >= 0)
         return -top, max(ahi, bhi)  # a negative operand's bits only clear: below the other operand
-    if op is Op.BITOR:
+    if op is _BITOR:
         if alo >= 0 and blo >= 0:
             return max(alo, blo), top - 1
         if ahi < 0 and bhi < 0:
@@ -405,15 +421,16 @@ def _bitwise(op: Op, a: Range, b: Range) -> Range:
     return -top, top - 1
 
 
-def check_fits(pattern: PatternIR, roots: Iterable[Node]) -> None:
+def check_fits(pattern: PatternIR, roots: Iterable[Node], ranges: ValueRanges | None = None) -> None:
     """Raise an `AttnTypeError` at the first int value of these expressions of the pattern that
-    may leave int64 for some launch (a sub-expression of the user's source where it has one)."""
-    ranges = ValueRanges(pattern, dict(pattern.lets))
+    may leave int64 for some launch (a sub-expression of the user's source where it has one).
+    `ranges`: the pattern's value ranges (its lets known), where the caller has them."""
+    ranges = ValueRanges(pattern, dict(pattern.lets)) if ranges is None else ranges
     for root in roots:
         bad = ranges.overflow(root)
         if bad is None:
             continue
-        if bad.type is Type.INT and not fits_int64(ranges.of(bad)):
+        if bad.type is _INT and not fits_int64(ranges.of(bad)):
             lo, hi = ranges.of(bad)
             what = f"this int value can reach {hi if hi > INT64[1] else lo}, which does not fit in 64 bits"
         else:
@@ -426,7 +443,7 @@ def check_fits(pattern: PatternIR, roots: Iterable[Node]) -> None:
 
 def _params(pattern: PatternIR) -> str:
     given = ", ".join(f"{k}={v!r}" for k, v in pattern.bindings or ())
-    runtime = [p.name for p in pattern.params if p.type is Type.INT] if pattern.bindings is not None else []
+    runtime = [p.name for p in pattern.params if p.type is _INT] if pattern.bindings is not None else []
     text = f", with parameters {given}" if given else ""
     if runtime:
         text += f", and runtime {', '.join(runtime)} anywhere in [-2**30, 2**30]"

@@ -3,6 +3,6 @@ pattern (`docs/distributed.md`; DESIGN.md section 3, "Context parallel")."""
 
 from attnc.distributed.census import Census, tile_census
 from attnc.distributed.context_parallel import ContextParallel
-from attnc.distributed.layout import CostModel, Layout
+from attnc.distributed.layout import CostModel, Layout, Part
 
-__all__ = ["Census", "ContextParallel", "CostModel", "Layout", "tile_census"]
+__all__ = ["Census", "ContextParallel", "CostModel", "Layout", "Part", "tile_census"]

@@ -13,11 +13,18 @@ and rank index: the same costs give the same owners on every rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 # Swaps tried at most per candidate: each removes some load from the busiest rank, so the loop ends
 # long before this on every pattern measured (`benchmarks/context_parallel.py`).
 _MAX_SWAPS = 4096
+# A query chunk is split by its keys (`split`) only if it alone costs at least this much of a rank's
+# mean load: lighter chunks balance whole, by swaps.
+HEAVY = 0.5
+# Query chunks split at most per layout: each split spreads one chunk over every rank holding its keys.
+_MAX_SPLITS = 8
 # Relative improvement a swap must bring: float noise never counts as one.
 _EPS = 1e-12
 # Swaps stop once the busiest rank is within this of the mean: each costs a few dozen small tensor
@@ -76,13 +83,20 @@ def loads(owner: torch.Tensor, cost: torch.Tensor, world_size: int) -> torch.Ten
 
 
 def improve(
-    owner: torch.Tensor, forward: torch.Tensor, backward: torch.Tensor, world_size: int
+    owner: torch.Tensor,
+    forward: torch.Tensor,
+    backward: torch.Tensor,
+    world_size: int,
+    extra: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`owner` after swaps of two chunks between the busiest rank and another, each the swap that lowers
     the larger load of the two ranks most, while one lowers it and the busiest rank is more than
-    `CLOSE_ENOUGH` above the mean (chunk counts never change)."""
+    `CLOSE_ENOUGH` above the mean (chunk counts never change). `extra`: (forward, backward) load each
+    rank carries besides its chunks (the parts of split chunks it computes, `split`)."""
     owner = owner.clone()
     load_f, load_b = loads(owner, forward, world_size), loads(owner, backward, world_size)
+    if extra is not None:
+        load_f, load_b = load_f + extra[0], load_b + extra[1]
     for _ in range(_MAX_SWAPS):
         objective = torch.maximum(load_f, load_b)
         busiest = int(torch.argmax(objective))
@@ -153,3 +167,109 @@ def assign(
         return int(counts.max()), int(counts.sum())
 
     return min(kept, key=traffic)  # min keeps the first of equals: the order of `candidates`
+
+
+def split(
+    owner: torch.Tensor,
+    forward: torch.Tensor,
+    backward: torch.Tensor,
+    pairs: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    world_size: int,
+    target: float,
+) -> tuple[torch.Tensor, list[tuple[int, torch.Tensor, list[int]]], float]:
+    """Split heavy query chunks by their keys (`docs/distributed.md`, "Split query chunks"). While the
+    busiest rank is above `target` and its costliest chunk not yet split is `HEAVY`, that chunk's work
+    against key chunks held by other ranks moves to those ranks (no key moves: the query chunk travels
+    to them, their partial outputs back), as much as brings the owner and them to one level
+    (`_water_fill`); then swaps (`improve`) rebalance with the moved work as fixed extra loads.
+
+    `forward`, `backward`: the chunks' costs, scaled to mean 1 per rank; `pairs(i)`: float64
+    [num_chunks] twice, query chunk i's forward and backward cost against each key chunk, scaled alike
+    (they sum to `forward[i]`, `backward[i]`; asked only for the chunks considered for a split).
+    Returns the owners; per split chunk, the owner of each key chunk when it was split (the helper of
+    that key chunk's work) and the key chunks whose work moved, ascending; the objective.
+    """
+    owner = owner.clone()
+    own_f, own_b = forward.clone(), backward.clone()
+    extra_f = torch.zeros(world_size, dtype=torch.float64)
+    extra_b = torch.zeros_like(extra_f)
+    pieces: list[tuple[int, torch.Tensor, list[int]]] = []
+
+    def rank_loads() -> tuple[torch.Tensor, torch.Tensor]:
+        return loads(owner, own_f, world_size) + extra_f, loads(owner, own_b, world_size) + extra_b
+
+    for _ in range(_MAX_SPLITS):
+        load_f, load_b = rank_loads()
+        load = torch.maximum(load_f, load_b)
+        busiest = int(torch.argmax(load))
+        if float(load[busiest]) <= target:
+            break
+        done = {c for c, _, _ in pieces}
+        mine = [c for c in (owner == busiest).nonzero().flatten().tolist() if c not in done]
+        if not mine:
+            break
+        # The costliest, ties to the lowest index: the same choice on every rank.
+        c = max(mine, key=lambda i: (max(float(own_f[i]), float(own_b[i])), -i))
+        if max(float(own_f[c]), float(own_b[c])) < HEAVY:
+            break
+        key_owner = owner.clone()
+        pair_forward, pair_backward = pairs(c)
+        moved_keys = _water_fill(busiest, key_owner, pair_forward, pair_backward, load_f, load_b)
+        if not moved_keys:
+            break
+        index = torch.tensor(moved_keys, dtype=torch.int64)
+        own_f[c] -= pair_forward[index].sum()
+        own_b[c] -= pair_backward[index].sum()
+        extra_f.index_add_(0, key_owner[index], pair_forward[index])
+        extra_b.index_add_(0, key_owner[index], pair_backward[index])
+        pieces.append((c, key_owner, moved_keys))
+        owner = improve(owner, own_f, own_b, world_size, (extra_f, extra_b))
+    load_f, load_b = rank_loads()
+    return owner, pieces, float(torch.maximum(load_f, load_b).max())
+
+
+def _water_fill(
+    busiest: int,
+    key_owner: torch.Tensor,
+    pair_forward: torch.Tensor,
+    pair_backward: torch.Tensor,
+    load_f: torch.Tensor,
+    load_b: torch.Tensor,
+) -> list[int]:
+    """The key chunks of a query chunk whose work moves from its owner `busiest` to the ranks holding
+    them (`pair_forward`, `pair_backward`: the chunk's cost against each key chunk), ascending: at the
+    lowest level such that, every other rank taking its key chunks of the chunk in ascending order
+    while its load stays at most the level (forward and backward), the owner ends at most at the level
+    (bisection, 48 steps: far below the costs' resolution)."""
+    visited = ((pair_forward > 0) | (pair_backward > 0)) & (key_owner != busiest)
+    keys = visited.nonzero().flatten()
+    if len(keys) == 0:
+        return []
+    # Each key chunk's cost and the cost of its helper's key chunks up to it (cumulative by helper).
+    helper = key_owner[keys]
+    order = torch.argsort(helper * len(key_owner) + keys)  # by helper, then key: each helper a run
+    keys, helper = keys[order], helper[order]
+    cost_f, cost_b = pair_forward[keys], pair_backward[keys]
+    starts = torch.ones_like(helper, dtype=torch.bool)
+    starts[1:] = helper[1:] != helper[:-1]
+    group = torch.cumsum(starts.to(torch.int64), 0) - 1
+    cum_f, cum_b = torch.cumsum(cost_f, 0), torch.cumsum(cost_b, 0)
+    before_f = torch.cat([torch.zeros(1, dtype=torch.float64), cum_f])[starts.nonzero().flatten()][group]
+    before_b = torch.cat([torch.zeros(1, dtype=torch.float64), cum_b])[starts.nonzero().flatten()][group]
+    cum_f, cum_b = cum_f - before_f, cum_b - before_b
+    base_f, base_b = load_f[helper] + cum_f, load_b[helper] + cum_b
+    owner_f, owner_b = float(load_f[busiest]), float(load_b[busiest])
+
+    def moves(level: float) -> torch.Tensor:
+        return (base_f <= level) & (base_b <= level)
+
+    low, high = 0.0, max(owner_f, owner_b)
+    for _ in range(48):
+        level = (low + high) / 2
+        take = moves(level)
+        if max(owner_f - float(cost_f[take].sum()), owner_b - float(cost_b[take].sum())) <= level:
+            high = level
+        else:
+            low = level
+    take = moves(high)
+    return sorted(keys[take].tolist())

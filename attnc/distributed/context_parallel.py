@@ -4,8 +4,8 @@ assigned by their exact tile costs (`docs/distributed.md`).
 This is the host side of issue 22: `dispatch` (and `dispatch_many` for a model whose layers use
 several patterns) computes a `Layout` from the kernels' tile censuses alone, without a live process
 group where `world_size=` is given, identically on every rank (with a live group, a collective that
-checks every rank passed the same). Running attention over the layout (the key/value exchange, item 2)
-is not built yet.
+checks every rank passed the same). Calling the object, `cp(q_loc, k_loc, v_loc, layout, **inputs)`,
+runs attention over a layout (`attention.py`: the key/value exchange, forward and backward).
 """
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import torch.distributed as dist
 
 from attnc import oracle
 from attnc.api import Kernel
-from attnc.distributed.assign import assign, objective
+from attnc.distributed.assign import assign, objective, split
+from attnc.distributed.attention import attention
 from attnc.distributed.census import Census, census_env, census_from_env, check_chunking
-from attnc.distributed.layout import CostModel, Layout
+from attnc.distributed.fingerprint import fingerprint
+from attnc.distributed.layout import CostModel, Layout, Part
 from attnc.errors import InputError
 
 # The default chunk: the largest size of at most this many tokens...
@@ -34,6 +36,9 @@ MIN_CHUNKS_PER_RANK = 4
 BALANCE_TARGET = 1.02
 CHUNK_TRIES = 3
 SMALLER_GAIN = 0.01
+# Where the best assignment of whole chunks leaves a rank above this (largest load over mean), heavy
+# query chunks are split by their keys (`assign.split`; `ContextParallel(split_target=)`).
+SPLIT_TARGET = 1.05
 
 KernelEntry = tuple[Kernel, Mapping[str, Any]] | tuple[Kernel, Mapping[str, Any], int]
 
@@ -43,7 +48,9 @@ class ContextParallel:
 
     Where no process group is initialised (planning, simulation, tests) give `world_size=` (and
     `rank=`, default 0): `dispatch` never needs a live group. Where one is, rank and world size come
-    from it, and a `world_size=` that differs is an error."""
+    from it, and a `world_size=` that differs is an error. `split_target`: the balance (largest load
+    over the mean) above which `dispatch` splits heavy query chunks by their keys (`SPLIT_TARGET`;
+    `float("inf")` never splits; a lower one splits more readily, as the tests do on tiny sequences)."""
 
     def __init__(
         self,
@@ -54,6 +61,7 @@ class ContextParallel:
         rank: int | None = None,
         cost_model: CostModel | None = None,
         block: tuple[int, int] = (128, 128),
+        split_target: float = SPLIT_TARGET,
     ) -> None:
         if not isinstance(kern, Kernel):
             raise InputError(f"ContextParallel takes an attnc Kernel, got {type(kern).__name__}", None)
@@ -83,6 +91,9 @@ class ContextParallel:
         self.rank = me
         self.cost_model = cost_model or CostModel()
         self.block = block
+        if isinstance(split_target, bool) or not isinstance(split_target, int | float) or split_target < 1:
+            raise InputError(f"split_target must be a number >= 1, got {split_target!r}", None)
+        self.split_target = float(split_target)
 
     def dispatch(
         self,
@@ -114,13 +125,16 @@ class ContextParallel:
         and global layers): `kernels` are `(kern, inputs)` or `(kern, inputs, layers)` entries, and the
         costs balanced are the sums over them, each counted `layers` times (default 1)."""
         if self.live:  # first: past this point every rank has the same arguments, and fails alike
-            arguments = (seq_len, batch, num_heads, chunk, self.block, self.cost_model, list(kernels))
-            self._check_same_everywhere(_fingerprint(arguments))
+            arguments = (
+                (seq_len, batch, num_heads, chunk, self.block, self.cost_model, self.split_target),
+                list(kernels),
+            )
+            self._check_same_everywhere(fingerprint(arguments))
         checked = [_entry(e) for e in kernels]
         if not checked:
             raise InputError("dispatch_many needs at least one (kern, inputs) entry", None)
         entries = [
-            (kern, census_env(kern, seq_len, batch, num_heads, dict(inputs)), layers)
+            (kern, census_env(kern, seq_len, batch, num_heads, dict(inputs), self.block), layers)
             for kern, inputs, layers in checked
         ]
         # Sizes not given: those an input's shape names (as `kern.plan` infers them), else 1; the same
@@ -139,15 +153,44 @@ class ContextParallel:
             # Smaller chunks did not help (one heavy tile row, say): smaller still will not either.
             if value <= BALANCE_TARGET or value > previous * (1 - SMALLER_GAIN):
                 break
+            # Nor can they where the heaviest half of a chunk alone keeps the balance within
+            # SMALLER_GAIN of this one (a rank holding it carries at least that): no census needed.
+            if _half_chunk_bound(layout, self.cost_model) >= value * (1 - SMALLER_GAIN):
+                break
         assert best is not None
         return best
 
-    def _check_same_everywhere(self, fingerprint: tuple[Any, ...]) -> None:
+    def __call__(
+        self,
+        q_loc: torch.Tensor,
+        k_loc: torch.Tensor,
+        v_loc: torch.Tensor,
+        layout: Layout,
+        *,
+        scale: float | None = None,
+        return_lse: bool = False,
+        **inputs: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """This rank's attention output over `layout`, `[B, H, L_loc, Dv]` (and its lse, float32
+        `[B, H, L_loc]`, with `return_lse=True`): a collective of the group, forward and backward
+        (every rank calls it, and every rank runs the backward through its output).
+
+        q_loc, k_loc, v_loc: this rank's shards (`layout.shard`); `inputs`: the kernel's inputs and
+        runtime parameters for the WHOLE sequence, the same on every rank (the gradient of a float
+        input is summed over the ranks: every rank holds all of it). `docs/distributed.md`."""
+        if not isinstance(return_lse, bool):
+            raise InputError(f"return_lse must be a bool, got {return_lse!r}", None)
+        out, lse = attention(
+            self.kern, self.group, self.world_size, self.rank, q_loc, k_loc, v_loc, layout, scale, inputs
+        )
+        return (out, lse) if return_lse else out
+
+    def _check_same_everywhere(self, mine: Any) -> None:
         """An `InputError` on every rank unless every rank of the group called `dispatch` with the same
         arguments and inputs: a layout computed from other inputs on one rank would exchange the wrong
         chunks later, silently. One `all_gather_object` of a fingerprint (no tensor leaves its rank)."""
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, fingerprint, group=self.group)
+        dist.all_gather_object(gathered, mine, group=self.group)
         differing = [r for r, other in enumerate(gathered) if other != gathered[0]]
         if differing:
             raise InputError(
@@ -193,6 +236,11 @@ class ContextParallel:
         for census, _ in censuses:
             visits |= census.visits()
         owner = assign(forward, backward, visits, self.world_size)
+        parts: tuple[Part, ...] = ()
+        scale = [self.world_size / t if (t := float(c.sum())) > 0 else 1.0 for c in (forward, backward)]
+        whole = objective(owner, forward * scale[0], backward * scale[1], self.world_size)
+        if whole > self.split_target:
+            owner, parts = self._split(owner, forward, backward, censuses, scale, whole)
         return Layout(
             seq_len=seq_len,
             chunk=chunk,
@@ -205,7 +253,58 @@ class ContextParallel:
             forward=tuple(forward.tolist()),
             backward=tuple(backward.tolist()),
             group=self.group,
+            parts=parts,
         )
+
+    def _split(
+        self,
+        owner: torch.Tensor,
+        forward: torch.Tensor,
+        backward: torch.Tensor,
+        censuses: list[tuple[Census, int]],
+        scale: list[float],
+        whole: float,
+    ) -> tuple[torch.Tensor, tuple[Part, ...]]:
+        """The owners and parts of `assign.split`, kept only where they balance better than `whole`
+        (the objective of the owners given)."""
+        model = self.cost_model
+
+        def pair(c: int) -> tuple[torch.Tensor, torch.Tensor]:
+            """Query chunk c's forward and backward cost against each key chunk (not scaled)."""
+            f = torch.zeros(len(forward), dtype=torch.float64)
+            b = torch.zeros_like(f)
+            for census, layers in censuses:
+                partial, full = census.partial[c].to(torch.float64), census.full[c].to(torch.float64)
+                f += layers * (model.forward_partial * partial + model.forward_full * full)
+                b += layers * (model.backward_partial * partial + model.backward_full * full)
+            return f, b
+
+        def scaled(c: int) -> tuple[torch.Tensor, torch.Tensor]:
+            f, b = pair(c)
+            return f * scale[0], b * scale[1]
+
+        new_owner, pieces, value = split(
+            owner, forward * scale[0], backward * scale[1], scaled, self.world_size, self.split_target
+        )
+        if not pieces or value >= whole:
+            return owner, ()
+        parts = []
+        for c, key_owner, moved in pieces:
+            pair_f, pair_b = pair(c)
+            by_helper: dict[int, list[int]] = {}
+            for j, helper in zip(moved, key_owner[moved].tolist(), strict=True):
+                by_helper.setdefault(helper, []).append(j)
+            for helper, keys in sorted(by_helper.items()):
+                if helper == int(new_owner[c]):
+                    continue  # the owner's own work
+                parts.append(
+                    Part(
+                        c, helper, tuple(keys),
+                        float(pair_f[keys].sum()), float(pair_b[keys].sum()),
+                    )
+                )  # fmt: skip
+        parts.sort(key=lambda p: (p.q_chunk, p.helper))
+        return new_owner, tuple(parts)
 
 
 def _entry(entry: Any) -> tuple[Kernel, Mapping[str, Any], int]:
@@ -226,41 +325,39 @@ def _entry(entry: Any) -> tuple[Kernel, Mapping[str, Any], int]:
     )
 
 
-# Odd 64-bit multipliers of the input checksums (golden-ratio and splitmix64 constants, as signed int64).
-_MIXERS = (-7046029254386353131, -4658895280553007687, -7723592293110705685)
-
-
-def _checksum(tensor: torch.Tensor) -> tuple[Any, ...]:
-    """A tensor's dtype, shape and three weighted sums of its bits (wrapping int64): equal on every
-    rank for equal tensors, different for almost any difference; O(size) tensor operations."""
-    bits = tensor.detach().contiguous()
-    if bits.dtype.is_floating_point:
-        bits = bits.view(
-            {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[bits.element_size()]
-        )
-    bits = bits.reshape(-1).to(torch.int64)
-    position = torch.arange(1, len(bits) + 1, dtype=torch.int64, device=bits.device)
-    sums = tuple(int(((bits + position) * (position * mixer)).sum()) for mixer in _MIXERS)
-    return (str(tensor.dtype), tuple(tensor.shape), *sums)
-
-
-def _fingerprint(value: Any) -> Any:
-    """What must be equal on every rank for the layouts to be, as plain comparable data: tensors by
-    `_checksum`, containers item by item, anything else (kernels, parameter values) by its repr."""
-    if isinstance(value, torch.Tensor):
-        return _checksum(value)
-    if isinstance(value, Mapping):
-        return tuple((repr(k), _fingerprint(v)) for k, v in sorted(value.items(), key=lambda kv: repr(kv[0])))
-    if isinstance(value, list | tuple):
-        return tuple(_fingerprint(v) for v in value)
-    return repr(value)
-
-
 def _imbalance(layout: Layout) -> float:
-    """Largest load over the mean, forward or backward."""
-    scaled = []
-    for cost in (layout.forward, layout.backward):
+    """Largest load over the mean, forward or backward (parts counted on their helpers)."""
+    if not layout.parts:
+        scaled = []
+        for cost in (layout.forward, layout.backward):
+            tensor = torch.tensor(cost, dtype=torch.float64)
+            total = float(tensor.sum())
+            scaled.append(tensor * (layout.world_size / total) if total > 0 else tensor)
+        return objective(torch.tensor(layout.owner), *scaled, layout.world_size)
+    result = 0.0
+    for cost in layout.loads():
         tensor = torch.tensor(cost, dtype=torch.float64)
         total = float(tensor.sum())
-        scaled.append(tensor * (layout.world_size / total) if total > 0 else tensor)
-    return objective(torch.tensor(layout.owner), *scaled, layout.world_size)
+        result = max(result, float(tensor.max()) * layout.world_size / total if total > 0 else 0.0)
+    return result
+
+
+def _half_chunk_bound(layout: Layout, model: CostModel) -> float:
+    """A lower bound of the balance of any layout of chunks half as large, forward or backward: those
+    chunks are the halves of these (`Census.half_partial`), and some rank holds the heaviest one and at
+    least `2 * num_chunks // world_size - 1` others, at best the cheapest; over the mean rank load."""
+    held = 2 * layout.num_chunks // layout.world_size
+    bounds = []
+    for w_partial, w_full, cost in (
+        (model.forward_partial, model.forward_full, layout.forward),
+        (model.backward_partial, model.backward_full, layout.backward),
+    ):
+        halves = sum(
+            layers * (w_partial * c.half_partial.double() + w_full * c.half_full.double())
+            for c, layers in layout.censuses
+        )
+        ordered = torch.sort(halves.flatten()).values
+        busiest = float(ordered[-1] + ordered[: max(held - 1, 0)].sum())
+        mean = sum(cost) / layout.world_size
+        bounds.append(busiest / mean if mean > 0 else 0.0)
+    return max(bounds)

@@ -5,7 +5,12 @@ A layout cuts a sequence of `seq_len` tokens into chunks of `chunk` tokens; rank
 key and value rows of its chunks (`chunks(r)`, ascending), concatenated in that order along dim -2
 (`shard`). For the communication of issue 22 item 2 it records, per query chunk, the key chunks it
 visits (`kv_chunks`), and per rank the chunks to receive from (`receives`) and send to (`sends`) every
-other rank: exactly the key chunks its queries visit and it does not hold.
+other rank: exactly the key chunks its queries (and its parts) visit and it does not hold.
+
+A query chunk too expensive for one rank is split by its keys (`Part`): a part is a set of the key
+chunks it visits, computed by another rank (the helper, which usually holds those keys), which
+receives the query chunk (`q_receives`) and returns the part's output and lse to the chunk's owner;
+the owner computes the visited key chunks no part covers (`own_kv_chunks`) and merges everything.
 """
 
 from __future__ import annotations
@@ -34,6 +39,20 @@ class CostModel:
     backward_partial: float = 3.5
 
 
+@dataclass(frozen=True)
+class Part:
+    """Key chunks of one query chunk computed by a rank other than the chunk's owner: `helper`
+    computes query chunk `q_chunk` against `kv_chunks` (ascending, visited by it) and returns the
+    output and lse to the owner (`docs/distributed.md`, "Split query chunks"). `forward`, `backward`:
+    the part's cost (the `CostModel` over its tiles), moved from the owner's load to the helper's."""
+
+    q_chunk: int
+    helper: int
+    kv_chunks: tuple[int, ...]
+    forward: float
+    backward: float
+
+
 @dataclass(frozen=True, eq=False)
 class Layout:
     """The dispatch of one sequence over `world_size` ranks, seen from `rank` (module docstring).
@@ -42,6 +61,8 @@ class Layout:
     censuses:   one `Census` per kernel dispatched (`dispatch_many` balances several), with its weight
     forward:    each query chunk's forward cost (summed over the kernels, times their weights)
     backward:   each query chunk's backward cost
+    parts:      the split query chunks' parts, ordered by (query chunk, helper); empty where no query
+                chunk needed splitting (every layout whose chunks balance whole)
     """
 
     seq_len: int
@@ -56,6 +77,7 @@ class Layout:
     forward: tuple[float, ...] = field(repr=False)
     backward: tuple[float, ...] = field(repr=False)
     group: Any = field(default=None, repr=False)
+    parts: tuple[Part, ...] = field(default=(), repr=False)
 
     @property
     def num_chunks(self) -> int:
@@ -84,9 +106,48 @@ class Layout:
         """The key chunks query chunk `q_chunk` visits (for some kernel), ascending."""
         return tuple(self.visits[q_chunk].nonzero().flatten().tolist())
 
+    def own_kv_chunks(self, q_chunk: int) -> tuple[int, ...]:
+        """The key chunks query chunk `q_chunk`'s owner computes it against: those it visits that no
+        `Part` of it covers, ascending (all of `kv_chunks` for a chunk that is not split)."""
+        covered = {j for part in self.parts_of(q_chunk) for j in part.kv_chunks}
+        return tuple(j for j in self.kv_chunks(q_chunk) if j not in covered)
+
+    def parts_of(self, q_chunk: int) -> tuple[Part, ...]:
+        """The parts of query chunk `q_chunk` computed elsewhere, by ascending helper."""
+        return self._parts_by_chunk.get(q_chunk, ())
+
+    def helps(self, rank: int | None = None) -> tuple[Part, ...]:
+        """The parts `rank` (default: this rank) computes for other ranks, by ascending query chunk."""
+        me = self.rank if rank is None else rank
+        return tuple(p for p in self.parts if p.helper == me)
+
+    def q_receives(self, rank: int | None = None) -> dict[int, tuple[int, ...]]:
+        """The query chunks `rank` (default: this rank) receives to compute their parts, by owner."""
+        by_owner: dict[int, list[int]] = {}
+        for part in self.helps(rank):
+            by_owner.setdefault(self.owner[part.q_chunk], []).append(part.q_chunk)
+        return {r: tuple(cs) for r, cs in sorted(by_owner.items())}
+
+    def q_sends(self, rank: int | None = None) -> dict[int, tuple[int, ...]]:
+        """The query chunks `rank` (default: this rank) sends to the helpers of their parts, by helper."""
+        me = self.rank if rank is None else rank
+        by_helper: dict[int, list[int]] = {}
+        for part in self.parts:
+            if self.owner[part.q_chunk] == me:
+                by_helper.setdefault(part.helper, []).append(part.q_chunk)
+        return {r: tuple(cs) for r, cs in sorted(by_helper.items())}
+
+    @cached_property
+    def _parts_by_chunk(self) -> dict[int, tuple[Part, ...]]:
+        result: dict[int, list[Part]] = {}
+        for part in self.parts:
+            result.setdefault(part.q_chunk, []).append(part)
+        return {c: tuple(ps) for c, ps in result.items()}
+
     def receives(self, rank: int | None = None) -> dict[int, tuple[int, ...]]:
         """The key/value chunks `rank` (default: this rank) must receive, by the rank holding them:
-        those its query chunks visit and it does not hold; ranks it needs nothing from are absent."""
+        those its query chunks (`own_kv_chunks`) and its parts visit and it does not hold; ranks it
+        needs nothing from are absent."""
         return self._receives[self.rank if rank is None else rank]
 
     def sends(self, rank: int | None = None) -> dict[int, tuple[int, ...]]:
@@ -100,6 +161,13 @@ class Layout:
         for r in range(self.world_size):
             mine = list(self.chunks(r))
             needed = self.visits[mine].any(0) if mine else torch.zeros(self.num_chunks, dtype=torch.bool)
+            if self.parts:  # split chunks: the keys of the owner's own work and of the parts it helps
+                needed = needed.clone()
+                needed[[j for c in mine for j in self.kv_chunks(c)]] = False
+                for c in mine:
+                    needed[list(self.own_kv_chunks(c))] = True
+                for part in self.helps(r):
+                    needed[list(part.kv_chunks)] = True
             by_owner: dict[int, list[int]] = {}
             for c in needed.nonzero().flatten().tolist():
                 if self.owner[c] != r:
@@ -166,28 +234,51 @@ class Layout:
                 None,
             )
 
+    def loads(self) -> tuple[list[float], list[float]]:
+        """Each rank's forward and backward cost: its query chunks', less their parts computed
+        elsewhere, plus the parts it computes for others."""
+        forward = [sum(self.forward[c] for c in self.chunks(r)) for r in range(self.world_size)]
+        backward = [sum(self.backward[c] for c in self.chunks(r)) for r in range(self.world_size)]
+        for part in self.parts:
+            owner = self.owner[part.q_chunk]
+            forward[owner] -= part.forward
+            backward[owner] -= part.backward
+            forward[part.helper] += part.forward
+            backward[part.helper] += part.backward
+        return forward, backward
+
     def stats(
         self, head_dim: int = 128, dtype: torch.dtype = torch.bfloat16, kv_heads: int | None = None
     ) -> list[dict[str, float | int]]:
-        """Per rank: `forward_cost` and `backward_cost` (tile-weighted, `CostModel`), `chunks_held`,
-        `chunks_received` and `bytes_received` (the K and V rows of the received chunks, for
-        `batch` rows, `kv_heads` heads (default `num_heads`) of `head_dim` elements of `dtype`)."""
+        """Per rank: `forward_cost` and `backward_cost` (tile-weighted, `CostModel`; a `Part` counts on
+        its helper, not on the chunk's owner), `chunks_held`, `chunks_received` (key/value chunks),
+        `query_chunks_received` (to compute parts), `partials_received` (parts' outputs) and
+        `bytes_received`: the K and V rows of the received chunks (`batch` rows, `kv_heads` heads,
+        default `num_heads`, of `head_dim` elements of `dtype`), the Q rows of the received query
+        chunks (`num_heads` heads), and per partial its output and lse rows in float32 (`head_dim + 1`
+        values per row and head: what `cp(...)` sends)."""
         heads = self.num_heads if kv_heads is None else kv_heads
-        chunk_bytes = (
-            2 * self.batch * heads * self.chunk * head_dim * torch.empty((), dtype=dtype).element_size()
-        )
+        size = torch.empty((), dtype=dtype).element_size()
+        chunk_bytes = 2 * self.batch * heads * self.chunk * head_dim * size
+        q_bytes = self.batch * self.num_heads * self.chunk * head_dim * size
+        partial_bytes = self.batch * self.num_heads * self.chunk * (head_dim + 1) * 4
+        forward, backward = self.loads()
         result = []
         for r in range(self.world_size):
             mine = self.chunks(r)
             received = sum(len(cs) for cs in self.receives(r).values())
+            queries = len(self.helps(r))
+            partials = sum(len(self.parts_of(c)) for c in mine)
             result.append(
                 {
                     "rank": r,
-                    "forward_cost": sum(self.forward[c] for c in mine),
-                    "backward_cost": sum(self.backward[c] for c in mine),
+                    "forward_cost": forward[r],
+                    "backward_cost": backward[r],
                     "chunks_held": len(mine),
                     "chunks_received": received,
-                    "bytes_received": received * chunk_bytes,
+                    "query_chunks_received": queries,
+                    "partials_received": partials,
+                    "bytes_received": received * chunk_bytes + queries * q_bytes + partials * partial_bytes,
                 }
             )
         return result

@@ -15,7 +15,7 @@ import sys
 import threading
 import weakref
 from _weakref import _remove_dead_weakref  # what `weakref.WeakValueDictionary` removes with
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -434,10 +434,47 @@ class LocatedNode(Node):
         return self.__dict__["_twin"]  # type: ignore[no-any-return]
 
 
+def walk_all(roots: Iterable[Node], skip: Callable[[Node], bool] | None = None) -> Iterator[Node]:
+    """`Node.walk` of several roots as one walk: every distinct node under any of them once, children
+    before parents, the roots' nodes in the roots' order (what walking each root in turn yields, less
+    what an earlier root yielded already); one generator and one `seen` set for all of them."""
+    seen: set[Node] = set()
+    stack: list[Node] = []
+    pop, push = stack.pop, stack.append
+    for root in roots:
+        push(root)
+        while stack:
+            node = pop()
+            if node is _EXPANDED:
+                yield pop()
+                continue
+            if node in seen:
+                continue
+            seen.add(node)
+            if skip is not None and skip(node):
+                continue
+            args = node.args
+            if not args:
+                yield node
+                continue
+            push(node)
+            push(_EXPANDED)
+            if len(args) == 2:
+                push(args[1])
+                push(args[0])
+            else:
+                stack.extend(reversed(args))
+
+
 def const(value: int | float | bool, loc: Loc | None = None) -> Node:
     if isinstance(value, bool):
         return Node(_CONST, _BOOL, (), value, loc)
     if isinstance(value, int):
+        if loc is None:  # most are live already (0, 1, -1): looked up as `Node(...)` would, without its call
+            ref = _TABLE.get((_CONST, _INT, value, ()))
+            twin = None if ref is None else ref()
+            if twin is not None:
+                return twin
         return Node(_CONST, _INT, (), value, loc)
     return Node(_CONST, _FLOAT, (), float(value), loc)
 
@@ -681,6 +718,15 @@ def make(op: Op, *args: Node, loc: Loc | None = None) -> Node:
 
             raise InternalError(f"ill-typed {op}: {typed}")
         result = _MADE[key] = typed
+    if loc is None:
+        for a in args:
+            if a.__class__ is not Node:
+                break
+        else:  # interned operands: the node is looked up as `Node(...)` would, without its call
+            ref = _TABLE.get((op, result, None, args))
+            twin = None if ref is None else ref()
+            if twin is not None:
+                return twin
     return Node(op, result, args, None, loc)
 
 

@@ -19,6 +19,16 @@ from __future__ import annotations
 from attnc.ir.nodes import FnIR, ModuleIR, Node, Op, ParamDecl, PatternIR, Type, format_const
 from attnc.ir.results import RANGE_AXES
 
+# Members read on hot paths, as module constants: a read of `Op.X` or `Type.X` costs Python 3.10 and
+# 3.11 a call of `EnumType.__getattr__`'s hook (`ir/nodes.py`).
+_BOOL = Type.BOOL
+_CONST = Op.CONST
+_PARAM = Op.PARAM
+_REF = Op.REF
+_SCORE = Op.SCORE
+_SIZE = Op.SIZE
+_VAR = Op.VAR
+
 _LEAVES = (Op.CONST, Op.VAR, Op.SIZE, Op.PARAM, Op.SCORE, Op.REF)
 _SYMBOL_OPS = (Op.LOAD, Op.CALL, Op.PATTERN, Op.RANGE_MIN, Op.RANGE_MAX, Op.BOUND, Op.REDUCE)
 
@@ -34,36 +44,45 @@ class _Numbering:
         name = self.names.get(node)
         if name is not None:  # an interior node, named when defined
             return name
-        if node.op is Op.CONST:
+        if node.op is _CONST:
             return format_const(node.attr)  # type: ignore[arg-type]
-        if node.op in (Op.VAR, Op.SIZE):
+        if node.op in (_VAR, _SIZE):
             return str(node.attr)
-        if node.op is Op.SCORE:
+        if node.op is _SCORE:
             return "s"
-        if node.op is Op.REF:
+        if node.op is _REF:
             return f"${node.attr}"
-        if node.op is Op.PARAM:
+        if node.op is _PARAM:
             return f"!{node.attr}"
         return self.names[node]
 
     def define(self, root: Node) -> str:
         """Emit lines for every not-yet-named interior node under root; return root's operand text."""
-        for node in root.walk(skip=self.names.__contains__):  # named: printed with its operands
-            if not node.args and node.op in _LEAVES:
+        name = self.names.get(root)
+        if name is not None:  # (many results' values are named already, or leaves: no walk)
+            return name
+        if not root.args and root.op in _LEAVES:
+            return self.operand(root)
+        names, lines, operand = self.names, self.lines, self.operand
+        for node in root.walk(skip=names.__contains__):  # named: printed with its operands
+            args = node.args
+            if not args and node.op in _LEAVES:
                 continue
-            name = f"%{len(self.names)}"
-            args = ", ".join([self.operand(a) for a in node.args])
+            name = f"%{len(names)}"
+            # Most operands are named interior nodes: their names are looked up without a call.
+            text = ", ".join([names.get(a) or operand(a) for a in args])
             symbol = f" @{node.attr}" if node.op in _SYMBOL_OPS else ""
-            self.lines.append(f"  {name} = {node.op}{symbol}({args}) : {node.type}")
-            self.names[node] = name
-        return self.operand(root)
+            # (`_value_`: formatting an op or a type calls its `__str__`, a Python call per line.)
+            lines.append(f"  {name} = {node.op._value_}{symbol}({text}) : {node.type._value_}")
+            names[node] = name
+        return operand(root)
 
 
 def _params(params: tuple[ParamDecl, ...]) -> str:
     parts = []
     for p in params:
         default = "" if p.default is None else f" = {format_const(p.default.attr)}"  # type: ignore[arg-type]
-        static = "static " if p.static and p.type is not Type.BOOL else ""  # bools: static always
+        static = "static " if p.static and p.type is not _BOOL else ""  # bools: static always
         parts.append(f"{static}{p.name}: {p.type}{default}")
     return ", ".join(parts)
 

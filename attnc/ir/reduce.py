@@ -17,6 +17,13 @@ from attnc.ir import fold
 from attnc.ir.nodes import Node, Op, Type, const, infer_type, make
 from attnc.ir.rewrite import rewrite
 
+# Members read on hot paths, as module constants: a read of `Op.X` or `Type.X` costs Python 3.10 and
+# 3.11 a call of `EnumType.__getattr__`'s hook (`ir/nodes.py`).
+_BOUND = Op.BOUND
+_CONST = Op.CONST
+_INT = Type.INT
+_REDUCE = Op.REDUCE
+
 UNROLL_LIMIT = 16
 """The most terms a reduction with constant bounds is unrolled into; a longer one is a loop."""
 
@@ -32,16 +39,16 @@ def parts(node: Node) -> tuple[str, str]:
 
 def variable(node: Node) -> Node:
     """The `bound` leaf a `reduce` node's term reads its variable as."""
-    return Node(Op.BOUND, Type.INT, node.args[:2], parts(node)[1])
+    return Node(_BOUND, _INT, node.args[:2], parts(node)[1])
 
 
 def reduction(kind: str, name: str, lo: Node, hi: Node, *terms: Node, loc: Loc | None = None) -> Node:
     """A `reduce` node (typed by its rule)."""
     attr = f"{kind}:{name}"
     args = (lo, hi, *terms)
-    result = infer_type(Op.REDUCE, args, attr)
+    result = infer_type(_REDUCE, args, attr)
     assert isinstance(result, Type), result
-    return Node(Op.REDUCE, result, args, attr, loc)
+    return Node(_REDUCE, result, args, attr, loc)
 
 
 def empty(kind: str, type_: Type) -> int | float | bool:
@@ -50,7 +57,7 @@ def empty(kind: str, type_: Type) -> int | float | bool:
         return False
     if kind == "all":
         return True
-    if type_ is Type.INT:
+    if type_ is _INT:
         return 0
     return {"sum": 0.0, "max": -math.inf, "min": math.inf, "dmax": 0.0, "dmin": 0.0}[kind]
 
@@ -59,7 +66,7 @@ def constant(node: Node) -> int | float | bool | None:
     """The value of an expression of constants (None: it reads something else)."""
     values: dict[Node, int | float | bool | None] = {}
     for n in node.walk():
-        if n.op is Op.CONST:
+        if n.op is _CONST:
             values[n] = n.attr  # type: ignore[assignment]
             continue
         args = [values[a] for a in n.args]
@@ -72,7 +79,7 @@ def unroll(node: Node) -> Node | None:
     """The reduction written out term by term, if its bounds are constants and it has at most
     `UNROLL_LIMIT` terms (an empty one is its empty value); else None. The terms combine left to
     right (`((t0 + t1) + t2)`), as the loop accumulates them."""
-    if node.op is not Op.REDUCE:
+    if node.op is not _REDUCE:
         return None
     kind, _ = parts(node)
     if kind not in COMBINE:
@@ -96,7 +103,7 @@ def unroll_all(root: Node) -> Node:
     """Every reduction of the expression with constant bounds and few terms unrolled (`unroll`), once
     its parameters are bound; a bound that reads more than constants and runtime parameters (a fn's
     argument given a position) is a located error."""
-    found = [n for n in root.walk() if n.op is Op.REDUCE]
+    found = [n for n in root.walk() if n.op is _REDUCE]
     if not found:
         return root
     for n in found:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from operator import is_
 
-from attnc.ir.nodes import Node, Op
+from attnc.ir.nodes import Node, Op, walk_all
 
 Rewriter = Callable[[Node], Node | None]
 
@@ -38,6 +38,32 @@ def rewrite(
         replaced = None if node in leave else rule(rebuilt)
         memo[node] = rebuilt if replaced is None else replaced
     return memo[root]
+
+
+def rewrite_all(
+    roots: Sequence[Node],
+    rule: Rewriter,
+    memo: dict[Node, Node] | None = None,
+    leave: Collection[Node] = (),
+    keep: Callable[[Node], bool] | None = None,
+) -> list[Node]:
+    """`rewrite` of each root, sharing one memo, in one walk over all of them (`walk_all`): what
+    rewriting them in turn gives, without a walk and its set per root."""
+    memo = {} if memo is None else memo
+
+    def known(node: Node) -> bool:
+        if node in memo:
+            return True
+        if keep is not None and keep(node):
+            memo[node] = node
+            return True
+        return False
+
+    for node in walk_all(roots, skip=known):
+        rebuilt = _rebuilt(node, memo) if node.args else node
+        replaced = None if node in leave else rule(rebuilt)
+        memo[node] = rebuilt if replaced is None else replaced
+    return [memo[root] for root in roots]
 
 
 def _rebuilt(node: Node, memo: dict[Node, Node]) -> Node:

@@ -23,6 +23,23 @@ from attnc.ir.nodes import (
 from attnc.ir.printer import print_module
 from attnc.ir.results import METADATA_AXES, RANGE_AXES, KernelValues, Sparsity
 
+# Members read on hot paths, as module constants: a read of `Op.X` or `Type.X` costs Python 3.10 and
+# 3.11 a call of `EnumType.__getattr__`'s hook (`ir/nodes.py`).
+_BOOL = Type.BOOL
+_CALL = Op.CALL
+_CONST = Op.CONST
+_FLOAT = Type.FLOAT
+_INT = Type.INT
+_LOAD = Op.LOAD
+_PARAM = Op.PARAM
+_PATTERN = Op.PATTERN
+_RANGE_MAX = Op.RANGE_MAX
+_RANGE_MIN = Op.RANGE_MIN
+_REF = Op.REF
+_SCORE = Op.SCORE
+_SIZE = Op.SIZE
+_VAR = Op.VAR
+
 # What each typed result (`ir/results.py`) may read: the tile box of its own kind, b, h (and the sizes,
 # runtime parameters and inputs, which every expression may); a kernel value, the positions and `s`.
 _TILES_READ = frozenset({*TILE_VARS, "b", "h"})
@@ -67,21 +84,31 @@ class _Verifier:
         depends only on the node, except for its symbols (variables, the score, parameters, refs,
         loads, calls), whose meaning depends on where the expression stands, so those are checked
         again in each context, and the mark keeps them."""
+        twin = node.canonical
+        marks = twin.__dict__.get(_SYMBOLS)
+        if marks is not None:  # marked itself (most values a pass left as they were): its symbols only
+            own = set(marks)
+            if node.op in _CONTEXTUAL:
+                own.add(twin)
+            for symbol in own:
+                self.one(where, symbol, refs, pattern, allow_score)
+            return
         boundary: list[frozenset[Node]] = []
         symbols: set[Node] = set()  # the marked nodes' symbols, themselves included if contextual
 
+        # The interned twin is walked: what `one` checks is the same of a located node and its twin,
+        # and interned nodes hash, compare and carry their marks without a Python call.
         def marked(n: Node) -> bool:
-            twin = n.canonical
-            below = twin.__dict__.get(_SYMBOLS)
+            below = n.__dict__.get(_SYMBOLS)
             if below is None:
                 return False
             boundary.append(below)
             if n.op in _CONTEXTUAL:
-                symbols.add(twin)
+                symbols.add(n)
             return True
 
         walked: set[Node] = set()
-        for n in node.walk(skip=marked):
+        for n in twin.walk(skip=marked):
             failures = len(self.errors)
             self.one(where, n, refs, pattern, allow_score)
             walked.add(n)
@@ -89,16 +116,15 @@ class _Verifier:
                 continue
             below: set[Node] | None = set()  # the operands' marks and contextual selves, if all are marked
             for a in n.args:
-                twin = a.canonical
-                marks = twin.__dict__.get(_SYMBOLS)
+                marks = a.__dict__.get(_SYMBOLS)
                 if marks is None:
                     below = None
                     break
                 below |= marks
                 if a.op in _CONTEXTUAL:
-                    below.add(twin)
+                    below.add(a)
             if below is not None:
-                object.__setattr__(n.canonical, _SYMBOLS, frozenset(below))
+                object.__setattr__(n, _SYMBOLS, frozenset(below))
         symbols.update(*boundary)
         for symbol in symbols - walked:
             self.one(where, symbol, refs, pattern, allow_score)
@@ -113,53 +139,53 @@ class _Verifier:
                 self.fail(where, f"unknown op {op}")
             elif inferred is not n.type:
                 self.fail(where, f"{op} typed {n.type}, rule gives {inferred}")
-        elif op is Op.CONST:
-            expected = {bool: Type.BOOL, int: Type.INT, float: Type.FLOAT}.get(type(n.attr))
+        elif op is _CONST:
+            expected = {bool: _BOOL, int: _INT, float: _FLOAT}.get(type(n.attr))
             if expected is not n.type:
                 self.fail(where, f"constant {n.attr!r} typed {n.type}")
-        elif op is Op.VAR:
+        elif op is _VAR:
             allowed = INDEX_VARS + TILE_VARS if self.tile_vars else INDEX_VARS
-            if n.attr not in allowed or n.type is not Type.INT:
+            if n.attr not in allowed or n.type is not _INT:
                 self.fail(where, f"bad index variable {n.attr!r}")
-        elif op is Op.SIZE:
-            if n.attr not in SIZES or n.type is not Type.INT:
+        elif op is _SIZE:
+            if n.attr not in SIZES or n.type is not _INT:
                 self.fail(where, f"bad size {n.attr!r}")
-        elif op is Op.PARAM:
+        elif op is _PARAM:
             if self.runtime.get(str(n.attr)) is not n.type:
                 self.fail(where, f"!{n.attr} is not a {n.type} runtime parameter of a bound pattern")
-        elif op is Op.SCORE:
-            if not allow_score or n.type is not Type.FLOAT:
+        elif op is _SCORE:
+            if not allow_score or n.type is not _FLOAT:
                 self.fail(where, "the score s used outside score")
-        elif op is Op.REF:
+        elif op is _REF:
             if refs.get(str(n.attr)) is not n.type:
                 self.fail(where, f"${n.attr} does not name a {n.type} in scope")
-        elif op is Op.LOAD:
+        elif op is _LOAD:
             decl = pattern.input(str(n.attr)) if pattern is not None else None
             if decl is None:
                 self.fail(where, f"load of undeclared input @{n.attr}")
             elif len(n.args) != len(decl.dims) or n.type is not decl.type:
                 self.fail(where, f"load @{n.attr} does not match its declaration")
-            if any(a.type is not Type.INT for a in n.args):
+            if any(a.type is not _INT for a in n.args):
                 self.fail(where, f"load @{n.attr} with a non-int index")
-        elif op in (Op.RANGE_MIN, Op.RANGE_MAX):
+        elif op in (_RANGE_MIN, _RANGE_MAX):
             decl = pattern.input(str(n.attr)) if pattern is not None else None
             if not self.tile_vars:
                 self.fail(where, f"{op} outside the tile analyses' results")
             if decl is None:
                 self.fail(where, f"{op} of undeclared input @{n.attr}")
-            elif len(n.args) != 2 * len(decl.dims) or n.type is not decl.type or decl.type is Type.FLOAT:
+            elif len(n.args) != 2 * len(decl.dims) or n.type is not decl.type or decl.type is _FLOAT:
                 self.fail(where, f"{op} @{n.attr} does not match its declaration")
-            if any(a.type is not Type.INT for a in n.args):
+            if any(a.type is not _INT for a in n.args):
                 self.fail(where, f"{op} @{n.attr} with a non-int bound")
-        elif op in (Op.CALL, Op.PATTERN):
+        elif op in (_CALL, _PATTERN):
             callee: FnIR | PatternIR | None = (
-                self.module.fn(str(n.attr)) if op is Op.CALL else self.module.pattern(str(n.attr))
+                self.module.fn(str(n.attr)) if op is _CALL else self.module.pattern(str(n.attr))
             )
             if callee is None:
                 self.fail(where, f"{op} of unknown @{n.attr}")
                 return
             types = tuple(p.type for p in callee.params)
-            result = callee.body.type if isinstance(callee, FnIR) else Type.BOOL
+            result = callee.body.type if isinstance(callee, FnIR) else _BOOL
             if tuple(a.type for a in n.args) != types or n.type is not result:
                 self.fail(where, f"{op} @{n.attr} does not match its signature")
 
@@ -192,23 +218,23 @@ class _Verifier:
         for decl in pattern.inputs:
             for dim in decl.dims:
                 self.node(where, dim, refs, pattern, allow_score=False)
-                if dim.type is not Type.INT or any(n.op in (Op.VAR, Op.LOAD, Op.SCORE) for n in dim.walk()):
+                if dim.type is not _INT or any(n.op in (_VAR, _LOAD, _SCORE) for n in dim.walk()):
                     self.fail(where, f"shape of input {decl.name} is not an int of parameters and sizes")
         score_lets: set[str] = set()
         for name, value in pattern.lets:
             self.node(where, value, refs, pattern, allow_score=True)
-            if any(n.op is Op.SCORE or (n.op is Op.REF and n.attr in score_lets) for n in value.walk()):
+            if any(n.op is _SCORE or (n.op is _REF and n.attr in score_lets) for n in value.walk()):
                 score_lets.add(name)
             refs[name] = value.type
         if pattern.mask is not None:
             self.node(where, pattern.mask, refs, pattern, allow_score=False)
-            if pattern.mask.type is not Type.BOOL:
+            if pattern.mask.type is not _BOOL:
                 self.fail(where, "mask is not bool")
-            if score_lets and any(n.op is Op.REF and n.attr in score_lets for n in pattern.mask.walk()):
+            if score_lets and any(n.op is _REF and n.attr in score_lets for n in pattern.mask.walk()):
                 self.fail(where, "mask uses a let that uses the score")
         if pattern.score is not None:
             self.node(where, pattern.score, refs, pattern, allow_score=True)
-            if pattern.score.type is not Type.FLOAT:
+            if pattern.score.type is not _FLOAT:
                 self.fail(where, "score is not float")
         self.results(where, pattern, refs)
 
@@ -238,18 +264,22 @@ class _Verifier:
         symbols = value.canonical.__dict__.get(_SYMBOLS)
         found = set(value.free)
         for n in value.walk() if symbols is None else symbols:
-            if n.op is Op.REF and str(n.attr) in self.let_reads:
+            if n.op is _REF and str(n.attr) in self.let_reads:
                 found |= self.let_reads[str(n.attr)]
         return frozenset(found)
 
     def _unchanged(self, pattern: PatternIR, *fields: str) -> bool:
         """Whether the previous stage's pattern of this name, verified, had these very fields, in the
-        same declarations (what their check depends on besides themselves)."""
+        same declarations (what their check depends on besides themselves). Lets may have been added
+        (`fuse` hoists rows into lets): a value that checked without them refers to none of them, so
+        it checks with them too, and reads what it read."""
         before = self.previous.get(pattern.name)
         if before is None or not all(getattr(before, f) is getattr(pattern, f) for f in fields):
             return False
-        context = ("params", "inputs", "lets", "bindings")
-        return all(getattr(before, f) == getattr(pattern, f) for f in context)
+        context = ("params", "inputs", "bindings")
+        if not all(getattr(before, f) == getattr(pattern, f) for f in context):
+            return False
+        return before.lets == pattern.lets[: len(before.lets)]
 
     def results(self, where: str, pattern: PatternIR, refs: dict[str, Type]) -> None:
         """The analyses' typed results: what each may read, their types, and that they agree."""
@@ -259,7 +289,7 @@ class _Verifier:
         self.tile_vars = True
         if pattern.tiles is not None and not self._unchanged(pattern, "tiles"):
             for part, value in pattern.tiles.named().items():
-                self.result(where, f"tiles {part}", value, Type.BOOL, _TILES_READ, refs, pattern)
+                self.result(where, f"tiles {part}", value, _BOOL, _TILES_READ, refs, pattern)
         if pattern.ranges is not None and not self._unchanged(pattern, "ranges"):
             kv, q = pattern.ranges.kv, pattern.ranges.q
             if len(kv) != len(q):
@@ -268,7 +298,7 @@ class _Verifier:
                 for j, r in enumerate(pattern.ranges.axis(axis)):
                     for part, value in r.named().items():
                         what = f"range {axis} {j} {part}"
-                        self.result(where, what, value, Type.INT, _RANGE_READ[axis], refs, pattern)
+                        self.result(where, what, value, _INT, _RANGE_READ[axis], refs, pattern)
         self.tile_vars = False
         if pattern.kernel is not None and not self._unchanged(pattern, "kernel", "mask", "score"):
             self.kernel(where, pattern, pattern.kernel, refs)
@@ -277,14 +307,14 @@ class _Verifier:
 
     def kernel(self, where: str, pattern: PatternIR, kernel: KernelValues, refs: dict[str, Type]) -> None:
         if kernel.mask is not None:
-            self.result(where, "kernel mask", kernel.mask, Type.BOOL, _KERNEL_READ - {"s"}, refs, pattern)
+            self.result(where, "kernel mask", kernel.mask, _BOOL, _KERNEL_READ - {"s"}, refs, pattern)
         for name, value in (("score", kernel.score), ("dscore", kernel.dscore)):
             if value is not None:
-                self.result(where, f"kernel {name}", value, Type.FLOAT, _KERNEL_READ, refs, pattern)
+                self.result(where, f"kernel {name}", value, _FLOAT, _KERNEL_READ, refs, pattern)
         # `fuse` gives the kernel a mask exactly when the pattern's mask is not `true`, a score exactly
         # when it is not `s`: without them the kernel would compute another pattern.
         has_mask = pattern.mask is not None and pattern.mask != const(True)
-        has_score = pattern.score is not None and pattern.score.op is not Op.SCORE
+        has_score = pattern.score is not None and pattern.score.op is not _SCORE
         for name, needed, value in (("mask", has_mask, kernel.mask), ("score", has_score, kernel.score)):
             if needed and value is None:
                 self.fail(where, f"kernel {name} missing for a pattern with a {name}")
@@ -293,11 +323,11 @@ class _Verifier:
         lets = dict(pattern.lets)
         for k, gradient in enumerate(kernel.gradients):
             what = f"kernel grad {k} value"
-            self.result(where, what, gradient.value, Type.FLOAT, _KERNEL_READ, refs, pattern)
+            self.result(where, what, gradient.value, _FLOAT, _KERNEL_READ, refs, pattern)
             self.node(where, gradient.load, refs, pattern, allow_score=False)
             load = gradient.input_load(lets)
-            decl = pattern.input(str(load.attr)) if load.op is Op.LOAD else None
-            if decl is None or decl.type is not Type.FLOAT:
+            decl = pattern.input(str(load.attr)) if load.op is _LOAD else None
+            if decl is None or decl.type is not _FLOAT:
                 self.fail(where, f"kernel grad {k} load is not a load of a float input")
 
     def sparsity(self, where: str, pattern: PatternIR, sparsity: Sparsity) -> None:

@@ -20,12 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
-from attnc.analysis.normal_form import fold_constant
+from attnc.analysis.normal_form import fold_constant, value_ranges
 from attnc.analysis.value_ranges import ValueRanges, check_fits
 from attnc.errors import AttnTypeError, InternalError
 from attnc.ir.nodes import ModuleIR, Node, Op, ParamDecl, PatternIR, Type, const, format_const, param
 from attnc.ir.reduce import unroll_all
-from attnc.ir.rewrite import rewrite, substitute
+from attnc.ir.rewrite import rewrite
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,19 @@ class BindParams:
                 value = float(value)
             nodes[decl.name] = const(value)
 
+        def substitute_and_fold(node: Node) -> Node | None:
+            # One bottom-up rewrite does both: a parameter is a leaf, so its users are rebuilt on its
+            # value before `fold_constant` sees them, as a substitution and then a fold would.
+            if node.op is Op.REF and node.attr in nodes:
+                return nodes[str(node.attr)]
+            return fold_constant(node)
+
         def bind(root: Node) -> Node:
-            # Reductions whose bounds are now constants are unrolled (`ir/reduce.py`), then folded.
-            return rewrite(unroll_all(rewrite(substitute(root, nodes), fold_constant)), fold_constant)
+            # Reductions whose bounds are now constants are unrolled (`ir/reduce.py`), then folded
+            # (folded already where there was none to unroll: a fold leaves its own result as it is).
+            folded = rewrite(root, substitute_and_fold)
+            unrolled = unroll_all(folded)
+            return folded if unrolled is folded else rewrite(unrolled, fold_constant)
 
         inputs = tuple(replace(d, dims=tuple(bind(x) for x in d.dims)) for d in entry.inputs)
         bound = replace(
@@ -65,8 +75,11 @@ class BindParams:
             score=None if entry.score is None else bind(entry.score),
             bindings=tuple((p.name, nodes[p.name].attr) for p in entry.params if p.name in static),
         )
-        check_fits(bound, bound.roots())
-        _check_dimensions(bound)
+        # Without lets (an inlined module) these are the ranges the later passes bound the same nodes
+        # with (`normal_form.value_ranges`): each node is bounded once in a compilation.
+        ranges = value_ranges(bound) if not bound.lets else ValueRanges(bound, dict(bound.lets))
+        check_fits(bound, bound.roots(), ranges)
+        _check_dimensions(bound, ranges)
         return module.with_entry(bound)
 
 
@@ -86,10 +99,10 @@ def runtime_params(pattern: PatternIR, specialize: frozenset[str] = frozenset())
     return tuple(p for p in pattern.params if p.name not in static)
 
 
-def _check_dimensions(pattern: PatternIR) -> None:
+def _check_dimensions(pattern: PatternIR, ranges: ValueRanges) -> None:
     """An input dimension negative for every launch at these parameter values (`input x: bool[w]` with
-    `w = -3`) makes a kernel that can never be called: an error where the kernel is made instead."""
-    ranges = ValueRanges(pattern, dict(pattern.lets))
+    `w = -3`) makes a kernel that can never be called: an error where the kernel is made instead.
+    `ranges`: the pattern's value ranges, its lets known."""
     given = ", ".join(f"{k}={format_const(v)}" for k, v in pattern.bindings or ())
     for decl in pattern.inputs:
         for dim in decl.dims:

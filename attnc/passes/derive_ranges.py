@@ -40,6 +40,25 @@ from attnc.analysis.value_ranges import ValueRanges
 from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const, make, size, var
 from attnc.ir.results import AxisRange, Ranges
 
+# Members read on hot paths, as module constants: a read of `Op.X` or `Type.X` costs Python 3.10 and
+# 3.11 a call of `EnumType.__getattr__`'s hook (`ir/nodes.py`).
+_AND = Op.AND
+_EQ = Op.EQ
+_FLOORDIV = Op.FLOORDIV
+_GE = Op.GE
+_GT = Op.GT
+_INT = Type.INT
+_LE = Op.LE
+_LOAD = Op.LOAD
+_LT = Op.LT
+_MAX = Op.MAX
+_MIN = Op.MIN
+_MOD = Op.MOD
+_OR = Op.OR
+_SUB = Op.SUB
+_VAR = Op.VAR
+_WHERE = Op.WHERE
+
 MAX_CONJUNCTS = 16
 STRIDE_LIMIT = 16
 
@@ -65,9 +84,9 @@ def dnf(mask: Node | None, memo: dict[Node, list[list[Node]]] | None = None) -> 
         return memo[mask]
     if mask.is_const:
         return [[]] if mask.attr else []
-    if mask.op is Op.OR:
+    if mask.op is _OR:
         result = [c for a in mask.args for c in dnf(a, memo)]
-    elif mask.op is Op.AND:
+    elif mask.op is _AND:
         result = [[]]
         for a in mask.args:
             part = dnf(a, memo)
@@ -117,7 +136,7 @@ class _Solver:
         return self._bounds[atom]
 
     def _solve_atom(self, atom: Node) -> list[_Bound] | None:
-        if atom.op not in _COMPARISONS or atom.args[0].type is not Type.INT:
+        if atom.op not in _COMPARISONS or atom.args[0].type is not _INT:
             return None
         left, right = atom.args
         terms_l, c_l = linear(left)
@@ -129,23 +148,23 @@ class _Solver:
             return None
         g, k = dependent[0]
         divisor = 1
-        if g.op is Op.FLOORDIV and g.args[1].is_const and g.args[1].attr > 0:  # type: ignore[operator]
+        if g.op is _FLOORDIV and g.args[1].is_const and g.args[1].attr > 0:  # type: ignore[operator]
             divisor, g = int(g.args[1].attr), g.args[0]  # type: ignore[arg-type]
-        if not (g.op is Op.VAR and g.attr == self.target):
+        if not (g.op is _VAR and g.attr == self.target):
             return None
         # k * atom + P op constant, so k * atom op R with R = constant - P.
         rest = {a: -c for a, c in terms.items() if a != dependent[0][0]}
         r_point = linear_form(rest, constant)
         r = self._linear_interval(rest, constant)
         op = atom.op
-        if op is Op.LT:
-            r, op, r_point = self._shift(r, -1), Op.LE, _affine(r_point, 1, -1)
-        elif op is Op.GT:
-            r, op, r_point = self._shift(r, 1), Op.GE, _affine(r_point, 1, 1)
+        if op is _LT:
+            r, op, r_point = self._shift(r, -1), _LE, _affine(r_point, 1, -1)
+        elif op is _GT:
+            r, op, r_point = self._shift(r, 1), _GE, _affine(r_point, 1, 1)
         result = []
-        if op in (Op.LE, Op.EQ):
+        if op in (_LE, _EQ):
             result.append(self._solve(k, r, r_point, divisor))
-        if op in (Op.GE, Op.EQ):  # k * atom >= R is -k * atom <= -R
+        if op in (_GE, _EQ):  # k * atom >= R is -k * atom <= -R
             negated = Interval(
                 None if r.hi is None else _affine(r.hi, -1), None if r.lo is None else _affine(r.lo, -1)
             )
@@ -168,10 +187,10 @@ class _Solver:
             if x is None:
                 return None
             if k > 0:  # atom <= floor(R / k)
-                t = x if k == 1 else make(Op.FLOORDIV, x, const(k))
+                t = x if k == 1 else make(_FLOORDIV, x, const(k))
                 return t if divisor == 1 else _affine(t, divisor, divisor - 1)
             # atom >= ceil(R / k) = -floor(R / |k|)
-            t = _affine(x if k == -1 else make(Op.FLOORDIV, x, const(-k)), -1)
+            t = _affine(x if k == -1 else make(_FLOORDIV, x, const(-k)), -1)
             return t if divisor == 1 else _affine(t, divisor)
 
         # The largest R admits the most positions (the hull); the smallest, the fewest (the core).
@@ -179,24 +198,24 @@ class _Solver:
 
     def residual_is_strided(self, atom: Node) -> bool:
         """`E == c` with the target only inside one `(±target + rest) % d`, 0 < |d| <= STRIDE_LIMIT."""
-        if atom.op is not Op.EQ or atom.args[0].type is not Type.INT:
+        if atom.op is not _EQ or atom.args[0].type is not _INT:
             return False
         terms, _ = linear(atom.args[0])
         dependent = [a for a in terms if _uses(a, self.target)]
         if _uses(atom.args[1], self.target) or len(dependent) != 1:
             return False
         m = dependent[0]
-        if m.op is not Op.MOD or not m.args[1].is_const:
+        if m.op is not _MOD or not m.args[1].is_const:
             return False
         d = abs(int(m.args[1].attr))  # type: ignore[arg-type]
         inner, _ = linear(m.args[0])  # the target must step by one: d consecutive values meet every residue
         steps = [(a, k) for a, k in inner.items() if _uses(a, self.target)]
-        unit = len(steps) == 1 and steps[0][0].op is Op.VAR and abs(steps[0][1]) == 1
+        unit = len(steps) == 1 and steps[0][0].op is _VAR and abs(steps[0][1]) == 1
         return unit and 0 < d <= STRIDE_LIMIT
 
     def conjunct(self, atoms: list[Node]) -> Bounds:
         """(lo, hi, full_lo, full_hi) of one conjunct, in target positions, clipped to the length."""
-        last = make(Op.SUB, size(_LENGTH[self.target]), const(1))
+        last = make(_SUB, size(_LENGTH[self.target]), const(1))
         lo: Node = const(0)
         hi: Node = last
         full_lo: Node = const(0)
@@ -207,8 +226,8 @@ class _Solver:
         for atom in atoms:
             if not _uses(atom, self.target):  # a guard on the other variable (or on b, h)
                 truth = self.analysis.truth(atom)
-                hi = make(Op.WHERE, truth.may, hi, const(-1))
-                full_hi = make(Op.WHERE, truth.must, full_hi, const(-1))
+                hi = make(_WHERE, truth.may, hi, const(-1))
+                full_hi = make(_WHERE, truth.must, full_hi, const(-1))
                 continue
             bounds = self.bounds(atom)
             if bounds is None:
@@ -219,24 +238,24 @@ class _Solver:
             for b in bounds:
                 (uppers if b.upper else lowers).append(b.point)
                 if b.hull is not None:
-                    lo, hi = (lo, make(Op.MIN, hi, b.hull)) if b.upper else (make(Op.MAX, lo, b.hull), hi)
+                    lo, hi = (lo, make(_MIN, hi, b.hull)) if b.upper else (make(_MAX, lo, b.hull), hi)
                 if b.core is None:
                     has_core = False
                 elif b.upper:
-                    full_hi = make(Op.MIN, full_hi, b.core)
+                    full_hi = make(_MIN, full_hi, b.core)
                 else:
-                    full_lo = make(Op.MAX, full_lo, b.core)
+                    full_lo = make(_MAX, full_lo, b.core)
         # The hull takes the widest bounds over the tile; a conjunct whose bounds cross at every point
         # of the tile (kv >= q - 4 and kv <= q - 16) is empty nonetheless.
         for lower in lowers:
             for upper in uppers:
                 gap = self._gap(lower, upper)
                 if gap is not None:
-                    hi = make(Op.WHERE, make(Op.GE, gap, const(0)), hi, const(-1))
+                    hi = make(_WHERE, make(_GE, gap, const(0)), hi, const(-1))
         if not has_core:
             full_lo, full_hi = const(0), const(-1)
         else:
-            full_hi = make(Op.MIN, full_hi, hi)  # the core lies within the hull
+            full_hi = make(_MIN, full_hi, hi)  # the core lies within the hull
         return lo, hi, full_lo, full_hi
 
     def _gap(self, lower: Node, upper: Node) -> Node | None:
@@ -279,7 +298,7 @@ def derive(pattern: PatternIR, ranges: ValueRanges) -> tuple[list[Bounds], list[
     over a key tile; raises NotAnalytic when the mask has no closed form. Both axes solve the same
     conjuncts, whose atoms are parts of the mask: the mask is checked for loads once for all of them.
     `ranges` are the pattern's value ranges."""
-    if pattern.mask is not None and any(n.op is Op.LOAD for n in pattern.mask.walk()):
+    if pattern.mask is not None and any(n.op is _LOAD for n in pattern.mask.walk()):
         raise NotAnalytic("the mask loads an input")
     conjuncts = dnf(pattern.mask)
     kv, q = _Solver(pattern, "kv", ranges), _Solver(pattern, "q", ranges)

@@ -16,6 +16,12 @@ from attnc.ir.nodes import FnIR, InputDecl, ModuleIR, Node, Op, PatternIR, const
 from attnc.ir.printer import print_pattern
 from attnc.ir.rewrite import rewrite, substitute
 
+# Members read on hot paths, as module constants: a read of `Op.X` or `Type.X` costs Python 3.10 and
+# 3.11 a call of `EnumType.__getattr__`'s hook (`ir/nodes.py`).
+_CALL = Op.CALL
+_PATTERN = Op.PATTERN
+_VAR = Op.VAR
+
 
 @dataclass(frozen=True)
 class Inline:
@@ -37,13 +43,13 @@ class _Inliner:
         return rewrite(root, self._expand_one)
 
     def _expand_one(self, node: Node) -> Node | None:
-        if node.op is Op.CALL:
+        if node.op is _CALL:
             fn = self.module.fn(str(node.attr))
             assert fn is not None
             return substitute(
                 self.fn_body(fn), {p.name: a for p, a in zip(fn.params, node.args, strict=True)}
             )
-        if node.op is Op.PATTERN:
+        if node.op is _PATTERN:
             target = self.module.pattern(str(node.attr))
             assert target is not None
             mask, inputs = self.pattern_mask(target)
@@ -78,7 +84,7 @@ class _Inliner:
         return values
 
     def merge_input(self, decl: InputDecl, source: PatternIR, loc: Loc | None) -> None:
-        if any(n.op is Op.VAR for d in decl.dims for n in d.walk()):
+        if any(n.op is _VAR for d in decl.dims for n in d.walk()):
             raise DuplicateError(
                 f"input '{decl.name}' of pattern '{source.name}' gets a shape that depends on q, kv, b or h "
                 "from the arguments here; pass constants for the parameters in its shape",
@@ -102,7 +108,7 @@ class _Inliner:
         mask = None if entry.mask is None else substitute(self.expand(entry.mask), lets)
         score = None if entry.score is None else substitute(self.expand(entry.score), lets)
         result = replace(entry, inputs=tuple(self.inputs.values()), lets=(), mask=mask, score=score)
-        assert not any(n.op in (Op.CALL, Op.PATTERN) for r in result.roots() for n in r.walk()), (
-            print_pattern(result)
+        assert not any(n.op in (_CALL, _PATTERN) for r in result.roots() for n in r.walk()), print_pattern(
+            result
         )
         return result

@@ -35,8 +35,8 @@ lengths and inputs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -44,6 +44,7 @@ import torch
 
 from attnc import oracle
 from attnc.analysis.normal_form import split_comparison
+from attnc.analysis.summaries import TileSpan
 from attnc.analysis.value_ranges import ValueRanges
 from attnc.codegen.spec import core_merge_rounds
 from attnc.errors import InputError, InternalError, Loc
@@ -54,6 +55,8 @@ from attnc.ir.rewrite import rewrite
 # Tiles evaluated at once while building metadata: bounds the temporary memory (a few int64 tensors
 # of this many elements), never the result.
 _CHUNK_TILES = 1 << 21
+# Tiles compacted at once into metadata rows (`_compact`): its int64 temporaries stay in the caches.
+_COMPACT_TILES = 1 << 18
 # Positions evaluated at once while refining PARTIAL tiles in `exact_block_map`.
 _CHUNK_POSITIONS = 1 << 22
 
@@ -138,6 +141,12 @@ class Plan:
     versions: tuple[tuple[str, int | None], ...] = ()
     derived: dict[tuple[int, int], Plan] = field(default_factory=dict, compare=False, repr=False)
     q_offset_version: int | None = None  # a per-row q_offset tensor's version counter
+    # The pattern's identity as an int: torch.compile guards an int attribute it reads, but not the
+    # identity of an object compared with `is`, so a graph traced with one plan would take any other.
+    pattern_id: int = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pattern_id", id(self.pattern))
 
     @property
     def analytic(self) -> bool:
@@ -161,7 +170,9 @@ class Plan:
         (the very tensor the plan was made from) and version counter (not modified in place since).
         Not checked: inputs' values changed without their version counter (through `.data`, or in an
         inference tensor, which has none); and under `torch.compile` (`compiling`: tensors are traced
-        there) anything but the lengths, batch size, head count and parameter values."""
+        there) anything but the pattern, the lengths, batch size, head count and parameter values
+        (host data, each read as an attribute torch.compile guards: a graph traced with one plan is
+        traced again, and checked, for another)."""
         loc = pattern.loc
 
         def refuse(reason: str) -> InputError:
@@ -169,7 +180,7 @@ class Plan:
                 f"this plan was made for {reason}: make one with kern.plan(...) for this call", loc
             )
 
-        if not compiling and self.pattern is not pattern and self.pattern != pattern:
+        if self.pattern_id != id(pattern) and self.pattern != pattern:
             raise refuse("another pattern (or other static parameters)")
         if (self.q_len, self.kv_len) != (env.q_len, env.kv_len):
             raise refuse(
@@ -333,9 +344,26 @@ def tile_bounds(
     return first, torch.clamp(first + block, max=length) - 1
 
 
-def tile_env(base: oracle.Env, points: dict[str, torch.Tensor], tiles: dict[str, torch.Tensor]) -> oracle.Env:
-    """`base` with index variables and tile bounds bound to the given (broadcasting) position tensors."""
-    return base.with_tiles(points, tiles)
+def tile_env(
+    base: oracle.Env,
+    points: dict[str, torch.Tensor],
+    tiles: dict[str, torch.Tensor],
+    spans: Mapping[str, TileSpan] | None = None,
+) -> oracle.Env:
+    """`base` with index variables and tile bounds bound to the given (broadcasting) position tensors;
+    `spans` bounds the tile boxes statically (`summaries.TileSpan`, by axis), so that range summaries
+    over several axes need not read the boxes' widths."""
+    return replace(base.with_tiles(points, tiles), tile_spans=dict(spans or {}))
+
+
+def tile_spans(env: oracle.Env, block: tuple[int, int]) -> dict[str, TileSpan]:
+    """The static extents of the tiles of `block` (`TileSpan`): a tile spans at most its block, and
+    starts at a multiple of it plus the axis's offset (unknown on the host for a per-row offset)."""
+    q_shift = env.q_offset if isinstance(env.q_offset, int) else None
+    return {
+        "q": TileSpan(block[0] - 1, block[0] if q_shift is not None else 1, (q_shift or 0) % block[0]),
+        "kv": TileSpan(block[1] - 1, block[1], env.kv_offset % block[1]),
+    }
 
 
 def q_shift(env: oracle.Env, b: torch.Tensor | None = None) -> int | torch.Tensor:
@@ -467,12 +495,13 @@ def predicate_classes(
     points: dict[str, torch.Tensor],
     tiles: dict[str, torch.Tensor],
     shape: tuple[int, ...],
+    spans: Mapping[str, TileSpan] | None = None,
 ) -> torch.Tensor:
     """Tile classes by the `classify-tiles` predicates, int8 of `shape`, for tiles given as broadcasting
-    tensors of their bounds (and of `b`, `h`)."""
+    tensors of their bounds (and of `b`, `h`); `spans` as for `tile_env`."""
     if pattern.tiles is None:
         raise InternalError("the pattern was not compiled through classify-tiles")
-    local = tile_env(env, points, tiles)
+    local = tile_env(env, points, tiles, spans)
     may = oracle.evaluate(separate_axes(pattern.tiles.any, pattern), pattern, local)
     must = oracle.evaluate(separate_axes(pattern.tiles.all, pattern), pattern, local)
     # EMPTY + [may or must] + [must]: 0, 1 or 2, in int8 all along (the grid is the large part).
@@ -495,6 +524,7 @@ def build_block_sparse(
     kv_first, kv_last = kv_first + env.kv_offset, kv_last + env.kv_offset  # positions
     cols = {"kv_first": kv_first.reshape(1, 1, -1), "kv_last": kv_last.reshape(1, 1, -1)}
     pairs = batches * heads
+    spans = tile_spans(env, block)
     classes = torch.empty((pairs, n_q, n_kv), dtype=torch.int8, device=device)
     # Blocks of rows in row order: several (b, h) pairs with all their query tiles, or one pair's
     # query tiles a chunk at a time. b and h vary along the first axis, query tiles along the second
@@ -514,36 +544,50 @@ def build_block_sparse(
                 **cols,
             }
             classes[p0 : p0 + len(bh), m0 : m0 + len(m)] = predicate_classes(
-                pattern, env, points, tiles, (len(bh), len(m), n_kv)
+                pattern, env, points, tiles, (len(bh), len(m), n_kv), spans
             )
     classes = cut_to_rows(classes.reshape(batches, heads, n_q, n_kv), env, block[1], block[0])
-    return _compact(classes), _compact(classes.transpose(-1, -2).contiguous())
+    return _compact(classes), _compact(classes.transpose(-1, -2))
 
 
 def _compact(classes: torch.Tensor) -> BlockSparse:
-    """The fixed-capacity rows of int8 tile classes [batches, heads, rows, cols]: per row, the count of
-    each class and its tile indices, ascending, first. Each hit's slot is the running count of hits
-    before it (a cumulative sum); the others go to a spare slot past the row. O(tiles), a chunk of rows
-    at a time."""
+    """The fixed-capacity rows of int8 tile classes [batches, heads, rows, cols] (any strides: the
+    transpose is taken a chunk of rows at a time): per row, the count of each class and its tile
+    indices, ascending, first. Each hit's slot is the running count of hits before it (a cumulative
+    sum); the other tiles all write the row's last slot, which holds a hit only in a row of hits
+    alone. O(tiles), `_COMPACT_TILES` at a time, no buffer filled but the result."""
     batches, heads, rows, cols = classes.shape
     device = classes.device
-    flat = classes.reshape(-1, cols)
-    result: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    total = batches * heads * rows
+    # Rows in groups that are views: all of them, or of a transpose each (batch row, head)'s.
+    groups = [classes.reshape(total, cols)] if classes.is_contiguous() else list(classes.flatten(0, 1))
+    counts = torch.zeros((2, total), dtype=torch.int32, device=device)
+    indices = torch.empty((2, total, cols), dtype=torch.int32, device=device)
     column = torch.arange(cols, dtype=torch.int32, device=device).reshape(1, -1)
-    step = max(1, _CHUNK_TILES // max(cols, 1))
-    for value in (PARTIAL, FULL):
-        counts = torch.empty(len(flat), dtype=torch.int32, device=device)
-        indices = torch.zeros((len(flat), cols), dtype=torch.int32, device=device)
-        for r0 in range(0, len(flat), step):
-            hit = flat[r0 : r0 + step] == value
-            slot = torch.where(hit, torch.cumsum(hit, 1) - 1, cols)
-            spare = torch.zeros((len(hit), cols + 1), dtype=torch.int32, device=device)
-            spare.scatter_(1, slot, column.expand(len(hit), cols))
-            indices[r0 : r0 + step] = spare[:, :cols]
-            counts[r0 : r0 + step] = hit.sum(1, dtype=torch.int32)
-        result[value] = (counts.reshape(batches, heads, rows), indices.reshape(batches, heads, rows, cols))
-    (p_counts, p_indices), (f_counts, f_indices) = result[PARTIAL], result[FULL]
-    return BlockSparse(batches, heads, rows, cols, p_counts, p_indices, f_counts, f_indices)
+    step = max(1, _COMPACT_TILES // max(cols, 1))
+    start = 0
+    for group in groups if cols else []:
+        for r0 in range(0, len(group), step):
+            chunk = group[r0 : r0 + step].contiguous()
+            rows_here = slice(start + r0, start + r0 + len(chunk))
+            for k, value in enumerate((PARTIAL, FULL)):
+                hit = chunk == value
+                slot = torch.cumsum(hit, 1)
+                counts[k, rows_here] = slot[:, -1]
+                slot.sub_(1).masked_fill_(hit.logical_not_(), cols - 1)
+                indices[k, rows_here].scatter_(1, slot, column.expand(len(chunk), cols))
+        start += len(group)
+    shape = (batches, heads, rows)
+    return BlockSparse(
+        batches,
+        heads,
+        rows,
+        cols,
+        counts[0].reshape(shape),
+        indices[0].reshape(*shape, cols),
+        counts[1].reshape(shape),
+        indices[1].reshape(*shape, cols),
+    )
 
 
 OFFSET_LIMIT = (1 << 31) - 1
@@ -643,7 +687,8 @@ def exact_block_map(
         "kv_first": kv_first.reshape(1, 1, 1, -1) + env.kv_offset,
         "kv_last": kv_last.reshape(1, 1, 1, -1) + env.kv_offset,
     }
-    classes = predicate_classes(final, env, points, tiles, (batches, heads, n_q, n_kv))
+    shape = (batches, heads, n_q, n_kv)
+    classes = predicate_classes(final, env, points, tiles, shape, tile_spans(env, block))
     classes = cut_to_rows(classes, env, block[1], block[0]).clone()
     unknown = (classes == PARTIAL).nonzero()
     if bound.mask is None or len(unknown) == 0:
