@@ -1,6 +1,6 @@
 """What attnc's kernels compile to on an H100 (sm_90), measured without a GPU: each benchmark pattern's
-forward and backward kernels at head dims 64, 128 and 256 (bf16, the configuration a launch tries
-first), beside two causal reference kernels compiled the same way (`reference_kernels.py`: the
+forward and backward kernels, and a soft-capped causal's (`static.PATTERNS`), at head dims 64, 128
+and 256 (bf16, the configuration a launch tries first), beside two causal reference kernels compiled the same way (`reference_kernels.py`: the
 structure of Triton's Hopper tutorial, with TMA, and of FlexAttention's forward template).
 
 For each kernel: registers and spilled bytes (`ptxas -v`, the ptxas of Triton's wheel), the shared
@@ -40,7 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import reference_kernels
 
-from attnc import bench
 from attnc.runtime.autotune import Config
 from attnc.testing import static
 
@@ -163,7 +162,8 @@ def tools() -> dict[str, str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--patterns", nargs="*", default=list(bench.PATTERNS), choices=list(bench.PATTERNS))
+    # The benchmark's patterns and the static checks' soft-capped causal (`static.PATTERNS`).
+    parser.add_argument("--patterns", nargs="*", default=list(static.PATTERNS), choices=list(static.PATTERNS))
     parser.add_argument("--dims", nargs="*", type=int, default=list(DIMS))
     parser.add_argument("--no-references", action="store_true", help="attnc's kernels only")
     parser.add_argument("--output", type=Path, help="the JSON results (default: under benchmarks/results/)")

@@ -222,6 +222,10 @@ class Emitter:
         args = n.args
         if op in _BINARY:
             a, b = (self.cast(x, dtype) for x in args)
+            if op is Op.DIV and dtype == FP32 and self.varies(args[0]) and not self.varies(args[1]):
+                # By a scalar (a soft cap): under FAST_MATH a multiply by its reciprocal, computed once.
+                self.helpers.add("div_scalar")
+                return self._assign(f"_div_scalar({a}, {b}, FAST_MATH)")
             return self._assign(f"{a} {_BINARY[op]} {b}")
         if op in (Op.FLOORDIV, Op.UDIV, Op.MOD, Op.UMOD):
             return self._division(n, dtype)
@@ -241,6 +245,10 @@ class Emitter:
         if op in _UNARY_CALL:
             if op is Op.TANH:
                 self.helpers.add("tanh")
+                # float32 values may take the hardware approximation where the kernel allows it
+                # (FAST_MATH: 16-bit inputs on NVIDIA); float64 ones (masks) never do.
+                fast = "FAST_MATH" if dtype == FP32 else "False"
+                return self._assign(f"_tanh({self.cast(args[0], dtype)}, {fast})")
             return self._assign(f"{_UNARY_CALL[op]}({self.cast(args[0], dtype)})")
         if op is Op.TOFLOAT:
             return self._assign(f"tl.cast({self.value(args[0])}, {dtype})")

@@ -177,7 +177,12 @@ class _Kernel:
         kernel_values, _ = _check_fused(pattern)
         kernel_score, kernel_mask = kernel_values.score, kernel_values.mask
         lets = dict(pattern.lets)
-        score = emitter.cast(kernel_score, FP32) if kernel_score is not None else None
+        score, score_log2 = None, False
+        if kernel_score is not None and not backward:
+            score = _log2_score(emitter, kernel_score)
+            score_log2 = score is not None
+        if kernel_score is not None and score is None:
+            score = emitter.cast(kernel_score, FP32)
         if kernel_score is not None and not _tile_shaped(kernel_score, lets):
             score = f"({score} + tl.zeros_like(s))"
         mask = emitter.value(kernel_mask) if with_mask and kernel_mask is not None else None
@@ -215,7 +220,20 @@ class _Kernel:
                     )
                 )
         self.helpers |= emitter.helpers
-        return Body(tuple(emitter.lines), score, mask, dscore, tuple(input_grads))
+        return Body(tuple(emitter.lines), score, mask, dscore, tuple(input_grads), score_log2)
+
+
+def _log2_score(emitter: Emitter, score: Node) -> str | None:
+    """The score times log2(e) as `f * (c * LOG2E)` where it is a float32 product `c * f` (either
+    order) of a factor `c` that is the same for the whole tile (a parameter or constant: a soft cap's
+    `cap * tanh(s / cap)`), so that the forward's base-2 softmax needs no multiply of its own; None
+    otherwise."""
+    if score.op is not Op.MUL or emitter.dtype(score) != FP32:
+        return None
+    for c, f in (score.args, score.args[::-1]):
+        if not emitter.varies(c) and emitter.varies(f) and emitter.dtype(c) == FP32:
+            return f"{emitter.cast(f, FP32)} * ({emitter.cast(c, FP32)} * LOG2E)"
+    return None
 
 
 def _input(decl) -> InputArg:

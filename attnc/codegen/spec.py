@@ -134,13 +134,16 @@ class Body:
     """The statements of one kind of tile, after `s` (the scaled score) is known: `score` is the
     variable of the modified score (None: `s` itself), `mask` the variable of the mask (None: no
     mask is evaluated on this kind of tile). Backward bodies add `dscore`, the variable of d score /
-    d s (None: 1), and the input gradients."""
+    d s (None: 1), and the input gradients. `score_log2`: the forward's `score` is already multiplied
+    by log2(e) (folded into the score's last multiply by a loop-invariant factor, `c * f` as
+    `f * (c * LOG2E)`): one multiply less per score."""
 
     lines: tuple[Assign, ...]
     score: str | None
     mask: str | None
     dscore: str | None = None
     grads: tuple[InputGrad, ...] = ()
+    score_log2: bool = False
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from attnc.errors import InternalError
 from attnc.ir.nodes import PatternIR
 from attnc.runtime import autotune, cache
 from attnc.runtime.autotune import Config, LaunchShape
-from attnc.runtime.backend import INTERPRETER, active
+from attnc.runtime.backend import CUDA, INTERPRETER, active
 from attnc.runtime.cache import KernelSource, module
 from attnc.runtime.plan import BlockSparse, Plan, make_plan
 
@@ -550,6 +550,9 @@ def _constants(
         DOT_PRECISION=dot_precision(dtype, backend),
         # Triton's interpreter cannot multiply bfloat16 matrices (see the template's UPCAST_DOT).
         UPCAST_DOT=backend == INTERPRETER and dtype == torch.bfloat16,
+        # Hardware approximations (tanh.approx.f32, inline PTX) where 16-bit inputs leave room for
+        # their error: NVIDIA only (not ROCm, not the interpreter); float32 keeps the exact formulas.
+        FAST_MATH=backend == CUDA and torch.version.hip is None and dtype in (torch.bfloat16, torch.float16),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
     )

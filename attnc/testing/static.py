@@ -38,6 +38,7 @@ import torch
 
 from attnc import bench
 from attnc import config as settings
+from attnc.api import loads
 from attnc.runtime import autotune, backend, launch
 from attnc.runtime.autotune import Config, LaunchShape
 
@@ -103,6 +104,30 @@ def _recording(launches: list[Launch], config: Config) -> Iterator[None]:
         yield
 
 
+SOFTCAP_SOURCE = """
+pattern softcap_causal(cap: float = 30.0) {
+    mask = causal
+    score = cap * tanh(s / cap)
+}
+"""
+
+
+def _softcap_causal(
+    shape: bench.Shape, scale: bench.Scale, device: torch.device, seed: int
+) -> bench.Workload:
+    """Causal attention with soft-capped scores (Gemma 2's `cap * tanh(s / cap)`): not a benchmark
+    pattern, but the kernel that shows what the score function's tanh costs beside causal's."""
+    kernel = loads(SOFTCAP_SOURCE, "<softcap_causal>").softcap_causal(cap=30.0)
+    return bench.Workload(
+        "softcap_causal", "causal, soft cap 30", {"cap": 30.0}, kernel, {}, lambda b, h, q, kv: kv <= q,
+        False, False, True,
+    )  # fmt: skip
+
+
+# The patterns a Job may name: the benchmark's, and the static checks' own.
+PATTERNS = {**bench.PATTERNS, "softcap_causal": _softcap_causal}
+
+
 @dataclass(frozen=True)
 class Job:
     """One pattern of attnc's benchmark (`attnc/bench.py`), at one head dim, for one GPU generation."""
@@ -134,7 +159,7 @@ def record(job: Job) -> tuple[Config, list[Launch]]:
             "attnc, or use compile_isolated"
         )
     config = job.config or first_config(job)
-    workload = bench.PATTERNS[job.pattern](
+    workload = PATTERNS[job.pattern](
         bench.Shape(job.length, BATCH, HEADS), bench.GPU_SCALE, torch.device("cpu"), 0
     )
     kern = workload.kernel
@@ -454,6 +479,7 @@ class KernelReport:
     loops: list[Loop] = field(default_factory=list)
     sass_loops: list[SassLoop] = field(default_factory=list)
     compile_s: float = 0.0
+    ptx_tanh: int = 0  # tanh.approx.f32 instructions in the PTX (the hardware tanh, `_tanh`'s FAST path)
 
     def problems(self) -> list[str]:
         """What the CI checks refuse: spills, too much shared memory, products not on the warp-group
@@ -507,6 +533,7 @@ def analyse(job: Job, item: Launch, config: Config, compiled: Any, seconds: floa
         loops=ttgir_loops(compiled.asm["ttgir"]),
         sass_loops=sass_loops(sass),
         compile_s=seconds,
+        ptx_tanh=len(re.findall(r"tanh\.approx\.f32", compiled.asm["ptx"])),
     )
 
 
@@ -577,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m attnc.testing.static", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("patterns", nargs="*", help=f"benchmark patterns ({', '.join(bench.PATTERNS)})")
+    parser.add_argument("patterns", nargs="*", help=f"benchmark patterns ({', '.join(PATTERNS)})")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--arch", type=int, choices=sorted(ARCHS), default=90)
     parser.add_argument("--backward", action="store_true")
