@@ -1,7 +1,8 @@
 """What attnc's kernels compile to on an H100 (sm_90), measured without a GPU: each benchmark pattern's
 forward and backward kernels, and a soft-capped causal's (`static.PATTERNS`), at head dims 64, 128
-and 256 (bf16, the configuration a launch tries first), beside two causal reference kernels compiled the same way (`reference_kernels.py`: the
-structure of Triton's Hopper tutorial, with TMA, and of FlexAttention's forward template).
+and 256 (bf16, the configuration a launch tries first), beside two causal reference kernels compiled
+the same way (`reference_kernels.py`: the structure of Triton's Hopper tutorial, with TMA, and of
+FlexAttention's forward template).
 
 For each kernel: registers and spilled bytes (`ptxas -v`, the ptxas of Triton's wheel), the shared
 memory Triton allocates, how many of its tile loops are pipelined (TTGIR: later tiles fetched while

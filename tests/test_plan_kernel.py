@@ -19,6 +19,10 @@ from attnc.runtime.plan import EMPTY, FULL
 STD = attnc.stdlib()
 SINKS_AND_WINDOW = attnc.loads("pattern p { mask = kv < 20 or (kv <= q and q - kv < 28) }").p()
 CAUSAL_OR_SINKS = attnc.loads("pattern p { mask = kv <= q or kv < 16 }").p()
+THREE_CONJUNCTS = attnc.loads("pattern p { mask = kv < 5 or (kv <= q and q - kv < 9) or kv >= 40 }").p()
+FOUR_CONJUNCTS = attnc.loads(
+    "pattern p { mask = kv < 3 or (kv >= 30 and kv < 34) or (kv <= q and q - kv < 6) or kv > q + 20 }"
+).p()
 DOC = attnc.load("examples/document_causal.attn").document_causal()
 BLOCK = (16, 16)
 
@@ -82,6 +86,10 @@ ANALYTIC = [
     (CAUSAL_OR_SINKS, 45, 50),
     (attnc.loads("pattern p { mask = q // 8 == kv // 8 or kv < 3 }").p(), 45, 50),
     (attnc.loads("pattern p { mask = q < 10 and kv > 20 or kv == q }").p(), 45, 50),
+    # Three and four conjuncts: the loops of a later conjunct step over the ranges of all earlier ones
+    # (sorted and merged once per program), in the forward and dQ.
+    (THREE_CONJUNCTS, 45, 50),
+    (FOUR_CONJUNCTS, 50, 37),
 ]
 
 
@@ -112,3 +120,15 @@ def test_forward_and_backward_kernels_visit_what_the_metadata_plan_says() -> Non
     assert torch.equal(visits["dq"][0, 1], forward)
     transposed = expected_visits(plan.block_map(transposed=True)[0, 0], 50, 50, cut_rows=True)
     assert torch.equal(visits["dkv"][0, 0], transposed)
+
+
+@pytest.mark.parametrize("kern", [THREE_CONJUNCTS, FOUR_CONJUNCTS], ids=["three", "four"])
+def test_gradients_of_several_conjuncts_match_the_oracle(kern: attnc.Kernel) -> None:
+    torch.manual_seed(1)
+    q = torch.randn(1, 2, 45, 16, requires_grad=True)
+    k, v = (torch.randn(1, 2, 50, 16, requires_grad=True) for _ in range(2))
+    grad = torch.randn(1, 2, 45, 16)
+    got = torch.autograd.grad(kern(q, k, v), (q, k, v), grad)
+    want = torch.autograd.grad(kern.reference(q, k, v), (q, k, v), grad)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
