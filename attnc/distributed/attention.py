@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from attnc.api import Kernel
-from attnc.distributed.fingerprint import fingerprint
+from attnc.distributed.fingerprint import fingerprint, mask_key
 from attnc.distributed.layout import Layout
 from attnc.errors import AttnError, InputError
 from attnc.runtime.launch import merge_splits
@@ -161,6 +161,12 @@ def _local_problem(
             (0, layout.seq_len, layout.seq_len),
         )  # fmt: skip
         kern._check_input_grads(inputs_)
+        if layout.masks is not None and mask_key(kern.pattern, inputs_, params) not in layout.masks:
+            return (
+                "the layout was dispatched for another kernel, or other inputs or runtime parameters "
+                "of its mask, than this call's: pass cp(...) what decides the mask as given to "
+                "cp.dispatch, or dispatch again (another mask visits chunks the layout does not exchange)"
+            )
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
             return f"scale must be a number, got {scale!r}"
     except AttnError as error:

@@ -22,7 +22,7 @@ from attnc.api import Kernel
 from attnc.distributed.assign import assign, objective, split
 from attnc.distributed.attention import attention
 from attnc.distributed.census import Census, census_env, census_from_env, check_chunking
-from attnc.distributed.fingerprint import fingerprint
+from attnc.distributed.fingerprint import fingerprint, mask_key
 from attnc.distributed.layout import CostModel, Layout, Part
 from attnc.errors import InputError
 
@@ -137,16 +137,17 @@ class ContextParallel:
             (kern, census_env(kern, seq_len, batch, num_heads, dict(inputs), self.block), layers)
             for kern, inputs, layers in checked
         ]
+        masks = tuple(mask_key(kern.pattern, *kern._split(dict(inputs))) for kern, inputs, _ in checked)
         # Sizes not given: those an input's shape names (as `kern.plan` infers them), else 1; the same
         # for every kernel, so that each counts as many batch rows and heads.
         batch = batch or max(env.batch or 1 for _, env, _ in entries)
         num_heads = num_heads or max(env.num_heads or 1 for _, env, _ in entries)
         if chunk is not None:
-            return self._layout(seq_len, chunk, entries, batch, num_heads)
+            return self._layout(seq_len, chunk, entries, batch, num_heads, masks)
         best: Layout | None = None
         best_objective = float("inf")
         for size in self._chunk_sizes(seq_len)[:CHUNK_TRIES]:
-            layout = self._layout(seq_len, size, entries, batch, num_heads)
+            layout = self._layout(seq_len, size, entries, batch, num_heads, masks)
             value, previous = _imbalance(layout), best_objective
             if value < best_objective:
                 best, best_objective = layout, value
@@ -220,6 +221,7 @@ class ContextParallel:
         entries: list[tuple[Kernel, oracle.Env, int]],
         batch: int,
         num_heads: int,
+        masks: tuple[Any, ...],
     ) -> Layout:
         check_chunking(seq_len, chunk, self.block)
         model = self.cost_model
@@ -254,6 +256,7 @@ class ContextParallel:
             backward=tuple(backward.tolist()),
             group=self.group,
             parts=parts,
+            masks=masks,
         )
 
     def _split(

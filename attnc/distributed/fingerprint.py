@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from attnc.ir.nodes import Op, PatternIR
+
 # Odd 64-bit multipliers of the input checksums (golden-ratio and splitmix64 constants, as signed int64).
 _MIXERS = (-7046029254386353131, -4658895280553007687, -7723592293110705685)
 
@@ -36,3 +38,30 @@ def fingerprint(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return tuple(fingerprint(v) for v in value)
     return repr(value)
+
+
+def mask_reads(pattern: PatternIR) -> tuple[str, ...]:
+    """The inputs and runtime parameters the pattern's mask reads (through its lets), sorted: what
+    decides which keys a query visits, and so which chunks a layout exchanges."""
+    if pattern.mask is None:
+        return ()
+    lets = dict(pattern.lets)
+    names: set[str] = set()
+    roots, seen = [pattern.mask], set()
+    while roots:
+        for node in roots.pop().walk():
+            if node.op in (Op.LOAD, Op.PARAM):
+                names.add(str(node.attr))
+            elif node.op is Op.REF and str(node.attr) in lets and node.attr not in seen:
+                seen.add(node.attr)
+                roots.append(lets[str(node.attr)])
+    return tuple(sorted(names))
+
+
+def mask_key(pattern: PatternIR, inputs: Mapping[str, Any], params: Mapping[str, Any]) -> Any:
+    """What a layout's chunk exchange depends on for one kernel: its mask (an interned node, equal
+    for equal masks within a process) and the fingerprints of the inputs and runtime parameter values
+    the mask reads (not those read by the score alone: a learnable bias may change between the
+    dispatch and the call). Compared on one rank only, between `dispatch` and `cp(...)`."""
+    values = {**params, **inputs}
+    return (pattern.mask, tuple((name, fingerprint(values.get(name))) for name in mask_reads(pattern)))

@@ -63,6 +63,7 @@ class Layout:
     backward:   each query chunk's backward cost
     parts:      the split query chunks' parts, ordered by (query chunk, helper); empty where no query
                 chunk needed splitting (every layout whose chunks balance whole)
+    masks:      per kernel dispatched, its mask and the values of what the mask reads
     """
 
     seq_len: int
@@ -78,6 +79,10 @@ class Layout:
     backward: tuple[float, ...] = field(repr=False)
     group: Any = field(default=None, repr=False)
     parts: tuple[Part, ...] = field(default=(), repr=False)
+    # Per kernel dispatched, what its visits depend on (`fingerprint.mask_key`): `cp(...)` refuses a
+    # kernel, inputs or runtime parameters whose mask differs from all of them (another window would
+    # visit chunks the layout never exchanges). None: not recorded (a layout built by hand).
+    masks: tuple[Any, ...] | None = field(default=None, repr=False)
 
     @property
     def num_chunks(self) -> int:
