@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 import attnc
 from attnc.distributed import ContextParallel, CostModel, Layout, context_parallel, tile_census
 from attnc.distributed.census import BlockRangeTable
+from attnc.distributed.fingerprint import mask_key
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = (32, 32)
@@ -372,6 +373,27 @@ def test_shard_holds_the_ranks_chunks_in_order() -> None:
     x = torch.arange(SEQ).reshape(1, 1, SEQ, 1)
     expected = torch.cat([torch.arange(c * CHUNK, (c + 1) * CHUNK) for c in layout.chunks(1)])
     assert torch.equal(layout.shard(x).flatten(), expected)
+
+
+MASK_AND_SCORE = """
+pattern doc_bias {
+    input doc: int32[BATCH, KV_LEN]
+    input slope: float32[NUM_HEADS]
+    mask = kv <= q and doc[b, q] == doc[b, kv]
+    score = s - slope[h] * (q - kv)
+}
+"""
+
+
+def test_a_layout_records_the_inputs_its_mask_reads_not_those_of_the_score() -> None:
+    # cp(...) refuses a call whose mask differs from the dispatched one; a learnable score input may
+    # change between the dispatch and the calls (one layout for every training step).
+    kern = attnc.loads(MASK_AND_SCORE).doc_bias()
+    doc, slope = documents([300, 724]), torch.tensor([0.5])
+    layout = ContextParallel(kern, world_size=2, block=BLOCK).dispatch(SEQ, chunk=CHUNK, doc=doc, slope=slope)
+    assert mask_key(kern.pattern, {"doc": doc.clone(), "slope": slope + 1}, {}) in layout.masks
+    assert mask_key(kern.pattern, {"doc": documents([301, 723]), "slope": slope}, {}) not in layout.masks
+    assert mask_key(attnc.stdlib().causal().pattern, {}, {}) not in layout.masks
 
 
 def test_shard_of_another_length_is_an_error() -> None:

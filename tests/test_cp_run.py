@@ -53,7 +53,17 @@ CASES_4 = ["causal", "document", "gqa", "idle_rank", "longformer"]
 # of key chunks, merged by lse on its owner, which receives some of its own keys from another rank).
 DISPATCH = {"longformer": {"block": (16, 16), "chunk": 32}}
 LONG_SEQ = 256
-ERRORS = ["chunking", "short_shard", "batch", "group_size", "inputs_differ", "cross_length"]
+ERRORS = [
+    "chunking",
+    "short_shard",
+    "batch",
+    "group_size",
+    "inputs_differ",
+    "cross_length",
+    "mask_input_other_than_dispatched",
+    "runtime_parameter_other_than_dispatched",
+    "layout_of_another_kernel",
+]
 
 
 def segments(lengths: list[int]) -> list[int]:
@@ -114,9 +124,10 @@ def tensors(seq_len: int, kv_heads: int) -> tuple[torch.Tensor, ...]:
     return q, k, v, torch.randn(BATCH, HEADS, seq_len, DIM, generator=generator)
 
 
-def run_case(name: str, receives: list[int]) -> dict[str, Any]:
+def run_case(name: str, receives: list[int], through_unshard: bool = False) -> dict[str, Any]:
     """This rank's part of a case: outputs, lse and gradients of its shard, and the float inputs'
-    gradients (whole on every rank)."""
+    gradients (whole on every rank); `through_unshard`: of the loss over the whole (unsharded) output,
+    the same on every rank."""
     kern, inputs, seq_len, kv_heads = case(name)
     q, k, v, grad = tensors(seq_len, kv_heads)
     options = DISPATCH.get(name, {})
@@ -126,7 +137,10 @@ def run_case(name: str, receives: list[int]) -> dict[str, Any]:
     del receives[:]
     out, lse = cp(q_loc, k_loc, v_loc, layout, return_lse=True, **inputs)
     forward_receives = list(receives)
-    (out * layout.shard(grad)).sum().backward()
+    if through_unshard:
+        (layout.unshard(out) * grad).sum().backward()
+    else:
+        (out * layout.shard(grad)).sum().backward()
     result = {
         "index": layout.token_index(),
         "held": layout.chunks(),
@@ -154,6 +168,27 @@ def run_inference(name: str) -> torch.Tensor:
     return cp(*(layout.shard(t).requires_grad_() for t in (q, k, v)), layout, **inputs)
 
 
+def run_backward_twice(double: bool) -> str | None:
+    """This rank's error message of a second backward through one call, or (`double`) of a double
+    backward (None: no error)."""
+    kern, _, seq_len, kv_heads = case("causal")
+    q, k, v, grad = tensors(seq_len, kv_heads)
+    cp = ContextParallel(kern, block=BLOCK)
+    layout = cp.dispatch(seq_len, batch=BATCH, num_heads=HEADS, chunk=CHUNK)
+    q_loc, k_loc, v_loc = (layout.shard(t).requires_grad_() for t in (q, k, v))
+    loss = (cp(q_loc, k_loc, v_loc, layout) * layout.shard(grad)).sum()
+    try:
+        if double:  # a gradient penalty: its second-order term must not silently vanish
+            (dq,) = torch.autograd.grad(loss, q_loc, create_graph=True)
+            (dq.square().sum() + k_loc.sum()).backward()
+            return None
+        loss.backward(retain_graph=True)
+        loss.backward()
+        return None
+    except Exception as error:  # the test shows which
+        return f"{type(error).__name__}: {error}"
+
+
 def run_error(name: str, rank: int) -> str | None:
     """This rank's error message of an erroneous call (None: no error)."""
     kern, inputs, seq_len, _ = case("document")
@@ -171,6 +206,15 @@ def run_error(name: str, rank: int) -> str | None:
             q_loc, k_loc, v_loc = (t[:1] for t in (q_loc, k_loc, v_loc))
         if name == "inputs_differ" and rank == 1:
             inputs = {"doc": inputs["doc"].clone().fill_(0)}
+        if name == "mask_input_other_than_dispatched":  # one document: every chunk visits its past
+            inputs = {"doc": torch.zeros_like(inputs["doc"])}
+        if name == "runtime_parameter_other_than_dispatched":  # a wider window than dispatched
+            cp = ContextParallel(attnc.stdlib().sliding_window(window=8), block=BLOCK)
+            layout = cp.dispatch(seq_len, batch=BATCH, num_heads=HEADS, chunk=CHUNK)
+            inputs = {"window": 60}
+        if name == "layout_of_another_kernel":  # a causal layout for a prefix LM's future keys
+            cp = ContextParallel(attnc.stdlib().prefix_lm(prefix=100), block=BLOCK)
+            inputs = {}
         if name == "cross_length":  # twice as many keys as queries
             k_loc, v_loc = (torch.cat([t, t], dim=2) for t in (k_loc, v_loc))
         if name == "group_size":  # a layout of the 2-rank WORLD on a group of 1
@@ -204,8 +248,14 @@ def _worker(rank: int, world_size: int, store: str, out: str) -> None:
                 results[name] = f"{type(error).__name__}: {error}"
         if world_size == 2:  # the same layout and tensors again: the same bits
             results["document_again"] = run_case("document", receives)
+            try:
+                results["document_unshard"] = run_case("document", receives, through_unshard=True)
+            except Exception as error:  # shown by the test
+                results["document_unshard"] = f"{type(error).__name__}: {error}"
             with torch.no_grad():
                 results["inference"] = run_inference("document")
+            results["backward_twice"] = run_backward_twice(double=False)
+            results["double_backward"] = run_backward_twice(double=True)
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -340,3 +390,35 @@ def test_inputs_that_differ_across_ranks_are_an_error_on_every_rank(results_2) -
 def test_cross_lengths_are_an_error_on_every_rank(results_2) -> None:
     for message in error_on_every_rank(results_2, "cross_length"):
         assert "context parallel is self-attention" in message
+
+
+OTHER_MASKS = [
+    "mask_input_other_than_dispatched",
+    "runtime_parameter_other_than_dispatched",
+    "layout_of_another_kernel",
+]
+
+
+@pytest.mark.parametrize("name", OTHER_MASKS)
+def test_a_mask_other_than_the_dispatched_is_an_error_on_every_rank(results_2, name: str) -> None:
+    # The layout exchanges the chunks the dispatched mask visits: another would silently miss keys.
+    for message in error_on_every_rank(results_2, name):
+        assert "dispatched for another kernel, or other inputs or runtime parameters of its mask" in message
+
+
+def test_a_second_backward_through_one_call_is_an_error_on_every_rank(results_2) -> None:
+    messages = [r["backward_twice"] for r in results_2]
+    assert all(m is not None and "backward ran a second time" in m for m in messages), messages
+
+
+def test_double_backward_is_an_error_on_every_rank(results_2) -> None:
+    messages = [r["double_backward"] for r in results_2]
+    assert all(m is not None and "does not support double backward" in m for m in messages), messages
+
+
+def test_a_loss_over_the_unsharded_output_gives_each_rank_its_shards_gradients(results_2) -> None:
+    # Every rank computes the same loss over layout.unshard(out): each gets the gradient of its shard.
+    for r in results_2:
+        assert not isinstance(r["document_unshard"], str), r["document_unshard"]
+        for key in ("dq", "dk", "dv"):
+            torch.testing.assert_close(r["document_unshard"][key], r["document"][key])

@@ -101,16 +101,32 @@ def attention(
             scale,
             fingerprint(dict(inputs)),
         )
+    # Whether the layout exchanges what this call's mask visits (`Layout.masks`): another kernel,
+    # window or document ids would silently miss keys. Reported after the comparison across ranks, so
+    # that inputs differing between ranks are named as such.
+    other_mask = (
+        problem is None
+        and layout.masks is not None
+        and mask_key(kern.pattern, *kern._split(dict(inputs))) not in layout.masks
+    )
     gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, (problem, fingerprint(agreed)), group=group)
-    errors = [f"rank {r}: {p}" for r, (p, _) in enumerate(gathered) if p is not None]
+    dist.all_gather_object(gathered, (problem, fingerprint(agreed), other_mask), group=group)
+    errors = [f"rank {r}: {p}" for r, (p, _, _) in enumerate(gathered) if p is not None]
     if errors:
         raise InputError("cp(...) arguments rejected on " + "; ".join(errors), None)
-    differing = [r for r, (_, f) in enumerate(gathered) if f != gathered[0][1]]
+    differing = [r for r, (_, f, _) in enumerate(gathered) if f != gathered[0][1]]
     if differing:
         raise InputError(
             f"cp(...) was called with another layout, kernel, tensor shape or dtype, gradient flags or "
             f"inputs on rank(s) {differing} than on rank 0: every rank must pass the same",
+            None,
+        )
+    if any(m for _, _, m in gathered):
+        raise InputError(
+            f"cp(...) on rank(s) {[r for r, (_, _, m) in enumerate(gathered) if m]}: the layout was "
+            "dispatched for another kernel, or other inputs or runtime parameters of its mask, than this "
+            "call's: pass cp(...) what decides the mask as given to cp.dispatch, or dispatch again "
+            "(another mask visits chunks the layout does not exchange)",
             None,
         )
     tracked = [inputs[name] for name in grad_names]
@@ -161,12 +177,6 @@ def _local_problem(
             (0, layout.seq_len, layout.seq_len),
         )  # fmt: skip
         kern._check_input_grads(inputs_)
-        if layout.masks is not None and mask_key(kern.pattern, inputs_, params) not in layout.masks:
-            return (
-                "the layout was dispatched for another kernel, or other inputs or runtime parameters "
-                "of its mask, than this call's: pass cp(...) what decides the mask as given to "
-                "cp.dispatch, or dispatch again (another mask visits chunks the layout does not exchange)"
-            )
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
             return f"scale must be a number, got {scale!r}"
     except AttnError as error:
@@ -311,6 +321,18 @@ class _Exchange(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         call: Call = ctx.call
         layout = call.layout
+        if torch.is_grad_enabled():  # create_graph=True: the gradients would silently be constants
+            raise InputError(
+                "cp(...) does not support double backward (create_graph=True): its gradients are not "
+                "differentiable",
+                None,
+            )
+        if not hasattr(ctx, "graph"):  # every rank alike: no collective has started
+            raise InputError(
+                "cp(...)'s backward ran a second time (backward(retain_graph=True) twice): its graph is "
+                "differentiated once; call cp(...) again for another backward",
+                None,
+            )
         out, lse, leaves, received, incoming, shapes, reverse, helped, partial_in, partial_leaves = ctx.graph
         del ctx.graph  # the graph is differentiated once
         outputs, grad_outputs = [out, lse], [grad_out, grad_lse]

@@ -226,7 +226,11 @@ class Layout:
         )
         padded[..., : x_loc.shape[-2], :] = x_loc
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(gathered, padded.contiguous(), group=self.group)
+        dist.all_gather(gathered, padded.detach().contiguous(), group=self.group)
+        # This rank's own rows keep their autograd history: a loss over the whole tensor, computed alike
+        # on every rank, then gives each rank the gradient of its own shard (the other ranks' rows are
+        # theirs to differentiate), as the loss over the shard would.
+        gathered[self.rank] = padded
         return self.assemble([g[..., : len(self.chunks(r)) * self.chunk, :] for r, g in enumerate(gathered)])
 
     def _check_shard(self, piece: torch.Tensor, rank: int) -> None:
