@@ -62,6 +62,11 @@ class Env:
     kv_size: int | None = None
     kv_rows: torch.Tensor | None = None
     q_rows: torch.Tensor | None = None
+    # Whether range summaries may reuse an input's tables from an earlier evaluation
+    # (`RangeTable.of`, keyed by the tensor's identity and version counter, blind to writes that do
+    # not move it): only the launches' own plans (`launch.PlanCache`, which has that blind spot
+    # already); `kern.plan` and `kern.block_map` always read the inputs' current values.
+    reuse_tables: bool = False
 
     def var(self, name: str) -> torch.Tensor:
         if name in self.points:
@@ -161,7 +166,8 @@ def _range(node: Node, decl: InputDecl, env: Env, args: list[torch.Tensor]) -> t
 
     def table(axis: int) -> RangeTable:
         if (decl.name, axis) not in env.tables:
-            env.tables[decl.name, axis] = RangeTable.of(tensor, axis)
+            summary = RangeTable.of if env.reuse_tables else RangeTable.build
+            env.tables[decl.name, axis] = summary(tensor, axis)
         return env.tables[decl.name, axis]
 
     # No host synchronisation while a CUDA graph captures the plan's build (`summaries.box_bound`).

@@ -16,7 +16,7 @@ import attnc
 from attnc.analysis.summaries import RangeTable
 from attnc.errors import InputError
 from attnc.runtime import autotune, launch
-from attnc.runtime.plan import BlockSparse, metadata_builds
+from attnc.runtime.plan import EMPTY, BlockSparse, metadata_builds
 
 DOC = attnc.load("examples/document_causal.attn").document_causal()
 SPARSE = attnc.load("examples/dynamic_sparse.attn")
@@ -100,7 +100,7 @@ def test_other_lengths_or_parameter_values_get_their_own_plan() -> None:
     torch.testing.assert_close(out, kern.reference(q, k, v, doc=doc, w=20), atol=1e-5, rtol=1e-5)
 
 
-def test_plans_over_an_unchanged_input_summarise_it_once_and_anew_after_an_in_place_change(
+def test_launch_plans_over_an_unchanged_input_summarise_it_once_and_anew_after_an_in_place_change(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Decoding steps each need a plan of their own (a new cache_seqlens, here a new q_offset), over
@@ -111,16 +111,34 @@ def test_plans_over_an_unchanged_input_summarise_it_once_and_anew_after_an_in_pl
         RangeTable, "build", staticmethod(lambda t, axis: builds.append(axis) or build(t, axis))
     )
     doc = documents(64, [20])
-    before = DOC.plan(48, 64, block=BLOCK, q_offset=16, doc=doc).block_map()
+    q, k, v = (torch.randn(1, 1, n, 16) for n in (4, 64, 64))
+    DOC(q, k, v, q_offset=16, doc=doc)
     first = len(builds)
     for offset in (4, 9):
-        DOC.plan(48, 64, block=BLOCK, q_offset=offset, doc=doc)
+        DOC(q, k, v, q_offset=offset, doc=doc)
     assert first > 0 and len(builds) == first
     doc[:, 40:] = 7
-    after = DOC.plan(48, 64, block=BLOCK, q_offset=16, doc=doc).block_map()
+    out = DOC(q, k, v, q_offset=16, doc=doc)
     assert len(builds) == 2 * first
-    assert torch.equal(after, DOC.block_map(48, 64, block=BLOCK, q_offset=16, doc=doc))
+    torch.testing.assert_close(out, DOC.reference(q, k, v, q_offset=16, doc=doc), atol=1e-5, rtol=1e-5)
+
+
+def test_an_explicit_plan_and_block_map_read_an_input_changed_behind_its_version_counter() -> None:
+    # A write through .data (or NumPy, or a GPU kernel writing in place) does not move the version
+    # counter: `kern.plan` and `kern.block_map` must still see the new values, never an earlier
+    # summary of the same tensor.
+    doc = documents(64, [20])
+    before = DOC.plan(48, 64, block=BLOCK, q_offset=16, doc=doc).block_map()
+    version = doc._version
+    doc.data[:, 40:] = 7
+    assert doc._version == version
+    exact = DOC.block_map(48, 64, block=BLOCK, q_offset=16, doc=doc)
+    after = DOC.plan(48, 64, block=BLOCK, q_offset=16, doc=doc).block_map()
     assert not torch.equal(after, before)
+    assert torch.equal(after, exact)
+    dense = DOC.mask(48, 64, q_offset=16, doc=doc)[0, 0]
+    tiles = dense.unflatten(0, (3, 16)).unflatten(2, (4, 16)).transpose(1, 2).flatten(2)
+    assert torch.equal(exact[0, 0] != EMPTY, tiles.any(-1))
 
 
 # ---- a plan made for another call is an error -------------------------------------------------------------

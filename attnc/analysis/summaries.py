@@ -25,8 +25,11 @@ known on the host without reading a tensor: no host synchronisation, also while 
 Only an index whose width has no static bound (a load inside an index, `abs` of a difference) is
 measured on the device (one synchronisation), or under capture bounded by a fixed enumeration.
 
-`RangeTable.of` keeps the tables of the last few inputs while they live unchanged, so that plans
-that differ only in their other arguments (decoding steps) summarise an input once.
+`RangeTable.of` keeps the tables of the last few inputs while they live with the same version
+counter, so that plans that differ only in their other arguments (decoding steps) summarise an input
+once. A write that does not move the counter (through `.data`, NumPy, a kernel writing in place) is not
+seen, so only the launches' own plans use it (`oracle.Env.reuse_tables`, set by `launch.PlanCache`,
+which keys its plans by the same counter); `kern.plan` and `kern.block_map` build the tables anew.
 """
 
 from __future__ import annotations
@@ -144,8 +147,9 @@ class RangeTable:
 
     @staticmethod
     def of(tensor: torch.Tensor, axis: int) -> RangeTable:
-        """`build`, kept while the tensor lives and is unchanged (its identity, version counter,
-        address, shape and strides; the last `TABLE_CACHE_SIZE`): consecutive plans over one input
+        """`build`, kept while the tensor lives with the same identity, version counter, address,
+        shape and strides (the last `TABLE_CACHE_SIZE`; a write that does not move the version counter
+        is not seen, see the module docstring): consecutive plans over one input
         whose other arguments change (decoding steps, a new `cache_seqlens` each) build its tables
         once. Not kept for an inference tensor (no version counter), under torch.compile, or while a
         CUDA graph captures (the tables would be the graph's, computed only when it replays)."""

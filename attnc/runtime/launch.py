@@ -25,7 +25,7 @@ import struct
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from typing import Any
 
 import torch
@@ -117,7 +117,8 @@ class PlanCache:
                 self._entries.move_to_end(key)
         if entry is not None:
             return entry[0].at_block(block)
-        plan = make_plan(pattern, env, block)
+        # Consecutive plans over one unchanged input (decoding steps) summarise it once.
+        plan = make_plan(pattern, replace(env, reuse_tables=True), block)
         if key is not None:
             self._file(key, plan, block)
         return plan
