@@ -359,34 +359,9 @@ class Node(metaclass=_Interned):
 
     def walk(self, skip: Callable[[Node], bool] | None = None) -> Iterator[Node]:
         """Every node of the expression, each distinct one once, children before parents; a node for
-        which `skip` holds is left out with everything under it (an evaluator's already-known values)."""
-        # A node joins `seen` when first popped: in a DAG nothing under it reaches it again, so its
-        # operands are done before it is yielded. (An interned node hashes by identity, in C: asking
-        # `in` and then adding costs less than reading the effect of `add` from the set's size.)
-        seen: set[Node] = set()
-        stack: list[Node] = [self]  # a node under `_EXPANDED` has had its operands pushed
-        pop, push = stack.pop, stack.append
-        while stack:
-            node = pop()
-            if node is _EXPANDED:
-                yield pop()
-                continue
-            if node in seen:
-                continue
-            seen.add(node)
-            if skip is not None and skip(node):
-                continue
-            args = node.args
-            if not args:
-                yield node
-                continue
-            push(node)
-            push(_EXPANDED)
-            if len(args) == 2:  # most interior ops: no reversed copy of the operands
-                push(args[1])
-                push(args[0])
-            else:
-                stack.extend(reversed(args))
+        which `skip` holds is left out with everything under it (an evaluator's already-known values).
+        `walk_all` of this one root."""
+        return walk_all((self,), skip)
 
     @property
     def free(self) -> frozenset[str]:
@@ -438,8 +413,11 @@ def walk_all(roots: Iterable[Node], skip: Callable[[Node], bool] | None = None) 
     """`Node.walk` of several roots as one walk: every distinct node under any of them once, children
     before parents, the roots' nodes in the roots' order (what walking each root in turn yields, less
     what an earlier root yielded already); one generator and one `seen` set for all of them."""
+    # A node joins `seen` when first popped: in a DAG nothing under it reaches it again, so its
+    # operands are done before it is yielded. (An interned node hashes by identity, in C: asking
+    # `in` and then adding costs less than reading the effect of `add` from the set's size.)
     seen: set[Node] = set()
-    stack: list[Node] = []
+    stack: list[Node] = []  # a node under `_EXPANDED` has had its operands pushed
     pop, push = stack.pop, stack.append
     for root in roots:
         push(root)
@@ -459,7 +437,7 @@ def walk_all(roots: Iterable[Node], skip: Callable[[Node], bool] | None = None) 
                 continue
             push(node)
             push(_EXPANDED)
-            if len(args) == 2:
+            if len(args) == 2:  # most interior ops: no reversed copy of the operands
                 push(args[1])
                 push(args[0])
             else:

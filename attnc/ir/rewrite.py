@@ -23,21 +23,7 @@ def rewrite(
     it is not walked again), so the cost is linear in the DAG. Nodes in `leave` are rebuilt on their
     rewritten operands but not given to the rule. A node for which `keep` holds is its own rewrite,
     and nothing under it is walked: the caller knows the rule would leave all of it as it is."""
-    memo = {} if memo is None else memo
-
-    def known(node: Node) -> bool:
-        if node in memo:
-            return True
-        if keep is not None and keep(node):
-            memo[node] = node
-            return True
-        return False
-
-    for node in root.walk(skip=known):
-        rebuilt = _rebuilt(node, memo) if node.args else node  # (no call for a leaf: most are)
-        replaced = None if node in leave else rule(rebuilt)
-        memo[node] = rebuilt if replaced is None else replaced
-    return memo[root]
+    return rewrite_all((root,), rule, memo, leave, keep)[0]
 
 
 def rewrite_all(
