@@ -613,3 +613,33 @@ def test_verifying_a_marked_value_again_walks_none_of_it(monkeypatch: pytest.Mon
     assert walks == []
     with pytest.raises(InternalError, match=r"\$marked_w does not name a int in scope"):
         verify(module_with_mask(mask, ()))  # its symbols are still checked where it stands
+
+
+def test_the_interval_analysis_builds_linear_ends_and_comparisons_in_normal_form() -> None:
+    # `q - kv + 3` over a tile: its ends are `q_first - kv_last + 3` and `q_last - kv_first + 3`, built
+    # as the normal form's linear shape (not as `add(add(q_first, neg(kv_last)), 3)`, which the tile
+    # passes' canonicalize would take apart again); a comparison of them as `E op c`.
+    from attnc.analysis.intervals import IntervalAnalysis
+    from attnc.passes.classify_tiles import TILE_BOX
+
+    pattern = attnc.loads("pattern p { mask = kv <= q }").p().pattern
+    q, kv = var("q"), var("kv")
+    (q_first, q_last), (kv_first, kv_last) = TILE_BOX["q"], TILE_BOX["kv"]
+    three = const_int(3)
+    cases = [
+        (make(Op.ADD, make(Op.SUB, q, kv), three), make(Op.ADD, make(Op.SUB, q_first, kv_last), three)),
+        (make(Op.NEG, make(Op.SUB, kv, q)), make(Op.SUB, q_first, kv_last)),
+        (
+            make(Op.MUL, make(Op.SUB, q, kv), const_int(-2)),
+            make(Op.MUL, make(Op.SUB, q_last, kv_first), const_int(-2)),
+        ),
+    ]
+    with shared_tables():
+        analysis = IntervalAnalysis(pattern, TILE_BOX)
+        for expression, lowest in cases:
+            lo = analysis.interval(expression).lo
+            assert lo is not None and canonicalize(lo) is lo and lo == canonicalize(lowest)
+        truth = analysis.truth(make(Op.LE, make(Op.SUB, q, kv), three))
+        for side in (truth.may, truth.must):
+            assert side.op is Op.LE and side.args[1].op is Op.CONST and canonicalize(side) is side
+        assert truth.must == canonicalize(make(Op.LE, make(Op.SUB, q_last, kv_first), three))

@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from attnc.analysis.normal_form import combine, compare_form, linear, linear_form
 from attnc.analysis.value_ranges import ValueRanges
 from attnc.ir.nodes import Node, Op, PatternIR, Type, const, make
 
@@ -40,6 +41,8 @@ _FLOAT_LIMIT = 1e300
 _INT_MAGNITUDE = float(1 << 63)
 
 TRUE, FALSE = const(True), const(False)
+_INT = Type.INT
+_LINEAR_OPS = frozenset((Op.ADD, Op.SUB, Op.NEG, Op.MUL))
 _BOOL = Type.BOOL  # read for every node: a read of `Type.BOOL` costs a call on Python 3.11 (`ir/nodes.py`)
 
 
@@ -101,6 +104,22 @@ def _where(c: Node, a: Node, b: Node) -> Node:
     if a == b or c == TRUE:
         return a
     return b if c == FALSE else make(Op.WHERE, c, a, b)
+
+
+def _linear_end(parts: list[tuple[Interval, int]], upper: bool) -> Node | None:
+    """The lower or upper end of `sum(k * part)`, in linear form; None if a part is unbounded that way."""
+    terms: dict[Node, int] = {}
+    constant = 0
+    for part, k in parts:
+        if k == 0:
+            continue
+        end = part.hi if (k > 0) == upper else part.lo
+        if end is None:
+            return None
+        end_terms, end_constant = linear(end)
+        terms = combine(terms, end_terms, k)
+        constant += k * end_constant
+    return linear_form(terms, constant)
 
 
 def _scale(x: Node, k: int | float) -> Node:
@@ -174,6 +193,8 @@ class IntervalAnalysis:
     def _arith(self, n: Node, args: list[Interval]) -> Interval:
         """Ops shared by ints and floats (and, for ints, floor division and modulo by constants)."""
         op = n.op
+        if n.type is _INT and op in _LINEAR_OPS:
+            return self._linear(n, args)
         if op in (Op.ADD, Op.SUB):
             a, b = args
             if op is Op.SUB:
@@ -222,6 +243,23 @@ class IntervalAnalysis:
         if op is Op.MOD:
             return self._mod(n, args)
         return UNBOUNDED if n.type is Type.FLOAT else Interval(None, None)
+
+    def _linear(self, n: Node, args: list[Interval]) -> Interval:
+        """`+ - *c` of ints, each end built in the normal form's linear shape (`linear_form`: what
+        `canonicalize` makes of the sum of the operands' ends), not as a tree of the ends that the
+        rules would then take apart again."""
+        op = n.op
+        if op is Op.MUL:
+            x, y = n.args
+            if not (x.is_const or y.is_const):
+                return self._mul(n, args)
+            parts = [(args[1], int(x.attr))] if x.is_const else [(args[0], int(y.attr))]  # type: ignore[arg-type]
+        elif op is Op.NEG:
+            parts = [(args[0], -1)]
+        else:
+            parts = [(args[0], 1), (args[1], 1 if op is Op.ADD else -1)]
+        magnitude = sum(abs(k) * part.magnitude for part, k in parts)
+        return Interval(_linear_end(parts, upper=False), _linear_end(parts, upper=True), magnitude)
 
     def _mul(self, n: Node, args: list[Interval]) -> Interval:
         a, b = args
@@ -372,8 +410,9 @@ class IntervalAnalysis:
             return all(x is not None for x in xs)
 
         if op in (Op.LT, Op.LE):
-            must = make(op, a.hi, b.lo) if known(a.hi, b.lo) else FALSE  # type: ignore[arg-type]
-            may = make(op, a.lo, b.hi) if known(a.lo, b.hi) else TRUE  # type: ignore[arg-type]
+            ranges = self._ranges
+            must = compare_form(op, a.hi, b.lo, ranges) if known(a.hi, b.lo) else FALSE  # type: ignore[arg-type]
+            may = compare_form(op, a.lo, b.hi, ranges) if known(a.lo, b.hi) else TRUE  # type: ignore[arg-type]
             return Truth(may, must)
         # Equality: may where the ranges overlap; must where both are the same single value.
         if known(a.lo, a.hi, b.lo, b.hi):

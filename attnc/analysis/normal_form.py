@@ -253,6 +253,17 @@ def _inner_linear(roots: list[Node], settled: set[Node]) -> tuple[set[Node], lis
     return {n for n in steps if only_linear_users[n]}, walked
 
 
+def compare_form(op: Op, a: Node, b: Node, ranges: ValueRanges) -> Node:
+    """`a op b` of two ints, in the normal form's shape `E op c` where the rules would make it so
+    (with the same guard on int64), for analyses that build many comparisons: the rewrite then finds
+    them done."""
+    node = make(op, a, b)
+    result = _int_compare(node) if a.type is _INT else None
+    if result is None or result == node or not (ranges.fits(result) or not ranges.fits(node)):
+        return node
+    return result
+
+
 def _apply_rules(node: Node, ranges: ValueRanges) -> Node | None:
     for rule in _RULES.get(node.op, ()):
         result = rule(node)

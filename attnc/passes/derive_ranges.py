@@ -35,7 +35,15 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from attnc.analysis.intervals import Interval, IntervalAnalysis
-from attnc.analysis.normal_form import Terms, canonicalize_all, combine, linear, linear_form, value_ranges
+from attnc.analysis.normal_form import (
+    Terms,
+    canonicalize_all,
+    combine,
+    compare_form,
+    linear,
+    linear_form,
+    value_ranges,
+)
 from attnc.analysis.value_ranges import ValueRanges
 from attnc.ir.nodes import ModuleIR, Node, Op, PatternIR, Type, const, make, size, var
 from attnc.ir.results import AxisRange, Ranges
@@ -125,6 +133,7 @@ class _Solver:
         self.target = target
         other = _OTHER[target]
         self.box = {other: (var(f"{other}_first"), var(f"{other}_last"))}
+        self.ranges = ranges
         self.analysis = IntervalAnalysis(pattern, self.box, ranges)
         self._bounds: dict[Node, list[_Bound] | None] = {}
         self._gaps: dict[tuple[Node, Node], Node | None] = {}
@@ -251,7 +260,7 @@ class _Solver:
             for upper in uppers:
                 gap = self._gap(lower, upper)
                 if gap is not None:
-                    hi = make(_WHERE, make(_GE, gap, const(0)), hi, const(-1))
+                    hi = make(_WHERE, compare_form(_GE, gap, const(0), self.ranges), hi, const(-1))
         if not has_core:
             full_lo, full_hi = const(0), const(-1)
         else:
