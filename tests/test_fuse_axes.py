@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import attnc
+import attnc.examples
 from attnc import oracle
 from attnc.analysis.value_ranges import INT32, ValueRanges
 from attnc.codegen.lower import render
@@ -65,6 +66,31 @@ def test_kernel_mask_equals_the_patterns_at_every_point(name: str, params: dict,
     expected = oracle.mask(pattern, env)
     found = oracle.evaluate(_kernel_mask(pattern), pattern, env)
     assert torch.equal(found.expand_as(expected), expected)
+
+
+def _longformer() -> attnc.Kernel:
+    return attnc.load(attnc.examples.path("longformer.attn")).longformer_global(w=3)
+
+
+def test_longformer_kernel_mask_equals_the_patterns_at_every_point() -> None:
+    kern = _longformer()
+    pattern = _fused(kern)
+    is_global = torch.zeros(2, 42, dtype=torch.bool)
+    is_global[0, [0, 7, 30]] = True
+    is_global[1, [41]] = True
+    inputs, runtime = kern._split({"is_global": is_global})
+    env = kern._env(42, 42, 2, 1, inputs, runtime, torch.device("cpu"))
+    expected = oracle.mask(pattern, env)
+    found = oracle.evaluate(_kernel_mask(pattern), pattern, env)
+    assert torch.equal(found.expand_as(expected), expected)
+
+
+def test_a_key_test_ored_with_a_window_moves_into_its_key_values() -> None:
+    # `window or is_global[b, q] or is_global[b, kv]`: the key's test selects, once per key column, a
+    # key value every row bound admits; no `or` with the column remains per element.
+    mask = _kernel_mask(_fused(_longformer()))
+    assert mask.op is Op.OR
+    assert not any("q" not in a.free and "kv" in a.free for a in mask.args), mask.args
 
 
 def test_neighbourhood_window_is_one_comparison_per_bound() -> None:

@@ -73,9 +73,13 @@ def kernel_form(root: Node, pattern: PatternIR) -> Node:
         op = node.op
         if op in (Op.AND, Op.OR):
             folded = _junction_of_constants(node)
-            if folded is not None:
-                return folded if folded.op not in (Op.AND, Op.OR) else _merged_bounds(folded, ranges)
-            return _merged_bounds(node, ranges)
+            if folded is not None and folded.op not in (Op.AND, Op.OR):
+                return folded
+            junction = folded or node
+            merged = _merged_bounds(junction, ranges) or junction
+            if merged.op is Op.OR:
+                merged = _key_tests_into_bounds(merged, ranges)
+            return None if merged is node else merged
         if op not in _COMPARE:
             return _cheap_division(node, ranges)
         if node.args[0].type is not Type.INT:
@@ -173,6 +177,44 @@ def _merged_bounds(node: Node, ranges: ValueRanges) -> Node | None:
         merged = make(Op.LE, bound, value) if lower else make(Op.GE, bound, value)
         args.append(_narrowed(merged, ranges))
     return args[0] if len(args) == 1 else make(node.op, *args)
+
+
+def _key_tests_into_bounds(node: Node, ranges: ValueRanges) -> Node:
+    """`(a <= x and x <= b) or g(kv)`, a row window or'ed with a test of the key alone, as `a <= x'
+    and x'' <= b` where x' and x'' are x, or, in the columns where g holds, a value past every row
+    bound (`where(g, hi, x)`): the test is made once per key column, and each element makes only its
+    bound comparisons (not an `or` with a column of bools per element)."""
+    tests = [a for a in node.args if "q" not in a.free and _uses_kv(a) and not _bound_variables(a)]
+    windows = [a for a in node.args if _window(a)]
+    if not tests or len(windows) != 1:
+        return node
+    window = windows[0]
+    test = tests[0] if len(tests) == 1 else make(Op.OR, *tests)
+    comparisons = window.args if window.op is Op.AND else (window,)
+    rebuilt = []
+    for comparison in comparisons:
+        side = _row_side(comparison)
+        assert side is not None
+        row, key = comparison.args[side], comparison.args[1 - side]
+        lower = (comparison.op is Op.LE) == (side == 0)
+        lo, hi = ranges.of(row)
+        if lo < _INT32[0] or hi > _INT32[1]:
+            return node
+        key = make(Op.WHERE, test, const(hi if lower else lo), key)
+        rebuilt.append(make(comparison.op, *((row, key) if side == 0 else (key, row))))
+    widened = rebuilt[0] if len(rebuilt) == 1 else make(Op.AND, *rebuilt)
+    rest = [a for a in node.args if a is not window and a not in tests]
+    return widened if not rest else make(Op.OR, widened, *rest)
+
+
+def _bound_variables(node: Node) -> bool:
+    return any(n[0] == BOUND_MARK for n in node.free)
+
+
+def _window(node: Node) -> bool:
+    """A bound of a key value by a row value, or an `and` of such bounds."""
+    parts = node.args if node.op is Op.AND else (node,)
+    return all(p.op in (Op.LE, Op.GE) and _row_side(p) is not None for p in parts)
 
 
 def _bound_of(comparison: Node) -> Node:
