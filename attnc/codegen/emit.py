@@ -195,6 +195,9 @@ class Emitter:
         text = self.value(node)
         return text if self.dtype(node) == dtype else f"tl.cast({text}, {dtype})"
 
+    def _const_dtype(self, node: Node) -> str:
+        return INT32 if fits_int32((int(node.attr), int(node.attr))) else INT64  # type: ignore[arg-type]
+
     def _assign(self, value: str) -> str:
         name = f"{self.prefix}{len(self.lines)}"
         self.lines.append(Assign(name, value))
@@ -247,7 +250,7 @@ class Emitter:
                 return self._assign(f"{fn}({self.cast(args[0], dtype)}, {self.cast(args[1], dtype)})")
             # In the operands' width, then narrowed where the result fits int32 (a clamp of an int64
             # row value into the range of the keys it is compared with: `fuse`'s `_narrowed`).
-            wide = _common(*(INT32 if a.is_const else self.dtype(a) for a in args))
+            wide = _common(*(self._const_dtype(a) if a.is_const else self.dtype(a) for a in args))
             value = f"{fn}({self.cast(args[0], wide)}, {self.cast(args[1], wide)})"
             return self._assign(value if wide == dtype else f"tl.cast({value}, {dtype})")
         if op in _UNARY_CALL:

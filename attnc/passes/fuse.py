@@ -22,6 +22,17 @@ Three rewrites, each keeping every value the same:
   of one axis of the grid, only the comparison at the size of the grid, and no difference of two input
   values can overflow int32. Not made where the moved form could leave int64 (`q - kv <= c` with c
   near 2**63: `kv + c` would wrap), see `value_ranges.py`.
+- **Bounds placed by axis.** What a comparison of a row value with a key value can do once per query
+  tile is done there, so that each element makes one int32 comparison per bound and each key column
+  as little as possible (issue 18 item 2): a comparison the value ranges decide is a constant
+  (`kv // 64 >= 0`); the constant of `L op R + c` moves to the row side (`q - 1023 <= kv`); a row
+  bound on a quotient of the key is a bound on the key (`a <= kv // 64` is `64 * a <= kv`); bounds of
+  one key value from one side under one `and` / `or` merge (`kv <= p - 1 or kv <= q` is
+  `kv <= max(p - 1, q)`, NATTEN's border-shifted windows); a test of the key alone or'ed with a row
+  window moves into the window's key values (`where(is_global[b, kv], hi, kv)`); `(L - R) % m == 0`
+  compares residues (`L % m == R % m`); and a row side outside int32 compared with a key side inside
+  it is clamped to one past the key side's range at either end, which changes no result and makes
+  both sides int32 (`q - window` for a runtime window).
 - **Cheap division.** `a // d` and `a % d` where `a >= 0` and `d > 0` for every launch
   (`value_ranges.py`) become `udiv` / `umod`: truncating division, no sign fix-up.
 - **Hoisting.** Every largest sub-expression that depends on neither `kv` nor `s` (on `q`, `b`, `h`,
@@ -94,7 +105,7 @@ def kernel_form(root: Node, pattern: PatternIR) -> Node:
         if decided is not None:
             return const(decided)
         result = _constant_to_row(result, ranges)
-        result = _quotient_bound(result, ranges)
+        result = _constant_to_row(_quotient_bound(result, ranges), ranges)
         result = _narrowed(result, ranges)
         return None if result is node else result
 
@@ -184,11 +195,17 @@ def _key_tests_into_bounds(node: Node, ranges: ValueRanges) -> Node:
     and x'' <= b` where x' and x'' are x, or, in the columns where g holds, a value past every row
     bound (`where(g, hi, x)`): the test is made once per key column, and each element makes only its
     bound comparisons (not an `or` with a column of bools per element)."""
-    tests = [a for a in node.args if "q" not in a.free and _uses_kv(a) and not _bound_variables(a)]
     windows = [a for a in node.args if _window(a)]
-    if not tests or len(windows) != 1:
+    if len(windows) != 1:
         return node
     window = windows[0]
+    tests = [
+        a
+        for a in node.args
+        if a is not window and "q" not in a.free and _uses_kv(a) and not _bound_variables(a)
+    ]
+    if not tests:
+        return node
     test = tests[0] if len(tests) == 1 else make(Op.OR, *tests)
     comparisons = window.args if window.op is Op.AND else (window,)
     rebuilt = []
