@@ -71,8 +71,9 @@ BACKWARD_STAGES = (
     "backward runs one stage (no tile in flight) until dK/dV needs fewer registers"
 )
 BLOCK_MAP_SPILL = (
-    "issue 18 item 2 (hoisting): the block map's index arithmetic (q // block, kv // block) is computed per "
-    "element of the [128, 64] tile; 255 registers and 100 bytes of spills"
+    "issue 18 item 2 (hoisting): the block map blocks[b, h, q // block, kv // block] is gathered per element "
+    "of the [128, 64] tile in a blocked layout (32 byte loads per thread, all of one address) that the "
+    "compiler converts to the MMA layout through shared memory; 255 registers and 100 bytes of spills"
 )
 XFAIL: dict[str, dict[str, str]] = {
     "spills": {"block_sparse-attnc_fwd-d128-sm90": BLOCK_MAP_SPILL},
