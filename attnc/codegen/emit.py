@@ -160,6 +160,8 @@ class Emitter:
             return INT64 if decl is not None and decl.dtype == "int64" else INT32
         if op in (Op.FLOOR, Op.CEIL):
             return INT64
+        if op in (Op.MIN, Op.MAX):  # by its own range: a clamp narrows (see `_emit`)
+            return INT32 if fits_int32(self.ranges.of(n)) else INT64
         wide = not fits_int32(self.ranges.of(n))
         wide = wide or any(self.dtype(a) == INT64 for a in n.args if a.type is Type.INT)
         return INT64 if wide else INT32
@@ -192,6 +194,9 @@ class Emitter:
             return _literal(node.attr, dtype)  # type: ignore[arg-type]
         text = self.value(node)
         return text if self.dtype(node) == dtype else f"tl.cast({text}, {dtype})"
+
+    def _const_dtype(self, node: Node) -> str:
+        return INT32 if fits_int32((int(node.attr), int(node.attr))) else INT64  # type: ignore[arg-type]
 
     def _assign(self, value: str) -> str:
         name = f"{self.prefix}{len(self.lines)}"
@@ -241,7 +246,13 @@ class Emitter:
             return self._assign(f"-{self.cast(args[0], dtype)}")
         if op in (Op.MIN, Op.MAX):
             fn = "tl.minimum" if op is Op.MIN else "tl.maximum"
-            return self._assign(f"{fn}({self.cast(args[0], dtype)}, {self.cast(args[1], dtype)})")
+            if n.type is not Type.INT:
+                return self._assign(f"{fn}({self.cast(args[0], dtype)}, {self.cast(args[1], dtype)})")
+            # In the operands' width, then narrowed where the result fits int32 (a clamp of an int64
+            # row value into the range of the keys it is compared with: `fuse`'s `_narrowed`).
+            wide = _common(*(self._const_dtype(a) if a.is_const else self.dtype(a) for a in args))
+            value = f"{fn}({self.cast(args[0], wide)}, {self.cast(args[1], wide)})"
+            return self._assign(value if wide == dtype else f"tl.cast({value}, {dtype})")
         if op in _UNARY_CALL:
             if op is Op.TANH:
                 self.helpers.add("tanh")

@@ -1,0 +1,131 @@
+"""`fuse` places the mask's index arithmetic by axis (issue 18 item 2): a comparison of a row value
+with a key value keeps its constant, its divisor and its clamp into int32 on the row side (computed once
+per query tile), bounds on one key value from one side merge into one, and `(q - kv) % m == 0`
+compares residues. The kernel's mask must still equal the pattern's at every point: the dense oracle
+evaluates both.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnc
+import attnc.examples
+from attnc import oracle
+from attnc.analysis.value_ranges import INT32, ValueRanges
+from attnc.codegen.lower import render
+from attnc.ir.nodes import Node, Op, PatternIR
+from attnc.ir.rewrite import substitute
+
+COMPARISONS = (Op.LE, Op.GE, Op.EQ, Op.NE, Op.LT, Op.GT)
+
+NEIGHBORHOOD = {"height": 6, "width": 7, "kernel_h": 3, "kernel_w": 5}
+
+
+def _kernel(name: str, **params: object) -> attnc.Kernel:
+    return getattr(attnc.stdlib(), name)(**params)
+
+
+def _fused(kern: attnc.Kernel) -> PatternIR:
+    return kern._compiled.entry
+
+
+def _kernel_mask(pattern: PatternIR) -> Node:
+    """The kernel's mask with its hoisted lets substituted back (what one element computes)."""
+    assert pattern.kernel is not None and pattern.kernel.mask is not None
+    lets = dict(pattern.lets)
+    mask = pattern.kernel.mask
+    while any(n.op is Op.REF and str(n.attr) in lets for n in mask.walk()):
+        mask = substitute(mask, lets)
+    return mask
+
+
+def _comparisons(node: Node) -> list[Node]:
+    return [n for n in node.walk() if n.op in COMPARISONS]
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "q_offset"),
+    [
+        ("sliding_window", {"window": 5}, 0),
+        ("sliding_window", {"window": -(2**30)}, 0),  # row side far below int32: clamped
+        ("sliding_window", {"window": 2**30}, 3),
+        ("prefix_lm", {"prefix": 9}, 0),
+        ("dilated", {"window": 3, "dilation": 3}, 2),
+        ("neighborhood_2d", NEIGHBORHOOD, 0),
+        ("neighborhood_1d", {"kernel": 5, "dilation": 2}, 0),
+    ],
+)
+def test_kernel_mask_equals_the_patterns_at_every_point(name: str, params: dict, q_offset: int) -> None:
+    kern = _kernel(name, **params)
+    pattern = _fused(kern)
+    length = 42
+    inputs, runtime = kern._split({})
+    env = kern._env(length, length, 1, 1, inputs, runtime, torch.device("cpu"), q_offset=q_offset)
+    expected = oracle.mask(pattern, env)
+    found = oracle.evaluate(_kernel_mask(pattern), pattern, env)
+    assert torch.equal(found.expand_as(expected), expected)
+
+
+def _longformer() -> attnc.Kernel:
+    return attnc.load(attnc.examples.path("longformer.attn")).longformer_global(w=3)
+
+
+def test_longformer_kernel_mask_equals_the_patterns_at_every_point() -> None:
+    kern = _longformer()
+    pattern = _fused(kern)
+    is_global = torch.zeros(2, 42, dtype=torch.bool)
+    is_global[0, [0, 7, 30]] = True
+    is_global[1, [41]] = True
+    inputs, runtime = kern._split({"is_global": is_global})
+    env = kern._env(42, 42, 2, 1, inputs, runtime, torch.device("cpu"))
+    expected = oracle.mask(pattern, env)
+    found = oracle.evaluate(_kernel_mask(pattern), pattern, env)
+    assert torch.equal(found.expand_as(expected), expected)
+
+
+def test_a_key_test_ored_with_a_window_moves_into_its_key_values() -> None:
+    # `window or is_global[b, q] or is_global[b, kv]`: the key's test selects, once per key column, a
+    # key value every row bound admits; no `or` with the column remains per element.
+    mask = _kernel_mask(_fused(_longformer()))
+    assert mask.op is Op.OR
+    assert not any("q" not in a.free and "kv" in a.free for a in mask.args), mask.args
+
+
+def test_neighbourhood_window_is_one_comparison_per_bound() -> None:
+    # Each axis's border-shifted window `start <= j < start + k` (with `j >= n - k` and `j <= k - 1`
+    # at the borders, and the first axis's `kv // width`) is two comparisons of a key value with row
+    # bounds: four per element, no column tests, no division of the key.
+    mask = _kernel_mask(_fused(_kernel("neighborhood_2d", **NEIGHBORHOOD)))
+    compared = _comparisons(mask)
+    assert len(compared) == 4, compared
+    assert not any(n.op in (Op.FLOORDIV, Op.UDIV) and "kv" in n.free for n in mask.walk())
+
+
+def test_prefix_lm_bounds_merge_into_one_comparison() -> None:
+    # `kv < prefix or kv <= q`: two upper bounds of kv, one comparison with max(prefix - 1, q).
+    assert len(_comparisons(_kernel_mask(_fused(_kernel("prefix_lm", prefix=9))))) == 1
+
+
+def test_dilation_compares_residues_of_each_axis() -> None:
+    # `(q - kv) % 3 == 0` as `q % 3 == kv % 3`: no difference of q and kv is computed per element.
+    mask = _kernel_mask(_fused(_kernel("dilated", window=3, dilation=3)))
+    assert not any(n.op in (Op.MOD, Op.UMOD) and {"q", "kv"} <= n.free for n in mask.walk())
+
+
+def test_runtime_window_is_compared_in_int32() -> None:
+    # q - window leaves int32 for some windows; clamped into the keys' range it does not, and every
+    # comparison of the kernel's mask has int32 operands.
+    pattern = _fused(_kernel("sliding_window", window=5))
+    ranges = ValueRanges(pattern, dict(pattern.lets))
+    for n in _comparisons(pattern.kernel.mask):
+        for a in n.args:
+            lo, hi = ranges.of(a)
+            assert INT32[0] <= lo and hi <= INT32[1], (n, a, (lo, hi))
+
+
+def test_runtime_window_kernel_compares_keys_without_widening_them() -> None:
+    source = render(_kernel("sliding_window", window=5)._compiled.spec)
+    assert "tl.cast(kv_idx, tl.int64)" not in source
+    assert "tl.cast(tl.minimum(" in source  # the row bound, clamped in int64 and narrowed
