@@ -14,6 +14,8 @@ patterns of one structure share one source.
 from __future__ import annotations
 
 import ast
+import builtins
+import textwrap
 from functools import lru_cache
 from pathlib import Path
 from types import CodeType
@@ -318,7 +320,7 @@ def build_backward_spec(pattern: PatternIR) -> BackwardSpec:
 
 @lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -327,21 +329,92 @@ def _environment() -> jinja2.Environment:
         autoescape=False,
         extensions=["jinja2.ext.do"],
     )
+    env.filters["tile_parameters"] = tile_parameters
+    return env
+
+
+# The module-level names of every template (`_TEMPLATE_NAMES`' constants) and Python's builtins: what a
+# tile function reads without a parameter.
+_MODULE_CONSTANTS = frozenset({"triton", "tl", "LOG2E", "LN2"}) | frozenset(dir(builtins))
+
+
+def tile_parameters(body: str, spec: KernelSpec | BackwardSpec) -> list[str]:
+    """The parameters of a tile function (`_common.py.jinja`'s `tile_function`) whose statements are
+    `body`: every name the statements read before they assign it on every path, in the order of first
+    reading, except the module's constants and the spec's helpers. Computed from the rendered statements
+    themselves, so that the kernel passes each value its tile reads (the pattern's hoisted rows, inputs,
+    parameters, ... as well as the template's own names) and no parameter is ever missing; the caller
+    passes them by the same names."""
+    return list(_free_names(body, _MODULE_CONSTANTS | _helper_names(spec)))
+
+
+@lru_cache(maxsize=64)
+def _free_names(body: str, module: frozenset[str]) -> tuple[str, ...]:
+    """`tile_parameters` of the statements `body`, where `module` are the module-level names. The
+    statements are the templates': assignments (of names and tuples of names), `if`s, expressions and
+    reductions' `for` loops (`emit.py`)."""
+    found: dict[str, None] = {}
+
+    def read(node: ast.AST, bound: set[str]) -> None:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id not in bound | module:
+                found.setdefault(n.id)
+
+    def stored(targets: list[ast.expr]) -> set[str]:
+        return {n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)}
+
+    def run(statements: list[ast.stmt], bound: set[str]) -> set[str]:
+        """Reads the statements' free names into `found`; the names bound after them on every path."""
+        for stmt in statements:
+            if isinstance(stmt, ast.If):
+                read(stmt.test, bound)
+                bound = bound | (run(stmt.body, bound) & run(stmt.orelse, bound))
+            elif isinstance(stmt, ast.Assign):
+                read(stmt.value, bound)
+                bound = bound | stored(stmt.targets)
+            elif isinstance(stmt, ast.AugAssign):  # `x += y` reads x too
+                assert isinstance(stmt.target, ast.Name), ast.unparse(stmt)
+                read(stmt.value, bound)
+                read(ast.Name(id=stmt.target.id, ctx=ast.Load()), bound)
+                bound = bound | {stmt.target.id}
+            elif isinstance(stmt, ast.For):  # a reduction's loop: what it assigns is its own
+                read(stmt.iter, bound)
+                run(stmt.body, bound | stored([stmt.target]))
+            else:
+                read(stmt, bound)
+        return bound
+
+    run(ast.parse(textwrap.dedent(expand_blocks(body))).body, set())
+    return tuple(found)
 
 
 # What each template defines at module level, besides the helpers `_common.py.jinja` adds for a spec.
 _TEMPLATE_NAMES = {
-    "attention_fwd.py.jinja": frozenset({"triton", "tl", "LOG2E", "LN2", "attnc_fwd"}),
+    "attention_fwd.py.jinja": frozenset(
+        {"triton", "tl", "LOG2E", "LN2", "_fwd_partial_tile", "_fwd_full_tile", "attnc_fwd"}
+    ),
     "attention_bwd.py.jinja": frozenset(
-        {"triton", "tl", "LOG2E", "attnc_bwd_preprocess", "attnc_bwd_dq", "attnc_bwd_dkv"}
+        {
+            "triton",
+            "tl",
+            "LOG2E",
+            "_dq_partial_tile",
+            "_dq_full_tile",
+            "attnc_bwd_preprocess",
+            "attnc_bwd_dq",
+            "attnc_bwd_dkv",
+        }
     ),
 }
 _IMPORTS = {("triton", None): "triton", ("triton.language", "tl"): "tl"}
 
 
 def _helper_names(spec: KernelSpec | BackwardSpec) -> frozenset[str]:
-    """The helper functions `_common.py.jinja` defines for a spec."""
+    """The helper functions `_common.py.jinja` defines for a spec, and the backward's tile functions of
+    the exact Delta (only where the spec has input gradients)."""
     names = {f"_{helper}" for helper in spec.helpers}
+    if isinstance(spec, BackwardSpec) and spec.grad_inputs:
+        names |= {"_delta_partial_tile", "_delta_full_tile"}
     if "floormod" in spec.helpers:  # _floormod calls _floordiv
         names.add("_floordiv")
     if spec.analytic:
