@@ -356,8 +356,9 @@ def _free_names(body: str, module: frozenset[str]) -> tuple[str, ...]:
     found: dict[str, None] = {}
 
     def read(node: ast.AST, bound: set[str]) -> None:
-        for n in ast.walk(node):
-            if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load) and n.id not in bound | module:
+        names = [n for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)]
+        for n in sorted(names, key=lambda n: (n.lineno, n.col_offset)):  # in the source's order
+            if n.id not in bound | module:
                 found.setdefault(n.id)
 
     def stored(targets: list[ast.expr]) -> set[str]:
@@ -375,7 +376,7 @@ def _free_names(body: str, module: frozenset[str]) -> tuple[str, ...]:
             elif isinstance(stmt, ast.AugAssign):  # `x += y` reads x too
                 assert isinstance(stmt.target, ast.Name), ast.unparse(stmt)
                 read(stmt.value, bound)
-                read(ast.Name(id=stmt.target.id, ctx=ast.Load()), bound)
+                read(ast.copy_location(ast.Name(id=stmt.target.id, ctx=ast.Load()), stmt.target), bound)
                 bound = bound | {stmt.target.id}
             elif isinstance(stmt, ast.For):  # a reduction's loop: what it assigns is its own
                 read(stmt.iter, bound)
@@ -400,6 +401,8 @@ _TEMPLATE_NAMES = {
             "LOG2E",
             "_dq_partial_tile",
             "_dq_full_tile",
+            "_dkv_partial_tile",
+            "_dkv_full_tile",
             "attnc_bwd_preprocess",
             "attnc_bwd_dq",
             "attnc_bwd_dkv",
