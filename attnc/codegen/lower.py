@@ -356,13 +356,13 @@ def _free_names(body: str, module: frozenset[str]) -> tuple[str, ...]:
     found: dict[str, None] = {}
 
     def read(node: ast.AST, bound: set[str]) -> None:
-        names = [n for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)]
+        names = [n for n in _names(node) if type(n.ctx) is ast.Load]
         for n in sorted(names, key=lambda n: (n.lineno, n.col_offset)):  # in the source's order
-            if n.id not in bound | module:
+            if n.id not in bound and n.id not in module:
                 found.setdefault(n.id)
 
     def stored(targets: list[ast.expr]) -> set[str]:
-        return {n.id for target in targets for n in ast.walk(target) if isinstance(n, ast.Name)}
+        return {n.id for target in targets for n in _names(target)}
 
     def run(statements: list[ast.stmt], bound: set[str]) -> set[str]:
         """Reads the statements' free names into `found`; the names bound after them on every path."""
@@ -475,6 +475,26 @@ def _bindings(tree: ast.Module) -> list[ast.arg | ast.Name]:
         elif kind is ast.arg:
             found.append(node)  # type: ignore[arg-type]
         elif kind is not ast.Constant and isinstance(node, ast.AST):  # lists may hold strings
+            fields = _NODE_FIELDS.get(kind)
+            for name in _node_fields(kind) if fields is None else fields:
+                value = getattr(node, name, None)
+                if type(value) is list:
+                    stack.extend(value)
+                elif isinstance(value, ast.AST):
+                    stack.append(value)
+    return found
+
+
+def _names(tree: ast.AST) -> list[ast.Name]:
+    """Every `ast.Name` in the tree, in any order (as `_bindings`, without entering leaves)."""
+    found: list[ast.Name] = []
+    stack: list[object] = [tree]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is ast.Name:
+            found.append(node)  # type: ignore[arg-type]
+        elif kind is not ast.Constant and isinstance(node, ast.AST):
             fields = _NODE_FIELDS.get(kind)
             for name in _node_fields(kind) if fields is None else fields:
                 value = getattr(node, name, None)
