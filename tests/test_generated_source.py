@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 import attnc
 import attnc.examples
-from attnc.codegen.lower import build_backward_spec, build_spec, render, tile_parameters
+from attnc.codegen.lower import build_backward_spec, build_spec, checked_code, render, tile_parameters
+from attnc.errors import InternalError
 from attnc.runtime import launch
 
 
@@ -122,18 +125,24 @@ def test_a_tile_functions_parameters_are_the_names_it_reads_before_assigning_the
     body = "\n".join(
         [
             "a = tl.where(b, c, _tile_of(c, BLOCK))",  # tl and the helpers are module names
-            "if FLAG:",
-            "    d = a",
-            "else:",
-            "    e = float('-inf')",  # a builtin
-            "x = d + e + acc",  # assigned on one path only: passed in
-            "acc += x",
+            "if FLAG:  # a comment's words are not read",
+            "    d = tl.load(x.ptr + a, mask=a < n, other=float('-inf'))",  # no attribute, keyword, string
+            "e, f = d, a == g",
+            "acc += e",
             "for i in range(0, LIMIT):",
-            "    t = i * x",
-            "    acc = acc + t + u",
+            "    acc = acc + i * u",
         ]
     )
-    assert tile_parameters(body, spec) == ["b", "c", "BLOCK", "FLAG", "d", "e", "acc", "LIMIT", "u"]
+    assert tile_parameters(body, spec) == ["b", "c", "BLOCK", "FLAG", "x", "n", "g", "acc", "LIMIT", "u"]
+
+
+def test_the_loaded_source_is_rejected_where_a_tile_function_lacks_a_parameter() -> None:
+    spec = build_spec(attnc.stdlib().causal().pattern)
+    source = forward(attnc.stdlib().causal())
+    checked_code(source, spec, "attention_fwd.py.jinja")
+    broken = source.replace("def _fwd_full_tile(n, ", "def _fwd_full_tile(")
+    with pytest.raises(InternalError, match=r"tile function _fwd_full_tile reads \['n'\]"):
+        checked_code(broken, spec, "attention_fwd.py.jinja")
 
 
 def test_the_dkv_kernel_calls_its_tile_functions_from_every_loop_of_every_conjunct() -> None:

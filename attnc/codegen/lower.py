@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import ast
 import builtins
-import textwrap
+import keyword
+import re
 from functools import lru_cache
 from pathlib import Path
 from types import CodeType
@@ -333,60 +334,84 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-# The module-level names of every template (`_TEMPLATE_NAMES`' constants) and Python's builtins: what a
-# tile function reads without a parameter.
-_MODULE_CONSTANTS = frozenset({"triton", "tl", "LOG2E", "LN2"}) | frozenset(dir(builtins))
+# The module-level names of every template (`_TEMPLATE_NAMES`' constants), Python's builtins and keywords:
+# what a tile function reads without a parameter.
+_MODULE_CONSTANTS = (
+    frozenset({"triton", "tl", "LOG2E", "LN2"}) | frozenset(dir(builtins)) | frozenset(keyword.kwlist)
+)
+# In one line of a tile's statements: a string literal; an assignment `a = ...`, `a, b = ...` or
+# `a += ...` (targets, operator, value); a loop's header; a name read (not an attribute, not a keyword
+# argument's name).
+_STRING = re.compile(r"\"[^\"]*\"|'[^']*'")
+_ASSIGNMENT = re.compile(r"\s*([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)*)\s*([-+*/]?=)(?!=)(.*)")
+_LOOP = re.compile(r"\s*for\s+([A-Za-z_]\w*)\s+in\b(.*)")
+_READ = re.compile(r"(?<![\w.])[A-Za-z_]\w*(?!\w)(?!\s*=(?!=))")
 
 
 def tile_parameters(body: str, spec: KernelSpec | BackwardSpec) -> list[str]:
     """The parameters of a tile function (`_common.py.jinja`'s `tile_function`) whose statements are
-    `body`: every name the statements read before they assign it on every path, in the order of first
-    reading, except the module's constants and the spec's helpers. Computed from the rendered statements
-    themselves, so that the kernel passes each value its tile reads (the pattern's hoisted rows, inputs,
-    parameters, ... as well as the template's own names) and no parameter is ever missing; the caller
-    passes them by the same names."""
+    `body`: every name a statement reads before one assigns it, in the order of first reading, except
+    the module's names (constants, the spec's helpers, builtins). Found in the rendered statements
+    themselves, so that the function takes each value its tile reads (the pattern's hoisted rows,
+    inputs, parameters, ... as well as the template's own names); the caller passes them by the same
+    names. The render parses nothing (one parse of the whole source where it is loaded): the statements
+    are read line by line, each line one statement of the templates' forms, and `checked_code` checks
+    in that parse that no tile function reads a name it lacks (`_tile_function_reads`)."""
     return list(_free_names(body, _MODULE_CONSTANTS | _helper_names(spec)))
 
 
 @lru_cache(maxsize=64)
 def _free_names(body: str, module: frozenset[str]) -> tuple[str, ...]:
-    """`tile_parameters` of the statements `body`, where `module` are the module-level names. The
-    statements are the templates': assignments (of names and tuples of names), `if`s, expressions and
-    reductions' `for` loops (`emit.py`)."""
+    """`tile_parameters` of the statements `body`, where `module` are the module-level names."""
     found: dict[str, None] = {}
+    bound: set[str] = set()
+    for line in expand_blocks(body).splitlines():
+        code, targets = _STRING.sub('""', line.split("#", 1)[0]), ""  # (no string holds a "#")
+        if assignment := _ASSIGNMENT.match(code):
+            targets, operator, code = assignment.groups()
+            if operator != "=":  # `x += y` reads x too
+                code = f"{targets} {code}"
+        elif loop := _LOOP.match(code):
+            bound.add(loop.group(1))  # a reduction's loop variable (its names are the loop's own)
+            code = loop.group(2)
+        for name in _READ.findall(code):
+            if name not in bound and name not in module:
+                found.setdefault(name)
+        bound.update(re.findall(r"\w+", targets))
+    return tuple(found)
+
+
+def _tile_function_reads(function: ast.FunctionDef, module: frozenset[str]) -> list[str]:
+    """The names a function's statements read that are neither its parameters, nor assigned by it before
+    on every path, nor the module's: empty for a tile function whose parameters are complete."""
+    missing: dict[str, None] = {}
 
     def read(node: ast.AST, bound: set[str]) -> None:
-        names = [n for n in _names(node) if type(n.ctx) is ast.Load]
-        for n in sorted(names, key=lambda n: (n.lineno, n.col_offset)):  # in the source's order
-            if n.id not in bound and n.id not in module:
-                found.setdefault(n.id)
-
-    def stored(targets: list[ast.expr]) -> set[str]:
-        return {n.id for target in targets for n in _names(target)}
+        for n in _names(node):
+            if type(n.ctx) is ast.Load and n.id not in bound and n.id not in module:
+                missing.setdefault(n.id)
 
     def run(statements: list[ast.stmt], bound: set[str]) -> set[str]:
-        """Reads the statements' free names into `found`; the names bound after them on every path."""
+        """Reads the statements' free names into `missing`; the names bound after them on every path."""
         for stmt in statements:
             if isinstance(stmt, ast.If):
                 read(stmt.test, bound)
                 bound = bound | (run(stmt.body, bound) & run(stmt.orelse, bound))
-            elif isinstance(stmt, ast.Assign):
+            elif isinstance(stmt, ast.Assign | ast.AugAssign):
                 read(stmt.value, bound)
-                bound = bound | stored(stmt.targets)
-            elif isinstance(stmt, ast.AugAssign):  # `x += y` reads x too
-                assert isinstance(stmt.target, ast.Name), ast.unparse(stmt)
-                read(stmt.value, bound)
-                read(ast.copy_location(ast.Name(id=stmt.target.id, ctx=ast.Load()), stmt.target), bound)
-                bound = bound | {stmt.target.id}
-            elif isinstance(stmt, ast.For):  # a reduction's loop: what it assigns is its own
+                targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+                if isinstance(stmt, ast.AugAssign):  # `x += y` reads x too
+                    read(ast.Name(id=ast.unparse(stmt.target), ctx=ast.Load()), bound)
+                bound = bound | {n.id for target in targets for n in _names(target)}
+            elif isinstance(stmt, ast.For):
                 read(stmt.iter, bound)
-                run(stmt.body, bound | stored([stmt.target]))
+                run(stmt.body, bound | {n.id for n in _names(stmt.target)})
             else:
                 read(stmt, bound)
         return bound
 
-    run(ast.parse(textwrap.dedent(expand_blocks(body))).body, set())
-    return tuple(found)
+    run(function.body, {a.arg for a in function.args.args})
+    return list(missing)
 
 
 # What each template defines at module level, besides the helpers `_common.py.jinja` adds for a spec.
@@ -513,6 +538,11 @@ def _check_structure(tree: ast.Module, spec: KernelSpec | BackwardSpec, template
     expected = _TEMPLATE_NAMES[template] | _helper_names(spec)
     if len(defined) != len(set(defined)) or set(defined) != expected:
         raise ValueError(f"it defines {sorted(defined)}, not {sorted(expected)}")
+    for stmt in tree.body:
+        if isinstance(stmt, ast.FunctionDef) and stmt.name.endswith("_tile"):
+            missing = _tile_function_reads(stmt, _MODULE_CONSTANTS | expected)
+            if missing:
+                raise ValueError(f"tile function {stmt.name} reads {missing}, not among its parameters")
     parameters: set[str] = set()
     runtime: set[str] = set()
     namespaces = (*INPUT_NAMESPACES, PARAM_NAMESPACE)
