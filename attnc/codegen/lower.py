@@ -4,10 +4,12 @@ The last stage of the pipeline. `build_spec` reads what the earlier passes decid
 and hoisted lets of `fuse`, the sparsity of `block-sparsify`, the closed-form ranges of
 `derive-ranges` — and turns every expression into Triton statements (`emit.py`). `render` places the
 spec in the Jinja templates (`templates/*.py.jinja`, `StrictUndefined`: a name the template uses and
-the spec lacks is an error, never an empty string). `checked_code` is how the source becomes code: one
-parse with Python's parser, before Triton ever sees it, checking that it defines exactly the template's
-kernels, constants and helpers and that no name but the inputs' parameters lies in the inputs'
-namespace, then compiled from that tree. No name of the pattern is rendered (the spec holds none), so
+the spec lacks is an error, never an empty string); each kind of tile is a tile function whose
+parameters are the names its statements read (`tile_parameters`). `checked_code` is how the source
+becomes code: one parse with Python's parser, before Triton ever sees it, checking that it defines
+exactly the template's kernels, constants, helpers and tile functions, that each tile function takes
+every name it reads, and that no name but the inputs' parameters lies in the inputs' namespace, then
+compiled from that tree. No name of the pattern is rendered (the spec holds none), so
 patterns of one structure share one source.
 """
 
@@ -532,8 +534,9 @@ def _names(tree: ast.AST) -> list[ast.Name]:
 
 def _check_structure(tree: ast.Module, spec: KernelSpec | BackwardSpec, template: str) -> None:
     """Raise ValueError unless the module defines exactly the template's names and the spec's helpers,
-    and the names in the inputs' namespaces are exactly the inputs' kernel parameters (so no template
-    name, and no other input, can take one of them); likewise the runtime parameters' namespace."""
+    each tile function reads only its parameters and the module's names, and the names in the inputs'
+    namespaces are exactly the inputs' kernel parameters (so no template name, and no other input, can
+    take one of them); likewise the runtime parameters' namespace."""
     defined = _definitions(tree)
     expected = _TEMPLATE_NAMES[template] | _helper_names(spec)
     if len(defined) != len(set(defined)) or set(defined) != expected:
