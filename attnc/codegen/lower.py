@@ -4,16 +4,21 @@ The last stage of the pipeline. `build_spec` reads what the earlier passes decid
 and hoisted lets of `fuse`, the sparsity of `block-sparsify`, the closed-form ranges of
 `derive-ranges` — and turns every expression into Triton statements (`emit.py`). `render` places the
 spec in the Jinja templates (`templates/*.py.jinja`, `StrictUndefined`: a name the template uses and
-the spec lacks is an error, never an empty string). `checked_code` is how the source becomes code: one
-parse with Python's parser, before Triton ever sees it, checking that it defines exactly the template's
-kernels, constants and helpers and that no name but the inputs' parameters lies in the inputs'
-namespace, then compiled from that tree. No name of the pattern is rendered (the spec holds none), so
+the spec lacks is an error, never an empty string); each kind of tile is a tile function whose
+parameters are the names its statements read (`tile_parameters`). `checked_code` is how the source
+becomes code: one parse with Python's parser, before Triton ever sees it, checking that it defines
+exactly the template's kernels, constants, helpers and tile functions, that each tile function takes
+every name it reads, and that no name but the inputs' parameters lies in the inputs' namespace, then
+compiled from that tree. No name of the pattern is rendered (the spec holds none), so
 patterns of one structure share one source.
 """
 
 from __future__ import annotations
 
 import ast
+import builtins
+import keyword
+import re
 from functools import lru_cache
 from pathlib import Path
 from types import CodeType
@@ -318,7 +323,7 @@ def build_backward_spec(pattern: PatternIR) -> BackwardSpec:
 
 @lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(
+    env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
@@ -327,21 +332,119 @@ def _environment() -> jinja2.Environment:
         autoescape=False,
         extensions=["jinja2.ext.do"],
     )
+    env.filters["tile_parameters"] = tile_parameters
+    return env
+
+
+# The module-level names of every template (`_TEMPLATE_NAMES`' constants), Python's builtins and keywords:
+# what a tile function reads without a parameter.
+_MODULE_CONSTANTS = (
+    frozenset({"triton", "tl", "LOG2E", "LN2"}) | frozenset(dir(builtins)) | frozenset(keyword.kwlist)
+)
+# In one line of a tile's statements: a string literal; an assignment `a = ...`, `a, b = ...` or
+# `a += ...` (targets, operator, value); a loop's header; a name read (not an attribute, not a keyword
+# argument's name).
+_STRING = re.compile(r"\"[^\"]*\"|'[^']*'")
+_ASSIGNMENT = re.compile(r"\s*([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)*)\s*([-+*/]?=)(?!=)(.*)")
+_LOOP = re.compile(r"\s*for\s+([A-Za-z_]\w*)\s+in\b(.*)")
+_READ = re.compile(r"(?<![\w.])[A-Za-z_]\w*(?!\w)(?!\s*=(?!=))")
+
+
+def tile_parameters(body: str, spec: KernelSpec | BackwardSpec) -> list[str]:
+    """The parameters of a tile function (`_common.py.jinja`'s `tile_function`) whose statements are
+    `body`: every name a statement reads before one assigns it, in the order of first reading, except
+    the module's names (constants, the spec's helpers, builtins). Found in the rendered statements
+    themselves, so that the function takes each value its tile reads (the pattern's hoisted rows,
+    inputs, parameters, ... as well as the template's own names); the caller passes them by the same
+    names. The render parses nothing (one parse of the whole source where it is loaded): the statements
+    are read line by line, each line one statement of the templates' forms, and `checked_code` checks
+    in that parse that no tile function reads a name it lacks (`_tile_function_reads`)."""
+    return list(_free_names(body, _MODULE_CONSTANTS | _helper_names(spec)))
+
+
+@lru_cache(maxsize=64)
+def _free_names(body: str, module: frozenset[str]) -> tuple[str, ...]:
+    """`tile_parameters` of the statements `body`, where `module` are the module-level names."""
+    found: dict[str, None] = {}
+    bound: set[str] = set()
+    for line in expand_blocks(body).splitlines():
+        code, targets = _STRING.sub('""', line.split("#", 1)[0]), ""  # (no string holds a "#")
+        if assignment := _ASSIGNMENT.match(code):
+            targets, operator, code = assignment.groups()
+            if operator != "=":  # `x += y` reads x too
+                code = f"{targets} {code}"
+        elif loop := _LOOP.match(code):
+            bound.add(loop.group(1))  # a reduction's loop variable (its names are the loop's own)
+            code = loop.group(2)
+        for name in _READ.findall(code):
+            if name not in bound and name not in module:
+                found.setdefault(name)
+        bound.update(re.findall(r"\w+", targets))
+    return tuple(found)
+
+
+def _tile_function_reads(function: ast.FunctionDef, module: frozenset[str]) -> list[str]:
+    """The names a function's statements read that are neither its parameters, nor assigned by it before
+    on every path, nor the module's: empty for a tile function whose parameters are complete."""
+    missing: dict[str, None] = {}
+
+    def read(node: ast.AST, bound: set[str]) -> None:
+        for n in _names(node):
+            if type(n.ctx) is ast.Load and n.id not in bound and n.id not in module:
+                missing.setdefault(n.id)
+
+    def run(statements: list[ast.stmt], bound: set[str]) -> set[str]:
+        """Reads the statements' free names into `missing`; the names bound after them on every path."""
+        for stmt in statements:
+            if isinstance(stmt, ast.If):
+                read(stmt.test, bound)
+                bound = bound | (run(stmt.body, bound) & run(stmt.orelse, bound))
+            elif isinstance(stmt, ast.Assign | ast.AugAssign):
+                read(stmt.value, bound)
+                targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+                if isinstance(stmt, ast.AugAssign):  # `x += y` reads x too
+                    read(ast.Name(id=ast.unparse(stmt.target), ctx=ast.Load()), bound)
+                bound = bound | {n.id for target in targets for n in _names(target)}
+            elif isinstance(stmt, ast.For):
+                read(stmt.iter, bound)
+                run(stmt.body, bound | {n.id for n in _names(stmt.target)})
+            else:
+                read(stmt, bound)
+        return bound
+
+    run(function.body, {a.arg for a in function.args.args})
+    return list(missing)
 
 
 # What each template defines at module level, besides the helpers `_common.py.jinja` adds for a spec.
 _TEMPLATE_NAMES = {
-    "attention_fwd.py.jinja": frozenset({"triton", "tl", "LOG2E", "LN2", "attnc_fwd"}),
+    "attention_fwd.py.jinja": frozenset(
+        {"triton", "tl", "LOG2E", "LN2", "_fwd_partial_tile", "_fwd_full_tile", "attnc_fwd"}
+    ),
     "attention_bwd.py.jinja": frozenset(
-        {"triton", "tl", "LOG2E", "attnc_bwd_preprocess", "attnc_bwd_dq", "attnc_bwd_dkv"}
+        {
+            "triton",
+            "tl",
+            "LOG2E",
+            "_dq_partial_tile",
+            "_dq_full_tile",
+            "_dkv_partial_tile",
+            "_dkv_full_tile",
+            "attnc_bwd_preprocess",
+            "attnc_bwd_dq",
+            "attnc_bwd_dkv",
+        }
     ),
 }
 _IMPORTS = {("triton", None): "triton", ("triton.language", "tl"): "tl"}
 
 
 def _helper_names(spec: KernelSpec | BackwardSpec) -> frozenset[str]:
-    """The helper functions `_common.py.jinja` defines for a spec."""
+    """The helper functions `_common.py.jinja` defines for a spec, and the backward's tile functions of
+    the exact Delta (only where the spec has input gradients)."""
     names = {f"_{helper}" for helper in spec.helpers}
+    if isinstance(spec, BackwardSpec) and spec.grad_inputs:
+        names |= {"_delta_partial_tile", "_delta_full_tile"}
     if "floormod" in spec.helpers:  # _floormod calls _floordiv
         names.add("_floordiv")
     if spec.analytic:
@@ -409,14 +512,40 @@ def _bindings(tree: ast.Module) -> list[ast.arg | ast.Name]:
     return found
 
 
+def _names(tree: ast.AST) -> list[ast.Name]:
+    """Every `ast.Name` in the tree, in any order (as `_bindings`, without entering leaves)."""
+    found: list[ast.Name] = []
+    stack: list[object] = [tree]
+    while stack:
+        node = stack.pop()
+        kind = type(node)
+        if kind is ast.Name:
+            found.append(node)  # type: ignore[arg-type]
+        elif kind is not ast.Constant and isinstance(node, ast.AST):
+            fields = _NODE_FIELDS.get(kind)
+            for name in _node_fields(kind) if fields is None else fields:
+                value = getattr(node, name, None)
+                if type(value) is list:
+                    stack.extend(value)
+                elif isinstance(value, ast.AST):
+                    stack.append(value)
+    return found
+
+
 def _check_structure(tree: ast.Module, spec: KernelSpec | BackwardSpec, template: str) -> None:
     """Raise ValueError unless the module defines exactly the template's names and the spec's helpers,
-    and the names in the inputs' namespaces are exactly the inputs' kernel parameters (so no template
-    name, and no other input, can take one of them); likewise the runtime parameters' namespace."""
+    each tile function reads only its parameters and the module's names, and the names in the inputs'
+    namespaces are exactly the inputs' kernel parameters (so no template name, and no other input, can
+    take one of them); likewise the runtime parameters' namespace."""
     defined = _definitions(tree)
     expected = _TEMPLATE_NAMES[template] | _helper_names(spec)
     if len(defined) != len(set(defined)) or set(defined) != expected:
         raise ValueError(f"it defines {sorted(defined)}, not {sorted(expected)}")
+    for stmt in tree.body:
+        if isinstance(stmt, ast.FunctionDef) and stmt.name.endswith("_tile"):
+            missing = _tile_function_reads(stmt, _MODULE_CONSTANTS | expected)
+            if missing:
+                raise ValueError(f"tile function {stmt.name} reads {missing}, not among its parameters")
     parameters: set[str] = set()
     runtime: set[str] = set()
     namespaces = (*INPUT_NAMESPACES, PARAM_NAMESPACE)

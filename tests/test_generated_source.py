@@ -1,0 +1,155 @@
+"""Golden tests of the generated Triton source (`lower-triton`), FileCheck-style: the lines that matter.
+
+Each kind of tile is one `@triton.jit` tile function, defined once and called by every loop of every
+conjunct, so that the mask and the score are rendered once and the source does not grow with the loops
+(issue 18 item 1). `expect_in_order` is FileCheck's CHECK: each pattern matches a later line than the
+one before.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import attnc
+import attnc.examples
+from attnc.codegen.lower import build_backward_spec, build_spec, checked_code, render, tile_parameters
+from attnc.errors import InternalError
+from attnc.runtime import launch
+
+
+def example(name: str) -> attnc.AttnModule:
+    return attnc.load(attnc.examples.path(name))
+
+
+def forward(kern: attnc.Kernel) -> str:
+    return render(build_spec(kern.pattern))
+
+
+def backward(kern: attnc.Kernel) -> str:
+    return render(build_backward_spec(kern.pattern), launch.BACKWARD_TEMPLATE)
+
+
+def count(source: str, pattern: str) -> int:
+    """The lines matching the regular expression `pattern` (searched, after leading spaces)."""
+    return sum(1 for line in source.splitlines() if re.search(pattern, line.strip()))
+
+
+def expect_in_order(source: str, patterns: list[str]) -> None:
+    lines = [line.strip() for line in source.splitlines()]
+    at = 0
+    for pattern in patterns:
+        found = next((i for i in range(at, len(lines)) if re.search(pattern, lines[i])), None)
+        assert found is not None, f"no line matching {pattern!r} after line {at + 1}"
+        at = found + 1
+
+
+def calls(name: str, state: str = "acc, l_i, m_i") -> str:
+    return rf"^{re.escape(state)} = {name}\("
+
+
+def test_causal_forward_calls_one_partial_and_one_full_tile_function_from_its_three_loops() -> None:
+    source = forward(attnc.stdlib().causal())
+    expect_in_order(
+        source,
+        [
+            r"^def _fwd_partial_tile\(",
+            r"^m0 = q_idx >= kv_idx$",
+            r"^return acc, l_i, m_i$",
+            r"^def _fwd_full_tile\(",
+            r"^return acc, l_i, m_i$",
+            r"^def attnc_fwd\(",
+            r"^for n in range\(first_0, tl\.minimum\(full_first_0, last_0 \+ 1\)\):$",
+            calls("_fwd_partial_tile"),
+            r"^for n in range\(full_first_0, full_last_0 \+ 1\):$",
+            calls("_fwd_full_tile"),
+            r"^for n in range\(tl\.maximum\(full_last_0 \+ 1, first_0\), last_0 \+ 1\):$",
+            calls("_fwd_partial_tile"),
+        ],
+    )
+    assert count(source, r"^def _fwd_(partial|full)_tile\(") == 2
+    assert count(source, r"q_idx >= kv_idx") == 1  # the mask, once
+
+
+def test_a_four_conjunct_forward_renders_the_tile_body_once_per_kind() -> None:
+    # neighborhood_1d's mask has four conjuncts: 4 loops over PARTIAL tiles and 4 over FULL ones.
+    source = forward(attnc.stdlib().neighborhood_1d(kernel=7))
+    assert count(source, r"^def _fwd_partial_tile\(") == 1
+    assert count(source, r"^def _fwd_full_tile\(") == 1
+    assert count(source, calls("_fwd_partial_tile")) == 4
+    assert count(source, calls("_fwd_full_tile")) == 4
+    assert count(source, r"tl\.dot\(") == 4  # q kᵀ and p v, in each of the two functions
+    assert count(source, r"^allowed = allowed & \(") == 1  # the mask, in the PARTIAL tile only
+
+
+def test_a_metadata_forward_calls_the_tile_functions_from_its_three_loops() -> None:
+    source = forward(example("dynamic_sparse.attn").block_sparse())
+    expect_in_order(
+        source,
+        [
+            r"^def _fwd_partial_tile\(",
+            r"^def _fwd_full_tile\(",
+            r"^def attnc_fwd\(",
+            r"^n = tl\.load\(kv_partial_indices \+ meta_base \+ i\)$",
+            calls("_fwd_partial_tile"),
+            r"^n = next_n$",
+            calls("_fwd_full_tile"),
+            r"^n = tl\.load\(kv_full_indices \+ meta_base \+ i\)$",
+            calls("_fwd_partial_tile"),
+        ],
+    )
+
+
+def test_the_dq_kernel_calls_its_tile_functions_from_every_loop_of_every_conjunct() -> None:
+    # prefix_lm: two conjuncts, each with a PARTIAL and a FULL loop in dQ (the forward's loops).
+    source = backward(attnc.stdlib().prefix_lm(prefix=7))
+    assert count(source, r"^def _dq_partial_tile\(") == 1
+    assert count(source, r"^def _dq_full_tile\(") == 1
+    assert count(source, r"^dq \+= tl\.dot\(ds_k, k,") == 2
+    assert count(source, calls("_dq_partial_tile", "dq")) == 2
+    assert count(source, calls("_dq_full_tile", "dq")) == 2
+
+
+def test_input_gradients_compute_the_exact_delta_in_tile_functions_too() -> None:
+    source = backward(example("score_mods.attn").relative_bias())
+    assert count(source, r"^def _delta_partial_tile\(") == 1
+    assert count(source, r"^def _delta_full_tile\(") == 1
+    assert count(source, r"^delta_sum \+= tl\.sum\(p \* dp, 1\)$") == 2
+    assert count(source, calls("_delta_partial_tile", "delta_sum")) == 2
+    assert count(source, calls("_delta_full_tile", "delta_sum")) == 1
+
+
+def test_a_tile_functions_parameters_are_the_names_it_reads_before_assigning_them() -> None:
+    spec = build_spec(attnc.stdlib().causal().pattern)
+    body = "\n".join(
+        [
+            "a = tl.where(b, c, _tile_of(c, BLOCK))",  # tl and the helpers are module names
+            "if FLAG:  # a comment's words are not read",
+            "    d = tl.load(x.ptr + a, mask=a < n, other=float('-inf'))",  # no attribute, keyword, string
+            "e, f = d, a == g",
+            "acc += e",
+            "for i in range(0, LIMIT):",
+            "    acc = acc + i * u",
+        ]
+    )
+    assert tile_parameters(body, spec) == ["b", "c", "BLOCK", "FLAG", "x", "n", "g", "acc", "LIMIT", "u"]
+
+
+def test_the_loaded_source_is_rejected_where_a_tile_function_lacks_a_parameter() -> None:
+    spec = build_spec(attnc.stdlib().causal().pattern)
+    source = forward(attnc.stdlib().causal())
+    checked_code(source, spec, "attention_fwd.py.jinja")
+    broken = source.replace("def _fwd_full_tile(n, ", "def _fwd_full_tile(")
+    with pytest.raises(InternalError, match=r"tile function _fwd_full_tile reads \['n'\]"):
+        checked_code(broken, spec, "attention_fwd.py.jinja")
+
+
+def test_the_dkv_kernel_calls_its_tile_functions_from_every_loop_of_every_conjunct() -> None:
+    # prefix_lm's dK/dV kernel: per conjunct a PARTIAL loop on each side of a FULL one, each tile tested.
+    source = backward(attnc.stdlib().prefix_lm(prefix=7))
+    assert count(source, r"^def _dkv_partial_tile\(") == 1
+    assert count(source, r"^def _dkv_full_tile\(") == 1
+    assert count(source, r"^dk \+= tl\.dot\(") == 2
+    assert count(source, calls("_dkv_partial_tile", "dk, dv")) == 4
+    assert count(source, calls("_dkv_full_tile", "dk, dv")) == 2
