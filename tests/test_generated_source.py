@@ -128,12 +128,13 @@ def test_a_tile_functions_parameters_are_the_names_it_reads_before_assigning_the
             "if FLAG:  # a comment's words are not read",
             "    d = tl.load(x.ptr + a, mask=a < n, other=float('-inf'))",  # no attribute, keyword, string
             "e, f = d, a == g",
+            "h = h + 1",  # read before it is bound
             "acc += e",
             "for i in range(0, LIMIT):",
             "    acc = acc + i * u",
         ]
     )
-    assert tile_parameters(body, spec) == ["b", "c", "BLOCK", "FLAG", "x", "n", "g", "acc", "LIMIT", "u"]
+    assert tile_parameters(body, spec) == ["b", "c", "BLOCK", "FLAG", "x", "n", "g", "h", "acc", "LIMIT", "u"]
 
 
 def test_the_loaded_source_is_rejected_where_a_tile_function_lacks_a_parameter() -> None:

@@ -348,6 +348,7 @@ _STRING = re.compile(r"\"[^\"]*\"|'[^']*'")
 _ASSIGNMENT = re.compile(r"\s*([A-Za-z_]\w*(?:\s*,\s*[A-Za-z_]\w*)*)\s*([-+*/]?=)(?!=)(.*)")
 _LOOP = re.compile(r"\s*for\s+([A-Za-z_]\w*)\s+in\b(.*)")
 _READ = re.compile(r"(?<![\w.])[A-Za-z_]\w*(?!\w)(?!\s*=(?!=))")
+_WORD = re.compile(r"\w+")
 
 
 def tile_parameters(body: str, spec: KernelSpec | BackwardSpec) -> list[str]:
@@ -362,25 +363,41 @@ def tile_parameters(body: str, spec: KernelSpec | BackwardSpec) -> list[str]:
     return list(_free_names(body, _MODULE_CONSTANTS | _helper_names(spec)))
 
 
-@lru_cache(maxsize=64)
 def _free_names(body: str, module: frozenset[str]) -> tuple[str, ...]:
     """`tile_parameters` of the statements `body`, where `module` are the module-level names."""
     found: dict[str, None] = {}
     bound: set[str] = set()
     for line in expand_blocks(body).splitlines():
-        code, targets = _STRING.sub('""', line.split("#", 1)[0]), ""  # (no string holds a "#")
-        if assignment := _ASSIGNMENT.match(code):
-            targets, operator, code = assignment.groups()
-            if operator != "=":  # `x += y` reads x too
-                code = f"{targets} {code}"
-        elif loop := _LOOP.match(code):
-            bound.add(loop.group(1))  # a reduction's loop variable (its names are the loop's own)
-            code = loop.group(2)
-        for name in _READ.findall(code):
+        reads, assigned = _LINES.get(line) or _line_names(line)
+        for name in reads:
             if name not in bound and name not in module:
                 found.setdefault(name)
-        bound.update(re.findall(r"\w+", targets))
+        bound.update(assigned)  # after the value is read: `x = x + 1` reads x
     return tuple(found)
+
+
+_LINES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+"""`_line_names` of the lines seen: most of a tile's lines are the template's own, the same in every
+kernel (at most `_LINES_KEPT` kept)."""
+_LINES_KEPT = 4096
+
+
+def _line_names(line: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The names one statement line reads, in order, and those it binds (assignment targets, a loop's
+    variable)."""
+    code, targets = _STRING.sub('""', line.split("#", 1)[0]), ""  # (no string holds a "#")
+    if assignment := _ASSIGNMENT.match(code):
+        targets, operator, code = assignment.groups()
+        if operator != "=":  # `x += y` reads x too
+            code = f"{targets} {code}"
+    elif loop := _LOOP.match(code):
+        targets = loop.group(1)  # a reduction's loop variable (its names are the loop's own)
+        code = loop.group(2)
+    names = (tuple(_READ.findall(code)), tuple(_WORD.findall(targets)))
+    if len(_LINES) >= _LINES_KEPT:
+        _LINES.clear()
+    _LINES[line] = names
+    return names
 
 
 def _tile_function_reads(function: ast.FunctionDef, module: frozenset[str]) -> list[str]:
