@@ -123,7 +123,7 @@ def test_backward_heuristics_give_dq_and_dkv_tiles_of_their_own_which_fit_the_re
 
     assert heuristic(shape(64), 227 * 1024, backward=True) == Config(128, 32, 8, 3)
     assert heuristic(shape(128), 227 * 1024, backward=True) == Config(128, 32, 8, 3)
-    assert heuristic(shape(256), 227 * 1024, backward=True) == Config(64, 32, 8, 3)
+    assert heuristic(shape(256), 227 * 1024, backward=True) == Config(64, 16, 8, 3)
     assert heuristic(shape(64), 227 * 1024, dkv=True) == Config(32, 64, 8, 3)
     assert heuristic(shape(128), 227 * 1024, dkv=True) == Config(32, 32, 8, 3)
     assert heuristic(shape(256), 227 * 1024, dkv=True) == Config(32, 32, 8, 1)

@@ -96,7 +96,7 @@ CANDIDATES = tuple(
 # streams query tiles (N side, which may be narrow).
 BACKWARD_CANDIDATES = tuple(
     Config(bm, bn, warps, stages)
-    for bm, bn in ((64, 32), (64, 64), (128, 32), (128, 64), (32, 64), (32, 32))
+    for bm, bn in ((64, 32), (64, 64), (128, 32), (128, 64), (64, 16), (32, 64), (32, 32))
     for warps in (4, 8)
     for stages in (1, 2, 3)
 )
@@ -112,9 +112,10 @@ DKV_CANDIDATES = tuple(
 # head dim 256 a [128, 64] score tile beside the [128, 256] accumulator spills; [128, 32] fits.
 # Backward (ptxas -v, sm_90, bf16, causal unless named): dQ takes 128-row query tiles (two warp
 # groups on wgmma) with 32-key tiles and 3 stages up to head dim 128 (152 registers at 128; 64-key
-# tiles reach 252 for block_sparse), 64-row ones at 256 (209). dK/dV keeps two [BLOCK_N, D]
-# accumulators: 64-key tiles (wgmma) with 3 stages fit at head dim 64 (241); at 128 they spill with
-# a second stage (16- or 32-query tiles: 20 to 64 bytes) and fit only unpipelined, so 32-key tiles
+# tiles reach 252 for block_sparse), 64-row ones with 16-key tiles at 256 (207; 32-key tiles: 209,
+# block_sparse spills 4 bytes). dK/dV keeps two [BLOCK_N, D] accumulators: 64-key tiles (wgmma)
+# with 3 stages fit at head dim 64 (241); at 128 they spill with a second stage (16- or 32-query
+# tiles: 20 to 64 bytes) and fit only unpipelined, so 32-key tiles
 # (mma.sync) with 3 stages (194); at 256, 32-key tiles and one stage (64-key tiles spill over 1 KB).
 _PREFERRED = {64: (Config(128, 64, 8, 3),), 128: (Config(128, 64, 8, 3),), 256: (Config(128, 32, 8, 3),)}
 _FALLBACK = (
@@ -127,7 +128,7 @@ _FALLBACK = (
 _PREFERRED_BACKWARD = {
     64: (Config(128, 32, 8, 3),),
     128: (Config(128, 32, 8, 3),),
-    256: (Config(64, 32, 8, 3),),
+    256: (Config(64, 16, 8, 3),),
 }
 _FALLBACK_BACKWARD = (Config(64, 32, 8, 2), Config(64, 32, 4, 2), Config(32, 32, 4, 1))
 _PREFERRED_DKV = {
