@@ -65,7 +65,7 @@ SM90 = [k for k in KERNELS if k.endswith("sm90")]
 DKV_ROWS = (
     "issue 18 items 2 and 5: dK/dV computes S^T = K Q^T with the key tile on the MMA's M side, but its two "
     "[BLOCK_N, D] float32 accumulators leave no room for 64-key tiles (wgmma's least) at head dim 128 with "
-    "a tile in flight (20 to 64 bytes spilled) nor at 256, so it runs 32-key tiles on mma.sync there"
+    "a tile in flight (12 to 64 bytes spilled) nor at 256, so it runs 32-key tiles on mma.sync there"
 )
 BACKWARD_STAGES = (
     "issue 18 items 2 and 5 (template): at head dim 256 a second pipeline stage makes dK/dV spill, so it "

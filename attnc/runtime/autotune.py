@@ -96,7 +96,7 @@ CANDIDATES = tuple(
 # streams query tiles (N side, which may be narrow).
 BACKWARD_CANDIDATES = tuple(
     Config(bm, bn, warps, stages)
-    for bm, bn in ((64, 32), (64, 64), (128, 32), (128, 64), (64, 16), (32, 64), (32, 32))
+    for bm, bn in ((64, 32), (64, 64), (128, 16), (128, 32), (128, 64), (64, 16), (32, 64), (32, 32))
     for warps in (4, 8)
     for stages in (1, 2, 3)
 )
@@ -110,13 +110,15 @@ DKV_CANDIDATES = tuple(
 # spills (tests/test_static_sm90.py checks them): `heuristic` takes the first that fits the device's
 # shared memory, then the first of the fallbacks that also fits the register estimate. Forward: at
 # head dim 256 a [128, 64] score tile beside the [128, 256] accumulator spills; [128, 32] fits.
-# Backward (ptxas -v, sm_90, bf16, causal unless named): dQ takes 128-row query tiles (two warp
-# groups on wgmma) with 32-key tiles and 3 stages up to head dim 128 (152 registers at 128; 64-key
-# tiles reach 252 for block_sparse), 64-row ones with 16-key tiles at 256 (207; 32-key tiles: 209,
-# block_sparse spills 4 bytes). dK/dV keeps two [BLOCK_N, D] accumulators: 64-key tiles (wgmma)
-# with 3 stages fit at head dim 64 (241); at 128 they spill with a second stage (16- or 32-query
-# tiles: 20 to 64 bytes) and fit only unpipelined, so 32-key tiles
-# (mma.sync) with 3 stages (194); at 256, 32-key tiles and one stage (64-key tiles spill over 1 KB).
+# Backward (ptxas -v, sm_90, bf16, causal unless named). Triton lays a score tile that feeds another
+# product out with every warp along its rows, so with 8 warps a 64-row tile is computed by both warp
+# groups (twice the elementwise work): 128-row tiles it is. dQ: 128 query rows with 32-key tiles and 3
+# stages up to head dim 128 (152 registers at 128; 64-key tiles reach 252 for block_sparse), 16-key
+# tiles at 256 (206, block_sparse 226). dK/dV keeps two [BLOCK_N, D] accumulators: 128-key tiles (16
+# queries, 3 stages) at head dim 64 (236; 64-key tiles: 241, and 1.4x the instructions per score); at
+# 128 64-key tiles spill with a tile in flight (16 or 32 queries: 12 to 64 bytes) and fit only
+# unpipelined, so 32-key tiles (mma.sync) with 3 stages (194); at 256, 32-key tiles and one stage
+# (64-key tiles spill over 1 KB).
 _PREFERRED = {64: (Config(128, 64, 8, 3),), 128: (Config(128, 64, 8, 3),), 256: (Config(128, 32, 8, 3),)}
 _FALLBACK = (
     Config(128, 64, 8, 2),
@@ -128,11 +130,11 @@ _FALLBACK = (
 _PREFERRED_BACKWARD = {
     64: (Config(128, 32, 8, 3),),
     128: (Config(128, 32, 8, 3),),
-    256: (Config(64, 16, 8, 3),),
+    256: (Config(128, 16, 8, 3),),
 }
 _FALLBACK_BACKWARD = (Config(64, 32, 8, 2), Config(64, 32, 4, 2), Config(32, 32, 4, 1))
 _PREFERRED_DKV = {
-    64: (Config(32, 64, 8, 3),),
+    64: (Config(16, 128, 8, 3),),
     128: (Config(32, 32, 8, 3),),
     256: (Config(32, 32, 8, 1),),
 }
@@ -179,13 +181,15 @@ def registers(config: Config, shape: LaunchShape, backward: bool = False, dkv: b
     threads = 32 * config.num_warps
     d, dv = padded(shape.head_dim), padded(shape.head_dim_v)
     scores = config.block_m * config.block_n / threads
-    if dkv:  # fitted to causal's dK/dV kernel on wgmma (64-key tiles, 8 warps) at head dims 64 to 256
+    if dkv:  # fitted to causal's dK/dV kernel at head dims 64 to 256 (8 warps)
         kept = config.block_n * (d + dv) / threads
-        return math.ceil(8 + 3 * kept + 6 * scores + 24 * (config.num_stages - 1))
+        # On wgmma (64 keys or more) the resident K and V tiles' descriptors, per step along the head dim.
+        descriptors = 3 * (d + dv) / 16 if config.block_n >= 64 else 0
+        return math.ceil(93 + kept + 4 * scores + 20 * (config.num_stages - 1) + descriptors)
     if backward:  # the dQ kernel: its accumulator, and its q and dO rows
         kept = config.block_m * d / threads
         rows = config.block_m * (d + dv) / threads
-        return math.ceil(40 + kept + 3 * scores + rows / 4 + 25 * (config.num_stages - 1))
+        return math.ceil(40 + 0.75 * kept + 3 * scores + rows / 8 + 25 * (config.num_stages - 1))
     return math.ceil(51 + 1.25 * config.block_m * dv / threads + 2 * scores)
 
 
