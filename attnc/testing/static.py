@@ -12,9 +12,10 @@ needs Triton's GPU compiler, not its interpreter: in a process that runs kernels
 
 Used by `tests/test_static_sm90.py` (the checks CI runs) and `benchmarks/static_kernels.py` (the table).
 Command line: `TRITON_INTERPRET=0 python -m attnc.testing.static [PATTERN ...] [--dim 128] [--arch 90]
-[--backward] [--config BM,BN,WARPS,STAGES]`; `ATTNC_STATIC_DUMP=dir` also writes each kernel's TTGIR,
-PTX and SASS there. A loop counts as pipelined when it issues copies for later iterations and no wait
-in it drains them all (two or more tiles in flight).
+[--backward] [--config BM,BN,WARPS,STAGES] [--kernel NAME]` (a backward job records each of its
+kernels at its own first choice, `--config` forces one on both); `ATTNC_STATIC_DUMP=dir` also writes
+each kernel's TTGIR, PTX and SASS there. A loop counts as pipelined when it issues copies for later
+iterations and no wait in it drains them all (two or more tiles in flight).
 """
 
 from __future__ import annotations
