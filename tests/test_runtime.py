@@ -114,15 +114,20 @@ def test_any_other_error_while_tuning_is_not_hidden(tmp_path: Path, monkeypatch:
         Tuner("c" * 64, "gpu").tune(SHAPE, [Config(64, 64)], measure, "p", io.StringIO())
 
 
-def test_backward_heuristic_takes_32_row_query_tiles_which_fit_the_registers() -> None:
-    # dK/dV with 64-row query tiles needs more than 255 registers (sm_90, ptxas; tests/test_static_sm90.py
-    # compiles these choices); 8 warps, and as many stages as do not spill.
+def test_backward_heuristics_give_dq_and_dkv_tiles_of_their_own_which_fit_the_registers() -> None:
+    # dQ: 128 query rows on wgmma (its M side), each warp group on 64 of them. dK/dV: 128-key tiles on
+    # wgmma at head dim 64; at 128 and 256 64-key tiles spill with a tile in flight (their two
+    # [BLOCK_N, D] accumulators), so 32-key tiles (tests/test_static_sm90.py compiles these choices
+    # with ptxas for sm_90).
     def shape(dim: int) -> LaunchShape:
         return LaunchShape("bfloat16", dim, dim, 1, 4096, 4096, 32)
 
-    assert heuristic(shape(64), 227 * 1024, backward=True) == Config(32, 64, 8, 3)
-    assert heuristic(shape(128), 227 * 1024, backward=True) == Config(32, 64, 8, 3)
-    assert heuristic(shape(256), 227 * 1024, backward=True) == Config(32, 32, 8, 1)
+    assert heuristic(shape(64), 227 * 1024, backward=True) == Config(128, 32, 8, 3)
+    assert heuristic(shape(128), 227 * 1024, backward=True) == Config(128, 32, 8, 3)
+    assert heuristic(shape(256), 227 * 1024, backward=True) == Config(128, 16, 8, 3)
+    assert heuristic(shape(64), 227 * 1024, dkv=True) == Config(16, 128, 8, 3)
+    assert heuristic(shape(128), 227 * 1024, dkv=True) == Config(32, 32, 8, 3)
+    assert heuristic(shape(256), 227 * 1024, dkv=True) == Config(32, 32, 8, 1)
 
 
 def test_progress_bar_appears_only_on_long_tuning() -> None:

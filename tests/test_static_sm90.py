@@ -60,15 +60,16 @@ KERNELS = [kernel_id(job, kernel) for job in JOBS for kernel in (BACKWARD if job
 SM90 = [k for k in KERNELS if k.endswith("sm90")]
 
 # What today's kernels do not do yet, by check and kernel, with the work that remains (the templates:
-# issue 18 items 2 and 3; the backward's configurations: runtime/launch.py gives dQ and dK/dV one).
-BACKWARD_ROWS = (
-    "issue 18 items 2 and 5 (template): with 64-row query tiles, wgmma's least, dK/dV needs more than 255 "
-    "registers (it computes S = Q K^T and transposes it), so the backward runs 32-row query tiles on "
-    "mma.sync; dQ could keep 64 rows if launch.py gave the two kernels their own configurations"
+# issue 18 items 2 and 3; the backward's configurations: runtime/autotune.py, one for dQ and one for
+# dK/dV).
+DKV_ROWS = (
+    "issue 18 items 2 and 5: dK/dV computes S^T = K Q^T with the key tile on the MMA's M side, but its two "
+    "[BLOCK_N, D] float32 accumulators leave no room for 64-key tiles (wgmma's least) at head dim 128 with "
+    "a tile in flight (12 to 64 bytes spilled) nor at 256, so it runs 32-key tiles on mma.sync there"
 )
 BACKWARD_STAGES = (
-    "issue 18 items 2 and 5 (template): at head dim 256 a second pipeline stage makes dK/dV spill, so the "
-    "backward runs one stage (no tile in flight) until dK/dV needs fewer registers"
+    "issue 18 items 2 and 5 (template): at head dim 256 a second pipeline stage makes dK/dV spill, so it "
+    "runs one stage (no tile in flight) until dK/dV needs fewer registers"
 )
 BLOCK_MAP_SPILL = (
     "issue 18 item 2 (hoisting): the block map blocks[b, h, q // block, kv // block] is gathered per element "
@@ -79,11 +80,10 @@ XFAIL: dict[str, dict[str, str]] = {
     "spills": {"block_sparse-attnc_fwd-d128-sm90": BLOCK_MAP_SPILL},
     "shared": {},
     "wgmma": {
-        f"{pattern}-{kernel}-d{d}-sm90": BACKWARD_ROWS
-        for pattern, d in (("causal", 64), ("causal", 256), *((p, 128) for p in BACKWARD_PATTERNS))
-        for kernel in BACKWARD
+        f"{pattern}-attnc_bwd_dkv-d{d}-sm90": DKV_ROWS
+        for pattern, d in (("causal", 256), *((p, 128) for p in BACKWARD_PATTERNS))
     },
-    "pipelined": {f"causal-{kernel}-d256-sm90": BACKWARD_STAGES for kernel in BACKWARD},
+    "pipelined": {"causal-attnc_bwd_dkv-d256-sm90": BACKWARD_STAGES},
     "integer": {
         "longformer-attnc_fwd-d128-sm90": (
             "issue 18 item 2 (hoisting): the global tokens' bool column is loaded per key column as bytes "
@@ -234,24 +234,30 @@ def bf16(head_dim: int) -> LaunchShape:
     return LaunchShape("bfloat16", head_dim, head_dim, 1, 4096, 4096, 8)
 
 
+# The forward's, the backward's dQ kernel's and its dK/dV kernel's configurations.
+KERNEL_KINDS = ((False, False), (True, False), (True, True))  # (backward, dkv)
+
+
 def test_candidates_leave_out_configurations_the_register_estimate_says_spill() -> None:
-    # (64, 64, 8 warps, 2 stages) spills 348 bytes in dK/dV at head dim 128 (ptxas for sm_90).
-    for backward in (False, True):
+    # (64, 64, 8 warps, 2 stages) spills 348 bytes in dK/dV at head dim 128 (ptxas for sm_90), 256
+    # with S^T = K Q^T on wgmma and one stage.
+    for backward, dkv in KERNEL_KINDS:
         for head_dim in (64, 128, 256):
             shape = bf16(head_dim)
-            pool = autotune.candidates(shape, ARCHS[90].max_shared, backward)
+            pool = autotune.candidates(shape, ARCHS[90].max_shared, backward, dkv)
             assert pool and all(
-                autotune.registers(c, shape, backward) <= autotune.MAX_REGISTERS for c in pool
+                autotune.registers(c, shape, backward, dkv) <= autotune.MAX_REGISTERS for c in pool
             )
-    assert Config(64, 64, 8, 2) not in autotune.candidates(bf16(128), ARCHS[90].max_shared, backward=True)
+    for stages in (1, 2):
+        assert Config(64, 64, 8, stages) not in autotune.candidates(bf16(128), ARCHS[90].max_shared, dkv=True)
 
 
 def test_autotuning_times_the_heuristics_first_choice_first() -> None:
-    for backward in (False, True):
+    for backward, dkv in KERNEL_KINDS:
         for head_dim in (64, 128, 256):
             shape = bf16(head_dim)
-            first = autotune.candidates(shape, ARCHS[90].max_shared, backward)[0]
-            assert first == autotune.heuristic(shape, ARCHS[90].max_shared, backward)
+            first = autotune.candidates(shape, ARCHS[90].max_shared, backward, dkv)[0]
+            assert first == autotune.heuristic(shape, ARCHS[90].max_shared, backward, dkv)
 
 
 def test_forward_heuristic_narrows_the_key_tile_at_head_dim_256() -> None:

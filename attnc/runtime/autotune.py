@@ -90,9 +90,19 @@ CANDIDATES = tuple(
     for warps in (4, 8)
     for stages in (2, 3, 4)
 )
+# The backward's two kernels have their own configurations (`dkv=True`: the dK/dV kernel's), with
+# BLOCK_M the query tile and BLOCK_N the key tile in both. dQ owns a query tile (the MMA's M side:
+# wgmma needs 64 rows per warp group); dK/dV owns a key tile (M side; its scores are S^T = K Q^T) and
+# streams query tiles (N side, which may be narrow).
 BACKWARD_CANDIDATES = tuple(
     Config(bm, bn, warps, stages)
-    for bm, bn in ((32, 32), (32, 64), (64, 64), (64, 128), (128, 64), (32, 128))
+    for bm, bn in ((64, 32), (64, 64), (128, 16), (128, 32), (128, 64), (64, 16), (32, 64), (32, 32))
+    for warps in (4, 8)
+    for stages in (1, 2, 3)
+)
+DKV_CANDIDATES = tuple(
+    Config(bm, bn, warps, stages)
+    for bm, bn in ((16, 64), (32, 64), (64, 64), (16, 128), (32, 128), (32, 32), (64, 32))
     for warps in (4, 8)
     for stages in (1, 2, 3)
 )
@@ -100,10 +110,15 @@ BACKWARD_CANDIDATES = tuple(
 # spills (tests/test_static_sm90.py checks them): `heuristic` takes the first that fits the device's
 # shared memory, then the first of the fallbacks that also fits the register estimate. Forward: at
 # head dim 256 a [128, 64] score tile beside the [128, 256] accumulator spills; [128, 32] fits.
-# Backward: with 64-row query tiles (wgmma's least) the dK/dV kernel does not fit 255 registers for
-# every pattern even at head dim 64 (2 stages: causal 251, sliding_window spills), so 32-row ones
-# (mma.sync), with 3 stages up to head dim 128; at 256, [32, 32] tiles and a single stage (a second
-# one, or 64-key tiles, spill for some patterns).
+# Backward (ptxas -v, sm_90, bf16, causal unless named). Triton lays a score tile that feeds another
+# product out with every warp along its rows, so with 8 warps a 64-row tile is computed by both warp
+# groups (twice the elementwise work): 128-row tiles it is. dQ: 128 query rows with 32-key tiles and 3
+# stages up to head dim 128 (152 registers at 128; 64-key tiles reach 252 for block_sparse), 16-key
+# tiles at 256 (206, block_sparse 226). dK/dV keeps two [BLOCK_N, D] accumulators: 128-key tiles (16
+# queries, 3 stages) at head dim 64 (236; 64-key tiles: 241, and 1.4x the instructions per score); at
+# 128 64-key tiles spill with a tile in flight (16 or 32 queries: 12 to 64 bytes) and fit only
+# unpipelined, so 32-key tiles (mma.sync) with 3 stages (194); at 256, 32-key tiles and one stage
+# (64-key tiles spill over 1 KB).
 _PREFERRED = {64: (Config(128, 64, 8, 3),), 128: (Config(128, 64, 8, 3),), 256: (Config(128, 32, 8, 3),)}
 _FALLBACK = (
     Config(128, 64, 8, 2),
@@ -113,11 +128,17 @@ _FALLBACK = (
     Config(32, 32, 4, 1),
 )
 _PREFERRED_BACKWARD = {
-    64: (Config(32, 64, 8, 3),),
-    128: (Config(32, 64, 8, 3),),
+    64: (Config(128, 32, 8, 3),),
+    128: (Config(128, 32, 8, 3),),
+    256: (Config(128, 16, 8, 3),),
+}
+_FALLBACK_BACKWARD = (Config(64, 32, 8, 2), Config(64, 32, 4, 2), Config(32, 32, 4, 1))
+_PREFERRED_DKV = {
+    64: (Config(16, 128, 8, 3),),
+    128: (Config(32, 32, 8, 3),),
     256: (Config(32, 32, 8, 1),),
 }
-_FALLBACK_BACKWARD = (Config(32, 64, 4, 2), Config(32, 32, 4, 1))
+_FALLBACK_DKV = (Config(32, 32, 8, 2), Config(32, 32, 4, 1))
 # Registers per thread: ptxas spills to local memory beyond this.
 MAX_REGISTERS = 255
 
@@ -135,63 +156,76 @@ def padded(dim: int) -> int:
     return max(16, _pow2(dim))
 
 
-def shared_memory(config: Config, shape: LaunchShape, backward: bool = False) -> int:
+def shared_memory(config: Config, shape: LaunchShape, backward: bool = False, dkv: bool = False) -> int:
     """Bytes of shared memory a configuration needs (an estimate). Forward: the q tile, and a K and a
-    V tile for each pipeline stage. Backward (the larger of its two kernels): the tile a program
-    keeps, the tiles it streams (q and dO, or K and V) for each stage, and the score tiles."""
+    V tile for each pipeline stage. Backward (`dkv`: the dK/dV kernel, else the dQ kernel): the tiles
+    a program keeps (q and dO rows, or K and V), those it streams (K and V, or q and dO) for each
+    stage, and the score tiles."""
     element = 4 if shape.dtype == "float32" else 2
     d, dv = padded(shape.head_dim), padded(shape.head_dim_v)
-    if backward:
-        kept, streamed = max(config.block_m, config.block_n), max(config.block_m, config.block_n)
+    if backward or dkv:
+        kept, streamed = (config.block_n, config.block_m) if dkv else (config.block_m, config.block_n)
         scores = 4 * config.block_m * config.block_n
         return element * (kept * (d + dv) + config.num_stages * streamed * (d + dv)) + scores
     return element * (config.block_m * d + config.num_stages * config.block_n * (d + dv))
 
 
-def registers(config: Config, shape: LaunchShape, backward: bool = False) -> int:
+def registers(config: Config, shape: LaunchShape, backward: bool = False, dkv: bool = False) -> int:
     """Registers per thread a configuration needs: a coarse estimate, fitted to `ptxas -v` for sm_90 on
     16-bit inputs (`benchmarks/static_kernels.py` measures them; float32 inputs need more), erring
     high. The tiles a program keeps in registers, spread over its threads: the forward's [BLOCK_M, DV]
     float32 accumulator (with the copy the online softmax's rescaling makes) and its [BLOCK_M,
-    BLOCK_N] score tiles; in the backward (the dK/dV kernel, the larger of its two), the dK and dV
-    accumulators [BLOCK_N, D + DV], the score-sized tiles (S, P, dP, dS, and the transposes it makes),
-    the query-sized ones (q and dO rows, [BLOCK_M, D + DV]), and what each pipeline stage past the
-    first keeps in flight. The rest (indices, addresses, softmax rows) is a fixed part."""
+    BLOCK_N] score tiles; in the backward, the accumulators (dQ [BLOCK_M, D], or dK and dV [BLOCK_N,
+    D + DV] with `dkv`), the score-sized tiles (S, P, dP, dS), and what each pipeline stage past the
+    first keeps in flight. The rest (indices, addresses, descriptors, softmax rows) is a fixed part."""
     threads = 32 * config.num_warps
     d, dv = padded(shape.head_dim), padded(shape.head_dim_v)
     scores = config.block_m * config.block_n / threads
-    if backward:
+    if dkv:  # fitted to causal's dK/dV kernel at head dims 64 to 256 (8 warps)
         kept = config.block_n * (d + dv) / threads
+        # On wgmma (64 keys or more) the resident K and V tiles' descriptors, per step along the head dim.
+        descriptors = 3 * (d + dv) / 16 if config.block_n >= 64 else 0
+        return math.ceil(93 + kept + 4 * scores + 20 * (config.num_stages - 1) + descriptors)
+    if backward:  # the dQ kernel: its accumulator, and its q and dO rows
+        kept = config.block_m * d / threads
         rows = config.block_m * (d + dv) / threads
-        return math.ceil(57 + kept / 4 + 4 * scores + 2 * rows + 35 * (config.num_stages - 1))
+        return math.ceil(40 + 0.75 * kept + 3 * scores + rows / 8 + 25 * (config.num_stages - 1))
     return math.ceil(51 + 1.25 * config.block_m * dv / threads + 2 * scores)
 
 
-def candidates(shape: LaunchShape, max_shared: int, backward: bool = False) -> list[Config]:
-    """The configurations autotuning times: the heuristic's first choice, then those that fit the
-    device's shared memory and, by the register estimate, do not spill (if none does, those that fit,
-    fewest registers first)."""
-    pool = BACKWARD_CANDIDATES if backward else CANDIDATES
-    fitting = [c for c in pool if shared_memory(c, shape, backward) <= max_shared]
-    chosen = [c for c in fitting if registers(c, shape, backward) <= MAX_REGISTERS]
+def candidates(
+    shape: LaunchShape, max_shared: int, backward: bool = False, dkv: bool = False
+) -> list[Config]:
+    """The configurations autotuning times (`dkv`: the backward's dK/dV kernel's, `backward`: its dQ
+    kernel's): the heuristic's first choice, then those that fit the device's shared memory and, by
+    the register estimate, do not spill (if none does, those that fit, fewest registers first)."""
+    pool = DKV_CANDIDATES if dkv else BACKWARD_CANDIDATES if backward else CANDIDATES
+    fitting = [c for c in pool if shared_memory(c, shape, backward, dkv) <= max_shared]
+    chosen = [c for c in fitting if registers(c, shape, backward, dkv) <= MAX_REGISTERS]
     if not chosen:
-        chosen = sorted(fitting, key=lambda c: registers(c, shape, backward))
-    first = heuristic(shape, max_shared, backward)
+        chosen = sorted(fitting, key=lambda c: registers(c, shape, backward, dkv))
+    first = heuristic(shape, max_shared, backward, dkv)
     return [first, *(c for c in chosen if c != first)]
 
 
-def heuristic(shape: LaunchShape, max_shared: int, backward: bool = False) -> Config:
+def heuristic(shape: LaunchShape, max_shared: int, backward: bool = False, dkv: bool = False) -> Config:
     """The first choice for the head dim that fits the device's shared memory; else the first fallback
-    that also fits the register estimate; else the smallest."""
-    preferred, fallback = (_PREFERRED_BACKWARD, _FALLBACK_BACKWARD) if backward else (_PREFERRED, _FALLBACK)
+    that also fits the register estimate; else the smallest. `dkv`: the backward's dK/dV kernel's,
+    `backward`: its dQ kernel's."""
+    if dkv:
+        preferred, fallback = _PREFERRED_DKV, _FALLBACK_DKV
+    elif backward:
+        preferred, fallback = _PREFERRED_BACKWARD, _FALLBACK_BACKWARD
+    else:
+        preferred, fallback = _PREFERRED, _FALLBACK
     dim = padded(max(shape.head_dim, shape.head_dim_v))
     for config in preferred[min(max(dim, 64), 256)]:
-        if shared_memory(config, shape, backward) <= max_shared:
+        if shared_memory(config, shape, backward, dkv) <= max_shared:
             return config
     for config in fallback:
         if (
-            shared_memory(config, shape, backward) <= max_shared
-            and registers(config, shape, backward) <= MAX_REGISTERS
+            shared_memory(config, shape, backward, dkv) <= max_shared
+            and registers(config, shape, backward, dkv) <= MAX_REGISTERS
         ):
             return config
     return fallback[-1]

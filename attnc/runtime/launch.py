@@ -484,11 +484,13 @@ def _config(
     measure: Callable[[Config], float],
     backward: bool = False,
     block: tuple[int, int] | None = None,
+    dkv: bool = False,
 ) -> Config:
     """The launch configuration: forced (`ATTNC_CONFIG`), the interpreter's, the heuristic's or the
     autotuner's. `block`: the block of the plan on file (`PlanCache`), chosen among the configurations
     of that (BLOCK_M, BLOCK_N) where some fit the device (else freely: the plan then derives metadata
-    for the chosen block, once)."""
+    for the chosen block, once). `backward`: the dQ kernel's, `dkv`: the dK/dV kernel's (a forced
+    configuration, and the interpreter's, serve both)."""
     forced = autotune.forced()
     tuning = autotune.autotuning_enabled()  # read on every backend, so that a bad value is never ignored
     if forced is not None:
@@ -500,9 +502,9 @@ def _config(
     device_name, shared = _device_limits(
         device.index if device.index is not None else torch.cuda.current_device()
     )
-    pool = [c for c in autotune.candidates(shape, shared, backward) if block == (c.block_m, c.block_n)]
+    pool = [c for c in autotune.candidates(shape, shared, backward, dkv) if block == (c.block_m, c.block_n)]
     if pool:
-        chosen = autotune.heuristic(shape, shared, backward)
+        chosen = autotune.heuristic(shape, shared, backward, dkv)
         if not tuning:
             return chosen if chosen in pool else pool[0]
         tuner = tuners.get(device_name)
@@ -510,16 +512,16 @@ def _config(
         if known is not None and known in pool:
             return known
         # Tuned among this block's configurations, in memory only (the saved choice is the free one).
-        pinned_key = (key, device_name, shape.bucket(), block, backward)
+        pinned_key = (key, device_name, shape.bucket(), block, backward, dkv)
         if pinned_key not in _PINNED:
             _PINNED[pinned_key] = min(pool, key=lambda config: _seconds_or_inf(measure, config))
         return _PINNED[pinned_key]
     if not tuning:
-        return autotune.heuristic(shape, shared, backward)
+        return autotune.heuristic(shape, shared, backward, dkv)
     tuner = tuners.get(device_name)
     if tuner is None:
         tuner = tuners[device_name] = autotune.Tuner(key, device_name)
-    return tuner.tune(shape, autotune.candidates(shape, shared, backward), measure, label)
+    return tuner.tune(shape, autotune.candidates(shape, shared, backward, dkv), measure, label)
 
 
 _PINNED: dict[tuple, Config] = {}
@@ -605,8 +607,10 @@ class Backward:
     plans: PlanCache  # the forward's: the backward reuses its plan
 
     def __post_init__(self) -> None:
-        self._tuners: dict[str, autotune.Tuner] = {}
-        self.last_config: Config | None = None
+        self._tuners: dict[str, autotune.Tuner] = {}  # the dQ kernel's configurations, by device
+        self._dkv_tuners: dict[str, autotune.Tuner] = {}  # the dK/dV kernel's
+        self.last_config: Config | None = None  # the last launch's dQ configuration
+        self.last_dkv_config: Config | None = None  # and its dK/dV one
 
     def run(
         self,
@@ -666,28 +670,22 @@ class Backward:
                 delta -= dlse.to(torch.float32)
             return delta
 
-        def plan_args(config: Config) -> tuple[list[Any], list[Any]]:
+        def plan_args(config: Config, dkv: bool) -> list[Any]:
+            """The metadata plan's arguments of one kernel: key tiles per query tile (dQ) or query tiles
+            per key tile (dK/dV), for the kernel's own block."""
             if self.spec.analytic:
-                return [], []
+                return []
             plan = self.plans.plan(self.pattern, env, (config.block_m, config.block_n))
-            assert plan.kv_tiles is not None and plan.q_tiles is not None
-            return _metadata_args(plan.kv_tiles), _metadata_args(plan.q_tiles)
+            tiles = plan.q_tiles if dkv else plan.kv_tiles
+            assert tiles is not None
+            return _metadata_args(tiles)
 
-        def launch(
-            config: Config,
-            plans: tuple[list[Any], list[Any]],
-            delta: torch.Tensor,
-            result,
-            count: bool = False,
-        ) -> None:
-            dq, dk, dv, grad_buffers = result
-            counting = count and _VISITS is not None
+        def arguments(
+            config: Config, grad_buffers: dict[str, torch.Tensor], delta: torch.Tensor, counting: bool
+        ):
+            """What the two kernels share: constexprs, the inputs' (and their gradients') arguments,
+            sizes and strides."""
             common = _constants(config, dim, dim_v, q.dtype, backend, counting)
-            tiles = (batch, heads, -(-q_len // config.block_m), -(-kv_len // config.block_n))
-            dq_visits = _visits("dq", tiles, q.device, delta) if counting else delta
-            dkv_visits = (
-                _visits("dkv", (*tiles[:2], tiles[3], tiles[2]), q.device, delta) if counting else delta
-            )
             common.update({a.grad_flag: a.name in grad_buffers for a in self.spec.grad_inputs})
             inputs = _input_args(self.spec.inputs, env)
             for a in self.spec.grad_inputs:
@@ -702,16 +700,37 @@ class Backward:
             common.update(geometry_flags)
             sizes = (batch, heads, *geometry, shape.group, scale)
             strides = (*q.stride(), *_kv_strides(k, batch), *_kv_strides(v, batch), *dout.stride())
+            return common, inputs, sizes, strides
+
+        def tiles_of(config: Config) -> tuple[int, int, int, int]:
+            return batch, heads, -(-q_len // config.block_m), -(-kv_len // config.block_n)
+
+        def launch_dq(
+            config: Config, plan: list[Any], delta: torch.Tensor, result, count: bool = False
+        ) -> None:
+            dq, _, _, grad_buffers = result
+            counting = count and _VISITS is not None
+            common, inputs, sizes, strides = arguments(config, grad_buffers, delta, counting)
+            visits = _visits("dq", tiles_of(config), q.device, delta) if counting else delta
             grid = (-(-q_len // config.block_m) * batch * heads,)
             module_.attnc_bwd_dq[grid](
-                q, k, v, dout, lse, delta, dq, *inputs, *plans[0], *strides, *dq.stride(), *sizes, dq_visits,
+                q, k, v, dout, lse, delta, dq, *inputs, *plan, *strides, *dq.stride(), *sizes, visits,
                 **common,
                 EXACT_DELTA=exact_delta,
             )  # fmt: skip
+
+        def launch_dkv(
+            config: Config, plan: list[Any], delta: torch.Tensor, result, count: bool = False
+        ) -> None:
+            _, dk, dv, grad_buffers = result
+            counting = count and _VISITS is not None
+            common, inputs, sizes, strides = arguments(config, grad_buffers, delta, counting)
+            b, h, m, n = tiles_of(config)
+            visits = _visits("dkv", (b, h, n, m), q.device, delta) if counting else delta
             grid = (-(-kv_len // config.block_n) * batch * k.shape[1],)
             module_.attnc_bwd_dkv[grid](
-                q, k, v, dout, lse, delta, dk, dv, *inputs, *plans[1], *strides, *dk.stride(), *dv.stride(),
-                *sizes, dkv_visits, **common,
+                q, k, v, dout, lse, delta, dk, dv, *inputs, *plan, *strides, *dk.stride(), *dv.stride(),
+                *sizes, visits, **common,
             )  # fmt: skip
 
         # k and v broadcast over q's batch (batch size 1): each batch row's dK/dV go to a float32 buffer
@@ -726,22 +745,36 @@ class Backward:
                 return torch.empty_like(q), dk, dv, grad_buffers
             return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grad_buffers
 
-        def measure(config: Config) -> float:
-            plans, delta = plan_args(config), delta_of(config)
+        # Each kernel is timed alone, with its own configurations (dK/dV reads a Delta that only
+        # EXACT_DELTA's dQ kernel would complete: its values do not change the time).
+        def measure_dq(config: Config) -> float:
+            plan, delta = plan_args(config, False), delta_of(config)
             scratch = new_result({n: torch.zeros_like(g) for n, g in grads.items()})
-            return _do_bench(lambda: launch(config, plans, delta, scratch))
+            return _do_bench(lambda: launch_dq(config, plan, delta, scratch))
+
+        def measure_dkv(config: Config) -> float:
+            plan, delta = plan_args(config, True), delta_of(config)
+            scratch = new_result({n: torch.zeros_like(g) for n, g in grads.items()})
+            return _do_bench(lambda: launch_dkv(config, plan, delta, scratch))
 
         # The forward's plan (on file with the block it ran with) serves the backward where the backward
-        # can run with that block.
+        # can run with that block. dQ and dK/dV each have their own configuration (`autotune`; a forced
+        # one, kernel options and the interpreter's serve both).
         pinned = self.plans.block(env)
         with _on_device(q.device), _serialised(backend):
-            config = with_options(_config(
-                self._tuners, self.source.key, f"{self.name} backward", backend, q.device, shape, measure,
-                backward=True, block=pinned,
+            dq_config = with_options(_config(
+                self._tuners, self.source.key, f"{self.name} backward (dQ)", backend, q.device, shape,
+                measure_dq, backward=True, block=pinned,
+            ), options)  # fmt: skip
+            dkv_config = with_options(_config(
+                self._dkv_tuners, f"{self.source.key}-dkv", f"{self.name} backward (dK/dV)", backend,
+                q.device, shape, measure_dkv, backward=True, block=pinned, dkv=True,
             ), options)  # fmt: skip
             result = new_result(grads)
-            launch(config, plan_args(config), delta_of(config), result, count=True)
-        self.last_config = config
+            delta = delta_of(dq_config)
+            launch_dq(dq_config, plan_args(dq_config, False), delta, result, count=True)
+            launch_dkv(dkv_config, plan_args(dkv_config, True), delta, result, count=True)
+        self.last_config, self.last_dkv_config = dq_config, dkv_config
         dq, dk, dv, _ = result
         if broadcast:
             dk, dv = dk.sum(0, keepdim=True).to(k.dtype), dv.sum(0, keepdim=True).to(v.dtype)

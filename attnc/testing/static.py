@@ -12,9 +12,10 @@ needs Triton's GPU compiler, not its interpreter: in a process that runs kernels
 
 Used by `tests/test_static_sm90.py` (the checks CI runs) and `benchmarks/static_kernels.py` (the table).
 Command line: `TRITON_INTERPRET=0 python -m attnc.testing.static [PATTERN ...] [--dim 128] [--arch 90]
-[--backward] [--config BM,BN,WARPS,STAGES]`; `ATTNC_STATIC_DUMP=dir` also writes each kernel's TTGIR,
-PTX and SASS there. A loop counts as pipelined when it issues copies for later iterations and no wait
-in it drains them all (two or more tiles in flight).
+[--backward] [--config BM,BN,WARPS,STAGES] [--kernel NAME]` (a backward job records each of its
+kernels at its own first choice, `--config` forces one on both); `ATTNC_STATIC_DUMP=dir` also writes
+each kernel's TTGIR, PTX and SASS there. A loop counts as pipelined when it issues copies for later
+iterations and no wait in it drains them all (two or more tiles in flight).
 """
 
 from __future__ import annotations
@@ -94,12 +95,17 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(launches: list[Launch], config: Config) -> Iterator[None]:
-    """attnc's launcher, with `config` forced and every kernel launch recorded instead of run."""
+def _recording(launches: list[Launch], config: Config, dkv_config: Config | None = None) -> Iterator[None]:
+    """attnc's launcher, with `config` forced (as ATTNC_CONFIG forces one; `dkv_config`, if given, for
+    the backward's dK/dV kernel) and every kernel launch recorded instead of run."""
     real_module = launch.module
+
+    def chosen(*args: Any, dkv: bool = False, **kwargs: Any) -> Config:
+        return dkv_config if dkv and dkv_config is not None else config
+
     with (
         mock.patch.object(launch, "module", lambda source, b: _Recorder(real_module(source, b), launches)),
-        mock.patch.object(autotune, "forced", lambda: config),  # as ATTNC_CONFIG forces one
+        mock.patch.object(launch, "_config", chosen),
     ):
         yield
 
@@ -141,24 +147,27 @@ class Job:
     config: Config | None = None  # None: the heuristic's first choice for the device
 
 
-def first_config(job: Job) -> Config:
-    """The configuration a launch tries first on the job's device: `autotune.heuristic`'s choice."""
+def first_config(job: Job, dkv: bool = False) -> Config:
+    """The configuration a launch tries first on the job's device: `autotune.heuristic`'s choice
+    (`dkv`: for the backward's dK/dV kernel)."""
     shape = _shape(job)
-    return autotune.heuristic(shape, ARCHS[job.arch].max_shared, job.backward)
+    return autotune.heuristic(shape, ARCHS[job.arch].max_shared, job.backward, dkv)
 
 
 def _shape(job: Job) -> LaunchShape:
     return LaunchShape(job.dtype, job.head_dim, job.head_dim, 1, job.length, job.length, BATCH * HEADS)
 
 
-def record(job: Job) -> tuple[Config, list[Launch]]:
-    """The configuration and the kernel launches of one forward (or backward) call of the job."""
+def record(job: Job) -> list[Launch]:
+    """The kernel launches of one forward (or backward) call of the job (each launch's keywords hold
+    its configuration)."""
     if backend.active() == backend.INTERPRETER:
         raise RuntimeError(
             "ahead-of-time compilation needs Triton's compiler: set TRITON_INTERPRET=0 before importing "
             "attnc, or use compile_isolated"
         )
     config = job.config or first_config(job)
+    dkv_config = job.config or (first_config(job, dkv=True) if job.backward else None)
     workload = PATTERNS[job.pattern](
         bench.Shape(job.length, BATCH, HEADS), bench.GPU_SCALE, torch.device("cpu"), 0
     )
@@ -169,14 +178,14 @@ def record(job: Job) -> tuple[Config, list[Launch]]:
     env = kern._env(job.length, job.length, BATCH, HEADS, inputs, params, q.device)
     scale = job.head_dim**-0.5
     launches: list[Launch] = []
-    with _recording(launches, config):
+    with _recording(launches, config, dkv_config):
         forward = kern._forward
         if not job.backward:
             forward.run(q, k, v, env, scale)
         else:
             out, lse = torch.zeros_like(q), torch.zeros(q.shape[:3])
             forward.backward.run(q, k, v, out, lse, torch.zeros_like(out), None, env, scale, ())
-    return config, launches
+    return launches
 
 
 # ---- compiling -------------------------------------------------------------------------------------------
@@ -537,20 +546,26 @@ def analyse(job: Job, item: Launch, config: Config, compiled: Any, seconds: floa
     )
 
 
+def launch_config(item: Launch) -> Config:
+    """The configuration a recorded launch was made with (the backward's two kernels have their own)."""
+    kw = item.kwargs
+    return Config(kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"])
+
+
 # Kernels a backward call launches that multiply no tiles: not compiled.
 _HELPERS = ("attnc_bwd_preprocess",)
 
 
-def compile_job(job: Job) -> list[KernelReport]:
-    """Compile the kernels of one job and report on each."""
-    config, launches = record(job)
+def compile_job(job: Job, only: str | None = None) -> list[KernelReport]:
+    """Compile the kernels of one job (`only`: the one of that name) and report on each."""
+    launches = record(job)
     reports = []
     for item in launches:
-        if item.kernel in _HELPERS:
+        if item.kernel in _HELPERS or only not in (None, item.kernel):
             continue
         start = time.perf_counter()
         compiled = compile_launch(item, job.arch)
-        reports.append(analyse(job, item, config, compiled, time.perf_counter() - start))
+        reports.append(analyse(job, item, launch_config(item), compiled, time.perf_counter() - start))
     return reports
 
 
@@ -609,6 +624,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, choices=sorted(ARCHS), default=90)
     parser.add_argument("--backward", action="store_true")
     parser.add_argument("--config", help="BLOCK_M,BLOCK_N,WARPS,STAGES (default: the heuristic's choice)")
+    parser.add_argument("--kernel", help="compile only the kernel of this name (e.g. attnc_bwd_dkv)")
     parser.add_argument("--jobs", help=argparse.SUPPRESS)  # JSON: what compile_isolated asks for
     args = parser.parse_args(argv)
     if args.jobs:
@@ -618,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Config(*(int(x) for x in args.config.split(","))) if args.config else None
     for name in args.patterns or list(bench.PATTERNS):
         job = Job(name, args.dim, args.arch, args.backward, config=config)
-        for report in compile_job(job):
+        for report in compile_job(job, args.kernel):
             sass = "; ".join(
                 f"loop {i}: {loop.instructions} ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})"
                 for i, (loop, kinds) in enumerate((loop, loop.by_kind) for loop in report.sass_loops)

@@ -1,0 +1,79 @@
+"""The backward's two kernels have launch configurations of their own (issue 18 item 5): the dQ kernel
+owns a query tile, the dK/dV kernel a key tile (the MMA's M side of S^T = K Q^T), so each gets the
+tiles, warps and stages that fit its registers. A forced configuration (`ATTNC_CONFIG`, kernel
+options) and the interpreter's serve both. Gradients are judged against the dense oracle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import attnc
+from attnc.runtime import autotune, registry
+from attnc.runtime import launch as launching
+from attnc.runtime.autotune import Config, LaunchShape
+from attnc.runtime.launch import Backward, counting_visits
+from attnc.testing import compare_gradients
+
+STD = attnc.stdlib()
+DOC = attnc.load("examples/document_causal.attn").document_causal()
+H100_SHARED = 227 * 1024
+
+
+def backward_of(kern: attnc.Kernel) -> Backward:
+    """The backward the kernel's calls run (the registry's forward's, shared by its structure)."""
+    return registry.find(kern._op_pattern).backward
+
+
+def qkv(length: int = 40) -> tuple[torch.Tensor, ...]:
+    torch.manual_seed(0)
+    return tuple(torch.randn(1, 2, length, 16) for _ in range(3))
+
+
+@pytest.mark.parametrize("which", ["causal", "document_causal"])
+def test_dq_and_dkv_kernels_with_blocks_of_their_own_have_the_oracles_gradients(
+    which: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Other query and key tiles in each kernel: a metadata plan is derived for each kernel's block.
+    chosen = {False: Config(32, 16, 1, 1), True: Config(16, 32, 1, 1)}
+
+    def config(*args: Any, dkv: bool = False, **kwargs: Any) -> Config:
+        return chosen[dkv]
+
+    monkeypatch.setattr(launching, "_config", config)
+    kern = STD.causal() if which == "causal" else DOC
+    q, k, v = qkv()
+    doc = torch.tensor([[0] * 11 + [1] * 20 + [2] * 9], dtype=torch.int32)
+    inputs = {} if which == "causal" else {"doc": doc}
+    with counting_visits() as visits:
+        comparison = compare_gradients(kern, q, k, v, **inputs)
+    assert comparison.ok, comparison.describe()
+    assert backward_of(kern).last_config == chosen[False]
+    assert backward_of(kern).last_dkv_config == chosen[True]
+    assert visits["dq"].shape[-2:] == (2, 3)  # 40 queries in tiles of 32, 40 keys in tiles of 16
+    assert visits["dkv"].shape[-2:] == (2, 3)  # 40 keys in tiles of 32, 40 queries in tiles of 16
+
+
+def test_a_forced_configuration_serves_both_backward_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNC_CONFIG", "16,32,2,1")
+    kern = STD.sliding_window(window=12)
+    q, k, v = (t.requires_grad_() for t in qkv())
+    kern(q, k, v).sum().backward()
+    assert backward_of(kern).last_config == Config(16, 32, 2, 1)
+    assert backward_of(kern).last_dkv_config == Config(16, 32, 2, 1)
+
+
+def test_on_a_gpu_dq_and_dkv_take_their_own_heuristics_first_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launching, "_device_limits", lambda index: ("a GPU", H100_SHARED))
+    monkeypatch.setenv("ATTNC_AUTOTUNE", "0")
+    device = torch.device("cuda", 0)
+    for dim in (64, 128, 256):
+        shape = LaunchShape("bfloat16", dim, dim, 1, 4096, 4096, 32)
+
+        def choose(dkv: bool, shape: LaunchShape = shape) -> Config:
+            return launching._config({}, "key", "p", "cuda", device, shape, lambda c: 1.0, True, None, dkv)
+
+        assert choose(False) == autotune.heuristic(shape, H100_SHARED, backward=True)
+        assert choose(True) == autotune.heuristic(shape, H100_SHARED, backward=True, dkv=True)
