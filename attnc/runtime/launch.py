@@ -250,8 +250,14 @@ class Forward:
         strides, cache_args, cache_flags = _layout_args(q, k, v, env, lse, block_table, cu_seqlens)
 
         def launch(
-            config: Config, plan: list[Any], out: torch.Tensor, lse: torch.Tensor, count: bool = False
+            config: Config,
+            plan: list[Any],
+            out: torch.Tensor,
+            lse: torch.Tensor,
+            count: bool = False,
+            warmup: bool = False,
         ) -> None:
+            """One launch; with `warmup`, the kernel's compile for it (`JITFunction.warmup`), not run."""
             pack = pack_gqa(self, shape, config, cu_seqlens is not None, backend, options)
             grid_heads = kv_heads if pack else heads
             n_q, n_kv = (
@@ -269,7 +275,8 @@ class Forward:
             # The output's strides (one part's, for splits; a packed batch row's step 0).
             out_strides = (0 if cu_seqlens is not None else parts_out.stride(-4), *parts_out.stride()[-3:])
             split_strides = (parts_out.stride(0), parts_lse.stride(0)) if splits > 1 else (0, 0)
-            kernel[(n_q * batch * grid_heads * splits,)](
+            grid = (n_q * batch * grid_heads * splits,)
+            (functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid])(
                 q, k, v, parts_out, parts_lse,
                 *_input_args(self.spec.inputs, env),
                 *_param_args(self.spec.params, self.pattern, env),
@@ -280,7 +287,7 @@ class Forward:
                 **_constants(config, dim, dim_v, q.dtype, backend, count and _VISITS is not None),
                 **geometry_flags, **cache_flags, PACK_GQA=pack, STORE_MAX=return_max,
             )  # fmt: skip
-            if splits > 1:
+            if splits > 1 and not warmup:
                 merged_out, merged_lse = merge_splits(parts_out, parts_lse)
                 out.copy_(merged_out)
                 lse.copy_(merged_lse)
@@ -292,14 +299,19 @@ class Forward:
             plan, scratch_out, scratch_lse = plan_args(config), torch.empty_like(out), torch.empty_like(lse)
             return _do_bench(lambda: launch(config, plan, scratch_out, scratch_lse))
 
+        def compile(config: Config) -> None:
+            """The compile of the kernel `measure` times, started (`autotune.compile_all`)."""
+            launch(config, plan_args(config), out, lse, warmup=True)
+
         pinned = self.plans.block(env)
         with _on_device(q.device), _serialised(backend):
             config = with_options(
                 _config(
-                    self._tuners, self.source.key, self.name, backend, q.device, shape, measure, block=pinned
+                    self._tuners, self.source.key, self.name, backend, q.device, shape, measure,
+                    block=pinned, compile=compile,
                 ),
                 options,
-            )
+            )  # fmt: skip
             launch(config, plan_args(config), out, lse, count=True)
         if not self.spec.analytic:
             self.plans.launched(env, (config.block_m, config.block_n))
@@ -484,11 +496,13 @@ def _config(
     measure: Callable[[Config], float],
     backward: bool = False,
     block: tuple[int, int] | None = None,
+    compile: Callable[[Config], None] | None = None,
 ) -> Config:
     """The launch configuration: forced (`ATTNC_CONFIG`), the interpreter's, the heuristic's or the
     autotuner's. `block`: the block of the plan on file (`PlanCache`), chosen among the configurations
     of that (BLOCK_M, BLOCK_N) where some fit the device (else freely: the plan then derives metadata
-    for the chosen block, once)."""
+    for the chosen block, once). `compile`: warms a configuration's kernels up without launching them
+    (the autotuner compiles the candidates in parallel before timing them, `autotune.compile_all`)."""
     forced = autotune.forced()
     tuning = autotune.autotuning_enabled()  # read on every backend, so that a bad value is never ignored
     if forced is not None:
@@ -500,7 +514,7 @@ def _config(
     device_name, shared = _device_limits(
         device.index if device.index is not None else torch.cuda.current_device()
     )
-    pool = [c for c in autotune.candidates(shape, shared, backward) if block == (c.block_m, c.block_n)]
+    pool = autotune.candidates(shape, shared, backward, block) if block is not None else []
     if pool:
         chosen = autotune.heuristic(shape, shared, backward)
         if not tuning:
@@ -512,6 +526,8 @@ def _config(
         # Tuned among this block's configurations, in memory only (the saved choice is the free one).
         pinned_key = (key, device_name, shape.bucket(), block, backward)
         if pinned_key not in _PINNED:
+            if compile is not None:
+                autotune.compile_all(pool, compile)
             _PINNED[pinned_key] = min(pool, key=lambda config: _seconds_or_inf(measure, config))
         return _PINNED[pinned_key]
     if not tuning:
@@ -519,7 +535,7 @@ def _config(
     tuner = tuners.get(device_name)
     if tuner is None:
         tuner = tuners[device_name] = autotune.Tuner(key, device_name)
-    return tuner.tune(shape, autotune.candidates(shape, shared, backward), measure, label)
+    return tuner.tune(shape, autotune.candidates(shape, shared, backward), measure, label, compile=compile)
 
 
 _PINNED: dict[tuple, Config] = {}
@@ -653,16 +669,19 @@ class Backward:
         # rowsum(dO * O)'s rounding does not cancel. The dQ kernel then computes Delta from P and dP.
         exact_delta = q.dtype != torch.float32 and bool(grads)
 
-        def delta_of(config: Config) -> torch.Tensor:
+        def delta_of(config: Config, warmup: bool = False) -> torch.Tensor:
+            """Delta for `config`'s launch; with `warmup`, its kernel's compile, and a tensor to stand
+            for it (unset)."""
             if exact_delta:  # the dQ kernel adds rowsum(P * dP) to this
                 return -dlse.float().contiguous() if dlse is not None else torch.zeros_like(lse)
             delta = torch.empty_like(lse)
             grid = (-(-q_len // config.block_m) * batch * heads,)
-            module_.attnc_bwd_preprocess[grid](
+            preprocess = module_.attnc_bwd_preprocess
+            (functools.partial(preprocess.warmup, grid=grid) if warmup else preprocess[grid])(
                 out, dout, delta, *out.stride(), *dout.stride(), heads, q_len,
                 HEAD_DIM_V=dim_v, DV_PAD=autotune.padded(dim_v), BLOCK_M=config.block_m,
             )  # fmt: skip
-            if dlse is not None:  # d lse / d score = P: the lse's gradient joins Delta's
+            if dlse is not None and not warmup:  # d lse / d score = P: the lse's gradient joins Delta's
                 delta -= dlse.to(torch.float32)
             return delta
 
@@ -679,7 +698,9 @@ class Backward:
             delta: torch.Tensor,
             result,
             count: bool = False,
+            warmup: bool = False,
         ) -> None:
+            """The two kernels' launches; with `warmup`, their compiles for them, not run."""
             dq, dk, dv, grad_buffers = result
             counting = count and _VISITS is not None
             common = _constants(config, dim, dim_v, q.dtype, backend, counting)
@@ -703,13 +724,14 @@ class Backward:
             sizes = (batch, heads, *geometry, shape.group, scale)
             strides = (*q.stride(), *_kv_strides(k, batch), *_kv_strides(v, batch), *dout.stride())
             grid = (-(-q_len // config.block_m) * batch * heads,)
-            module_.attnc_bwd_dq[grid](
+            dq_kernel, dkv_kernel = module_.attnc_bwd_dq, module_.attnc_bwd_dkv
+            (functools.partial(dq_kernel.warmup, grid=grid) if warmup else dq_kernel[grid])(
                 q, k, v, dout, lse, delta, dq, *inputs, *plans[0], *strides, *dq.stride(), *sizes, dq_visits,
                 **common,
                 EXACT_DELTA=exact_delta,
             )  # fmt: skip
             grid = (-(-kv_len // config.block_n) * batch * k.shape[1],)
-            module_.attnc_bwd_dkv[grid](
+            (functools.partial(dkv_kernel.warmup, grid=grid) if warmup else dkv_kernel[grid])(
                 q, k, v, dout, lse, delta, dk, dv, *inputs, *plans[1], *strides, *dk.stride(), *dv.stride(),
                 *sizes, dkv_visits, **common,
             )  # fmt: skip
@@ -731,13 +753,18 @@ class Backward:
             scratch = new_result({n: torch.zeros_like(g) for n, g in grads.items()})
             return _do_bench(lambda: launch(config, plans, delta, scratch))
 
+        def compile(config: Config) -> None:
+            """The compiles of the kernels `measure` times, started (`autotune.compile_all`): their
+            buffers are `measure`'s, unwritten."""
+            launch(config, plan_args(config), delta_of(config, warmup=True), new_result(grads), warmup=True)
+
         # The forward's plan (on file with the block it ran with) serves the backward where the backward
         # can run with that block.
         pinned = self.plans.block(env)
         with _on_device(q.device), _serialised(backend):
             config = with_options(_config(
                 self._tuners, self.source.key, f"{self.name} backward", backend, q.device, shape, measure,
-                backward=True, block=pinned,
+                backward=True, block=pinned, compile=compile,
             ), options)  # fmt: skip
             result = new_result(grads)
             launch(config, plan_args(config), delta_of(config), result, count=True)
