@@ -42,7 +42,8 @@ def test_candidates_are_the_first_choice_and_its_nearest_fitting_neighbours_at_m
     for shape in shapes():
         chosen = autotune.candidates(shape, max_shared, backward)
         first = autotune.heuristic(shape, max_shared, backward)
-        assert chosen[0] == first and len(chosen) == len(set(chosen)) <= autotune.MAX_CANDIDATES
+        cap = autotune.MAX_BACKWARD_CANDIDATES if backward else autotune.MAX_CANDIDATES
+        assert chosen[0] == first and len(chosen) == len(set(chosen)) <= cap
         distances = [autotune.distance(c, first) for c in chosen[1:]]
         assert distances == sorted(distances)
         pool = autotune.BACKWARD_CANDIDATES if backward else autotune.CANDIDATES
@@ -55,7 +56,7 @@ def test_candidates_are_the_first_choice_and_its_nearest_fitting_neighbours_at_m
         assert set(chosen[1:]) <= set(fitting)
         left_out = set(fitting) - set(chosen)
         if left_out:  # only when the cap is reached, and none nearer than the farthest kept
-            assert len(chosen) == autotune.MAX_CANDIDATES
+            assert len(chosen) == cap
             assert min(autotune.distance(c, first) for c in left_out) >= max(distances)
 
 

@@ -10,7 +10,7 @@
 - Otherwise the first launch in a *shape bucket* (dtype, head dims, GQA group, and the lengths and
   number of (batch, head) programs rounded up to powers of two) times the heuristic's choice and the
   candidates that fit the device's shared memory and, by the estimate, 255 registers (none that
-  spill), at most `MAX_CANDIDATES` in all, nearest the first choice first (`candidates`), and keeps
+  spill), at most 8 (4 for the backward) in all, nearest the first choice first (`candidates`), and keeps
   the fastest. Their kernels are compiled in parallel, in a thread per candidate up to one per CPU,
   before the first is timed (`compile_all`): Triton's front end holds Python's lock, ptxas does not.
   Results are kept per kernel key and device in
@@ -173,8 +173,12 @@ def registers(config: Config, shape: LaunchShape, backward: bool = False) -> int
 
 
 MAX_CANDIDATES = 8
-"""The most configurations autotuning compiles and times per shape bucket (each compile takes seconds
-of CPU on a first call): the heuristic's first choice and its nearest neighbours (`distance`)."""
+"""The most forward configurations autotuning compiles and times per shape bucket (each compile takes
+seconds of CPU on a first call): the heuristic's first choice and its nearest neighbours
+(`distance`)."""
+MAX_BACKWARD_CANDIDATES = 4
+"""The same for the backward, whose configurations compile two kernels each (dQ and dK/dV): as many
+compiles as the forward's."""
 
 
 def distance(config: Config, first: Config) -> int:
@@ -193,13 +197,15 @@ def candidates(
     """The configurations autotuning times: the heuristic's first choice, then those that fit the
     device's shared memory and, by the register estimate, do not spill (if none does, those that fit,
     fewest registers first), nearest to the first choice first (`distance`; ties: fewer registers,
-    then the smaller configuration), at most `MAX_CANDIDATES` in all. `block`: only those of that
-    (BLOCK_M, BLOCK_N) (a plan's), the cap counted among them."""
+    then the smaller configuration), at most `MAX_CANDIDATES` in all (`MAX_BACKWARD_CANDIDATES` for the
+    backward). `block`: only those of that (BLOCK_M, BLOCK_N) (a plan's), the cap counted among
+    them."""
     pool = BACKWARD_CANDIDATES if backward else CANDIDATES
+    cap = MAX_BACKWARD_CANDIDATES if backward else MAX_CANDIDATES
     fitting = [c for c in pool if shared_memory(c, shape, backward) <= max_shared]
     chosen = [c for c in fitting if registers(c, shape, backward) <= MAX_REGISTERS]
     if not chosen:
-        chosen = sorted(fitting, key=lambda c: registers(c, shape, backward))[:MAX_CANDIDATES]
+        chosen = sorted(fitting, key=lambda c: registers(c, shape, backward))[:cap]
     first = heuristic(shape, max_shared, backward)
     nearest = sorted(
         (c for c in chosen if c != first),
@@ -208,7 +214,7 @@ def candidates(
     ranked = [first, *nearest]
     if block is not None:
         ranked = [c for c in ranked if (c.block_m, c.block_n) == block]
-    return ranked[:MAX_CANDIDATES]
+    return ranked[:cap]
 
 
 def heuristic(shape: LaunchShape, max_shared: int, backward: bool = False) -> Config:
