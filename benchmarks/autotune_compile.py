@@ -8,10 +8,12 @@ Two measurements, one per machine:
   (every configuration that fits the shared memory and the register estimate) and after it (at most
   `autotune.MAX_CANDIDATES`, `autotune.candidates`), each compiled one after another and in a pool of
   `autotune.compile_workers` threads as the autotuner does (`autotune.compile_all`). Triton's cache is
-  bypassed (every compile is a real one). For each kernel the seconds in ptxas (a child process, which
-  does not hold Python's lock) are kept apart from the rest (Triton's front end and LLVM, which mostly
-  do): the projection for a host with more CPUs is `front + ptxas / min(CPUs, kernels)`, stated as a
-  projection, beside the model's figure for this host to compare with the measured one.
+  bypassed (every compile is a real one). Wall and CPU seconds; each kernel's CPU seconds in ptxas (a
+  child process, which does not hold Python's lock) are kept apart from those of Triton's front end
+  and LLVM (in the compiling thread, which holds it for at least its Python parts). Projections for a
+  host with 16 idle CPUs as fast as these, from the serial CPU seconds, are a range: front end
+  serialised (`front + ptxas / min(16, kernels)`) to all in parallel (`(front + ptxas) / min(16,
+  kernels)`).
 - `--first-call` (on a GPU): the seconds of the first forward call and the first backward call of a
   kernel in a fresh process with empty attnc and Triton caches (compile + autotune + one run), then
   of a second call; `--candidates all --serial` gives the behaviour before this change.
@@ -111,18 +113,39 @@ def compile_all(items: list[tuple[Any, Any]], workers: int, ptxas: _Ptxas) -> di
 
     def one(entry: tuple[Any, Any]) -> dict[str, Any]:
         config, item = entry
-        start = time.perf_counter()
+        start, cpu, children = time.perf_counter(), time.thread_time(), _children_cpu()
         static.compile_launch(item, 90)
-        seconds = time.perf_counter() - start
-        return {"config": str(config), "kernel": item.kernel, "seconds": seconds, "ptxas_s": ptxas.take()}
+        return {
+            "config": str(config),
+            "kernel": item.kernel,
+            "seconds": round(time.perf_counter() - start, 3),
+            "ptxas_s": round(ptxas.take(), 3),
+            # CPU seconds (what load from other processes does not inflate): this thread's, and
+            # ptxas's (children; meaningful one compile at a time, in the serial run).
+            "front_cpu_s": round(time.thread_time() - cpu, 3),
+            "ptxas_cpu_s": round(_children_cpu() - children, 3),
+        }
 
-    start = time.perf_counter()
+    start, before = time.perf_counter(), os.times()
     if workers == 1:
         kernels = [one(entry) for entry in items]
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="attnc-compile") as pool:
             kernels = list(pool.map(one, items))
-    return {"workers": workers, "wall_s": round(time.perf_counter() - start, 2), "kernels": kernels}
+    after = os.times()
+    fields = ("user", "system", "children_user", "children_system")
+    cpu = sum(getattr(after, f) - getattr(before, f) for f in fields)
+    return {
+        "workers": workers,
+        "wall_s": round(time.perf_counter() - start, 2),
+        "cpu_s": round(cpu, 2),
+        "kernels": kernels,
+    }
+
+
+def _children_cpu() -> float:
+    times = os.times()
+    return times.children_user + times.children_system
 
 
 def aot(lists: list[str], directions: list[str]) -> dict[str, Any]:
@@ -143,29 +166,28 @@ def aot(lists: list[str], directions: list[str]) -> dict[str, Any]:
                 case["serial"] = compile_all(items, 1, ptxas)
                 case["parallel"] = compile_all(items, workers, ptxas)
                 serial = case["serial"]["kernels"]
-                front = sum(k["seconds"] - k["ptxas_s"] for k in serial)
-                in_ptxas = sum(k["ptxas_s"] for k in serial)
-                case["front_end_s"], case["ptxas_s"] = round(front, 2), round(in_ptxas, 2)
-                case["model_here_s"] = round(front + in_ptxas / min(workers, len(items)), 2)
-                case[f"projected_{PROJECTED_CPUS}_cpus_s"] = round(
-                    front + in_ptxas / min(PROJECTED_CPUS, len(items)), 2
-                )
-                # Amdahl's law with the parallel share this host's speedup shows (noisy under load).
-                speedup = case["serial"]["wall_s"] / case["parallel"]["wall_s"]
-                share = min(1.0, max(0.0, (1 - 1 / speedup) / (1 - 1 / workers))) if workers > 1 else 0.0
-                case["parallel_share"] = round(share, 3)
-                case[f"projected_amdahl_{PROJECTED_CPUS}_cpus_s"] = round(
-                    case["serial"]["wall_s"] * (1 - share + share / min(PROJECTED_CPUS, len(items))), 2
-                )
+                front = sum(k["front_cpu_s"] for k in serial)
+                in_ptxas = sum(k["ptxas_cpu_s"] for k in serial)
+                case["front_end_cpu_s"], case["ptxas_cpu_s"] = round(front, 2), round(in_ptxas, 2)
+                # Projections for a host with PROJECTED_CPUS idle CPUs as fast as these, from the serial
+                # run's CPU seconds: if Triton's front end held Python's lock throughout (only ptxas in
+                # parallel), and if every compile ran in parallel.
+                spread = min(PROJECTED_CPUS, len(items))
+                case["projected"] = {
+                    "cpus": PROJECTED_CPUS,
+                    "front_end_serialised_s": round(front + in_ptxas / spread, 1),
+                    "all_parallel_s": round((front + in_ptxas) / spread, 1),
+                }
                 case["load_average"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
                 results[f"{direction} {name}"] = case
                 print(
                     f"{direction} {name}: {len(configs)} candidates, {len(items)} kernels: serial "
-                    f"{case['serial']['wall_s']} s, {workers} threads {case['parallel']['wall_s']} s "
-                    f"(front end {front:.1f} s + ptxas {in_ptxas:.1f} s; model here "
-                    f"{case['model_here_s']} s; projected for {PROJECTED_CPUS} CPUs "
-                    f"{case[f'projected_{PROJECTED_CPUS}_cpus_s']} s, by Amdahl "
-                    f"{case[f'projected_amdahl_{PROJECTED_CPUS}_cpus_s']} s; load {case['load_average']})",
+                    f"{case['serial']['wall_s']} s ({case['serial']['cpu_s']} s CPU), {workers} threads "
+                    f"{case['parallel']['wall_s']} s ({case['parallel']['cpu_s']} s CPU); CPU front end "
+                    f"{front:.1f} s + ptxas {in_ptxas:.1f} s; projected for {PROJECTED_CPUS} CPUs "
+                    f"{case['projected']['front_end_serialised_s']} to "
+                    f"{case['projected']['all_parallel_s']} s; "
+                    f"load {case['load_average']}",
                     flush=True,
                 )
     return results
