@@ -211,3 +211,13 @@ def test_the_launcher_compiles_each_candidates_kernels_as_they_are_timed_before_
     timed = launches[: -len(kernels)]
     assert len(timed) == len(configs) * len(kernels)
     assert {(n, s) for _, n, s in timed} == {(n, s) for _, n, s in compiles}
+
+
+def test_under_the_interpreter_nothing_is_compiled_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTNC_AUTOTUNE", "1")
+    monkeypatch.delenv("ATTNC_CONFIG", raising=False)
+    monkeypatch.setattr(autotune, "compile_all", lambda configs, compile: pytest.fail("compiled ahead"))
+    kern = attnc.stdlib().causal()
+    q, k, v = (torch.randn(1, 1, 40, 16) for _ in range(3))
+    torch.testing.assert_close(kern(q, k, v), kern.reference(q, k, v), atol=1e-5, rtol=1e-5)
+    assert registry.find(kern._op_pattern).last_config == autotune.INTERPRETER_CONFIG
