@@ -12,7 +12,8 @@
   candidates that fit the device's shared memory and, by the estimate, 255 registers (none that
   spill), at most 8 (4 for the backward) in all, nearest the first choice first (`candidates`), and keeps
   the fastest. Their kernels are compiled in parallel, in a thread per candidate up to one per CPU,
-  before the first is timed (`compile_all`): Triton's front end holds Python's lock, ptxas does not.
+  before the first is timed (`compile_all`; how many run at once depends on how much of Triton's
+  compile holds Python's lock: ptxas, a child process, does not).
   Results are kept per kernel key and device in
   `$ATTNC_CACHE_DIR/autotune/<key>.<device>.json` (written atomically), so a later process reuses
   them; what such a file holds is checked (a bucket whose configuration is not a launchable one is
@@ -267,11 +268,11 @@ def compile_workers(count: int) -> int:
 
 def compile_all(configs: list[Config], compile: Callable[[Config], None]) -> None:
     """Compile the kernels of every configuration at once, in `compile_workers` threads, before any is
-    timed. `compile(config)` runs here, one configuration after another (Triton's launch binder is not
-    thread-safe); it warms the kernels up (`JITFunction.warmup`), and under Triton's
-    `AsyncCompileMode` each warmup hands the compile itself (the front end, LLVM, ptxas) to the pool
-    and returns; leaving the mode waits for them all. A compile that fails is left out here, and
-    fails again, with its own error, when its configuration is timed. Where Triton has no
+    timed. `compile(config)` runs here, one configuration after another (Triton's launch binder and
+    attnc's plans are not shared between threads); it warms the kernels up (`JITFunction.warmup`),
+    and under Triton's `AsyncCompileMode` each warmup hands the compile itself (the front end, LLVM,
+    ptxas) to the pool and returns; leaving the mode waits for them all. A compile that fails is left
+    out here, and fails again, with its own error, when its configuration is timed. Where Triton has no
     `AsyncCompileMode`, or the caller already runs one, each configuration compiles when it is first
     timed, as before."""
     try:
