@@ -18,7 +18,7 @@ Two measurements, one per machine:
   kernel in a fresh process with empty attnc and Triton caches (compile + autotune + one run), then
   of a second call; `--candidates all --serial` gives the behaviour before this change.
 
-    .venv/bin/python benchmarks/autotune_compile.py --aot            # ~10 min on 2 busy cores
+    .venv/bin/python benchmarks/autotune_compile.py --aot            # ~4 min on 2 idle cores
     python3 benchmarks/autotune_compile.py --first-call              # GPU (benchmarks/gpu_run.sh autotune)
 
 Results: JSON under `benchmarks/results/` (`--output`).
