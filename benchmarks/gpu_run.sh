@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_run.sh decode [DECODE OPTIONS...] # benchmarks/decode.py (paged decoding)
 #   bash benchmarks/gpu_run.sh fuzz [SECONDS]            # the fuzz corpus replayed, then `attnc fuzz`
 #   bash benchmarks/gpu_run.sh first                     # all four, cut to fit one ~9-minute call
+#   bash benchmarks/gpu_run.sh autotune                  # a first call's compile + autotune seconds
 #
 # Logs and results go to $OUT (default ./out). Each part stops itself before 8 minutes: pytest under
 # `timeout`, the benchmark by --time-budget-s (no new case after it; every finished case is already in
@@ -68,6 +69,15 @@ fuzz)
     timeout $((seconds + 120)) "$PYTHON" -m attnc fuzz --seconds "$seconds" --seed 23 --target kernels \
         --save "$OUT/fuzz-failures" 2>&1 | tee "$OUT/fuzz-$stamp.log"
     ;;
+autotune)
+    # A first call's compile + autotune + run, forward and backward (causal d128 bf16 16K, empty attnc
+    # and Triton caches; benchmarks/autotune_compile.py): as built (at most 8 forward and 4 backward
+    # candidates, compiled in parallel), then as before (every candidate, each compiled when timed).
+    timeout 200 "$PYTHON" benchmarks/autotune_compile.py --first-call \
+        --output "$OUT/autotune_compile-first-call-$stamp.json" 2>&1 | tee "$OUT/autotune-$stamp.log"
+    timeout 400 "$PYTHON" benchmarks/autotune_compile.py --first-call --candidates all --serial \
+        --output "$OUT/autotune_compile-first-call-before-$stamp.json" 2>&1 | tee -a "$OUT/autotune-$stamp.log"
+    ;;
 first)
     # Issue 23's first visit in one call of about 9 minutes (run with timeout_s ~580): each part under
     # its own limit, in the order of what a GPU alone can show. The speed parts keep every finished case.
@@ -81,7 +91,7 @@ first)
         2>&1 | tee "$OUT/fuzz-$stamp.log" | tail -10
     ;;
 *)
-    echo "usage: bash benchmarks/gpu_run.sh tests [PYTEST ARGS...] | bench [BENCH OPTIONS...] | decode [...] | fuzz [SECONDS] | first" >&2
+    echo "usage: bash benchmarks/gpu_run.sh tests [PYTEST ARGS...] | bench [BENCH OPTIONS...] | decode [...] | fuzz [SECONDS] | autotune | first" >&2
     exit 2
     ;;
 esac

@@ -8,9 +8,13 @@
   (each compiled ahead of time for sm_90 without spills: tests/test_static_sm90.py) that fits the
   device's shared memory, else a fallback that also fits the register estimate (`registers`).
 - Otherwise the first launch in a *shape bucket* (dtype, head dims, GQA group, and the lengths and
-  number of (batch, head) programs rounded up to powers of two) times the heuristic's choice and every
-  candidate that fits the device's shared memory and, by the estimate, 255 registers (fewer compiles
-  on a first call, none that spill), and keeps the fastest. Results are kept per kernel key and device in
+  number of (batch, head) programs rounded up to powers of two) times the heuristic's choice and the
+  candidates that fit the device's shared memory and, by the estimate, 255 registers (none that
+  spill), at most 8 (4 for the backward) in all, nearest the first choice first (`candidates`), and keeps
+  the fastest. Their kernels are compiled in parallel, in a thread per candidate up to one per CPU,
+  before the first is timed (`compile_all`; how many run at once depends on how much of Triton's
+  compile holds Python's lock: ptxas, a child process, does not).
+  Results are kept per kernel key and device in
   `$ATTNC_CACHE_DIR/autotune/<key>.<device>.json` (written atomically), so a later process reuses
   them; what such a file holds is checked (a bucket whose configuration is not a launchable one is
   tuned again, a file that is not a JSON object is ignored). Tuning that takes more than a second shows
@@ -21,10 +25,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, astuple, dataclass, fields
 from typing import Any, TextIO
 
@@ -193,19 +199,53 @@ def registers(config: Config, shape: LaunchShape, backward: bool = False, dkv: b
     return math.ceil(51 + 1.25 * config.block_m * dv / threads + 2 * scores)
 
 
+MAX_CANDIDATES = 8
+"""The most forward configurations autotuning compiles and times per shape bucket (each compile takes
+seconds of CPU on a first call): the heuristic's first choice and its nearest neighbours
+(`distance`)."""
+MAX_BACKWARD_CANDIDATES = 4
+"""The same for each backward kernel (dQ and dK/dV are tuned apart): as many compiles in all as the
+forward's."""
+
+
+def distance(config: Config, first: Config) -> int:
+    """How far `config` is from `first`: the steps between them, a factor of two of a block side or
+    of the warps, or one pipeline stage, each counting 1."""
+    steps = (
+        abs(int(math.log2(a)) - int(math.log2(b)))
+        for a, b in zip(astuple(config)[:3], astuple(first)[:3], strict=True)
+    )
+    return sum(steps) + abs(config.num_stages - first.num_stages)
+
+
 def candidates(
-    shape: LaunchShape, max_shared: int, backward: bool = False, dkv: bool = False
+    shape: LaunchShape,
+    max_shared: int,
+    backward: bool = False,
+    dkv: bool = False,
+    block: tuple[int, int] | None = None,
 ) -> list[Config]:
     """The configurations autotuning times (`dkv`: the backward's dK/dV kernel's, `backward`: its dQ
     kernel's): the heuristic's first choice, then those that fit the device's shared memory and, by
-    the register estimate, do not spill (if none does, those that fit, fewest registers first)."""
+    the register estimate, do not spill (if none does, those that fit, fewest registers first),
+    nearest to the first choice first (`distance`; ties: fewer registers, then the smaller
+    configuration), at most `MAX_CANDIDATES` in all (`MAX_BACKWARD_CANDIDATES` for a backward
+    kernel). `block`: only those of that (BLOCK_M, BLOCK_N) (a plan's), the cap counted among them."""
     pool = DKV_CANDIDATES if dkv else BACKWARD_CANDIDATES if backward else CANDIDATES
+    cap = MAX_BACKWARD_CANDIDATES if backward or dkv else MAX_CANDIDATES
     fitting = [c for c in pool if shared_memory(c, shape, backward, dkv) <= max_shared]
     chosen = [c for c in fitting if registers(c, shape, backward, dkv) <= MAX_REGISTERS]
     if not chosen:
-        chosen = sorted(fitting, key=lambda c: registers(c, shape, backward, dkv))
+        chosen = sorted(fitting, key=lambda c: registers(c, shape, backward, dkv))[:cap]
     first = heuristic(shape, max_shared, backward, dkv)
-    return [first, *(c for c in chosen if c != first)]
+    nearest = sorted(
+        (c for c in chosen if c != first),
+        key=lambda c: (distance(c, first), registers(c, shape, backward, dkv), c),
+    )
+    ranked = [first, *nearest]
+    if block is not None:
+        ranked = [c for c in ranked if (c.block_m, c.block_n) == block]
+    return ranked[:cap]
 
 
 def heuristic(shape: LaunchShape, max_shared: int, backward: bool = False, dkv: bool = False) -> Config:
@@ -255,6 +295,34 @@ def _saved_config(value: Any) -> Config | None:
         return None
     config = Config(**value)
     return config if config.problem() is None else None
+
+
+def compile_workers(count: int) -> int:
+    """Threads that compile `count` configurations: one each, at most one per CPU."""
+    return max(1, min(count, os.cpu_count() or 1))
+
+
+def compile_all(configs: list[Config], compile: Callable[[Config], None]) -> None:
+    """Compile the kernels of every configuration at once, in `compile_workers` threads, before any is
+    timed. `compile(config)` runs here, one configuration after another (Triton's launch binder and
+    attnc's plans are not shared between threads); it warms the kernels up (`JITFunction.warmup`),
+    and under Triton's `AsyncCompileMode` each warmup hands the compile itself (the front end, LLVM,
+    ptxas) to the pool and returns; leaving the mode waits for them all. A compile that fails is left
+    out here, and fails again, with its own error, when its configuration is timed. Where Triton has no
+    `AsyncCompileMode`, or the caller already runs one, each configuration compiles when it is first
+    timed, as before."""
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode, active_mode
+    except ImportError:  # a Triton release without asynchronous compiles
+        return
+    if active_mode.get() is not None:
+        return
+    with (
+        ThreadPoolExecutor(compile_workers(len(configs)), thread_name_prefix="attnc-compile") as pool,
+        AsyncCompileMode(pool, ignore_errors=True),
+    ):
+        for config in configs:
+            compile(config)
 
 
 class Progress:
@@ -318,12 +386,17 @@ class Tuner:
         measure: Callable[[Config], float],
         label: str,
         stream: TextIO | None = None,
+        compile: Callable[[Config], None] | None = None,
     ) -> Config:
         """The fastest of `configs` by `measure` (seconds; an exception or inf rules a config out),
-        remembered for the bucket and written to disk."""
+        remembered for the bucket and written to disk. `compile`: starts the compile of a
+        configuration's kernels without launching them (`compile_all` runs it for every configuration
+        before the first is timed, so that they compile in parallel)."""
         chosen = self.known(shape)
         if chosen is not None:
             return chosen
+        if compile is not None:
+            compile_all(configs, compile)
         progress = Progress(len(configs), f"attnc: autotuning {label} ({shape.bucket()})", stream)
         from triton.runtime.errors import OutOfResources
 

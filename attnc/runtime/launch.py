@@ -250,8 +250,14 @@ class Forward:
         strides, cache_args, cache_flags = _layout_args(q, k, v, env, lse, block_table, cu_seqlens)
 
         def launch(
-            config: Config, plan: list[Any], out: torch.Tensor, lse: torch.Tensor, count: bool = False
+            config: Config,
+            plan: list[Any],
+            out: torch.Tensor,
+            lse: torch.Tensor,
+            count: bool = False,
+            warmup: bool = False,
         ) -> None:
+            """One launch; with `warmup`, the kernel's compile for it (`JITFunction.warmup`), not run."""
             pack = pack_gqa(self, shape, config, cu_seqlens is not None, backend, options)
             grid_heads = kv_heads if pack else heads
             n_q, n_kv = (
@@ -269,7 +275,8 @@ class Forward:
             # The output's strides (one part's, for splits; a packed batch row's step 0).
             out_strides = (0 if cu_seqlens is not None else parts_out.stride(-4), *parts_out.stride()[-3:])
             split_strides = (parts_out.stride(0), parts_lse.stride(0)) if splits > 1 else (0, 0)
-            kernel[(n_q * batch * grid_heads * splits,)](
+            grid = (n_q * batch * grid_heads * splits,)
+            (functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid])(
                 q, k, v, parts_out, parts_lse,
                 *_input_args(self.spec.inputs, env),
                 *_param_args(self.spec.params, self.pattern, env),
@@ -280,7 +287,7 @@ class Forward:
                 **_constants(config, dim, dim_v, q.dtype, backend, count and _VISITS is not None),
                 **geometry_flags, **cache_flags, PACK_GQA=pack, STORE_MAX=return_max,
             )  # fmt: skip
-            if splits > 1:
+            if splits > 1 and not warmup:
                 merged_out, merged_lse = merge_splits(parts_out, parts_lse)
                 out.copy_(merged_out)
                 lse.copy_(merged_lse)
@@ -292,14 +299,19 @@ class Forward:
             plan, scratch_out, scratch_lse = plan_args(config), torch.empty_like(out), torch.empty_like(lse)
             return _do_bench(lambda: launch(config, plan, scratch_out, scratch_lse))
 
+        def compile(config: Config) -> None:
+            """The compile of the kernel `measure` times, started (`autotune.compile_all`)."""
+            launch(config, plan_args(config), out, lse, warmup=True)
+
         pinned = self.plans.block(env)
         with _on_device(q.device), _serialised(backend):
             config = with_options(
                 _config(
-                    self._tuners, self.source.key, self.name, backend, q.device, shape, measure, block=pinned
+                    self._tuners, self.source.key, self.name, backend, q.device, shape, measure,
+                    block=pinned, compile=compile,
                 ),
                 options,
-            )
+            )  # fmt: skip
             launch(config, plan_args(config), out, lse, count=True)
         if not self.spec.analytic:
             self.plans.launched(env, (config.block_m, config.block_n))
@@ -485,12 +497,15 @@ def _config(
     backward: bool = False,
     block: tuple[int, int] | None = None,
     dkv: bool = False,
+    compile: Callable[[Config], None] | None = None,
 ) -> Config:
     """The launch configuration: forced (`ATTNC_CONFIG`), the interpreter's, the heuristic's or the
     autotuner's. `block`: the block of the plan on file (`PlanCache`), chosen among the configurations
     of that (BLOCK_M, BLOCK_N) where some fit the device (else freely: the plan then derives metadata
     for the chosen block, once). `backward`: the dQ kernel's, `dkv`: the dK/dV kernel's (a forced
-    configuration, and the interpreter's, serve both)."""
+    configuration, and the interpreter's, serve both). `compile`: warms a configuration's kernels up
+    without launching them (the autotuner compiles the candidates in parallel before timing them,
+    `autotune.compile_all`)."""
     forced = autotune.forced()
     tuning = autotune.autotuning_enabled()  # read on every backend, so that a bad value is never ignored
     if forced is not None:
@@ -502,7 +517,7 @@ def _config(
     device_name, shared = _device_limits(
         device.index if device.index is not None else torch.cuda.current_device()
     )
-    pool = [c for c in autotune.candidates(shape, shared, backward, dkv) if block == (c.block_m, c.block_n)]
+    pool = autotune.candidates(shape, shared, backward, dkv, block) if block is not None else []
     if pool:
         chosen = autotune.heuristic(shape, shared, backward, dkv)
         if not tuning:
@@ -514,6 +529,8 @@ def _config(
         # Tuned among this block's configurations, in memory only (the saved choice is the free one).
         pinned_key = (key, device_name, shape.bucket(), block, backward, dkv)
         if pinned_key not in _PINNED:
+            if compile is not None:
+                autotune.compile_all(pool, compile)
             _PINNED[pinned_key] = min(pool, key=lambda config: _seconds_or_inf(measure, config))
         return _PINNED[pinned_key]
     if not tuning:
@@ -521,7 +538,9 @@ def _config(
     tuner = tuners.get(device_name)
     if tuner is None:
         tuner = tuners[device_name] = autotune.Tuner(key, device_name)
-    return tuner.tune(shape, autotune.candidates(shape, shared, backward, dkv), measure, label)
+    return tuner.tune(
+        shape, autotune.candidates(shape, shared, backward, dkv), measure, label, compile=compile
+    )
 
 
 _PINNED: dict[tuple, Config] = {}
@@ -657,16 +676,19 @@ class Backward:
         # rowsum(dO * O)'s rounding does not cancel. The dQ kernel then computes Delta from P and dP.
         exact_delta = q.dtype != torch.float32 and bool(grads)
 
-        def delta_of(config: Config) -> torch.Tensor:
+        def delta_of(config: Config, warmup: bool = False) -> torch.Tensor:
+            """Delta for `config`'s launch; with `warmup`, its kernel's compile, and a tensor to stand
+            for it (unset)."""
             if exact_delta:  # the dQ kernel adds rowsum(P * dP) to this
                 return -dlse.float().contiguous() if dlse is not None else torch.zeros_like(lse)
             delta = torch.empty_like(lse)
             grid = (-(-q_len // config.block_m) * batch * heads,)
-            module_.attnc_bwd_preprocess[grid](
+            preprocess = module_.attnc_bwd_preprocess
+            (functools.partial(preprocess.warmup, grid=grid) if warmup else preprocess[grid])(
                 out, dout, delta, *out.stride(), *dout.stride(), heads, q_len,
                 HEAD_DIM_V=dim_v, DV_PAD=autotune.padded(dim_v), BLOCK_M=config.block_m,
             )  # fmt: skip
-            if dlse is not None:  # d lse / d score = P: the lse's gradient joins Delta's
+            if dlse is not None and not warmup:  # d lse / d score = P: the lse's gradient joins Delta's
                 delta -= dlse.to(torch.float32)
             return delta
 
@@ -706,29 +728,43 @@ class Backward:
             return batch, heads, -(-q_len // config.block_m), -(-kv_len // config.block_n)
 
         def launch_dq(
-            config: Config, plan: list[Any], delta: torch.Tensor, result, count: bool = False
+            config: Config,
+            plan: list[Any],
+            delta: torch.Tensor,
+            result,
+            count: bool = False,
+            warmup: bool = False,
         ) -> None:
+            """The dQ kernel's launch; with `warmup`, its compile for it, not run."""
             dq, _, _, grad_buffers = result
             counting = count and _VISITS is not None
             common, inputs, sizes, strides = arguments(config, grad_buffers, delta, counting)
             visits = _visits("dq", tiles_of(config), q.device, delta) if counting else delta
             grid = (-(-q_len // config.block_m) * batch * heads,)
-            module_.attnc_bwd_dq[grid](
+            kernel = module_.attnc_bwd_dq
+            (functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid])(
                 q, k, v, dout, lse, delta, dq, *inputs, *plan, *strides, *dq.stride(), *sizes, visits,
                 **common,
                 EXACT_DELTA=exact_delta,
             )  # fmt: skip
 
         def launch_dkv(
-            config: Config, plan: list[Any], delta: torch.Tensor, result, count: bool = False
+            config: Config,
+            plan: list[Any],
+            delta: torch.Tensor,
+            result,
+            count: bool = False,
+            warmup: bool = False,
         ) -> None:
+            """The dK/dV kernel's launch; with `warmup`, its compile for it, not run."""
             _, dk, dv, grad_buffers = result
             counting = count and _VISITS is not None
             common, inputs, sizes, strides = arguments(config, grad_buffers, delta, counting)
             b, h, m, n = tiles_of(config)
             visits = _visits("dkv", (b, h, n, m), q.device, delta) if counting else delta
             grid = (-(-kv_len // config.block_n) * batch * k.shape[1],)
-            module_.attnc_bwd_dkv[grid](
+            kernel = module_.attnc_bwd_dkv
+            (functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid])(
                 q, k, v, dout, lse, delta, dk, dv, *inputs, *plan, *strides, *dk.stride(), *dv.stride(),
                 *sizes, visits, **common,
             )  # fmt: skip
@@ -757,6 +793,16 @@ class Backward:
             scratch = new_result({n: torch.zeros_like(g) for n, g in grads.items()})
             return _do_bench(lambda: launch_dkv(config, plan, delta, scratch))
 
+        # The compiles of the kernels `measure_dq` and `measure_dkv` time, started (`autotune.compile_all`):
+        # their buffers are the measures', unwritten (with the preprocess each measure launches).
+        def compile_dq(config: Config) -> None:
+            delta = delta_of(config, warmup=True)
+            launch_dq(config, plan_args(config, False), delta, new_result(grads), warmup=True)
+
+        def compile_dkv(config: Config) -> None:
+            delta = delta_of(config, warmup=True)  # `measure_dkv` computes one for its block too
+            launch_dkv(config, plan_args(config, True), delta, new_result(grads), warmup=True)
+
         # The forward's plan (on file with the block it ran with) serves the backward where the backward
         # can run with that block. dQ and dK/dV each have their own configuration (`autotune`; a forced
         # one, kernel options and the interpreter's serve both).
@@ -764,11 +810,11 @@ class Backward:
         with _on_device(q.device), _serialised(backend):
             dq_config = with_options(_config(
                 self._tuners, self.source.key, f"{self.name} backward (dQ)", backend, q.device, shape,
-                measure_dq, backward=True, block=pinned,
+                measure_dq, backward=True, block=pinned, compile=compile_dq,
             ), options)  # fmt: skip
             dkv_config = with_options(_config(
                 self._dkv_tuners, f"{self.source.key}-dkv", f"{self.name} backward (dK/dV)", backend,
-                q.device, shape, measure_dkv, backward=True, block=pinned, dkv=True,
+                q.device, shape, measure_dkv, backward=True, block=pinned, dkv=True, compile=compile_dkv,
             ), options)  # fmt: skip
             result = new_result(grads)
             delta = delta_of(dq_config)
