@@ -933,10 +933,13 @@ def run_case(
 
 
 def launch_config(kernel: Kernel, mode: str) -> str | None:
-    """The tile sizes, warps and stages of attnc's last launch in this mode."""
+    """The tile sizes, warps and stages of attnc's last launch in this mode (the backward's: its dQ
+    kernel's, then its dK/dV kernel's, which are tuned apart)."""
     forward = kernel._forward
-    config = forward.last_config if mode == "forward" else forward.backward.last_config
-    return None if config is None else str(config)
+    if mode == "forward":
+        return None if forward.last_config is None else str(forward.last_config)
+    dq, dkv = forward.backward.last_config, forward.backward.last_dkv_config
+    return None if dq is None else f"dQ {dq}; dK/dV {dkv}"
 
 
 # ---- the sweep ------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import attnc
+from attnc import bench
 from attnc.runtime import autotune, registry
 from attnc.runtime import launch as launching
 from attnc.runtime.autotune import Config, LaunchShape
@@ -52,6 +53,8 @@ def test_dq_and_dkv_kernels_with_blocks_of_their_own_have_the_oracles_gradients(
     assert comparison.ok, comparison.describe()
     assert backward_of(kern).last_config == chosen[False]
     assert backward_of(kern).last_dkv_config == chosen[True]
+    # `attnc bench` reports both
+    assert bench.launch_config(kern, "backward") == f"dQ {chosen[False]}; dK/dV {chosen[True]}"
     assert visits["dq"].shape[-2:] == (2, 3)  # 40 queries in tiles of 32, 40 keys in tiles of 16
     assert visits["dkv"].shape[-2:] == (2, 3)  # 40 keys in tiles of 32, 40 queries in tiles of 16
 
