@@ -8,9 +8,12 @@ one before.
 
 from __future__ import annotations
 
+import importlib
+import random
 import re
 
 import pytest
+import torch
 
 import attnc
 import attnc.examples
@@ -154,3 +157,45 @@ def test_the_dkv_kernel_calls_its_tile_functions_from_every_loop_of_every_conjun
     assert count(source, r"^dk \+= tl\.dot\(") == 2
     assert count(source, calls("_dkv_partial_tile", "dk, dv")) == 4
     assert count(source, calls("_dkv_full_tile", "dk, dv")) == 2
+
+
+# ---- the step-over helpers of several conjuncts (`_disjoint`, `_cut`, `_step_over`) -------------------
+
+_PROBE = """
+
+@triton.jit
+def _probe(Lo, Hi, Out, End, K: tl.constexpr, FIRST, END):
+    lo, hi = (), ()
+    for a in tl.static_range(K):
+        lo, hi = lo + (tl.load(Lo + a),), hi + (tl.load(Hi + a),)
+    s_lo, s_hi = _disjoint(lo, hi)
+    n, end = _cut(s_lo, s_hi, FIRST, END)
+    tl.store(End, end)
+    for i in range(FIRST, end):
+        tl.store(Out + i - FIRST, _step_over(i, s_lo, n))
+"""
+
+
+def test_a_step_over_loop_visits_its_range_less_the_skipped_ranges_in_order(tmp_path, monkeypatch) -> None:
+    # The helpers as a four-conjunct forward renders them, run under the interpreter on random ranges
+    # (empty, overlapping, nested, touching, past either end): the loop from FIRST visits exactly the
+    # tiles of [FIRST, END) outside every range, ascending, each once.
+    source = forward(attnc.stdlib().neighborhood_1d(kernel=7))
+    (tmp_path / "step_over_probe.py").write_text(source + _PROBE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    probe = importlib.import_module("step_over_probe")._probe
+    rng = random.Random(18)
+    for _ in range(40):
+        k = rng.randint(1, 5)
+        lo = [rng.randint(-3, 20) for _ in range(k)]
+        hi = [a + rng.randint(-3, 6) for a in lo]
+        first, end = rng.randint(-2, 8), rng.randint(4, 22)
+        out = torch.full((32,), -99, dtype=torch.int32)
+        stop = torch.zeros(1, dtype=torch.int32)
+        probe[(1,)](
+            torch.tensor(lo, dtype=torch.int32), torch.tensor(hi, dtype=torch.int32), out, stop, k, first, end
+        )
+        skipped = {t for a, b in zip(lo, hi, strict=True) for t in range(a, b + 1)}
+        expected = [t for t in range(first, end) if t not in skipped]
+        visited = out[: max(int(stop) - first, 0)].tolist()
+        assert visited == expected, (lo, hi, first, end, visited)

@@ -466,6 +466,8 @@ def _helper_names(spec: KernelSpec | BackwardSpec) -> frozenset[str]:
         names.add("_floordiv")
     if spec.analytic:
         names.add("_tile_of")
+        if len(spec.kv_ranges or ()) > 1:  # the tiles and step-over loops of several conjuncts
+            names |= {"_conjunct_tiles", "_disjoint", "_cut", "_step_over"}
     return frozenset(names)
 
 
