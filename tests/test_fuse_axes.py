@@ -129,3 +129,60 @@ def test_runtime_window_kernel_compares_keys_without_widening_them() -> None:
     source = render(_kernel("sliding_window", window=5)._compiled.spec)
     assert "tl.cast(kv_idx, tl.int64)" not in source
     assert "tl.cast(tl.minimum(" in source  # the row bound, clamped in int64 and narrowed
+
+
+def test_float_bounds_of_one_key_are_neither_merged_nor_moved() -> None:
+    # Only int bounds merge into min / max (a float bound may be NaN: `log(q - 5.0)` for q < 5, which
+    # `min` propagates and `<=` does not) or take a key test into their key values (value ranges bound
+    # ints): each mask compiles, and the kernel's equals the pattern's at every point.
+    source = """
+    pattern merged { mask = log(q - 5.0) <= kv * 1.0 and q * 0.5 <= kv * 1.0 }
+    pattern moved {
+        input flag: bool[KV_LEN]
+        mask = q * 1.0 <= kv * 0.5 or flag[kv]
+    }
+    """
+    module = attnc.loads(source)
+    flag = torch.arange(30) % 7 == 3
+    for kern, inputs in ((module.merged(), {}), (module.moved(), {"flag": flag})):
+        pattern = _fused(kern)
+        env = kern._env(30, 30, 1, 1, *kern._split(inputs), torch.device("cpu"))
+        expected = oracle.mask(pattern, env)
+        found = oracle.evaluate(_kernel_mask(pattern), pattern, env)
+        assert torch.equal(found.expand_as(expected), expected)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        "doc[kv] // 5 < kv",
+        "(doc[q] - kv) % 5 == 0",  # `doc[q] % 5 == kv % 5`: the residue of an int32 input alone
+    ],
+)
+def test_kernel_divides_an_int32_input_at_its_least_value_exactly(mask: str) -> None:
+    # The kernel's floor division divides magnitudes, and |-2**31| is no int32: the kernel must still
+    # give the oracle's mask where an int32 input holds -2**31.
+    kern = attnc.loads(f"pattern p {{\n input doc: int32[40]\n mask = {mask}\n}}").p()
+    doc = torch.tensor([-(2**31), 2**31 - 1, 7, -(2**31) + 3] * 10, dtype=torch.int32)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 40, 16) for _ in range(3))
+    out = kern(q, k, v, doc=doc)
+    expected = kern.reference(q.double(), k.double(), v.double(), doc=doc)
+    torch.testing.assert_close(out.double(), expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "pattern p { mask = min(log(q - 5.0), kv * 1.0) <= 3.0 }",
+        "pattern p(n: int = 3) { mask = min(i in 0..n: log(q - 5.0 + i)) <= kv * 1.0 }",  # a loop
+    ],
+)
+def test_kernel_float_min_of_a_nan_is_nan(source: str) -> None:
+    # `log(q - 5.0)` is NaN for q < 5, and so is a min or max of it (the language, the oracle);
+    # Triton's own minimum returns the other operand.
+    kern = attnc.loads(source).p()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 40, 16) for _ in range(3))
+    expected = kern.reference(q.double(), k.double(), v.double())
+    torch.testing.assert_close(kern(q, k, v).double(), expected, atol=2e-5, rtol=2e-5)

@@ -247,7 +247,10 @@ class Emitter:
         if op in (Op.MIN, Op.MAX):
             fn = "tl.minimum" if op is Op.MIN else "tl.maximum"
             if n.type is not Type.INT:
-                return self._assign(f"{fn}({self.cast(args[0], dtype)}, {self.cast(args[1], dtype)})")
+                # NaN if either is (`ir/fold.py`, the oracle's torch.minimum); Triton's default
+                # returns the other operand.
+                a, b = (self.cast(x, dtype) for x in args)
+                return self._assign(f"{fn}({a}, {b}, propagate_nan=tl.PropagateNan.ALL)")
             # In the operands' width, then narrowed where the result fits int32 (a clamp of an int64
             # row value into the range of the keys it is compared with: `fuse`'s `_narrowed`).
             wide = _common(*(self._const_dtype(a) if a.is_const else self.dtype(a) for a in args))
@@ -331,11 +334,13 @@ class Emitter:
         finally:
             self.lines, self.names, self.prefix = saved
         first = f"{variable} == {bounds[0]}"
+        # A float max / min is NaN if a term is (as `Op.MIN` / `Op.MAX`, below).
+        nan = ", propagate_nan=tl.PropagateNan.ALL" if carried in (FP32, FP64) else ""
         if kind == "sum":
             update = [f"{acc} = {acc} + {value}"]
         elif kind in ("any", "all", "max", "min"):
             fn = "tl.maximum" if kind in ("any", "max") else "tl.minimum"
-            update = [f"{acc} = tl.where({first}, {value}, {fn}({acc}, {value}))"]
+            update = [f"{acc} = tl.where({first}, {value}, {fn}({acc}, {value}{nan}))"]
             if kind in ("any", "all"):
                 update = [f"{acc} = {fn}({acc}, {value})"]
         else:  # the derivative of the term the max / min selects: `analysis/derivative.py`
@@ -346,7 +351,7 @@ class Emitter:
             update = [
                 f"{acc} = tl.where({first}, {dvalue}, tl.where({extreme} {wins} {value}, {acc}, "
                 f"tl.where({extreme} {loses} {value}, {dvalue}, 0.5 * ({acc} + {dvalue}))))",
-                f"{extreme} = tl.where({first}, {value}, {fn}({extreme}, {value}))",
+                f"{extreme} = tl.where({first}, {value}, {fn}({extreme}, {value}{nan}))",
             ]
         lines.append(f"for {variable} in range({bounds[0]}, {bounds[1]}):")
         lines += [BLOCK_MARK + line for line in [*body, *update]]
@@ -402,11 +407,18 @@ class Emitter:
             return self._assign(f"{x} {'//' if floor else '%'} {y}")
         helper = "floordiv" if floor else "floormod"
         self.helpers.add(helper)
+        # The helpers divide magnitudes, and in int32 the magnitude of -2**31 (an int32 input's least
+        # value) wraps to -2**31: a division that may see it is made in int64 (`value_ranges` keeps
+        # -2**63, whose magnitude int64 lacks, out of every division).
+        least = min(self.ranges.of(a)[0], self.ranges.of(b)[0])
+        wide = INT64 if dtype == INT32 and least <= -(1 << 31) else dtype
+        x, y = self.cast(a, wide), self.cast(b, wide)
         if b.is_const:  # the helpers take tensors: a constant divisor becomes a typed scalar
-            y = f"tl.full([], {int(b.attr)}, {dtype})"  # type: ignore[arg-type]
+            y = f"tl.full([], {int(b.attr)}, {wide})"  # type: ignore[arg-type]
         if a.is_const:
-            x = f"tl.full([], {int(a.attr)}, {dtype})"  # type: ignore[arg-type]
-        return self._assign(f"_{helper}({x}, {y})")
+            x = f"tl.full([], {int(a.attr)}, {wide})"  # type: ignore[arg-type]
+        value = f"_{helper}({x}, {y})"
+        return self._assign(value if wide == dtype else f"tl.cast({value}, {dtype})")
 
     def _load(self, n: Node, dtype: str) -> str:
         decl = self.pattern.input(str(n.attr))

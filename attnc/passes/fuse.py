@@ -163,7 +163,7 @@ def _merged_bounds(node: Node, ranges: ValueRanges) -> Node | None:
     becomes one comparison per element instead of two and a column test); None where none merge."""
     groups: dict[tuple[Node, bool], list[int]] = {}
     for i, a in enumerate(node.args):
-        side = _row_side(a) if a.op in (Op.LE, Op.GE) else None
+        side = _row_side(a) if _int_bound(a) else None
         if side is not None:
             lower = (a.op is Op.LE) == (side == 0)  # `bound <= key`, or `key >= bound`
             groups.setdefault((a.args[1 - side], lower), []).append(i)
@@ -231,7 +231,13 @@ def _bound_variables(node: Node) -> bool:
 def _window(node: Node) -> bool:
     """A bound of a key value by a row value, or an `and` of such bounds."""
     parts = node.args if node.op is Op.AND else (node,)
-    return all(p.op in (Op.LE, Op.GE) and _row_side(p) is not None for p in parts)
+    return all(_int_bound(p) and _row_side(p) is not None for p in parts)
+
+
+def _int_bound(node: Node) -> bool:
+    """An int `<=` / `>=`: only ints merge into min / max (a float bound may be NaN, which `min`
+    propagates and `<=` does not) or move into a key's values (value ranges bound ints)."""
+    return node.op in (Op.LE, Op.GE) and node.args[0].type is Type.INT
 
 
 def _bound_of(comparison: Node) -> Node:
