@@ -43,7 +43,11 @@ VARIABLES: tuple[Variable, ...] = (
         "ATTNC_AUTOTUNE",
         "`1`",
         "`0`/`false`/`no`/`off` (any case) picks launch configurations by heuristics on a GPU instead of "
-        "timing candidates; `1`/`true`/`yes`/`on` keeps autotuning",
+        "timing candidates; `1`/`true`/`yes`/`on` keeps autotuning: the first call in a shape bucket times "
+        "at most 8 forward configurations and 4 for each backward kernel (dQ and dK/dV are tuned apart; "
+        "those that fit the shared memory and the register estimate, nearest the heuristic's first "
+        "choice), their kernels compiled in parallel (a thread each, up to one per CPU) before the first "
+        "is timed",
     ),
     Variable(
         "ATTNC_CONFIG",

@@ -186,7 +186,7 @@ def _truncate(text: str) -> str:
         _truncate,
         lambda text: "",
         lambda text: text[: len(text) // 2],  # cut mid-line
-        lambda text: text.replace("m1 = kv_idx + 3", "m1 = kv_idx + 2"),  # an edit, seal kept
+        lambda text: text.replace("m0 = q_idx >= kv_idx", "m0 = q_idx > kv_idx"),  # an edit, seal kept
         lambda text: "\x00garbage\n" * 10,
     ],
     ids=["truncated", "empty", "cut-mid-line", "edited", "garbage"],
@@ -195,7 +195,9 @@ def test_a_corrupted_cached_kernel_is_rendered_again(cache_root: Path, corrupt) 
     kern = WINDOWS.sliding_window_static(window=4)
     path = kernel_file(kern, cache_root)
     good = path.read_text()
-    path.write_text(corrupt(good))
+    corrupted = corrupt(good)
+    assert corrupted != good  # (an edit of a line the kernel no longer has would test nothing)
+    path.write_text(corrupted)
     cache.clear_memory()  # as a new process would start
     renders = cache.STATS.renders
     again = WINDOWS.sliding_window_static(window=4)

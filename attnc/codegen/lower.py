@@ -508,39 +508,30 @@ def _node_fields(kind: type[ast.AST]) -> tuple[str, ...]:
 def _bindings(tree: ast.Module) -> list[ast.arg | ast.Name]:
     """Every argument (`ast.arg`) and every name the module stores to (`ast.Name` in a store context),
     in any order: what `ast.walk` would find of them, at a quarter of its cost (a kernel's tree has
-    thousands of nodes, and the check runs on every load): leaves (constants, names, operators) are
-    never pushed or entered."""
-    found: list[ast.arg | ast.Name] = []
-    stack: list[object] = [tree]
-    while stack:
-        node = stack.pop()
-        kind = type(node)
-        if kind is ast.Name:
-            if type(node.ctx) is ast.Store:  # type: ignore[attr-defined]
-                found.append(node)  # type: ignore[arg-type]
-        elif kind is ast.arg:
-            found.append(node)  # type: ignore[arg-type]
-        elif kind is not ast.Constant and isinstance(node, ast.AST):  # lists may hold strings
-            fields = _NODE_FIELDS.get(kind)
-            for name in _node_fields(kind) if fields is None else fields:
-                value = getattr(node, name, None)
-                if type(value) is list:
-                    stack.extend(value)
-                elif isinstance(value, ast.AST):
-                    stack.append(value)
-    return found
+    thousands of nodes, and the check runs on every load)."""
+    return [
+        n  # type: ignore[misc]
+        for n in _leaves(tree, (ast.Name, ast.arg))
+        if type(n) is ast.arg or type(n.ctx) is ast.Store  # type: ignore[attr-defined]
+    ]
 
 
 def _names(tree: ast.AST) -> list[ast.Name]:
-    """Every `ast.Name` in the tree, in any order (as `_bindings`, without entering leaves)."""
-    found: list[ast.Name] = []
+    """Every `ast.Name` in the tree, in any order (as `_bindings`)."""
+    return _leaves(tree, (ast.Name,))  # type: ignore[return-value]
+
+
+def _leaves(tree: ast.AST, kinds: tuple[type, ...]) -> list[ast.AST]:
+    """The nodes of `kinds` in the tree, in any order, none of them entered; constants (and the
+    operators, which have no fields) are never entered either."""
+    found: list[ast.AST] = []
     stack: list[object] = [tree]
     while stack:
         node = stack.pop()
         kind = type(node)
-        if kind is ast.Name:
+        if kind in kinds:
             found.append(node)  # type: ignore[arg-type]
-        elif kind is not ast.Constant and isinstance(node, ast.AST):
+        elif kind is not ast.Constant and isinstance(node, ast.AST):  # lists may hold strings
             fields = _NODE_FIELDS.get(kind)
             for name in _node_fields(kind) if fields is None else fields:
                 value = getattr(node, name, None)
