@@ -276,7 +276,7 @@ class Forward:
             out_strides = (0 if cu_seqlens is not None else parts_out.stride(-4), *parts_out.stride()[-3:])
             split_strides = (parts_out.stride(0), parts_lse.stride(0)) if splits > 1 else (0, 0)
             grid = (n_q * batch * grid_heads * splits,)
-            (functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid])(
+            _launcher(kernel, grid, warmup)(
                 q, k, v, parts_out, parts_lse,
                 *_input_args(self.spec.inputs, env),
                 *_param_args(self.spec.params, self.pattern, env),
@@ -684,7 +684,7 @@ class Backward:
             delta = torch.empty_like(lse)
             grid = (-(-q_len // config.block_m) * batch * heads,)
             preprocess = module_.attnc_bwd_preprocess
-            (functools.partial(preprocess.warmup, grid=grid) if warmup else preprocess[grid])(
+            _launcher(preprocess, grid, warmup)(
                 out, dout, delta, *out.stride(), *dout.stride(), heads, q_len,
                 HEAD_DIM_V=dim_v, DV_PAD=autotune.padded(dim_v), BLOCK_M=config.block_m,
             )  # fmt: skip
@@ -741,8 +741,7 @@ class Backward:
             common, inputs, sizes, strides = arguments(config, grad_buffers, delta, counting)
             visits = _visits("dq", tiles_of(config), q.device, delta) if counting else delta
             grid = (-(-q_len // config.block_m) * batch * heads,)
-            kernel = module_.attnc_bwd_dq
-            (functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid])(
+            _launcher(module_.attnc_bwd_dq, grid, warmup)(
                 q, k, v, dout, lse, delta, dq, *inputs, *plan, *strides, *dq.stride(), *sizes, visits,
                 **common,
                 EXACT_DELTA=exact_delta,
@@ -763,8 +762,7 @@ class Backward:
             b, h, m, n = tiles_of(config)
             visits = _visits("dkv", (b, h, n, m), q.device, delta) if counting else delta
             grid = (-(-kv_len // config.block_n) * batch * k.shape[1],)
-            kernel = module_.attnc_bwd_dkv
-            (functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid])(
+            _launcher(module_.attnc_bwd_dkv, grid, warmup)(
                 q, k, v, dout, lse, delta, dk, dv, *inputs, *plan, *strides, *dk.stride(), *dv.stride(),
                 *sizes, visits, **common,
             )  # fmt: skip
@@ -825,6 +823,12 @@ class Backward:
         if broadcast:
             dk, dv = dk.sum(0, keepdim=True).to(k.dtype), dv.sum(0, keepdim=True).to(v.dtype)
         return dq, dk, dv, {n: g.to(env.inputs[n].dtype) for n, g in grads.items()}
+
+
+def _launcher(kernel: Any, grid: tuple[int, ...], warmup: bool) -> Callable[..., Any]:
+    """`kernel[grid]`, or with `warmup` its compile for that launch (`JITFunction.warmup`), not run:
+    what the autotuner's parallel compiles (`autotune.compile_all`) call with a launch's arguments."""
+    return functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid]
 
 
 def _metadata_args(tiles: BlockSparse) -> list[Any]:
