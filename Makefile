@@ -12,9 +12,10 @@ $(STAMP): pyproject.toml scripts/setup_venv.sh
 demo: $(STAMP)
 	$(PY) -m attnc.demo
 
+# The tests run in one process per core (pytest-xdist): on CI's 2 cores, about half the time of one.
 test: $(STAMP)
 	$(VENV)/bin/ruff check attnc tests scripts examples benchmarks
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 # docs/gallery/*.png and docs/gallery.md, from examples/*.attn (attnc show --png of every pattern).
 gallery: $(STAMP)
