@@ -112,7 +112,8 @@ def test_chunks_at_unaligned_offsets_match_the_oracle(
     monkeypatch: pytest.MonkeyPatch, config: str | None
 ) -> None:
     # Offsets shift the tiles off the block grid: at 32-position tiles a block of 24 may then take three
-    # values (the per-element gather is taken), at 16-position tiles still two (the scalars).
+    # values (the chunks at q 20 and kv 17 start tiles over blocks 0, 1 and 2), so the per-element
+    # gather is taken; at 16-position tiles still two (the scalars).
     if config is not None:
         monkeypatch.setenv("ATTNC_CONFIG", config)
     kern = SPARSE.block_sparse(block=24)
