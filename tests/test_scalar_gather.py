@@ -117,6 +117,7 @@ def test_chunks_at_unaligned_offsets_match_the_oracle(
     if config is not None:
         monkeypatch.setenv("ATTNC_CONFIG", config)
     kern = SPARSE.block_sparse(block=24)
+    assert "_11 = tl.load(in_blocks_ptr" in kern._forward.source.text  # both forms: the tiles choose
     length = 56
     q, k, v = (t.requires_grad_() for t in _qkv(1, 1, length, length))
     blocks = _block_map(24, 1, length, length, seed=3)
