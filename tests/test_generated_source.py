@@ -104,6 +104,70 @@ def test_a_metadata_forward_calls_the_tile_functions_from_its_three_loops() -> N
     )
 
 
+def test_a_block_map_is_read_as_four_scalars_per_tile_where_the_tiles_allow() -> None:
+    # blocks[b, h, q // 128, kv // 128] (`codegen/gather.py`): over a tile of at most 128 positions
+    # (256 starting at a multiple of 256) each index is its value at the tile's first position or
+    # the next, so the tile reads four scalars and chooses per row and per key column; the per-element
+    # gather stays for other tiles. In each kernel's PARTIAL tile.
+    kern = example("dynamic_sparse.attn").block_sparse(block=128)
+
+    def line(text: str) -> str:
+        return f"^{re.escape(text)}$"
+
+    def load(target: str, row: str, key: str) -> str:  # the start of `target = tl.load(...)`
+        return "^" + re.escape(
+            f"{target} = tl.load(in_blocks_ptr + tl.cast(b_idx, tl.int64) * in_blocks_stride0 + "
+            f"tl.cast(h_idx, tl.int64) * in_blocks_stride1 + tl.cast({row}, tl.int64) * in_blocks_stride2 + "
+            f"tl.cast({key}, tl.int64) * in_blocks_stride3, "
+        )
+
+    source = forward(kern)
+    expect_in_order(
+        source,
+        [
+            r"^def _fwd_partial_tile\(",
+            line("m0 = kv_idx >> 7"),
+            line(
+                "m1 = (((BLOCK_M <= 128) | (((SHIFTED == 0) & (ROW_OFFSETS == 0)) & (BLOCK_M <= 256))) & "
+                "(PACK_GQA == 0)) & ((BLOCK_N <= 128) | ((SHIFTED == 0) & (BLOCK_N <= 256)))"
+            ),
+            line("if m1:"),
+            line("m1_0 = q_first >> 7"),
+            line("m1_1 = (start_n + kv_shift) >> 7"),
+            load("m1_00", "m1_0", "m1_1"),
+            load("m1_01", "m1_0", "(m1_1 + 1)"),
+            line("m1_0s = tl.where(m0 == m1_1, m1_00, m1_01)"),
+            load("m1_10", "(m1_0 + 1)", "m1_1"),
+            load("m1_11", "(m1_0 + 1)", "(m1_1 + 1)"),
+            line("m1_1s = tl.where(m0 == m1_1, m1_10, m1_11)"),
+            line("m1_v = tl.where(row_0 == m1_0, m1_0s, m1_1s)"),
+            line("else:"),
+            load("m1_v", "row_0", "m0"),
+            line("allowed = allowed & (m1_v)"),
+            r"^def _fwd_full_tile\(",
+        ],
+    )
+    assert count(source, r"tl\.load\(in_blocks_ptr") == 5  # once each, in the PARTIAL tile only
+    source = backward(kern)
+    for tile, m, key_first in (
+        ("_dq_partial_tile", "dq_m", "(start_n + kv_shift)"),
+        ("_dkv_partial_tile", "dkv_m", "kv_first"),
+    ):
+        expect_in_order(
+            source,
+            [
+                rf"^def {tile}\(",
+                line(f"if {m}1:"),
+                line(f"{m}1_0 = q_first >> 7"),
+                line(f"{m}1_1 = {key_first} >> 7"),
+                line(f"{m}1_v = tl.where(row_0 == {m}1_0, {m}1_0s, {m}1_1s)"),
+                line("else:"),
+                load(f"{m}1_v", "row_0", f"{m}0"),
+                line(f"allowed = allowed & ({m}1_v)"),
+            ],
+        )
+
+
 def test_the_dq_kernel_calls_its_tile_functions_from_every_loop_of_every_conjunct() -> None:
     # prefix_lm: two conjuncts, each with a PARTIAL and a FULL loop in dQ (the forward's loops).
     source = backward(attnc.stdlib().prefix_lm(prefix=7))

@@ -71,13 +71,8 @@ BACKWARD_STAGES = (
     "issue 18 items 2 and 5 (template): at head dim 256 a second pipeline stage makes dK/dV spill, so it "
     "runs one stage (no tile in flight) until dK/dV needs fewer registers"
 )
-BLOCK_MAP_SPILL = (
-    "issue 18 item 2 (hoisting): the block map blocks[b, h, q // block, kv // block] is gathered per element "
-    "of the [128, 64] tile in a blocked layout (32 byte loads per thread, all of one address) that the "
-    "compiler converts to the MMA layout through shared memory; 255 registers and 100 bytes of spills"
-)
 XFAIL: dict[str, dict[str, str]] = {
-    "spills": {"block_sparse-attnc_fwd-d128-sm90": BLOCK_MAP_SPILL},
+    "spills": {},
     "shared": {},
     "wgmma": {
         f"{pattern}-attnc_bwd_dkv-d{d}-sm90": DKV_ROWS
@@ -89,7 +84,6 @@ XFAIL: dict[str, dict[str, str]] = {
             "issue 18 item 2 (hoisting): the global tokens' bool column is loaded per key column as bytes "
             "that the compiler packs and unpacks (PRMT / LOP3)"
         ),
-        "block_sparse-attnc_fwd-d128-sm90": BLOCK_MAP_SPILL,
     },
 }
 

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from attnc.analysis.value_ranges import ValueRanges, fits_int32
+from attnc.codegen import gather
 from attnc.ir import reduce as reductions
 from attnc.ir.nodes import Node, Op, PatternIR, Type
 
@@ -128,6 +129,9 @@ class Emitter:
     lines: list[Assign] = field(default_factory=list)
     helpers: set[str] = field(default_factory=set)
     value_ranges: ValueRanges | None = None
+    # How q and kv run over a tile of a loop body, where its loads of few values per tile may be
+    # loaded as scalars (`gather.TileAxis`); none elsewhere.
+    tiles: Mapping[str, gather.TileAxis] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.lets = dict(self.pattern.lets)
@@ -423,8 +427,17 @@ class Emitter:
     def _load(self, n: Node, dtype: str) -> str:
         decl = self.pattern.input(str(n.attr))
         assert decl is not None
-        arg = input_arg(decl.name)
         indices = [self.value(i) for i in n.args]
+        varying = self._few_values(n)
+        if varying:
+            return self._load_by_scalars(n, indices, varying, dtype)
+        return self._assign(self._loaded(str(n.attr), indices, dtype))
+
+    def _loaded(self, name: str, indices: list[str], dtype: str) -> str:
+        """The value of input `name` at the indices (texts), guarded: a position outside it reads 0."""
+        decl = self.pattern.input(name)
+        assert decl is not None
+        arg = input_arg(decl.name)
         valid = " & ".join(f"({i} >= 0) & ({i} < {arg}_dim{axis})" for axis, i in enumerate(indices))
         offset = " + ".join(f"tl.cast({i}, {INT64}) * {arg}_stride{axis}" for axis, i in enumerate(indices))
         if not indices:  # a 0-d input
@@ -432,10 +445,79 @@ class Emitter:
         # `!= 0` makes the mask int1 even where the interpreter holds scalar bools as int32 0 / 1.
         loaded = f"tl.load({arg}_ptr + {offset}, mask=({valid}) != 0, other=0)"
         if decl.dtype == "bool":  # passed as uint8
-            return self._assign(f"{loaded} != 0")
+            return f"{loaded} != 0"
         if decl.type is Type.FLOAT:
-            return self._assign(f"tl.cast({loaded}, {dtype})")
-        return self._assign(loaded)
+            return f"tl.cast({loaded}, {dtype})"
+        return loaded
+
+    def _few_values(self, n: Node) -> list[tuple[int, str, Node, str]]:
+        """The load's indices that vary over the tile, as (operand, position variable, value with the
+        lets expanded, constexpr condition), where each takes at most `gather.MOST_VALUES` values over
+        a tile under its condition (`gather.tile_condition`); empty where the load must be gathered per
+        element (or varies nowhere)."""
+        varying = [(k, index) for k, index in enumerate(n.args) if self.varies(index)]
+        if not varying or len(varying) > gather.MOST_INDICES:
+            return []
+        found = []
+        for k, index in varying:
+            value = gather.expand_lets(index, self.lets)
+            positions = value.free & {"q", "kv"}
+            if len(positions) != 1 or not value.free <= positions | {"b", "h"}:
+                return []
+            (var,) = positions
+            axis = self.tiles.get(var)
+            condition = None if axis is None else gather.tile_condition(value, var, axis)
+            if condition is None:
+                return []
+            found.append((k, var, value, condition))
+        return found
+
+    def _load_by_scalars(
+        self, n: Node, indices: list[str], varying: list[tuple[int, str, Node, str]], dtype: str
+    ) -> str:
+        """The load as scalar loads at each combination of its varying indices' values over the tile
+        (index i takes lo_i or lo_i + 1, lo_i its value at the tile's first position), chosen per row
+        and per key column: no per-element gather, whose layout Triton converts to the scores' through
+        shared memory (`gather.py`). Under a constexpr condition on the tile sizes; the per-element
+        gather otherwise. One statement over several lines (`BLOCK_MARK`)."""
+        own = len(self.lines)
+        choice = self._assign(" & ".join(condition for *_, condition in varying))
+        # The indices at the tile's first positions: their expressions with q / kv at those positions.
+        firsts = Emitter(
+            self.pattern,
+            {**self.leaves, **{var: self.tiles[var].first for _, var, _, _ in varying}},
+            self.float64,
+            prefix=f"{choice}_",
+            value_ranges=self.ranges,
+        )
+        lows = [firsts.value(value) for _, _, value, _ in varying]
+        self.helpers |= firsts.helpers
+        body = [f"{a.target} = {a.value}" for a in firsts.lines]
+
+        value = f"{choice}_v"
+
+        def select(level: int, offsets: tuple[int, ...]) -> str:
+            """The value where the indices before `level` are their lows plus `offsets`."""
+            if level == len(varying):  # one scalar load
+                at = list(indices)
+                for (k, *_), low, offset in zip(varying, lows, offsets, strict=True):
+                    at[k] = f"({low} + 1)" if offset else low
+                target = f"{choice}_{''.join(map(str, offsets))}"
+                body.append(f"{target} = {self._loaded(str(n.attr), at, dtype)}")
+                return target
+            first, second = select(level + 1, (*offsets, 0)), select(level + 1, (*offsets, 1))
+            k = varying[level][0]
+            target = f"{choice}_{''.join(map(str, offsets))}s" if level else value
+            body.append(f"{target} = tl.where({indices[k]} == {lows[level]}, {first}, {second})")
+            return target
+
+        select(0, ())
+        fallback = f"{value} = {self._loaded(str(n.attr), indices, dtype)}"
+        lines = [self.lines[own].value, f"if {choice}:"]
+        lines += [BLOCK_MARK + line.replace("\n", "\n" + BLOCK_MARK) for line in body]
+        lines += ["else:", BLOCK_MARK + fallback]
+        self.lines[own] = Assign(choice, f"\n{BLOCK_MARK}".join(lines))
+        return value
 
 
 def _common(a: str, b: str) -> str:

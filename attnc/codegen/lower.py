@@ -19,6 +19,7 @@ import ast
 import builtins
 import keyword
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from types import CodeType
@@ -37,6 +38,7 @@ from attnc.codegen.emit import (
     input_arg,
     param_arg,
 )
+from attnc.codegen.gather import TileAxis
 from attnc.codegen.spec import (
     INPUT_NAMESPACES,
     PARAM_NAMESPACE,
@@ -69,6 +71,23 @@ KERNEL_NAMES = {
     "Q_LEN": "Q_LEN",
     "KV_LEN": "KV_LEN",
     "s": "s",
+}
+
+# How q and kv run over the tile of each kernel's tile functions, in their names (`gather.TileAxis`):
+# the tile's first position, its size, and when tiles start at multiples of their size (positions
+# shifted by no offset) and hold consecutive positions (the forward's packed GQA rows wrap around).
+_Q_ALIGNED, _KV_ALIGNED = "(SHIFTED == 0) & (ROW_OFFSETS == 0)", "SHIFTED == 0"
+FORWARD_TILES = {
+    "q": TileAxis("q_first", "BLOCK_M", _Q_ALIGNED, "PACK_GQA == 0"),
+    "kv": TileAxis("(start_n + kv_shift)", "BLOCK_N", _KV_ALIGNED),
+}
+DQ_TILES = {
+    "q": TileAxis("q_first", "BLOCK_M", _Q_ALIGNED),
+    "kv": TileAxis("(start_n + kv_shift)", "BLOCK_N", _KV_ALIGNED),
+}
+DKV_TILES = {
+    "q": TileAxis("q_first", "BLOCK_M", _Q_ALIGNED),
+    "kv": TileAxis("kv_first", "BLOCK_N", _KV_ALIGNED),
 }
 
 
@@ -169,7 +188,14 @@ class _Kernel:
         self.helpers |= emitter.helpers
         return tuple(emitter.lines), tuple(ranges)
 
-    def body(self, with_mask: bool, backward: bool = False, grads: bool = False) -> Body:
+    def body(
+        self,
+        with_mask: bool,
+        tiles: Mapping[str, TileAxis],
+        backward: bool = False,
+        grads: bool = False,
+    ) -> Body:
+        """One kind of tile's statements; `tiles`: how q and kv run over its tile (`gather.py`)."""
         pattern = self.pattern
         emitter = Emitter(
             pattern,
@@ -178,6 +204,7 @@ class _Kernel:
             known=self.rows.names,
             prefix=f"{self.prefix}{'m' if with_mask else 'f'}",
             value_ranges=self.value_ranges,
+            tiles=tiles,
         )
         kernel_values, _ = _check_fused(pattern)
         kernel_score, kernel_mask = kernel_values.score, kernel_values.mask
@@ -267,7 +294,7 @@ def build_spec(pattern: PatternIR) -> KernelSpec:
     roots = _present(values.mask, values.score)
     kernel = _Kernel(pattern, roots, _float64(values, pattern), "", _value_ranges(pattern))
     range_lines, kv_ranges = kernel.ranges("kv")
-    masked, full = kernel.body(with_mask=True), kernel.body(with_mask=False)
+    masked, full = kernel.body(True, FORWARD_TILES), kernel.body(False, FORWARD_TILES)
     metadata_b, metadata_h = "b" in sparsity.axes, "h" in sparsity.axes
     return KernelSpec(
         inputs=tuple(_input(d) for d in pattern.inputs),
@@ -293,12 +320,12 @@ def build_backward_spec(pattern: PatternIR) -> BackwardSpec:
         pattern, scores + [n for load, value in loads for n in (load, value)], float64, "dq_", ranges
     )
     dq_prologue, kv_ranges = dq.ranges("kv")
-    dq_masked = dq.body(with_mask=True, backward=True, grads=True)
-    dq_full = dq.body(with_mask=False, backward=True, grads=True)
+    dq_masked = dq.body(True, DQ_TILES, backward=True, grads=True)
+    dq_full = dq.body(False, DQ_TILES, backward=True, grads=True)
     dkv = _Kernel(pattern, scores, float64, "dkv_", ranges)
     dkv_prologue, q_ranges = dkv.ranges("q")
-    dkv_masked = dkv.body(with_mask=True, backward=True)
-    dkv_full = dkv.body(with_mask=False, backward=True)
+    dkv_masked = dkv.body(True, DKV_TILES, backward=True)
+    dkv_full = dkv.body(False, DKV_TILES, backward=True)
     with_grad = differentiable_inputs(pattern)
     metadata_b, metadata_h = "b" in sparsity.axes, "h" in sparsity.axes
     return BackwardSpec(
