@@ -80,3 +80,42 @@ def test_on_a_gpu_dq_and_dkv_take_their_own_heuristics_first_choices(monkeypatch
 
         assert choose(False) == autotune.heuristic(shape, H100_SHARED, backward=True)
         assert choose(True) == autotune.heuristic(shape, H100_SHARED, backward=True, dkv=True)
+
+
+# `ptxas -v` for sm_90 (Triton 3.9's wheel, causal bf16, `python -m attnc.testing.static causal --backward
+# --kernel attnc_bwd_dkv --dim D --config C`): registers of those that fit, None for those that spill.
+DKV_REGISTERS = {
+    (64, Config(16, 128, 8, 3)): 236,
+    (128, Config(32, 32, 8, 3)): 194,
+    (128, Config(16, 64, 8, 2)): 213,
+    (128, Config(16, 64, 8, 3)): None,  # 12 bytes
+    (128, Config(16, 128, 8, 3)): None,  # 24 bytes
+    (128, Config(16, 64, 4, 3)): None,  # 236 bytes
+    (256, Config(32, 32, 8, 1)): 166,
+    (256, Config(32, 32, 8, 2)): 242,
+    (256, Config(16, 32, 8, 2)): 212,
+    (256, Config(16, 32, 8, 3)): 248,
+    (256, Config(32, 32, 8, 3)): None,  # 148 bytes
+    (256, Config(16, 32, 4, 3)): None,  # 412 bytes
+    (256, Config(16, 16, 4, 3)): None,  # 64 bytes
+}
+
+
+def test_the_dkv_register_estimate_errs_high_and_rules_out_what_spills() -> None:
+    # What `candidates` relies on to leave spilling configurations out, and the heuristic's fallbacks.
+    for (dim, config), measured in DKV_REGISTERS.items():
+        shape = LaunchShape("bfloat16", dim, dim, 1, 4096, 4096, 8)
+        estimate = autotune.registers(config, shape, dkv=True)
+        if measured is None:
+            assert estimate > autotune.MAX_REGISTERS, (dim, config, estimate)
+        else:
+            assert measured <= estimate <= autotune.MAX_REGISTERS, (dim, config, estimate, measured)
+
+
+def test_at_head_dim_256_dkv_keeps_two_tiles_in_flight() -> None:
+    # 16 queries by 32 keys, 3 stages: the one 8-warp configuration that pipelines without spilling
+    # (tests/test_static_sm90.py compiles it); the unpipelined 32 x 32 one stage stays a candidate.
+    shape = LaunchShape("bfloat16", 256, 256, 1, 4096, 4096, 8)
+    first = autotune.heuristic(shape, H100_SHARED, dkv=True)
+    assert first == Config(16, 32, 8, 3)
+    assert first in autotune.candidates(shape, H100_SHARED, dkv=True)

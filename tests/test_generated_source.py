@@ -214,13 +214,16 @@ def test_the_loaded_source_is_rejected_where_a_tile_function_lacks_a_parameter()
 
 
 def test_the_dkv_kernel_calls_its_tile_functions_from_every_loop_of_every_conjunct() -> None:
-    # prefix_lm's dK/dV kernel: per conjunct a PARTIAL loop on each side of a FULL one, each tile tested.
+    # prefix_lm's dK/dV kernel, as the forward's: per conjunct a PARTIAL loop over its hull and a FULL
+    # loop, each stepping over the tiles others visit (no `if` in a loop, which Triton would not pipeline).
     source = backward(attnc.stdlib().prefix_lm(prefix=7))
+    dkv = source[source.index("def attnc_bwd_dkv(") :]
     assert count(source, r"^def _dkv_partial_tile\(") == 1
     assert count(source, r"^def _dkv_full_tile\(") == 1
     assert count(source, r"^dk \+= tl\.dot\(") == 2
-    assert count(source, calls("_dkv_partial_tile", "dk, dv")) == 4
+    assert count(source, calls("_dkv_partial_tile", "dk, dv")) == 2
     assert count(source, calls("_dkv_full_tile", "dk, dv")) == 2
+    assert count(dkv, r"^m = _step_over\(i, ") == 3 and count(dkv, r"^if .*\bm\b") == 0
 
 
 # ---- the step-over helpers of several conjuncts (`_disjoint`, `_cut`, `_step_over`) -------------------

@@ -108,7 +108,7 @@ BACKWARD_CANDIDATES = tuple(
 )
 DKV_CANDIDATES = tuple(
     Config(bm, bn, warps, stages)
-    for bm, bn in ((16, 64), (32, 64), (64, 64), (16, 128), (32, 128), (32, 32), (64, 32))
+    for bm, bn in ((16, 64), (32, 64), (64, 64), (16, 128), (32, 128), (32, 32), (64, 32), (16, 32))
     for warps in (4, 8)
     for stages in (1, 2, 3)
 )
@@ -123,8 +123,10 @@ DKV_CANDIDATES = tuple(
 # tiles at 256 (206, block_sparse 226). dK/dV keeps two [BLOCK_N, D] accumulators: 128-key tiles (16
 # queries, 3 stages) at head dim 64 (236; 64-key tiles: 241, and 1.4x the instructions per score); at
 # 128 64-key tiles spill with a tile in flight (16 or 32 queries: 12 to 64 bytes) and fit only
-# unpipelined, so 32-key tiles (mma.sync) with 3 stages (194); at 256, 32-key tiles and one stage
-# (64-key tiles spill over 1 KB).
+# unpipelined, so 32-key tiles (mma.sync) with 3 stages (194); at 256, 32-key tiles with 16-query tiles
+# and 3 stages (248; 249 to 253 for full, prefix LM and a soft cap): with 32-query tiles a tile in
+# flight spills (148 bytes; one stage fits, 166, unpipelined), as do 4 warps (16 x 32: 412 bytes) and
+# 64-key tiles (over 1 KB).
 _PREFERRED = {64: (Config(128, 64, 8, 3),), 128: (Config(128, 64, 8, 3),), 256: (Config(128, 32, 8, 3),)}
 _FALLBACK = (
     Config(128, 64, 8, 2),
@@ -142,7 +144,7 @@ _FALLBACK_BACKWARD = (Config(64, 32, 8, 2), Config(64, 32, 4, 2), Config(32, 32,
 _PREFERRED_DKV = {
     64: (Config(16, 128, 8, 3),),
     128: (Config(32, 32, 8, 3),),
-    256: (Config(32, 32, 8, 1),),
+    256: (Config(16, 32, 8, 3),),
 }
 _FALLBACK_DKV = (Config(32, 32, 8, 2), Config(32, 32, 4, 1))
 # Registers per thread: ptxas spills to local memory beyond this.
@@ -187,11 +189,16 @@ def registers(config: Config, shape: LaunchShape, backward: bool = False, dkv: b
     threads = 32 * config.num_warps
     d, dv = padded(shape.head_dim), padded(shape.head_dim_v)
     scores = config.block_m * config.block_n / threads
-    if dkv:  # fitted to causal's dK/dV kernel at head dims 64 to 256 (8 warps)
+    if dkv:  # fitted to causal's dK/dV kernel at head dims 64 to 256 (4 and 8 warps)
         kept = config.block_n * (d + dv) / threads
+        # The streamed q and dO tiles' operand registers, and per stage past the first what a tile in
+        # flight keeps, which grows with the head dim (16 x 32 tiles at 256: 212 registers with 2
+        # stages, 248 with 3).
+        streamed = config.block_m * (d + dv) / threads
+        in_flight = (4 + (d + dv) / 16) * (config.num_stages - 1)
         # On wgmma (64 keys or more) the resident K and V tiles' descriptors, per step along the head dim.
         descriptors = 3 * (d + dv) / 16 if config.block_n >= 64 else 0
-        return math.ceil(93 + kept + 4 * scores + 20 * (config.num_stages - 1) + descriptors)
+        return math.ceil(94 + kept + 4 * scores + streamed / 2 + in_flight + descriptors)
     if backward:  # the dQ kernel: its accumulator, and its q and dO rows
         kept = config.block_m * d / threads
         rows = config.block_m * (d + dv) / threads
