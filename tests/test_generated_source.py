@@ -9,6 +9,7 @@ one before.
 from __future__ import annotations
 
 import importlib
+import inspect
 import random
 import re
 
@@ -17,9 +18,10 @@ import torch
 
 import attnc
 import attnc.examples
+from attnc.codegen import signature
 from attnc.codegen.lower import build_backward_spec, build_spec, checked_code, render, tile_parameters
 from attnc.errors import InternalError
-from attnc.runtime import launch
+from attnc.runtime import cache, launch
 
 
 def example(name: str) -> attnc.AttnModule:
@@ -199,3 +201,110 @@ def test_a_step_over_loop_visits_its_range_less_the_skipped_ranges_in_order(tmp_
         expected = [t for t in range(first, end) if t not in skipped]
         visited = out[: max(int(stop) - first, 0)].tolist()
         assert visited == expected, (lo, hi, first, end, visited)
+
+
+# ---- the kernels' arguments, described once (`codegen/signature.py`) ------------------------------------
+
+
+# Every source of a kernel's arguments: an input with a gradient and a runtime parameter.
+BIASED_WINDOW = """
+pattern biased_window(window: int) {
+    input bias: float32[NUM_HEADS]
+    mask = kv <= q and q - kv < window
+    score = s + bias[h]
+}
+"""
+
+
+def recorded_launches(monkeypatch) -> list[tuple[object, tuple, dict]]:
+    """The kernel launches of a forward and a backward call of `BIASED_WINDOW`, recorded instead of
+    run: (the jitted function, its positional arguments, its keywords)."""
+    launches: list[tuple[object, tuple, dict]] = []
+
+    def launcher(kernel, grid, warmup):
+        return lambda *positional, **keywords: launches.append((kernel, positional, keywords))
+
+    monkeypatch.setattr(launch, "_launcher", launcher)
+    q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
+    bias = torch.zeros(2, requires_grad=True)
+    attnc.loads(BIASED_WINDOW).biased_window(window=5)(q, k, v, bias=bias).sum().backward()
+    return launches
+
+
+def test_every_kernel_is_launched_by_keyword_with_exactly_the_parameters_of_its_def(monkeypatch) -> None:
+    launches = recorded_launches(monkeypatch)
+    names = [kernel.fn.__name__ for kernel, _, _ in launches]
+    assert names == ["attnc_fwd", "attnc_bwd_preprocess", "attnc_bwd_dq", "attnc_bwd_dkv"]
+    for kernel, positional, keywords in launches:
+        parameters = list(inspect.signature(kernel.fn).parameters)
+        assert positional == ()
+        options = ["num_warps", "num_stages"] if kernel.fn.__name__ != "attnc_bwd_preprocess" else []
+        assert list(keywords) == parameters + options
+        assert "in_bias_ptr" in parameters or kernel.fn.__name__ == "attnc_bwd_preprocess"
+
+
+def test_the_forward_def_is_rendered_from_its_argument_description() -> None:
+    source = forward(attnc.stdlib().sliding_window(window=3))
+    expect_in_order(
+        source,
+        [
+            r"^@triton\.jit\(do_not_specialize=\[$",
+            r'^"param_0", "split_tiles", "split_out", "split_lse", "BATCH", "NUM_HEADS", "GQA_GROUP",',
+            r"^def attnc_fwd\($",
+            r"^Q, K, V, Out, Lse,$",
+            r"^param_0,$",
+            r"^stride_qb, stride_qh, stride_qm, stride_qd, stride_kb,",
+            r"^Q_ROWS, KV_ROWS, Q_SIZE, KV_SIZE, q_offset, kv_offset, RowOffsets,$",
+            r"^PACK_GQA: tl\.constexpr, STORE_MAX: tl\.constexpr, ROW_OFFSETS: tl\.constexpr",
+            r"^\):$",
+            r"^tl\.static_assert\(\(\(D_PAD & \(D_PAD - 1\)\) == 0\) & \(D_PAD >= 16\) & .* & "
+            r"\(D_PAD >= HEAD_DIM\) & \(DV_PAD >= HEAD_DIM_V\), "
+            r'"D_PAD, DV_PAD: powers of two, >= 16 and >= HEAD_DIM, HEAD_DIM_V"\)$',
+            r'^tl\.static_assert\(.*"BLOCK_M, BLOCK_N: powers of two, >= 16"\)$',
+        ],
+    )
+
+
+def test_a_launch_whose_values_differ_from_the_description_is_refused(monkeypatch) -> None:
+    kern = attnc.stdlib().causal()
+    q = k = v = torch.randn(1, 1, 24, 16)
+    constants = launch._constants
+    monkeypatch.setattr(launch, "_constants", lambda *a: {**constants(*a), "BLOCK_K": 32})
+    with pytest.raises(
+        InternalError, match=r"attnc_fwd: the launcher's 'config' values .*not arguments \['BLOCK_K'\]"
+    ):
+        kern(q, k, v)
+    monkeypatch.setattr(
+        launch, "_constants", lambda *a: {n: x for n, x in constants(*a).items() if n != "D_PAD"}
+    )
+    with pytest.raises(
+        InternalError, match=r"attnc_fwd: the launcher's 'config' values .*missing \['D_PAD'\]"
+    ):
+        kern(q, k, v)
+
+
+def test_a_loaded_kernel_whose_def_differs_from_its_description_is_rejected() -> None:
+    spec = build_spec(attnc.stdlib().causal().pattern)
+    source = forward(attnc.stdlib().causal())
+    for broken in (
+        source.replace("    Q, K, V, Out, Lse,\n", "    Q, V, K, Out, Lse,\n"),
+        source.replace("STORE_MAX: tl.constexpr", "STORE_MAX"),
+    ):
+        assert broken != source
+        with pytest.raises(
+            InternalError, match=r"attnc_fwd's parameters differ from its argument description"
+        ):
+            checked_code(broken, spec, "attention_fwd.py.jinja")
+
+
+def test_a_launch_that_breaks_a_constexpr_contract_stops_at_its_static_assert(monkeypatch) -> None:
+    # A head dim of 24 padded to itself, not to 32: no power of two, which tl.arange needs.
+    monkeypatch.setattr(launch.autotune, "padded", lambda dim: dim)
+    q = k = v = torch.randn(1, 1, 24, 24)
+    with pytest.raises(Exception, match=r"D_PAD, DV_PAD: powers of two, >= 16 and >= HEAD_DIM, HEAD_DIM_V"):
+        attnc.stdlib().causal()(q, k, v)
+
+
+def test_the_kernel_cache_key_covers_the_argument_descriptions_the_templates_render() -> None:
+    # An edited description renders another def: a kernel cached before it must not be loaded after.
+    assert signature.__file__ in [path for path, _, _ in cache._template_files()]

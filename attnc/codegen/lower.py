@@ -551,6 +551,7 @@ def _check_structure(tree: ast.Module, spec: KernelSpec | BackwardSpec, template
     expected = _TEMPLATE_NAMES[template] | _helper_names(spec)
     if len(defined) != len(set(defined)) or set(defined) != expected:
         raise ValueError(f"it defines {sorted(defined)}, not {sorted(expected)}")
+    _check_signatures(tree, spec)
     for stmt in tree.body:
         if isinstance(stmt, ast.FunctionDef) and stmt.name.endswith("_tile"):
             missing = _tile_function_reads(stmt, _MODULE_CONSTANTS | expected)
@@ -576,6 +577,33 @@ def _check_structure(tree: ast.Module, spec: KernelSpec | BackwardSpec, template
         raise ValueError(
             f"its runtime parameter arguments are {sorted(runtime)}, not {sorted(p.arg for p in spec.params)}"
         )
+
+
+def _check_signatures(tree: ast.Module, spec: KernelSpec | BackwardSpec) -> None:
+    """Raise ValueError unless each kernel's parameters are its argument description's, in order, the
+    constexprs (and only they) annotated `tl.constexpr`: the launcher calls by that description."""
+    kernels = {stmt.name: stmt for stmt in tree.body if isinstance(stmt, ast.FunctionDef)}
+    for signature in spec.signatures:
+        found = [(a.arg, _is_constexpr(a)) for a in kernels[signature.kernel].args.args]
+        described = [(a.name, a.kind == "constexpr") for a in signature.parameters]
+        if found != described:
+            pairs = enumerate(zip(found, described, strict=False))
+            at = next((i for i, (f, d) in pairs if f != d), min(len(found), len(described)))
+            raise ValueError(
+                f"{signature.kernel}'s parameters differ from its argument description from parameter "
+                f"{at}: (name, constexpr) {found[at : at + 1]} where it has {described[at : at + 1]}"
+            )
+
+
+def _is_constexpr(arg: ast.arg) -> bool:
+    """Whether a parameter is annotated `tl.constexpr`."""
+    annotation = arg.annotation
+    return (
+        isinstance(annotation, ast.Attribute)
+        and annotation.attr == "constexpr"
+        and isinstance(annotation.value, ast.Name)
+        and annotation.value.id == "tl"
+    )
 
 
 def render(spec: KernelSpec | BackwardSpec, template: str = "attention_fwd.py.jinja") -> str:
