@@ -22,6 +22,7 @@ from attnc.codegen import signature
 from attnc.codegen.lower import build_backward_spec, build_spec, checked_code, render, tile_parameters
 from attnc.errors import InternalError
 from attnc.runtime import cache, launch
+from attnc.testing import kernel_lines
 
 
 def example(name: str) -> attnc.AttnModule:
@@ -308,3 +309,34 @@ def test_a_launch_that_breaks_a_constexpr_contract_stops_at_its_static_assert(mo
 def test_the_kernel_cache_key_covers_the_argument_descriptions_the_templates_render() -> None:
     # An edited description renders another def: a kernel cached before it must not be loaded after.
     assert signature.__file__ in [path for path, _, _ in cache._template_files()]
+
+
+# ---- size (item 1): forward <= 350 lines and backward <= 700, for every kernel of the corpus ----------
+
+
+def test_every_stdlib_example_and_fuzz_corpus_kernel_renders_within_the_size_bounds() -> None:
+    counts = [(name, *kernel_lines.lines(kern)) for name, kern in kernel_lines.kernels()]
+    assert len(counts) >= 55  # 11 stdlib patterns (8 at two parameter sets), 34 examples, the corpus
+    over = [c for c in counts if c[1] > kernel_lines.FORWARD_LINES or c[2] > kernel_lines.BACKWARD_LINES]
+    assert not over, over
+
+
+def test_a_kernel_imports_its_kernel_functions_instead_of_defining_them() -> None:
+    source = forward(attnc.stdlib().neighborhood_1d(kernel=7))
+    expect_in_order(
+        source,
+        [
+            r"^from attnc\.codegen\.kernel_functions import _conjunct_tiles, _cut, _disjoint, _kv_rows, "
+            r"_step_over, _tile_of$",
+            r"^def _fwd_partial_tile\(",
+            r"^k_rows, v_rows = _kv_rows\(offs_kv, b_idx, BlockTable,",
+        ],
+    )
+    assert count(source, r"^def _(tile_of|conjunct_tiles|disjoint|cut|step_over|kv_rows)\(") == 0
+
+
+def test_a_hoisted_value_is_assigned_to_its_name_not_copied_from_a_temporary() -> None:
+    # sliding_window's row bound and key range: `row_0 = q_idx - ...`, not `r1 = ...; row_0 = r1`.
+    source = forward(attnc.stdlib().sliding_window(window=3))
+    assert count(source, r"^(row|kv_lo|kv_hi|kv_full_lo|kv_full_hi)_\d+ = [rk]b?\d+$") == 0
+    assert count(source, r"^row_0 = ") == 1
