@@ -250,13 +250,13 @@ def test_the_forward_def_is_rendered_from_its_argument_description() -> None:
         source,
         [
             r"^@triton\.jit\(do_not_specialize=\[$",
-            r'^"param_0", "split_tiles", "split_out", "split_lse", "BATCH", "NUM_HEADS", "GQA_GROUP",',
+            r'^"param_0", "BATCH", "NUM_HEADS", "Q_ROWS", "KV_ROWS", "Q_SIZE", "KV_SIZE", "q_offset",',
             r"^def attnc_fwd\($",
             r"^Q, K, V, Out, Lse,$",
-            r"^param_0,$",
-            r"^stride_qb, stride_qh, stride_qm, stride_qd, stride_kb,",
-            r"^Q_ROWS, KV_ROWS, Q_SIZE, KV_SIZE, q_offset, kv_offset, RowOffsets,$",
-            r"^PACK_GQA: tl\.constexpr, STORE_MAX: tl\.constexpr, ROW_OFFSETS: tl\.constexpr",
+            r"^param_0, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb,",
+            r"^split_tiles, split_out, split_lse, MaxScores,$",
+            r"^HEAD_DIM: tl\.constexpr, HEAD_DIM_V: tl\.constexpr, D_PAD: tl\.constexpr,",
+            r"^PACK_GQA: tl\.constexpr, STORE_MAX: tl\.constexpr,$",
             r"^\):$",
             r"^tl\.static_assert\(\(\(D_PAD & \(D_PAD - 1\)\) == 0\) & \(D_PAD >= 16\) & .* & "
             r"\(D_PAD >= HEAD_DIM\) & \(DV_PAD >= HEAD_DIM_V\), "

@@ -74,16 +74,13 @@ class Signature:
         )
 
     def parameter_lines(self) -> list[str]:
-        """The `def`'s parameters: one line per run of one source's runtime arguments (wrapped), then
-        the constexprs."""
-        runs: list[list[str]] = []
-        source = None
-        for arg in self.parameters:
-            if arg.source != source and (arg.kind != "constexpr" or not runs[-1][-1].endswith("constexpr")):
-                runs.append([])
-            source = arg.source
-            runs[-1].append(arg.parameter)
-        return [line for run in runs for line in _wrap(run)]
+        """The `def`'s parameters: the first source's runtime arguments, the others, the constexprs,
+        each wrapped."""
+        runtime = [a for a in self.parameters if a.kind != "constexpr"]
+        first = [a.name for a in runtime if a.source == runtime[0].source]
+        rest = [a.name for a in runtime[len(first) :]]
+        constexprs = [a.parameter for a in self.parameters if a.kind == "constexpr"]
+        return [line for names in (first, rest, constexprs) for line in _wrap(names)]
 
     def definition(self) -> str:
         """The kernel's decorator (`do_not_specialize`: the ints Triton must not specialise on), its
@@ -152,8 +149,7 @@ TILE_CONTRACTS = (
     _powers_of_two(("BLOCK_M", "BLOCK_N")),
 )
 
-# The sizes and geometry every attention kernel takes (`runtime/launch.py`'s `geometry_args`).
-_SIZES = ("BATCH", "NUM_HEADS", "GQA_GROUP")
+# The geometry every attention kernel takes (`runtime/launch.py`'s `geometry_args`).
 _GEOMETRY = ("Q_ROWS", "KV_ROWS", "Q_SIZE", "KV_SIZE", "q_offset", "kv_offset")
 _CONFIG = ("HEAD_DIM", "HEAD_DIM_V", "D_PAD", "DV_PAD", "BLOCK_M", "BLOCK_N", "DOT_PRECISION", "UPCAST_DOT")
 
@@ -172,21 +168,29 @@ def _pattern_args(inputs, params, grad_inputs=None) -> list[KernelArg]:
     return args
 
 
-def _common_tail(analytic: bool, prefix: str) -> list[KernelArg]:
-    """The arguments after the tensors' strides that the forward and both backward kernels share:
-    a metadata plan's lists (`prefix`: kv or q), sizes, geometry, the visit counter, configuration."""
+def _common(
+    analytic: bool, prefix: str, stride_args: list[KernelArg], tail: list[KernelArg]
+) -> list[KernelArg]:
+    """The arguments after the pattern's that the forward and both backward kernels share, in their
+    order (that of the hand-written signatures before them, so that the compiled code is the same): a
+    metadata plan's lists (`prefix`: kv or q), the tensors' strides, sizes and geometry, the visit
+    counter, the kernel's own `tail`, then the constexprs of the configuration."""
     plan = [] if analytic else _args("plan", "tensor", [f"{prefix}_{x}" for x in _PLAN_LISTS])
     plan += [] if analytic else _args("plan", "int", ["META_HEADS"])
     return [
         *plan,
-        *_args("sizes", "int", _SIZES, specialize=False),
-        KernelArg("scale", "float", "sizes"),
+        *stride_args,
+        *_args("sizes", "int", ("BATCH", "NUM_HEADS"), specialize=False),
         *_args("geometry", "int", _GEOMETRY, specialize=False),
         KernelArg("RowOffsets", "tensor", "geometry"),
-        *_args("geometry", "constexpr", ("ROW_OFFSETS", "SHIFTED")),
+        KernelArg("GQA_GROUP", "int", "sizes", specialize=False),
+        KernelArg("scale", "float", "sizes"),
         KernelArg("Visits", "tensor", "visits"),
+        *tail,
+        *_args("config", "constexpr", _CONFIG),
         KernelArg("COUNT_VISITS", "constexpr", "visits"),
-        *_args("config", "constexpr", (*_CONFIG, "FAST_MATH")),
+        *_args("geometry", "constexpr", ("ROW_OFFSETS", "SHIFTED")),
+        KernelArg("FAST_MATH", "constexpr", "config"),
     ]
 
 
@@ -195,22 +199,23 @@ _PLAN_LISTS = ("partial_counts", "partial_indices", "full_counts", "full_indices
 
 def forward_signature(inputs, params, analytic: bool) -> Signature:
     """`attnc_fwd`'s arguments (attention_fwd.py.jinja's header says what each is)."""
+    stride_args = _args("strides", "stride", (*strides("q"), *strides("k", "n"), *strides("v", "n")))
+    layout = [
+        *_args("layout", "tensor", ("KvRowCounts", "BlockTable")),
+        *_args("layout", "int", ("stride_table", "TABLE_PAGES", "NUM_PAGES"), specialize=False),
+        *_args("layout", "tensor", ("CuSeqQ", "CuSeqK")),
+        *_args("layout", "int", ("TOTAL_Q", "TOTAL_K"), specialize=False),
+        *_args("output", "int", ("split_tiles", "split_out", "split_lse"), specialize=False),
+        KernelArg("MaxScores", "tensor", "output"),
+    ]
     return Signature(
         "attnc_fwd",
         (
             *_args("tensors", "tensor", ("Q", "K", "V", "Out", "Lse")),
             *_pattern_args(inputs, params),
-            *_args("strides", "stride", (*strides("q"), *strides("k", "n"), *strides("v", "n"))),
-            *_args("output", "stride", strides("o")),
-            *_args("output", "int", ("split_tiles", "split_out", "split_lse"), specialize=False),
-            KernelArg("MaxScores", "tensor", "output"),
-            *_args("output", "constexpr", ("PACK_GQA", "STORE_MAX")),
-            *_common_tail(analytic, "kv"),
-            *_args("layout", "tensor", ("KvRowCounts", "BlockTable")),
-            *_args("layout", "int", ("stride_table", "TABLE_PAGES", "NUM_PAGES"), specialize=False),
-            *_args("layout", "tensor", ("CuSeqQ", "CuSeqK")),
-            *_args("layout", "int", ("TOTAL_Q", "TOTAL_K"), specialize=False),
+            *_common(analytic, "kv", [*stride_args, *_args("output", "stride", strides("o"))], layout),
             *_args("layout", "constexpr", ("KV_ROW_COUNTS", "PAGED", "PAGE_SIZE", "VARLEN")),
+            *_args("output", "constexpr", ("PACK_GQA", "STORE_MAX")),
         ),
         TILE_CONTRACTS,
     )
@@ -237,9 +242,8 @@ def dq_signature(inputs, params, grad_inputs, analytic: bool) -> Signature:
         (
             *_args("tensors", "tensor", ("Q", "K", "V", "dOut", "Lse", "Delta", "dQ")),
             *_pattern_args(inputs, params, grad_inputs),
+            *_common(analytic, "kv", _args("strides", "stride", _backward_strides("dq")), []),
             *_args("grads", "constexpr", [a.grad_flag for a in grad_inputs]),
-            *_args("strides", "stride", _backward_strides("dq")),
-            *_common_tail(analytic, "kv"),
             KernelArg("EXACT_DELTA", "constexpr", "delta"),
         ),
         TILE_CONTRACTS,
@@ -253,9 +257,8 @@ def dkv_signature(inputs, params, grad_inputs, analytic: bool) -> Signature:
         (
             *_args("tensors", "tensor", ("Q", "K", "V", "dOut", "Lse", "Delta", "dK", "dV")),
             *_pattern_args(inputs, params, grad_inputs),
+            *_common(analytic, "q", _args("strides", "stride", _backward_strides("dk", "dv")), []),
             *_args("grads", "constexpr", [a.grad_flag for a in grad_inputs]),
-            *_args("strides", "stride", _backward_strides("dk", "dv")),
-            *_common_tail(analytic, "q"),
         ),
         TILE_CONTRACTS,
     )
