@@ -12,13 +12,15 @@ import importlib
 import inspect
 import random
 import re
+import types
 
 import pytest
 import torch
 
 import attnc
 import attnc.examples
-from attnc.codegen import signature
+from attnc.codegen import lower, signature
+from attnc.codegen.emit import BLOCK_MARK, Assign
 from attnc.codegen.lower import build_backward_spec, build_spec, checked_code, render, tile_parameters
 from attnc.errors import InternalError
 from attnc.runtime import cache, launch
@@ -340,3 +342,25 @@ def test_a_hoisted_value_is_assigned_to_its_name_not_copied_from_a_temporary() -
     source = forward(attnc.stdlib().sliding_window(window=3))
     assert count(source, r"^(row|kv_lo|kv_hi|kv_full_lo|kv_full_hi)_\d+ = [rk]b?\d+$") == 0
     assert count(source, r"^row_0 = ") == 1
+
+
+def test_a_value_whose_statement_reads_its_own_name_is_copied_not_renamed() -> None:
+    # A reduction's accumulator is updated in its loop by name: renamed, the loop would update another
+    # variable. Its value is copied instead; a plain temporary is renamed.
+    emitter = types.SimpleNamespace(lines=[], names={})
+    loop = f"tl.full([], 0, tl.int32)\n{BLOCK_MARK}for r0_i in range(0, n):\n{BLOCK_MARK * 2}r0 = r0 + r0_i"
+
+    def accumulate(node: object) -> str:
+        emitter.lines.append(Assign("r0", loop))
+        emitter.names[node] = "r0"
+        return "r0"
+
+    def subtract(node: object) -> str:
+        emitter.lines.append(Assign("r1", "q_idx - 3"))
+        emitter.names[node] = "r1"
+        return "r1"
+
+    lower._bind(emitter, "row_0", "sum", accumulate)
+    lower._bind(emitter, "row_1", "difference", subtract)
+    assert emitter.lines == [Assign("r0", loop), Assign("row_0", "r0"), Assign("row_1", "q_idx - 3")]
+    assert emitter.names == {"sum": "r0", "difference": "row_1"}

@@ -84,11 +84,12 @@ def _scalar(emitter: Emitter, node: Node) -> str:
 def _bind(emitter: Emitter, name: str, node: Node, value: Callable[[Node], str]) -> None:
     """The statement `name = <the node's value>` (`value` computes it) of the emitter; where computing
     it appended a line whose temporary is the value, that line assigns `name` instead: one statement,
-    not a temporary and its copy (nothing reads the temporary yet: it was the last line made)."""
+    not a temporary and its copy (nothing reads the temporary yet: it was the last line made, and it
+    does not read itself, as a reduction's accumulator does in its loop)."""
     lines = emitter.lines
     count = len(lines)
     text = value(node)
-    if len(lines) > count and lines[-1].target == text:
+    if len(lines) > count and lines[-1].target == text and not re.search(rf"\b{text}\b", lines[-1].value):
         lines[-1] = Assign(name, lines[-1].value)
         for known, known_text in emitter.names.items():
             if known_text == text:
