@@ -17,7 +17,7 @@ import pytest
 import attnc
 from attnc.analysis import normal_form
 from attnc.analysis.normal_form import canonicalize, shared_tables
-from attnc.codegen import lower
+from attnc.codegen import lower, signature
 from attnc.errors import InternalError
 from attnc.ir import verify as verify_module
 from attnc.ir.nodes import ModuleIR, Node, Op, ParamDecl, PatternIR, Type, make, var
@@ -165,6 +165,7 @@ def test_the_kernel_key_reads_the_templates_once_and_stays_the_key_it_was(
         f"triton {importlib.import_module('triton').__version__}",
         "template attention_fwd.py.jinja",
         *(f"{t.name}\n{t.read_text(encoding='utf-8')}" for t in sorted(lower.TEMPLATES.glob("*.jinja"))),
+        f"signature.py\n{Path(signature.__file__).read_text(encoding='utf-8')}",  # the defs they render
         cache.structure_text(pattern),
         repr(spec),
     ]

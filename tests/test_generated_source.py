@@ -9,17 +9,22 @@ one before.
 from __future__ import annotations
 
 import importlib
+import inspect
 import random
 import re
+import types
 
 import pytest
 import torch
 
 import attnc
 import attnc.examples
+from attnc.codegen import lower, signature
+from attnc.codegen.emit import BLOCK_MARK, Assign
 from attnc.codegen.lower import build_backward_spec, build_spec, checked_code, render, tile_parameters
 from attnc.errors import InternalError
-from attnc.runtime import launch
+from attnc.runtime import cache, launch
+from attnc.testing import kernel_lines
 
 
 def example(name: str) -> attnc.AttnModule:
@@ -266,3 +271,163 @@ def test_a_step_over_loop_visits_its_range_less_the_skipped_ranges_in_order(tmp_
         expected = [t for t in range(first, end) if t not in skipped]
         visited = out[: max(int(stop) - first, 0)].tolist()
         assert visited == expected, (lo, hi, first, end, visited)
+
+
+# ---- the kernels' arguments, described once (`codegen/signature.py`) ------------------------------------
+
+
+# Every source of a kernel's arguments: an input with a gradient and a runtime parameter.
+BIASED_WINDOW = """
+pattern biased_window(window: int) {
+    input bias: float32[NUM_HEADS]
+    mask = kv <= q and q - kv < window
+    score = s + bias[h]
+}
+"""
+
+
+def recorded_launches(monkeypatch) -> list[tuple[object, tuple, dict]]:
+    """The kernel launches of a forward and a backward call of `BIASED_WINDOW`, recorded instead of
+    run: (the jitted function, its positional arguments, its keywords)."""
+    launches: list[tuple[object, tuple, dict]] = []
+
+    def launcher(kernel, grid, warmup):
+        return lambda *positional, **keywords: launches.append((kernel, positional, keywords))
+
+    monkeypatch.setattr(launch, "_launcher", launcher)
+    q, k, v = (torch.randn(1, 2, 24, 16, requires_grad=True) for _ in range(3))
+    bias = torch.zeros(2, requires_grad=True)
+    attnc.loads(BIASED_WINDOW).biased_window(window=5)(q, k, v, bias=bias).sum().backward()
+    return launches
+
+
+def test_every_kernel_is_launched_by_keyword_with_exactly_the_parameters_of_its_def(monkeypatch) -> None:
+    launches = recorded_launches(monkeypatch)
+    names = [kernel.fn.__name__ for kernel, _, _ in launches]
+    assert names == ["attnc_fwd", "attnc_bwd_preprocess", "attnc_bwd_dq", "attnc_bwd_dkv"]
+    for kernel, positional, keywords in launches:
+        parameters = list(inspect.signature(kernel.fn).parameters)
+        assert positional == ()
+        options = ["num_warps", "num_stages"] if kernel.fn.__name__ != "attnc_bwd_preprocess" else []
+        assert list(keywords) == parameters + options
+        assert "in_bias_ptr" in parameters or kernel.fn.__name__ == "attnc_bwd_preprocess"
+
+
+def test_the_forward_def_is_rendered_from_its_argument_description() -> None:
+    source = forward(attnc.stdlib().sliding_window(window=3))
+    expect_in_order(
+        source,
+        [
+            r"^@triton\.jit\(do_not_specialize=\[$",
+            r'^"param_0", "BATCH", "NUM_HEADS", "Q_ROWS", "KV_ROWS", "Q_SIZE", "KV_SIZE", "q_offset",',
+            r"^def attnc_fwd\($",
+            r"^Q, K, V, Out, Lse,$",
+            r"^param_0, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb,",
+            r"^split_tiles, split_out, split_lse, MaxScores,$",
+            r"^HEAD_DIM: tl\.constexpr, HEAD_DIM_V: tl\.constexpr, D_PAD: tl\.constexpr,",
+            r"^PACK_GQA: tl\.constexpr, STORE_MAX: tl\.constexpr,$",
+            r"^\):$",
+            r"^tl\.static_assert\(\(\(D_PAD & \(D_PAD - 1\)\) == 0\) & \(D_PAD >= 16\) & .* & "
+            r"\(D_PAD >= HEAD_DIM\) & \(DV_PAD >= HEAD_DIM_V\), "
+            r'"D_PAD, DV_PAD: powers of two, >= 16 and >= HEAD_DIM, HEAD_DIM_V"\)$',
+            r'^tl\.static_assert\(.*"BLOCK_M, BLOCK_N: powers of two, >= 16"\)$',
+        ],
+    )
+
+
+def test_a_launch_whose_values_differ_from_the_description_is_refused(monkeypatch) -> None:
+    kern = attnc.stdlib().causal()
+    q = k = v = torch.randn(1, 1, 24, 16)
+    constants = launch._constants
+    monkeypatch.setattr(launch, "_constants", lambda *a: {**constants(*a), "BLOCK_K": 32})
+    with pytest.raises(
+        InternalError, match=r"attnc_fwd: the launcher's 'config' values .*not arguments \['BLOCK_K'\]"
+    ):
+        kern(q, k, v)
+    monkeypatch.setattr(
+        launch, "_constants", lambda *a: {n: x for n, x in constants(*a).items() if n != "D_PAD"}
+    )
+    with pytest.raises(
+        InternalError, match=r"attnc_fwd: the launcher's 'config' values .*missing \['D_PAD'\]"
+    ):
+        kern(q, k, v)
+
+
+def test_a_loaded_kernel_whose_def_differs_from_its_description_is_rejected() -> None:
+    spec = build_spec(attnc.stdlib().causal().pattern)
+    source = forward(attnc.stdlib().causal())
+    for broken in (
+        source.replace("    Q, K, V, Out, Lse,\n", "    Q, V, K, Out, Lse,\n"),
+        source.replace("STORE_MAX: tl.constexpr", "STORE_MAX"),
+    ):
+        assert broken != source
+        with pytest.raises(
+            InternalError, match=r"attnc_fwd's parameters differ from its argument description"
+        ):
+            checked_code(broken, spec, "attention_fwd.py.jinja")
+
+
+def test_a_launch_that_breaks_a_constexpr_contract_stops_at_its_static_assert(monkeypatch) -> None:
+    # A head dim of 24 padded to itself, not to 32: no power of two, which tl.arange needs.
+    monkeypatch.setattr(launch.autotune, "padded", lambda dim: dim)
+    q = k = v = torch.randn(1, 1, 24, 24)
+    with pytest.raises(Exception, match=r"D_PAD, DV_PAD: powers of two, >= 16 and >= HEAD_DIM, HEAD_DIM_V"):
+        attnc.stdlib().causal()(q, k, v)
+
+
+def test_the_kernel_cache_key_covers_the_argument_descriptions_the_templates_render() -> None:
+    # An edited description renders another def: a kernel cached before it must not be loaded after.
+    assert signature.__file__ in [path for path, _, _ in cache._template_files()]
+
+
+# ---- size (item 1): forward <= 350 lines and backward <= 700, for every kernel of the corpus ----------
+
+
+def test_every_stdlib_example_and_fuzz_corpus_kernel_renders_within_the_size_bounds() -> None:
+    counts = [(name, *kernel_lines.lines(kern)) for name, kern in kernel_lines.kernels()]
+    assert len(counts) >= 55  # 11 stdlib patterns (8 at two parameter sets), 34 examples, the corpus
+    over = [c for c in counts if c[1] > kernel_lines.FORWARD_LINES or c[2] > kernel_lines.BACKWARD_LINES]
+    assert not over, over
+
+
+def test_a_kernel_imports_its_kernel_functions_instead_of_defining_them() -> None:
+    source = forward(attnc.stdlib().neighborhood_1d(kernel=7))
+    expect_in_order(
+        source,
+        [
+            r"^from attnc\.codegen\.kernel_functions import _conjunct_tiles, _cut, _disjoint, _kv_rows, "
+            r"_step_over, _tile_of$",
+            r"^def _fwd_partial_tile\(",
+            r"^k_rows, v_rows = _kv_rows\(offs_kv, b_idx, BlockTable,",
+        ],
+    )
+    assert count(source, r"^def _(tile_of|conjunct_tiles|disjoint|cut|step_over|kv_rows)\(") == 0
+
+
+def test_a_hoisted_value_is_assigned_to_its_name_not_copied_from_a_temporary() -> None:
+    # sliding_window's row bound and key range: `row_0 = q_idx - ...`, not `r1 = ...; row_0 = r1`.
+    source = forward(attnc.stdlib().sliding_window(window=3))
+    assert count(source, r"^(row|kv_lo|kv_hi|kv_full_lo|kv_full_hi)_\d+ = [rk]b?\d+$") == 0
+    assert count(source, r"^row_0 = ") == 1
+
+
+def test_a_value_whose_statement_reads_its_own_name_is_copied_not_renamed() -> None:
+    # A reduction's accumulator is updated in its loop by name: renamed, the loop would update another
+    # variable. Its value is copied instead; a plain temporary is renamed.
+    emitter = types.SimpleNamespace(lines=[], names={})
+    loop = f"tl.full([], 0, tl.int32)\n{BLOCK_MARK}for r0_i in range(0, n):\n{BLOCK_MARK * 2}r0 = r0 + r0_i"
+
+    def accumulate(node: object) -> str:
+        emitter.lines.append(Assign("r0", loop))
+        emitter.names[node] = "r0"
+        return "r0"
+
+    def subtract(node: object) -> str:
+        emitter.lines.append(Assign("r1", "q_idx - 3"))
+        emitter.names[node] = "r1"
+        return "r1"
+
+    lower._bind(emitter, "row_0", "sum", accumulate)
+    lower._bind(emitter, "row_1", "difference", subtract)
+    assert emitter.lines == [Assign("r0", loop), Assign("row_0", "r0"), Assign("row_1", "q_idx - 3")]
+    assert emitter.names == {"sum": "r0", "difference": "row_1"}

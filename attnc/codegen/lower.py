@@ -19,7 +19,7 @@ import ast
 import builtins
 import keyword
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import lru_cache
 from pathlib import Path
 from types import CodeType
@@ -99,6 +99,23 @@ def _scalar(emitter: Emitter, node: Node) -> str:
     return emitter.value(node)
 
 
+def _bind(emitter: Emitter, name: str, node: Node, value: Callable[[Node], str]) -> None:
+    """The statement `name = <the node's value>` (`value` computes it) of the emitter; where computing
+    it appended a line whose temporary is the value, that line assigns `name` instead: one statement,
+    not a temporary and its copy (nothing reads the temporary yet: it was the last line made, and it
+    does not read itself, as a reduction's accumulator does in its loop)."""
+    lines = emitter.lines
+    count = len(lines)
+    text = value(node)
+    if len(lines) > count and lines[-1].target == text and not re.search(rf"\b{text}\b", lines[-1].value):
+        lines[-1] = Assign(name, lines[-1].value)
+        for known, known_text in emitter.names.items():
+            if known_text == text:
+                emitter.names[known] = name
+    else:
+        lines.append(Assign(name, text))
+
+
 def _check_fused(pattern: PatternIR) -> tuple[KernelValues, Sparsity]:
     """The kernel values and sparsity of a pattern compiled through `block-sparsify` and `fuse`."""
     if pattern.sparsity is None or pattern.kernel is None:
@@ -161,7 +178,7 @@ class _Kernel:
         self.rows = Emitter(pattern, KERNEL_NAMES, float64, prefix=f"{prefix}r", value_ranges=ranges)
         lets = dict(pattern.lets)
         for name in _lets_used(pattern, roots):
-            self.rows.lines.append(Assign(name, self.rows.value(lets[name])))
+            _bind(self.rows, name, lets[name], self.rows.value)
         self.helpers = set(self.rows.helpers)
 
     def ranges(self, axis: str) -> tuple[tuple[Assign, ...], tuple[KeyRange, ...] | None]:
@@ -182,7 +199,7 @@ class _Kernel:
         for j, axis_range in enumerate(analytic.axis(axis)):
             values = []
             for part, node in axis_range.named().items():
-                emitter.lines.append(Assign(f"{axis}_{part}_{j}", _scalar(emitter, node)))
+                _bind(emitter, f"{axis}_{part}_{j}", node, lambda n: _scalar(emitter, n))
                 values.append(f"{axis}_{part}_{j}")
             ranges.append(KeyRange(*values))
         self.helpers |= emitter.helpers
@@ -360,6 +377,7 @@ def _environment() -> jinja2.Environment:
         extensions=["jinja2.ext.do"],
     )
     env.filters["tile_parameters"] = tile_parameters
+    env.filters["kernel_functions"] = kernel_functions
     return env
 
 
@@ -481,20 +499,36 @@ _TEMPLATE_NAMES = {
     ),
 }
 _IMPORTS = {("triton", None): "triton", ("triton.language", "tl"): "tl"}
+# The module of the `@triton.jit` functions the kernels import (`kernel_functions`), and its functions.
+KERNEL_FUNCTIONS = "attnc.codegen.kernel_functions"
+_KERNEL_FUNCTIONS = frozenset(
+    {"_tile_of", "_conjunct_tiles", "_disjoint", "_cut", "_step_over", "_floordiv", "_floormod"}
+    | {"_div_scalar", "_tanh", "_kv_rows"}
+)
 
 
-def _helper_names(spec: KernelSpec | BackwardSpec) -> frozenset[str]:
-    """The helper functions `_common.py.jinja` defines for a spec, and the backward's tile functions of
-    the exact Delta (only where the spec has input gradients)."""
+def kernel_functions(spec: KernelSpec | BackwardSpec) -> list[str]:
+    """The functions of `codegen/kernel_functions.py` a spec's kernels call (the templates import them),
+    sorted: the helpers of its statements (`emit`), the tile arithmetic of analytic plans (with
+    several conjuncts, their tiles and step-over loops), and the forward's key rows (`_kv_rows`)."""
     names = {f"_{helper}" for helper in spec.helpers}
-    if isinstance(spec, BackwardSpec) and spec.grad_inputs:
-        names |= {"_delta_partial_tile", "_delta_full_tile"}
+    if isinstance(spec, KernelSpec):
+        names.add("_kv_rows")
     if "floormod" in spec.helpers:  # _floormod calls _floordiv
         names.add("_floordiv")
     if spec.analytic:
         names.add("_tile_of")
         if len(spec.kv_ranges or ()) > 1:  # the tiles and step-over loops of several conjuncts
             names |= {"_conjunct_tiles", "_disjoint", "_cut", "_step_over"}
+    return sorted(names)
+
+
+def _helper_names(spec: KernelSpec | BackwardSpec) -> frozenset[str]:
+    """The kernel functions a spec's kernels import, and the backward's tile functions of the exact
+    Delta (only where the spec has input gradients)."""
+    names = set(kernel_functions(spec))
+    if isinstance(spec, BackwardSpec) and spec.grad_inputs:
+        names |= {"_delta_partial_tile", "_delta_full_tile"}
     return frozenset(names)
 
 
@@ -513,6 +547,12 @@ def _definitions(tree: ast.Module) -> list[str]:
     for stmt in tree.body:
         if isinstance(stmt, ast.Import) and all((a.name, a.asname) in _IMPORTS for a in stmt.names):
             names += [_IMPORTS[a.name, a.asname] for a in stmt.names]
+        elif (
+            isinstance(stmt, ast.ImportFrom)
+            and (stmt.module, stmt.level) == (KERNEL_FUNCTIONS, 0)
+            and all(a.asname is None and a.name in _KERNEL_FUNCTIONS for a in stmt.names)
+        ):
+            names += [a.name for a in stmt.names]
         elif isinstance(stmt, ast.Assign) and [type(t) for t in stmt.targets] == [ast.Name]:
             names.append(stmt.targets[0].id)  # type: ignore[attr-defined]
         elif isinstance(stmt, ast.FunctionDef):
@@ -578,6 +618,7 @@ def _check_structure(tree: ast.Module, spec: KernelSpec | BackwardSpec, template
     expected = _TEMPLATE_NAMES[template] | _helper_names(spec)
     if len(defined) != len(set(defined)) or set(defined) != expected:
         raise ValueError(f"it defines {sorted(defined)}, not {sorted(expected)}")
+    _check_signatures(tree, spec)
     for stmt in tree.body:
         if isinstance(stmt, ast.FunctionDef) and stmt.name.endswith("_tile"):
             missing = _tile_function_reads(stmt, _MODULE_CONSTANTS | expected)
@@ -603,6 +644,33 @@ def _check_structure(tree: ast.Module, spec: KernelSpec | BackwardSpec, template
         raise ValueError(
             f"its runtime parameter arguments are {sorted(runtime)}, not {sorted(p.arg for p in spec.params)}"
         )
+
+
+def _check_signatures(tree: ast.Module, spec: KernelSpec | BackwardSpec) -> None:
+    """Raise ValueError unless each kernel's parameters are its argument description's, in order, the
+    constexprs (and only they) annotated `tl.constexpr`: the launcher calls by that description."""
+    kernels = {stmt.name: stmt for stmt in tree.body if isinstance(stmt, ast.FunctionDef)}
+    for signature in spec.signatures:
+        found = [(a.arg, _is_constexpr(a)) for a in kernels[signature.kernel].args.args]
+        described = [(a.name, a.kind == "constexpr") for a in signature.parameters]
+        if found != described:
+            pairs = enumerate(zip(found, described, strict=False))
+            at = next((i for i, (f, d) in pairs if f != d), min(len(found), len(described)))
+            raise ValueError(
+                f"{signature.kernel}'s parameters differ from its argument description from parameter "
+                f"{at}: (name, constexpr) {found[at : at + 1]} where it has {described[at : at + 1]}"
+            )
+
+
+def _is_constexpr(arg: ast.arg) -> bool:
+    """Whether a parameter is annotated `tl.constexpr`."""
+    annotation = arg.annotation
+    return (
+        isinstance(annotation, ast.Attribute)
+        and annotation.attr == "constexpr"
+        and isinstance(annotation.value, ast.Name)
+        and annotation.value.id == "tl"
+    )
 
 
 def render(spec: KernelSpec | BackwardSpec, template: str = "attention_fwd.py.jinja") -> str:

@@ -17,8 +17,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 from attnc.codegen.emit import Assign, input_arg, param_arg
+from attnc.codegen.signature import (
+    Signature,
+    dkv_signature,
+    dq_signature,
+    forward_signature,
+    preprocess_signature,
+)
 from attnc.errors import InternalError
 
 # What an input's name may be: the grammar's NAME. Anything else reaching the code generator is a bug.
@@ -178,6 +186,15 @@ class KernelSpec:
     def core_merge_rounds(self) -> int:
         return core_merge_rounds(len(self.kv_ranges or ()))
 
+    @cached_property
+    def signature(self) -> Signature:
+        """`attnc_fwd`'s arguments (`signature.py`), from which its `def` and its launch are made."""
+        return forward_signature(self.inputs, self.params, self.analytic)
+
+    @property
+    def signatures(self) -> tuple[Signature, ...]:
+        return (self.signature,)
+
 
 @dataclass(frozen=True)
 class BackwardSpec:
@@ -223,3 +240,12 @@ class BackwardSpec:
     @property
     def core_merge_rounds(self) -> int:
         return core_merge_rounds(len(self.kv_ranges or ()))
+
+    @cached_property
+    def signatures(self) -> tuple[Signature, ...]:
+        """The arguments of `attnc_bwd_preprocess`, `attnc_bwd_dq` and `attnc_bwd_dkv` (`signature.py`)."""
+        return (
+            preprocess_signature(),
+            dq_signature(self.inputs, self.params, self.grad_inputs, self.analytic),
+            dkv_signature(self.inputs, self.params, self.grad_inputs, self.analytic),
+        )

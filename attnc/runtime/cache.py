@@ -47,6 +47,7 @@ from pathlib import Path
 from types import ModuleType
 
 from attnc import config
+from attnc.codegen import signature
 from attnc.codegen.lower import TEMPLATES, checked_code, render
 from attnc.codegen.spec import BackwardSpec, KernelSpec
 from attnc.dsl import source as source_file
@@ -218,10 +219,12 @@ def structure_text(pattern: PatternIR) -> str:
 
 
 def _template_files() -> tuple[tuple[str, int, int], ...]:
-    """The path, modification time and size of every template, by name (a listing and a `stat` each:
-    what each key pays to notice an edited template)."""
+    """The path, modification time and size of every template, by name, and of the kernels' argument
+    descriptions, which they render (`codegen/signature.py`): a listing and a `stat` each, what each key
+    pays to notice an edited template."""
     with os.scandir(TEMPLATES) as entries:
         paths = sorted((e.name, e.path) for e in entries if e.name.endswith(".jinja"))
+    paths.append(("signature.py", signature.__file__))
     return tuple((path, (info := os.stat(path)).st_mtime_ns, info.st_size) for _, path in paths)
 
 

@@ -1,8 +1,9 @@
 """Running a pattern's kernels: backend, configuration, plan, arguments and grid.
 
 `Forward.run` is what `Kernel.__call__` does once its arguments are checked (through the custom op of
-`runtime/autograd.py`), and `Backward.run` what its gradient does. Kernel argument lists are built
-here in the order of the templates' signatures (`codegen/templates/attention_{fwd,bwd}.py.jinja`).
+`runtime/autograd.py`), and `Backward.run` what its gradient does. Kernels are called by keyword: each
+launch gives its values grouped by source to the kernel's argument description (`codegen/signature.py`,
+from which the templates render the kernel's `def`), which refuses a group that names other arguments.
 Analytic patterns launch with no plan at all (the kernels derive their own loop bounds); the others
 get block-sparse metadata built for the launch's tile size on the tensors' device.
 
@@ -32,6 +33,8 @@ import torch
 
 from attnc import oracle
 from attnc.codegen.lower import build_backward_spec
+from attnc.codegen.signature import strides as stride_names
+from attnc.codegen.signature import values
 from attnc.codegen.spec import BackwardSpec, InputArg, KernelSpec, ParamArg
 from attnc.errors import InternalError
 from attnc.ir.nodes import PatternIR
@@ -238,20 +241,21 @@ class Forward:
         with _serialised(backend):  # loading too: never while another thread launches
             kernel = module(self.source, backend).attnc_fwd
 
-        def plan_args(config: Config) -> list[Any]:
+        def plan_args(config: Config) -> dict[str, Any]:
             if self.spec.analytic:
-                return []
+                return {}
             tiles = self.plans.plan(self.pattern, env, (config.block_m, config.block_n)).kv_tiles
             assert tiles is not None
-            return _metadata_args(tiles)
+            return _metadata_args(tiles, "kv")
 
         maxima = lse_and_max[1] if return_max else lse  # (never written without return_max)
-        geometry, geometry_flags = geometry_args(env, lse)
-        strides, cache_args, cache_flags = _layout_args(q, k, v, env, lse, block_table, cu_seqlens)
+        geometry = geometry_args(env, lse)
+        strides, layout = _layout_args(q, k, v, env, lse, block_table, cu_seqlens)
+        signature = self.spec.signature
 
         def launch(
             config: Config,
-            plan: list[Any],
+            plan: dict[str, Any],
             out: torch.Tensor,
             lse: torch.Tensor,
             count: bool = False,
@@ -276,17 +280,24 @@ class Forward:
             out_strides = (0 if cu_seqlens is not None else parts_out.stride(-4), *parts_out.stride()[-3:])
             split_strides = (parts_out.stride(0), parts_lse.stride(0)) if splits > 1 else (0, 0)
             grid = (n_q * batch * grid_heads * splits,)
-            _launcher(kernel, grid, warmup)(
-                q, k, v, parts_out, parts_lse,
-                *_input_args(self.spec.inputs, env),
-                *_param_args(self.spec.params, self.pattern, env),
-                *plan,
-                *strides, *out_strides,
-                batch, heads, *geometry, shape.group, scale, visits, *cache_args,
-                split_tiles, *split_strides, parts_max,
-                **_constants(config, dim, dim_v, q.dtype, backend, count and _VISITS is not None),
-                **geometry_flags, **cache_flags, PACK_GQA=pack, STORE_MAX=return_max,
+            arguments = signature.arguments(
+                tensors=dict(Q=q, K=k, V=v, Out=parts_out, Lse=parts_lse),
+                inputs=_input_args(self.spec.inputs, env),
+                params=_param_args(self.spec.params, self.pattern, env),
+                plan=plan,
+                strides=strides,
+                output=dict(
+                    values(stride_names("o"), out_strides), split_tiles=split_tiles,
+                    split_out=split_strides[0], split_lse=split_strides[1], MaxScores=parts_max,
+                    PACK_GQA=pack, STORE_MAX=return_max,
+                ),
+                sizes=dict(BATCH=batch, NUM_HEADS=heads, GQA_GROUP=shape.group, scale=scale),
+                geometry=geometry,
+                visits=dict(Visits=visits, COUNT_VISITS=count and _VISITS is not None),
+                config=_constants(config, dim, dim_v, q.dtype, backend),
+                layout=layout,
             )  # fmt: skip
+            _launcher(kernel, grid, warmup)(**arguments, **_options(config))
             if splits > 1 and not warmup:
                 merged_out, merged_lse = merge_splits(parts_out, parts_lse)
                 out.copy_(merged_out)
@@ -319,21 +330,21 @@ class Forward:
         return out, lse_and_max if return_max else lse
 
 
-def _param_args(params: tuple[ParamArg, ...], pattern: PatternIR, env: oracle.Env) -> list[Any]:
-    """The runtime parameters' values from `env.params`, in the spec's order: an int as itself, a
-    float as the int64 bit pattern of its float64 value (the kernel bitcasts it back; a Python float
-    argument would reach the kernel as float32)."""
-    args: list[Any] = []
+def _param_args(params: tuple[ParamArg, ...], pattern: PatternIR, env: oracle.Env) -> dict[str, Any]:
+    """The runtime parameters' values from `env.params`, by argument: an int as itself, a float as the
+    int64 bit pattern of its float64 value (the kernel bitcasts it back; a Python float argument would
+    reach the kernel as float32)."""
+    args: dict[str, Any] = {}
     for arg in params:
         value = env.params[pattern.params[arg.index].name]
         if arg.type == "float":
-            args.append(struct.unpack("<q", struct.pack("<d", float(value)))[0])
+            args[arg.arg] = struct.unpack("<q", struct.pack("<d", float(value)))[0]
         else:
-            args.append(int(value))
+            args[arg.arg] = int(value)
     return args
 
 
-def geometry_args(env: oracle.Env, spare: torch.Tensor) -> tuple[list[Any], dict[str, bool]]:
+def geometry_args(env: oracle.Env, spare: torch.Tensor) -> dict[str, Any]:
     """The kernels' `Q_ROWS, KV_ROWS, Q_SIZE, KV_SIZE, q_offset, kv_offset, RowOffsets` (the template's
     `geometry`) for `env`, and their constexprs: ROW_OFFSETS, whether q_offset is per batch row (then
     RowOffsets holds the offsets as int32 and Q_SIZE counts the rows alone; else `spare`, a tensor
@@ -353,8 +364,10 @@ def geometry_args(env: oracle.Env, spare: torch.Tensor) -> tuple[list[Any], dict
     shifted = (
         per_row or q_offset != 0 or env.kv_offset != 0 or env.q_size is not None or env.kv_size is not None
     )
-    flags = dict(ROW_OFFSETS=per_row, SHIFTED=shifted)
-    return [env.q_len, env.kv_len, q_size, kv_size, q_offset, env.kv_offset, row_offsets], flags
+    return dict(
+        Q_ROWS=env.q_len, KV_ROWS=env.kv_len, Q_SIZE=q_size, KV_SIZE=kv_size, q_offset=q_offset,
+        kv_offset=env.kv_offset, RowOffsets=row_offsets, ROW_OFFSETS=per_row, SHIFTED=shifted,
+    )  # fmt: skip
 
 
 def empty_like_strides(q: torch.Tensor, dim_v: int) -> torch.Tensor:
@@ -374,28 +387,33 @@ def _layout_args(
     spare: torch.Tensor,
     block_table: torch.Tensor | None,
     cu_seqlens: tuple[torch.Tensor, torch.Tensor] | None,
-) -> tuple[list[int], list[Any], dict[str, Any]]:
-    """How the forward kernel finds its rows (`Forward.run`): q's, k's and v's strides; the arguments
-    `KvRowCounts, BlockTable, stride_table, TABLE_PAGES, NUM_PAGES, CuSeqQ, CuSeqK, TOTAL_Q, TOTAL_K`
-    (`spare`, a tensor never read, and zeros where unused); and the constexprs KV_ROW_COUNTS, PAGED,
-    PAGE_SIZE, VARLEN."""
+) -> tuple[dict[str, int], dict[str, Any]]:
+    """How the forward kernel finds its rows (`Forward.run`): q's, k's and v's strides; and the
+    arguments `KvRowCounts, BlockTable, stride_table, TABLE_PAGES, NUM_PAGES, CuSeqQ, CuSeqK, TOTAL_Q,
+    TOTAL_K` (`spare`, a tensor never read, and zeros where unused) with the constexprs KV_ROW_COUNTS,
+    PAGED, PAGE_SIZE, VARLEN."""
     q_strides = list(q.stride())
     kv_strides = [*_kv_strides(k, env.batch), *_kv_strides(v, env.batch)]
-    cache_args: list[Any] = [spare, spare, 0, 0, 1, spare, spare, 0, 0]
-    flags: dict[str, Any] = dict(KV_ROW_COUNTS=False, PAGED=False, PAGE_SIZE=1, VARLEN=False)
+    layout: dict[str, Any] = dict(
+        KvRowCounts=spare, BlockTable=spare, stride_table=0, TABLE_PAGES=0, NUM_PAGES=1, CuSeqQ=spare,
+        CuSeqK=spare, TOTAL_Q=0, TOTAL_K=0, KV_ROW_COUNTS=False, PAGED=False, PAGE_SIZE=1, VARLEN=False,
+    )  # fmt: skip
     if cu_seqlens is not None:  # packed: every sequence starts at its row of the one batch row
         q_strides[0] = kv_strides[0] = kv_strides[4] = 0
-        cache_args[5:] = [*cu_seqlens, q.shape[2], k.shape[2]]
-        flags["VARLEN"] = True
+        layout.update(CuSeqQ=cu_seqlens[0], CuSeqK=cu_seqlens[1], TOTAL_Q=q.shape[2], TOTAL_K=k.shape[2])
+        layout["VARLEN"] = True
     elif env.kv_rows is not None:  # decoding: valid key rows per batch row
-        cache_args[0] = env.kv_rows.to(device=q.device, dtype=torch.int32).contiguous()
-        flags["KV_ROW_COUNTS"] = True
+        layout["KvRowCounts"] = env.kv_rows.to(device=q.device, dtype=torch.int32).contiguous()
+        layout["KV_ROW_COUNTS"] = True
     if block_table is not None:
         # [pages, page size, heads, dim]: the kernel's batch stride steps pages, its row stride slots.
         kv_strides = [s for t in (k, v) for s in (t.stride(0), t.stride(2), t.stride(1), t.stride(3))]
-        cache_args[1:5] = [block_table, block_table.stride(0), block_table.shape[1], k.shape[0]]
-        flags.update(PAGED=True, PAGE_SIZE=k.shape[1])
-    return [*q_strides, *kv_strides], cache_args, flags
+        layout.update(
+            BlockTable=block_table, stride_table=block_table.stride(0), TABLE_PAGES=block_table.shape[1]
+        )
+        layout.update(NUM_PAGES=k.shape[0], PAGED=True, PAGE_SIZE=k.shape[1])
+    names = (*stride_names("q"), *stride_names("k", "n"), *stride_names("v", "n"))
+    return values(names, [*q_strides, *kv_strides]), layout
 
 
 def _kv_strides(t: torch.Tensor, batch: int) -> tuple[int, ...]:
@@ -403,13 +421,15 @@ def _kv_strides(t: torch.Tensor, batch: int) -> tuple[int, ...]:
     return (0, *t.stride()[1:]) if t.shape[0] == 1 and batch != 1 else tuple(t.stride())
 
 
-def _input_args(inputs: tuple[InputArg, ...], env: oracle.Env) -> list[Any]:
-    args: list[Any] = []
+def _input_args(inputs: tuple[InputArg, ...], env: oracle.Env) -> dict[str, Any]:
+    """The input tensors' arguments (`InputArg`): each one's pointer, dims and strides."""
+    args: dict[str, Any] = {}
     for arg in inputs:
         tensor = env.inputs[arg.name]
         if tensor.dtype == torch.bool:
             tensor = tensor.view(torch.uint8)
-        args += [tensor, *tensor.shape, *tensor.stride()]
+        args[arg.ptr] = tensor
+        args.update(values(arg.scalars, (*tensor.shape, *tensor.stride())))
     return args
 
 
@@ -556,13 +576,9 @@ def _seconds_or_inf(measure: Callable[[Config], float], config: Config) -> float
         return float("inf")
 
 
-def _constants(
-    config: Config, dim: int, dim_v: int, dtype: torch.dtype, backend: str, count: bool = False
-) -> dict[str, Any]:
-    """The compile-time arguments and launch options the forward and backward kernels share (`count`:
-    whether they count their tile visits, `counting_visits`)."""
+def _constants(config: Config, dim: int, dim_v: int, dtype: torch.dtype, backend: str) -> dict[str, Any]:
+    """The compile-time arguments the forward and backward kernels share (their "config" source)."""
     return dict(
-        COUNT_VISITS=count,
         HEAD_DIM=dim,
         HEAD_DIM_V=dim_v,
         D_PAD=autotune.padded(dim),
@@ -575,9 +591,12 @@ def _constants(
         # Hardware approximations (tanh.approx.f32, inline PTX) where 16-bit inputs leave room for
         # their error: NVIDIA only (not ROCm, not the interpreter); float32 keeps the exact formulas.
         FAST_MATH=backend == CUDA and torch.version.hip is None and dtype in (torch.bfloat16, torch.float16),
-        num_warps=config.num_warps,
-        num_stages=config.num_stages,
     )
+
+
+def _options(config: Config) -> dict[str, int]:
+    """A configuration's launch options (not kernel arguments)."""
+    return dict(num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def dot_precision(dtype: torch.dtype, backend: str) -> str:
@@ -683,53 +702,76 @@ class Backward:
                 return -dlse.float().contiguous() if dlse is not None else torch.zeros_like(lse)
             delta = torch.empty_like(lse)
             grid = (-(-q_len // config.block_m) * batch * heads,)
-            preprocess = module_.attnc_bwd_preprocess
-            _launcher(preprocess, grid, warmup)(
-                out, dout, delta, *out.stride(), *dout.stride(), heads, q_len,
-                HEAD_DIM_V=dim_v, DV_PAD=autotune.padded(dim_v), BLOCK_M=config.block_m,
-            )  # fmt: skip
+            arguments = self.spec.signatures[0].arguments(
+                tensors=dict(Out=out, dOut=dout, Delta=delta),
+                strides=values((*stride_names("o"), *stride_names("do")), (*out.stride(), *dout.stride())),
+                sizes=dict(NUM_HEADS=heads, Q_ROWS=q_len),
+                config=dict(HEAD_DIM_V=dim_v, DV_PAD=autotune.padded(dim_v), BLOCK_M=config.block_m),
+            )
+            _launcher(module_.attnc_bwd_preprocess, grid, warmup)(**arguments)
             if dlse is not None and not warmup:  # d lse / d score = P: the lse's gradient joins Delta's
                 delta -= dlse.to(torch.float32)
             return delta
 
-        def plan_args(config: Config, dkv: bool) -> list[Any]:
+        def plan_args(config: Config, dkv: bool) -> dict[str, Any]:
             """The metadata plan's arguments of one kernel: key tiles per query tile (dQ) or query tiles
             per key tile (dK/dV), for the kernel's own block."""
             if self.spec.analytic:
-                return []
+                return {}
             plan = self.plans.plan(self.pattern, env, (config.block_m, config.block_n))
             tiles = plan.q_tiles if dkv else plan.kv_tiles
             assert tiles is not None
-            return _metadata_args(tiles)
+            return _metadata_args(tiles, "q" if dkv else "kv")
 
-        def arguments(
-            config: Config, grad_buffers: dict[str, torch.Tensor], delta: torch.Tensor, counting: bool
-        ):
-            """What the two kernels share: constexprs, the inputs' (and their gradients') arguments,
-            sizes and strides."""
-            common = _constants(config, dim, dim_v, q.dtype, backend, counting)
-            common.update({a.grad_flag: a.name in grad_buffers for a in self.spec.grad_inputs})
-            inputs = _input_args(self.spec.inputs, env)
+        def sources(
+            config: Config,
+            grad_buffers: dict[str, torch.Tensor],
+            delta: torch.Tensor,
+            counting: bool,
+            visits: torch.Tensor,
+            outputs: dict[str, torch.Tensor],
+        ) -> dict[str, dict[str, Any]]:
+            """The values, by source, of either kernel, whose `outputs` are dQ or dK and dV (for the
+            strides: `stride_dqb`, ...)."""
+            grads: dict[str, Any] = {}
             for a in self.spec.grad_inputs:
                 buffer = grad_buffers.get(a.name)
                 if buffer is None:  # not wanted: the kernel never touches it
                     buffer = torch.zeros((), dtype=torch.float32, device=q.device).expand(
                         env.inputs[a.name].shape
                     )
-                inputs += [buffer, *buffer.stride()]
-            inputs += _param_args(self.spec.params, self.pattern, env)
-            geometry, geometry_flags = geometry_args(env, delta)
-            common.update(geometry_flags)
-            sizes = (batch, heads, *geometry, shape.group, scale)
-            strides = (*q.stride(), *_kv_strides(k, batch), *_kv_strides(v, batch), *dout.stride())
-            return common, inputs, sizes, strides
+                grads[a.grad_ptr] = buffer
+                grads.update(values(a.grad_strides, buffer.stride()))
+                grads[a.grad_flag] = a.name in grad_buffers
+            names = [
+                *stride_names("q"),
+                *stride_names("k", "n"),
+                *stride_names("v", "n"),
+                *stride_names("do"),
+            ]
+            given = [*q.stride(), *_kv_strides(k, batch), *_kv_strides(v, batch), *dout.stride()]
+            for name, output in outputs.items():  # dQ's rows are queries, dK's and dV's keys
+                names += stride_names(name.lower(), "m" if name == "dQ" else "n")
+                given += output.stride()
+            strides = values(names, given)
+            return dict(
+                tensors=dict(Q=q, K=k, V=v, dOut=dout, Lse=lse, Delta=delta, **outputs),
+                inputs=_input_args(self.spec.inputs, env),
+                grads=grads,
+                params=_param_args(self.spec.params, self.pattern, env),
+                strides=strides,
+                sizes=dict(BATCH=batch, NUM_HEADS=heads, GQA_GROUP=shape.group, scale=scale),
+                geometry=geometry_args(env, delta),
+                visits=dict(Visits=visits, COUNT_VISITS=counting),
+                config=_constants(config, dim, dim_v, q.dtype, backend),
+            )
 
         def tiles_of(config: Config) -> tuple[int, int, int, int]:
             return batch, heads, -(-q_len // config.block_m), -(-kv_len // config.block_n)
 
         def launch_dq(
             config: Config,
-            plan: list[Any],
+            plan: dict[str, Any],
             delta: torch.Tensor,
             result,
             count: bool = False,
@@ -738,18 +780,17 @@ class Backward:
             """The dQ kernel's launch; with `warmup`, its compile for it, not run."""
             dq, _, _, grad_buffers = result
             counting = count and _VISITS is not None
-            common, inputs, sizes, strides = arguments(config, grad_buffers, delta, counting)
             visits = _visits("dq", tiles_of(config), q.device, delta) if counting else delta
             grid = (-(-q_len // config.block_m) * batch * heads,)
-            _launcher(module_.attnc_bwd_dq, grid, warmup)(
-                q, k, v, dout, lse, delta, dq, *inputs, *plan, *strides, *dq.stride(), *sizes, visits,
-                **common,
-                EXACT_DELTA=exact_delta,
-            )  # fmt: skip
+            given = sources(config, grad_buffers, delta, counting, visits, dict(dQ=dq))
+            arguments = self.spec.signatures[1].arguments(
+                **given, plan=plan, delta=dict(EXACT_DELTA=exact_delta)
+            )
+            _launcher(module_.attnc_bwd_dq, grid, warmup)(**arguments, **_options(config))
 
         def launch_dkv(
             config: Config,
-            plan: list[Any],
+            plan: dict[str, Any],
             delta: torch.Tensor,
             result,
             count: bool = False,
@@ -758,14 +799,12 @@ class Backward:
             """The dK/dV kernel's launch; with `warmup`, its compile for it, not run."""
             _, dk, dv, grad_buffers = result
             counting = count and _VISITS is not None
-            common, inputs, sizes, strides = arguments(config, grad_buffers, delta, counting)
             b, h, m, n = tiles_of(config)
             visits = _visits("dkv", (b, h, n, m), q.device, delta) if counting else delta
             grid = (-(-kv_len // config.block_n) * batch * k.shape[1],)
-            _launcher(module_.attnc_bwd_dkv, grid, warmup)(
-                q, k, v, dout, lse, delta, dk, dv, *inputs, *plan, *strides, *dk.stride(), *dv.stride(),
-                *sizes, visits, **common,
-            )  # fmt: skip
+            given = sources(config, grad_buffers, delta, counting, visits, dict(dK=dk, dV=dv))
+            arguments = self.spec.signatures[2].arguments(**given, plan=plan)
+            _launcher(module_.attnc_bwd_dkv, grid, warmup)(**arguments, **_options(config))
 
         # k and v broadcast over q's batch (batch size 1): each batch row's dK/dV go to a float32 buffer
         # of their own, summed after the launch.
@@ -831,7 +870,14 @@ def _launcher(kernel: Any, grid: tuple[int, ...], warmup: bool) -> Callable[...,
     return functools.partial(kernel.warmup, grid=grid) if warmup else kernel[grid]
 
 
-def _metadata_args(tiles: BlockSparse) -> list[Any]:
-    """A `BlockSparse` as kernel arguments (a launch has at least one tile along each axis, so every
-    row the kernels read has an entry)."""
-    return [tiles.partial_counts, tiles.partial_indices, tiles.full_counts, tiles.full_indices, tiles.heads]
+def _metadata_args(tiles: BlockSparse, prefix: str) -> dict[str, Any]:
+    """A `BlockSparse` as kernel arguments, its lists named `{prefix}_partial_counts`, ... (kv: key tiles
+    per query tile, q: query tiles per key tile); a launch has at least one tile along each axis, so
+    every row the kernels read has an entry."""
+    return {
+        f"{prefix}_partial_counts": tiles.partial_counts,
+        f"{prefix}_partial_indices": tiles.partial_indices,
+        f"{prefix}_full_counts": tiles.full_counts,
+        f"{prefix}_full_indices": tiles.full_indices,
+        "META_HEADS": tiles.heads,
+    }
