@@ -723,3 +723,45 @@ def test_a_tile_line_keeps_its_reads_less_the_module_constants_each_once() -> No
     # and keywords, which are never a tile function's parameter, and without repeats.
     assert lower._line_names("acc = tl.where(m, acc + min(x, x), acc)") == (("m", "acc", "x"), ("acc",))
     assert lower._line_names("for i in range(n):") == (("n",), ("i",))
+
+
+def test_value_ranges_with_lets_take_the_passes_bounds_of_values_that_refer_to_no_let(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The kernel spec bounds its values with the pattern's lets known; a value that refers to no let has
+    # the bounds the passes' analysis (lets unknown) found, and is not bounded again.
+    from attnc.analysis.value_ranges import ValueRanges
+    from attnc.ir.nodes import const
+
+    pattern = attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm().pattern
+    lets = dict(pattern.lets)
+    row = Node(Op.REF, Type.INT, (), "row_0")
+    plain = make(Op.SUB, make(Op.ADD, var("q"), const(3)), var("kv"))
+    refers = make(Op.ADD, make(Op.SUB, plain, row), const(1))
+    expected = ValueRanges(pattern, lets).of(refers)
+    with shared_tables():
+        passes = normal_form.value_ranges(pattern)
+        passes.fits(plain, refers)
+        bounded = counting(monkeypatch, ValueRanges, "_range", argument=1)
+        spec = ValueRanges(pattern, lets, known=passes)
+        assert spec.of(plain) == passes.of(plain) and bounded == []
+        assert spec.of(refers) == expected != passes.of(refers)
+        assert row in bounded and refers in bounded and plain not in bounded
+
+
+def test_a_compilation_builds_its_kernel_spec_in_the_tables_its_passes_shared(
+    cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from attnc import compiler
+
+    build_spec = compiler.build_spec
+    open_tables: list[object] = []
+
+    def spying(pattern: PatternIR) -> object:
+        open_tables.append(normal_form._open.tables)
+        return build_spec(pattern)
+
+    monkeypatch.setattr(compiler, "build_spec", spying)
+    attnc.api.clear_memory()
+    attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm()
+    assert len(open_tables) == 1 and open_tables[0] is not None

@@ -25,6 +25,7 @@ from types import CodeType
 
 import jinja2
 
+from attnc.analysis.normal_form import value_ranges
 from attnc.analysis.value_ranges import ValueRanges, fits_int32
 from attnc.codegen.emit import (
     FP32,
@@ -254,7 +255,9 @@ def _float64(kernel: KernelValues, pattern: PatternIR) -> frozenset[Node]:
 
 
 def _value_ranges(pattern: PatternIR) -> ValueRanges:
-    return ValueRanges(pattern, dict(pattern.lets))
+    """The pattern's value ranges, its lets known; in a compilation, taking what its passes found of
+    each value that refers to no let (`normal_form.value_ranges`)."""
+    return ValueRanges(pattern, dict(pattern.lets), known=value_ranges(pattern))
 
 
 def _present(*values: Node | None) -> list[Node]:
