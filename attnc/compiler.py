@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, TextIO, overload
 
+from attnc.analysis.normal_form import shared_tables
 from attnc.codegen.lower import build_spec
 from attnc.codegen.spec import KernelSpec
 from attnc.errors import AttnError, InternalError, Loc, ParameterError, SourceFile
@@ -105,7 +106,8 @@ def compile_pattern(
             pm.add(_Inlined(module, inlined))
         else:
             pm.add(pass_class())
-    with deep_recursion():
+    # The spec is built in the tables the passes shared: it takes their value ranges.
+    with deep_recursion(), shared_tables():
         passes = pm.run(module)
         spec = build_spec(passes.final.entry)
     source = cache.source(passes.final.entry, spec)  # rendered only if neither memory nor disk has it

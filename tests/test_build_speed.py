@@ -20,7 +20,7 @@ from attnc.analysis.normal_form import canonicalize, shared_tables
 from attnc.codegen import lower, signature
 from attnc.errors import InternalError
 from attnc.ir import verify as verify_module
-from attnc.ir.nodes import ModuleIR, Node, Op, ParamDecl, PatternIR, Type, make, var
+from attnc.ir.nodes import FnIR, ModuleIR, Node, Op, ParamDecl, PatternIR, Type, make, var
 from attnc.ir.printer import print_module
 from attnc.ir.verify import verify
 from attnc.passes import manager
@@ -397,7 +397,7 @@ def test_the_text_that_names_a_kernel_to_the_ops_is_the_printed_pattern_printed_
 
     attnc.api.clear_memory()  # every pattern below compiles afresh
     for_key, for_ops = (
-        counting(monkeypatch, cache, "print_pattern"),
+        counting(monkeypatch, cache, "pattern_body"),
         counting(monkeypatch, registry, "print_pattern"),
     )
     pattern = attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm
@@ -644,3 +644,125 @@ def test_the_interval_analysis_builds_linear_ends_and_comparisons_in_normal_form
         for side in (truth.may, truth.must):
             assert side.op is Op.LE and side.args[1].op is Op.CONST and canonicalize(side) is side
         assert truth.must == canonicalize(make(Op.LE, make(Op.SUB, q_last, kv_first), three))
+
+
+# ---- round 7: the printer's own walk, the key's text without a copy, the cache's temporary files ------
+
+
+def test_the_printer_numbers_a_dag_operands_first_without_walking_it_through_walk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The printer walks the nodes it names itself (no generator, no `seen` set besides its names), in
+    # `Node.walk`'s order: operands first, left to right, a shared node once, leaves inline.
+    from attnc.ir import nodes
+    from attnc.ir.printer import print_fn
+
+    a = make(Op.ADD, var("q"), var("kv"))
+    b = make(Op.MUL, a, a)
+    body = make(Op.SUB, make(Op.ADD, b, a), make(Op.NEG, b))
+    fn = FnIR("f", (), body)
+
+    def no_walk(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the printer walked a node through walk_all")
+
+    monkeypatch.setattr(nodes, "walk_all", no_walk)
+    assert print_fn(fn) == "\n".join(
+        [
+            "fn f() -> int {",
+            "  %0 = add(q, kv) : int",
+            "  %1 = mul(%0, %0) : int",
+            "  %2 = add(%1, %0) : int",
+            "  %3 = neg(%1) : int",
+            "  %4 = sub(%2, %3) : int",
+            "  return %4",
+            "}",
+        ]
+    )
+
+
+def test_the_structure_text_is_the_printed_pattern_less_its_header_printing_no_header(
+    cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not the whole text of a renamed copy of the pattern, split after its header line.
+    import dataclasses
+
+    from attnc.ir import printer
+
+    pattern = attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm().pattern
+    headers = counting(monkeypatch, printer, "pattern_header")
+    structure = cache.structure_text(pattern)
+    assert headers == []
+    assert printer.print_pattern(pattern) == f"{printer.pattern_header(pattern)}\n{structure}"
+    renamed = dataclasses.replace(pattern, name="other", bindings=(("x", 1),))
+    assert cache.structure_text(renamed) == structure
+
+
+def test_a_kernel_file_is_written_through_a_numbered_private_file_not_a_random_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import itertools
+    import os
+    import stat
+    import tempfile
+
+    def no_mkstemp(*args: object, **kwargs: object) -> None:
+        raise AssertionError("write_atomic drew a random name")
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_mkstemp)
+    monkeypatch.setattr(cache, "_TEMPORARY_NUMBERS", itertools.count(5))
+    stale = tmp_path / f".k.py.{os.getpid()}.5.tmp"  # a name some file has already: the next one is taken
+    stale.write_text("left behind")
+    cache.write_atomic(tmp_path / "k.py", "x = 1\n")
+    assert (tmp_path / "k.py").read_bytes() == b"x = 1\n"
+    assert stat.S_IMODE((tmp_path / "k.py").stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == [stale.name, "k.py"]
+    assert stale.read_text() == "left behind" and next(cache._TEMPORARY_NUMBERS) == 7
+
+
+def test_a_tile_line_keeps_its_reads_less_the_module_constants_each_once() -> None:
+    # What a line reads is kept per line (most lines are the templates' own): without `tl`, builtins
+    # and keywords, which are never a tile function's parameter, and without repeats.
+    assert lower._line_names("acc = tl.where(m, acc + min(x, x), acc)") == (("m", "acc", "x"), ("acc",))
+    assert lower._line_names("for i in range(n):") == (("n",), ("i",))
+
+
+def test_value_ranges_with_lets_take_the_passes_bounds_of_values_that_refer_to_no_let(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The kernel spec bounds its values with the pattern's lets known; a value that refers to no let has
+    # the bounds the passes' analysis (lets unknown) found, and is not bounded again.
+    from attnc.analysis.value_ranges import ValueRanges
+    from attnc.ir.nodes import const
+
+    pattern = attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm().pattern
+    lets = dict(pattern.lets)
+    row = Node(Op.REF, Type.INT, (), "row_0")
+    plain = make(Op.SUB, make(Op.ADD, var("q"), const(3)), var("kv"))
+    refers = make(Op.ADD, make(Op.SUB, plain, row), const(1))
+    expected = ValueRanges(pattern, lets).of(refers)
+    with shared_tables():
+        passes = normal_form.value_ranges(pattern)
+        passes.fits(plain, refers)
+        bounded = counting(monkeypatch, ValueRanges, "_range", argument=1)
+        spec = ValueRanges(pattern, lets, known=passes)
+        assert spec.of(plain) == passes.of(plain) and bounded == []
+        assert spec.of(refers) == expected != passes.of(refers)
+        assert row in bounded and refers in bounded and plain not in bounded
+
+
+def test_a_compilation_builds_its_kernel_spec_in_the_tables_its_passes_shared(
+    cache_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from attnc import compiler
+
+    build_spec = compiler.build_spec
+    open_tables: list[object] = []
+
+    def spying(pattern: PatternIR) -> object:
+        open_tables.append(normal_form._open.tables)
+        return build_spec(pattern)
+
+    monkeypatch.setattr(compiler, "build_spec", spying)
+    attnc.api.clear_memory()
+    attnc.load(EXAMPLES / "streaming_llm.attn").streaming_llm()
+    assert len(open_tables) == 1 and open_tables[0] is not None

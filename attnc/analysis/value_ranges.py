@@ -135,22 +135,28 @@ class ValueRanges:
     """Bounds of the int expressions of one pattern; `lets` gives the ranges of named values.
 
     Inputs' dtypes come from `pattern` (or `dtypes`, by input name); a load of an input of unknown
-    dtype may be any int64."""
+    dtype may be any int64. `known`: the value ranges of the same inputs' dtypes without lets
+    (`normal_form.value_ranges`, which the passes of a compilation share): what they found of a node
+    that refers to no let (`$name`) holds here too, and is taken, not found again."""
 
     def __init__(
         self,
         pattern: PatternIR | None = None,
         lets: Mapping[str, Node] | None = None,
         dtypes: Mapping[str, str] | None = None,
+        known: ValueRanges | None = None,
     ) -> None:
         self.pattern = pattern
         self.lets = dict(lets or {})
         self.dtypes = dict(dtypes or {})
         if pattern is not None:
             self.dtypes.update({d.name: d.dtype for d in pattern.inputs})
+        assert known is None or (not known.lets and known.dtypes == self.dtypes), "not the same inputs"
+        self._known = known
         self._ranges: dict[Node, Range] = {}
         self._floats: dict[Node, FloatRange] = {}
         self._fits: dict[Node, bool] = {}  # every int value of the node's expression inside int64
+        self._refers: set[Node] = set()  # the nodes visited that refer to a let, whose bounds it gives
 
     def of(self, node: Node) -> Range:
         """Inclusive bounds of an int expression (exact Python ints: they may lie outside int64)."""
@@ -193,8 +199,11 @@ class ValueRanges:
         fits = self._fits
         if node in fits:
             return
-        ranges = self._ranges
-        for n in node.walk(skip=fits.__contains__):  # then its operands are known too
+        ranges, refers = self._ranges, self._refers
+        skip = fits.__contains__ if self._known is None else self._taken
+        for n in node.walk(skip=skip):  # then its operands are known too
+            if n.op is _REF or (refers and not refers.isdisjoint(n.args)):
+                refers.add(n)
             let = self.lets.get(str(n.attr)) if n.op is _REF else None
             if let is not None:
                 self._visit(let)
@@ -214,6 +223,20 @@ class ValueRanges:
             for a in n.args:
                 ok = ok and fits[a]
             fits[n] = ok and (let is None or fits[let])
+
+    def _taken(self, n: Node) -> bool:
+        """Whether the node is known here, or to `known` without a let below it (then taken from it)."""
+        if n in self._fits:
+            return True
+        known = self._known
+        assert known is not None
+        if n not in known._fits or n in known._refers:
+            return False
+        self._fits[n] = known._fits[n]
+        for mine, theirs in ((self._ranges, known._ranges), (self._floats, known._floats)):
+            if n in theirs:
+                mine[n] = theirs[n]  # type: ignore[index]
+        return True
 
     def _input_range(self, name: str) -> Range:
         dtype = self.dtypes.get(name)

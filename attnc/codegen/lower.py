@@ -26,6 +26,7 @@ from types import CodeType
 
 import jinja2
 
+from attnc.analysis.normal_form import value_ranges
 from attnc.analysis.value_ranges import ValueRanges, fits_int32
 from attnc.codegen.emit import (
     FP32,
@@ -298,7 +299,9 @@ def _float64(kernel: KernelValues, pattern: PatternIR) -> frozenset[Node]:
 
 
 def _value_ranges(pattern: PatternIR) -> ValueRanges:
-    return ValueRanges(pattern, dict(pattern.lets))
+    """The pattern's value ranges, its lets known; in a compilation, taking what its passes found of
+    each value that refers to no let (`normal_form.value_ranges`)."""
+    return ValueRanges(pattern, dict(pattern.lets), known=value_ranges(pattern))
 
 
 def _present(*values: Node | None) -> list[Node]:
@@ -405,17 +408,18 @@ def tile_parameters(body: str, spec: KernelSpec | BackwardSpec) -> list[str]:
     names. The render parses nothing (one parse of the whole source where it is loaded): the statements
     are read line by line, each line one statement of the templates' forms, and `checked_code` checks
     in that parse that no tile function reads a name it lacks (`_tile_function_reads`)."""
-    return list(_free_names(body, _MODULE_CONSTANTS | _helper_names(spec)))
+    return list(_free_names(body, _helper_names(spec)))
 
 
-def _free_names(body: str, module: frozenset[str]) -> tuple[str, ...]:
-    """`tile_parameters` of the statements `body`, where `module` are the module-level names."""
+def _free_names(body: str, helpers: frozenset[str]) -> tuple[str, ...]:
+    """`tile_parameters` of the statements `body`, where `helpers` are the spec's helper functions (the
+    other module-level names, `_MODULE_CONSTANTS`, are left out of each line's reads already)."""
     found: dict[str, None] = {}
     bound: set[str] = set()
     for line in expand_blocks(body).splitlines():
         reads, assigned = _LINES.get(line) or _line_names(line)
         for name in reads:
-            if name not in bound and name not in module:
+            if name not in bound and name not in helpers:
                 found.setdefault(name)
         bound.update(assigned)  # after the value is read: `x = x + 1` reads x
     return tuple(found)
@@ -428,8 +432,9 @@ _LINES_KEPT = 4096
 
 
 def _line_names(line: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The names one statement line reads, in order, and those it binds (assignment targets, a loop's
-    variable)."""
+    """The names one statement line reads, in order of first reading, each once and none of
+    `_MODULE_CONSTANTS` (`tl`, builtins: most of a line's names, never a parameter), and those it binds
+    (assignment targets, a loop's variable)."""
     code, targets = _STRING.sub('""', line.split("#", 1)[0]), ""  # (no string holds a "#")
     if assignment := _ASSIGNMENT.match(code):
         targets, operator, code = assignment.groups()
@@ -438,7 +443,8 @@ def _line_names(line: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     elif loop := _LOOP.match(code):
         targets = loop.group(1)  # a reduction's loop variable (its names are the loop's own)
         code = loop.group(2)
-    names = (tuple(_READ.findall(code)), tuple(_WORD.findall(targets)))
+    reads = dict.fromkeys(n for n in _READ.findall(code) if n not in _MODULE_CONSTANTS)
+    names = (tuple(reads), tuple(_WORD.findall(targets)))
     if len(_LINES) >= _LINES_KEPT:
         _LINES.clear()
     _LINES[line] = names

@@ -16,6 +16,8 @@ static parameters' values in brackets, then its runtime parameters, if any, in p
 
 from __future__ import annotations
 
+from typing import Any
+
 from attnc.ir.nodes import FnIR, ModuleIR, Node, Op, ParamDecl, PatternIR, Type, format_const
 from attnc.ir.results import RANGE_AXES
 
@@ -31,6 +33,7 @@ _VAR = Op.VAR
 
 _LEAVES = (Op.CONST, Op.VAR, Op.SIZE, Op.PARAM, Op.SCORE, Op.REF)
 _SYMBOL_OPS = (Op.LOAD, Op.CALL, Op.PATTERN, Op.RANGE_MIN, Op.RANGE_MAX, Op.BOUND, Op.REDUCE)
+_OPERANDS_PUSHED: Any = object()  # on the printer's stack above a node whose operands are pushed
 
 
 class _Numbering:
@@ -64,17 +67,29 @@ class _Numbering:
         if not root.args and root.op in _LEAVES:
             return self.operand(root)
         names, lines, operand = self.names, self.lines, self.operand
-        for node in root.walk(skip=names.__contains__):  # named: printed with its operands
-            args = node.args
-            if not args and node.op in _LEAVES:
-                continue
-            name = f"%{len(names)}"
-            # Most operands are named interior nodes: their names are looked up without a call.
-            text = ", ".join([names.get(a) or operand(a) for a in args])
-            symbol = f" @{node.attr}" if node.op in _SYMBOL_OPS else ""
-            # (`_value_`: formatting an op or a type calls its `__str__`, a Python call per line.)
-            lines.append(f"  {name} = {node.op._value_}{symbol}({text}) : {node.type._value_}")
-            names[node] = name
+        # `root.walk(skip=names.__contains__)`'s order (operands first, left to right, each node once),
+        # without its generator and `seen` set: `names` holds the nodes done, and a node is pushed again
+        # under `_OPERANDS_PUSHED` once its operands are (in a DAG no other copy of it is on the stack
+        # then). Leaves are written inline, never named, so they are not pushed.
+        stack: list[Node] = [root]
+        pop, push = stack.pop, stack.append
+        while stack:
+            node = pop()
+            if node is _OPERANDS_PUSHED:
+                node = pop()
+                name = f"%{len(names)}"
+                # Most operands are named interior nodes: their names are looked up without a call.
+                text = ", ".join([names.get(a) or operand(a) for a in node.args])
+                symbol = f" @{node.attr}" if node.op in _SYMBOL_OPS else ""
+                # (`_value_`: formatting an op or a type calls its `__str__`, a Python call per line.)
+                lines.append(f"  {name} = {node.op._value_}{symbol}({text}) : {node.type._value_}")
+                names[node] = name
+            elif node not in names:
+                push(node)
+                push(_OPERANDS_PUSHED)
+                for a in reversed(node.args):
+                    if a not in names and (a.args or a.op not in _LEAVES):
+                        push(a)
         return operand(root)
 
 
@@ -111,6 +126,12 @@ def pattern_header(pattern: PatternIR) -> str:
 
 
 def print_pattern(pattern: PatternIR) -> str:
+    return f"{pattern_header(pattern)}\n{pattern_body(pattern)}"
+
+
+def pattern_body(pattern: PatternIR) -> str:
+    """`print_pattern`'s text after its header line: the pattern's declarations, values and results,
+    whatever its name, bindings and parameter list."""
     numbering = _Numbering()
     for decl in pattern.inputs:
         dims = [numbering.define(d) for d in decl.dims]
@@ -122,7 +143,7 @@ def print_pattern(pattern: PatternIR) -> str:
     if pattern.score is not None:
         numbering.lines.append(f"  score = {numbering.define(pattern.score)}")
     _results(numbering, pattern)
-    return "\n".join([pattern_header(pattern), *numbering.lines, "}"])
+    return "\n".join([*numbering.lines, "}"])
 
 
 def _fields(numbering: _Numbering, values: dict[str, Node | None]) -> str:

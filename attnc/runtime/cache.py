@@ -36,13 +36,14 @@ import contextlib
 import errno
 import functools
 import hashlib
+import itertools
 import linecache
 import os
 import shutil
 import stat
 import tempfile
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -53,7 +54,7 @@ from attnc.codegen.spec import BackwardSpec, KernelSpec
 from attnc.dsl import source as source_file
 from attnc.errors import CacheError
 from attnc.ir.nodes import PatternIR
-from attnc.ir.printer import print_pattern
+from attnc.ir.printer import pattern_body
 from attnc.runtime.backend import require_triton, triton_version
 from attnc.version import __version__
 
@@ -214,8 +215,7 @@ def structure_text(pattern: PatternIR) -> str:
     """The pattern's IR without its name and parameter list: what its kernel depends on. Its runtime
     parameters' names stay (`!window`): a launcher registered under the key reads their values by name
     (`oracle.Env.params`), so two patterns share a kernel only where those names agree."""
-    text = print_pattern(replace(pattern, name="_", bindings=()))
-    return text.split("\n", 1)[1]
+    return pattern_body(pattern)
 
 
 def _template_files() -> tuple[tuple[str, int, int], ...]:
@@ -259,20 +259,39 @@ def kernel_key(
     return key.hexdigest()
 
 
+_TEMPORARY_NUMBERS = itertools.count()
+# `tempfile.mkstemp`'s flags: a new file, never through a link, not inherited, no newline translation.
+_CREATE_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+_CREATE_NEW |= getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write a file so that readers see the old content or the new, never a part. The text is written
-    as its UTF-8 bytes, in one write (no newline translation: the file is what the seal hashes)."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except FileNotFoundError:  # the directory first (most writes go to one that exists)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    as its UTF-8 bytes, in one write (no newline translation: the file is what the seal hashes), to a
+    new private (0600) file beside it, then renamed over it. That file's name is this process's id
+    and a count (`tempfile.mkstemp`'s random name costs a kernel build as much as the write itself):
+    `O_EXCL` refuses a name that some file has, and the next number is tried."""
+    data = text.encode("utf-8")
+    directory = str(path.parent)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{path.name}.{os.getpid()}.{next(_TEMPORARY_NUMBERS)}.tmp")
+        try:
+            fd = os.open(tmp, _CREATE_NEW, 0o600)
+        except FileExistsError:  # left by a process of the same id that ended without removing it
+            continue
+        except FileNotFoundError:  # the directory first (most writes go to one that exists)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, _CREATE_NEW, 0o600)
+        break
+    else:
+        raise FileExistsError(errno.EEXIST, "no free temporary file name", directory)
     try:
         with os.fdopen(fd, "wb") as file:
-            file.write(text.encode("utf-8"))
+            file.write(data)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
 
 
