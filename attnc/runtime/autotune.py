@@ -395,8 +395,8 @@ class Tuner:
         stream: TextIO | None = None,
         compile: Callable[[Config], None] | None = None,
     ) -> Config:
-        """The fastest of `configs` by `measure` (seconds; an exception or inf rules a config out),
-        remembered for the bucket and written to disk. `compile`: starts the compile of a
+        """The fastest of `configs` by `measure` (seconds; inf, or Triton's `OutOfResources`, rules a
+        config out; any other error is a fault of the kernel and propagates), remembered for the bucket and written to disk. `compile`: starts the compile of a
         configuration's kernels without launching them (`compile_all` runs it for every configuration
         before the first is timed, so that they compile in parallel)."""
         chosen = self.known(shape)
