@@ -57,7 +57,7 @@ def calls(name: str, state: str = "acc, l_i, m_i") -> str:
     return rf"^{re.escape(state)} = {name}\("
 
 
-def test_causal_forward_calls_one_partial_and_one_full_tile_function_from_its_three_loops() -> None:
+def test_causal_forward_calls_one_partial_and_one_full_tile_function_from_its_loops() -> None:
     source = forward(attnc.stdlib().causal())
     expect_in_order(
         source,
@@ -68,11 +68,16 @@ def test_causal_forward_calls_one_partial_and_one_full_tile_function_from_its_th
             r"^def _fwd_full_tile\(",
             r"^return acc, l_i, m_i$",
             r"^def attnc_fwd\(",
-            r"^for n in range\(first_0, tl\.minimum\(full_first_0, last_0 \+ 1\)\):$",
+            r"^for n in range\(first_0, tl\.minimum\(tl\.minimum\(full_first_0, last_0 \+ 1\), "
+            r"n_complete\)\):$",
             calls("_fwd_partial_tile"),
             r"^for n in range\(full_first_0, full_last_0 \+ 1\):$",
             calls("_fwd_full_tile"),
-            r"^for n in range\(tl\.maximum\(full_last_0 \+ 1, first_0\), last_0 \+ 1\):$",
+            r"^for n in range\(tl\.maximum\(full_last_0 \+ 1, first_0\), "
+            r"tl\.minimum\(last_0 \+ 1, n_complete\)\):$",
+            calls("_fwd_partial_tile"),
+            r"^n = n_complete$",  # the one tile the key length may cut (`test_length_checks.py`)
+            r"^if \(\(first_0 <= n\) & \(n <= last_0\)\):$",
             calls("_fwd_partial_tile"),
         ],
     )
@@ -81,17 +86,18 @@ def test_causal_forward_calls_one_partial_and_one_full_tile_function_from_its_th
 
 
 def test_a_four_conjunct_forward_renders_the_tile_body_once_per_kind() -> None:
-    # neighborhood_1d's mask has four conjuncts: 4 loops over PARTIAL tiles and 4 over FULL ones.
+    # neighborhood_1d's mask has four conjuncts: 4 loops over PARTIAL tiles and 4 over FULL ones, and
+    # one visit of the tile the key length may cut.
     source = forward(attnc.stdlib().neighborhood_1d(kernel=7))
     assert count(source, r"^def _fwd_partial_tile\(") == 1
     assert count(source, r"^def _fwd_full_tile\(") == 1
-    assert count(source, calls("_fwd_partial_tile")) == 4
+    assert count(source, calls("_fwd_partial_tile")) == 5
     assert count(source, calls("_fwd_full_tile")) == 4
     assert count(source, r"tl\.dot\(") == 4  # q kᵀ and p v, in each of the two functions
-    assert count(source, r"^allowed = allowed & \(") == 1  # the mask, in the PARTIAL tile only
+    assert count(source, r"^s = tl\.where\(") == 2  # the length and the mask, in the PARTIAL tile only
 
 
-def test_a_metadata_forward_calls_the_tile_functions_from_its_three_loops() -> None:
+def test_a_metadata_forward_calls_the_tile_functions_from_its_loops() -> None:
     source = forward(example("dynamic_sparse.attn").block_sparse())
     expect_in_order(
         source,
@@ -99,11 +105,11 @@ def test_a_metadata_forward_calls_the_tile_functions_from_its_three_loops() -> N
             r"^def _fwd_partial_tile\(",
             r"^def _fwd_full_tile\(",
             r"^def attnc_fwd\(",
-            r"^n = tl\.load\(kv_partial_indices \+ meta_base \+ i\)$",
+            r"^n = next_n$",
             calls("_fwd_partial_tile"),
             r"^n = next_n$",
             calls("_fwd_full_tile"),
-            r"^n = tl\.load\(kv_full_indices \+ meta_base \+ i\)$",
+            r"^n = tl\.where\(ragged > 0, last_partial, last_full\)$",  # the tile the length may cut
             calls("_fwd_partial_tile"),
         ],
     )
