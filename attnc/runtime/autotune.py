@@ -396,9 +396,10 @@ class Tuner:
         compile: Callable[[Config], None] | None = None,
     ) -> Config:
         """The fastest of `configs` by `measure` (seconds; inf, or Triton's `OutOfResources`, rules a
-        config out; any other error is a fault of the kernel and propagates), remembered for the bucket and written to disk. `compile`: starts the compile of a
-        configuration's kernels without launching them (`compile_all` runs it for every configuration
-        before the first is timed, so that they compile in parallel)."""
+        config out; any other error is a fault of the kernel and propagates), remembered for the
+        bucket and written to disk. `compile`: starts the compile of a configuration's kernels
+        without launching them (`compile_all` runs it for every configuration before the first is
+        timed, so that they compile in parallel)."""
         chosen = self.known(shape)
         if chosen is not None:
             return chosen
