@@ -111,9 +111,9 @@ def test_kernels_for_new_runtime_values_share_one_pattern_text(monkeypatch: pyte
     """The pattern is printed once per compiled pattern (for its kernel key, whose text the ops' text
     reuses): a sweep over a runtime value prints nothing more."""
     printed: list[str] = []
-    for module in (registry, cache):
-        original = module.print_pattern
-        monkeypatch.setattr(module, "print_pattern", lambda p, f=original: printed.append(p.name) or f(p))
+    for module, name in ((registry, "print_pattern"), (cache, "pattern_body")):  # the key prints the body
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda p, f=original: printed.append(p.name) or f(p))
     pattern = attnc.loads("pattern swept(window: int = 1) {\n    mask = q - kv < window\n}").swept
     texts = {pattern(window=w)._op_pattern for w in range(1, 9)}
     assert len(texts) == 1 and len(printed) == 1
