@@ -17,20 +17,12 @@ from attnc.ir.parser import IRParseError, parse_module
 from attnc.ir.printer import print_module
 from attnc.ir.verify import verify
 from attnc.show import random_inputs
+from attnc.testing import kernel_lines
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "examples").glob("*.attn"))
 
-# Parameters for the stdlib patterns that have no defaults.
-STDLIB_PARAMS = {
-    "sliding_window": {"window": 3},
-    "local": {"left": 2, "right": 1},
-    "sinks": {"count": 2},
-    "prefix_lm": {"prefix": 3},
-    "dilated": {"window": 2, "dilation": 2},
-    "neighborhood_1d": {"kernel": 3, "dilation": 2},
-    "neighborhood_2d": {"height": 3, "width": 4, "kernel_h": 3, "kernel_w": 3},
-    "neighborhood_3d": {"depth": 2, "height": 2, "width": 3, "kernel_d": 1, "kernel_h": 1, "kernel_w": 3},
-}
+# Parameters for the stdlib patterns that have no defaults (the small set; `kernel_lines` renders both).
+STDLIB_PARAMS = kernel_lines.STDLIB_PARAMS[0]
 
 
 def all_kernels() -> list[tuple[str, attnc.Kernel]]:
