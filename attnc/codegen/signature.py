@@ -62,10 +62,6 @@ class Signature:
             sources.setdefault(arg.source, set()).add(arg.name)
         return {source: frozenset(names) for source, names in sources.items()}
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(a.name for a in self.args)
-
     @cached_property
     def parameters(self) -> tuple[KernelArg, ...]:
         """The arguments in the order of the `def`: the runtime ones, then the constexprs."""
@@ -127,6 +123,21 @@ def strides(tensor: str, rows: str = "m") -> tuple[str, ...]:
     """The names of a [batch, heads, length, head dim] tensor's four strides (`rows`: the length axis's
     letter, m for queries, n for keys)."""
     return tuple(f"stride_{tensor}{axis}" for axis in ("b", "h", rows, "d"))
+
+
+def qkv_strides() -> tuple[str, ...]:
+    """q's, k's and v's strides, in the kernels' order (k's and v's along key rows)."""
+    return (*strides("q"), *strides("k", "n"), *strides("v", "n"))
+
+
+def backward_strides(*outputs: str) -> tuple[str, ...]:
+    """The backward kernels' strides: q's, k's, v's and dO's, then each output's (dq: query rows; dk,
+    dv: key rows)."""
+    return (
+        *qkv_strides(),
+        *strides("do"),
+        *(n for out in outputs for n in strides(out, "m" if out == "dq" else "n")),
+    )
 
 
 def values(names: Iterable[str], given: Iterable[Any]) -> dict[str, Any]:
@@ -199,7 +210,7 @@ _PLAN_LISTS = ("partial_counts", "partial_indices", "full_counts", "full_indices
 
 def forward_signature(inputs, params, analytic: bool) -> Signature:
     """`attnc_fwd`'s arguments (attention_fwd.py.jinja's header says what each is)."""
-    stride_args = _args("strides", "stride", (*strides("q"), *strides("k", "n"), *strides("v", "n")))
+    stride_args = _args("strides", "stride", qkv_strides())
     layout = [
         *_args("layout", "tensor", ("KvRowCounts", "BlockTable")),
         *_args("layout", "int", ("stride_table", "TABLE_PAGES", "NUM_PAGES"), specialize=False),
@@ -242,7 +253,7 @@ def dq_signature(inputs, params, grad_inputs, analytic: bool) -> Signature:
         (
             *_args("tensors", "tensor", ("Q", "K", "V", "dOut", "Lse", "Delta", "dQ")),
             *_pattern_args(inputs, params, grad_inputs),
-            *_common(analytic, "kv", _args("strides", "stride", _backward_strides("dq")), []),
+            *_common(analytic, "kv", _args("strides", "stride", backward_strides("dq")), []),
             *_args("grads", "constexpr", [a.grad_flag for a in grad_inputs]),
             KernelArg("EXACT_DELTA", "constexpr", "delta"),
         ),
@@ -257,14 +268,8 @@ def dkv_signature(inputs, params, grad_inputs, analytic: bool) -> Signature:
         (
             *_args("tensors", "tensor", ("Q", "K", "V", "dOut", "Lse", "Delta", "dK", "dV")),
             *_pattern_args(inputs, params, grad_inputs),
-            *_common(analytic, "q", _args("strides", "stride", _backward_strides("dk", "dv")), []),
+            *_common(analytic, "q", _args("strides", "stride", backward_strides("dk", "dv")), []),
             *_args("grads", "constexpr", [a.grad_flag for a in grad_inputs]),
         ),
         TILE_CONTRACTS,
     )
-
-
-def _backward_strides(*outputs: str) -> tuple[str, ...]:
-    """q's, k's, v's and dO's strides, then each output's (dq: query rows; dk, dv: key rows)."""
-    names = (*strides("q"), *strides("k", "n"), *strides("v", "n"), *strides("do"))
-    return names + tuple(n for out in outputs for n in strides(out, "m" if out == "dq" else "n"))

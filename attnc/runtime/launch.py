@@ -33,8 +33,8 @@ import torch
 
 from attnc import oracle
 from attnc.codegen.lower import build_backward_spec
+from attnc.codegen.signature import backward_strides, qkv_strides, values
 from attnc.codegen.signature import strides as stride_names
-from attnc.codegen.signature import values
 from attnc.codegen.spec import BackwardSpec, InputArg, KernelSpec, ParamArg
 from attnc.errors import InternalError
 from attnc.ir.nodes import PatternIR
@@ -412,8 +412,7 @@ def _layout_args(
             BlockTable=block_table, stride_table=block_table.stride(0), TABLE_PAGES=block_table.shape[1]
         )
         layout.update(NUM_PAGES=k.shape[0], PAGED=True, PAGE_SIZE=k.shape[1])
-    names = (*stride_names("q"), *stride_names("k", "n"), *stride_names("v", "n"))
-    return values(names, [*q_strides, *kv_strides]), layout
+    return values(qkv_strides(), [*q_strides, *kv_strides]), layout
 
 
 def _kv_strides(t: torch.Tensor, batch: int) -> tuple[int, ...]:
@@ -743,17 +742,9 @@ class Backward:
                 grads[a.grad_ptr] = buffer
                 grads.update(values(a.grad_strides, buffer.stride()))
                 grads[a.grad_flag] = a.name in grad_buffers
-            names = [
-                *stride_names("q"),
-                *stride_names("k", "n"),
-                *stride_names("v", "n"),
-                *stride_names("do"),
-            ]
             given = [*q.stride(), *_kv_strides(k, batch), *_kv_strides(v, batch), *dout.stride()]
-            for name, output in outputs.items():  # dQ's rows are queries, dK's and dV's keys
-                names += stride_names(name.lower(), "m" if name == "dQ" else "n")
-                given += output.stride()
-            strides = values(names, given)
+            given += [s for output in outputs.values() for s in output.stride()]
+            strides = values(backward_strides(*(name.lower() for name in outputs)), given)
             return dict(
                 tensors=dict(Q=q, K=k, V=v, dOut=dout, Lse=lse, Delta=delta, **outputs),
                 inputs=_input_args(self.spec.inputs, env),
