@@ -410,6 +410,14 @@ def test_a_kernel_imports_its_kernel_functions_instead_of_defining_them() -> Non
     assert count(source, r"^def _(tile_of|conjunct_tiles|disjoint|cut|step_over|kv_rows)\(") == 0
 
 
+def test_the_names_a_kernel_may_import_are_the_functions_kernel_functions_defines() -> None:
+    # `checked_code` accepts an import of these names alone; the list is written in lower.py (which
+    # imports no Triton) and must not drift from the module.
+    module = importlib.import_module(lower.KERNEL_FUNCTIONS)
+    defined = {name for name, value in vars(module).items() if name.startswith("_") and hasattr(value, "fn")}
+    assert defined == lower._KERNEL_FUNCTIONS
+
+
 def test_a_hoisted_value_is_assigned_to_its_name_not_copied_from_a_temporary() -> None:
     # sliding_window's row bound and key range: `row_0 = q_idx - ...`, not `r1 = ...; row_0 = r1`.
     source = forward(attnc.stdlib().sliding_window(window=3))
