@@ -24,6 +24,10 @@ Method:
    (`--stress-timeout`, default 60 s), timed the same way; a timeout or an error is recorded as such.
 3. **Parameter sweeps.** `sliding_window(window=w)` for 32 values of w and `streaming_llm` for 8
    (window, sinks) pairs, in a fresh cache: the number of forward kernel sources rendered (cache misses).
+4. **The host.** Hosts sold under one name differ (the same code's streaming_llm build took 6.8 ms on
+   the host of issue16-r7 and 2.9 ms on that of issue16-r8, both "AMD EPYC", 2 cores): from issue16-r8
+   a run keeps the CPU's family, model and clock, the commit, and the milliseconds of a fixed
+   pure-Python workload (`_calibration_ms`), by which two runs' hosts compare.
 
 Usage::
 
@@ -221,6 +225,7 @@ def markdown(report: dict, breakdown: bool = False) -> str:
     lines = [
         f"Kernel build time (`.attn` to Triton source, warm process), median of {report['reps']}, "
         f"{report['cpu']}, {report['date']}, attnc {report['attnc']} ({report['label']})",
+        *_host_line(report),
         "",
         "| pattern | median ms | min ms | max ms | first ms | + load ms |",
         "|---|---:|---:|---:|---:|---:|",
@@ -244,6 +249,19 @@ def markdown(report: dict, breakdown: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _host_line(report: dict) -> list[str]:
+    """The host's family/model and its calibration figure, where the run kept them (from issue16-r8)."""
+    if "calibration_ms" not in report:
+        return []
+    cpu = report.get("cpu_fields", {})
+    ident = ", ".join(f"{key} {cpu[key]}" for key in ("cpu family", "model", "cpu MHz") if key in cpu)
+    return [
+        "",
+        f"Host: {ident or 'unknown'}; calibration workload {report['calibration_ms']:.1f} ms "
+        f"(`_calibration_ms`: compare hosts by it); commit {report.get('commit') or 'unknown'}.",
+    ]
+
+
 def _breakdown(rows: list[dict]) -> list[str]:
     """Per pass, the median ms (a pass with its verification; `lower-triton` is the rest of the build)."""
     timed = [row for row in rows if "passes_ms" in row]
@@ -258,13 +276,59 @@ def _breakdown(rows: list[dict]) -> list[str]:
 
 
 def _cpu_name() -> str:
+    return _cpu_fields().get("model name") or platform.processor() or platform.machine()
+
+
+def _cpu_fields(cpuinfo: str | None = None) -> dict[str, str]:
+    """The first processor's lines of /proc/cpuinfo (or of `cpuinfo`) that tell one host from another
+    ("AMD EPYC" names several generations: its family and model do not); empty without that file."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return {}
+    wanted = ("model name", "cpu family", "model", "stepping", "cpu MHz", "cache size")
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if not key and fields:
+            break  # the end of the first processor's block
+        if key in wanted:
+            fields[key] = value.strip()
+    return fields
+
+
+def _calibration_ms(reps: int = 7) -> float:
+    """Median milliseconds of a fixed pure-Python workload (tuple keys, dict lookups, small calls and
+    strings, as the compiler spends its time): two hosts' build times compare through this ratio, as
+    the same code on another host of the same name can take twice as long."""
+
+    def work() -> int:
+        table: dict[tuple[int, int, int], int] = {}
+        for i in range(20000):
+            key = (i % 97, i % 89, i >> 5)
+            table[key] = table.get(key, 0) + len(str(i))
+        return len(sorted(table.items()))
+
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _commit() -> str:
+    """The checkout's commit, `+` where its tracked files differ from it."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+" if dirty else "")
 
 
 def main() -> None:
@@ -319,6 +383,9 @@ def main() -> None:
         "label": args.label,
         "date": datetime.date.today().isoformat(),
         "cpu": _cpu_name(),
+        "cpu_fields": _cpu_fields(),
+        "calibration_ms": _calibration_ms(),
+        "commit": _commit(),
         "cores": os.cpu_count(),
         "attnc": attnc.__version__,
         "python": platform.python_version(),
