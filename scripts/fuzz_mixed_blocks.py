@@ -1,5 +1,5 @@
-"""A review fuzz campaign (not part of the test suite): kernels at blocks of their own, judged by the
-dense oracle.
+"""A review fuzz campaign: kernels at blocks of their own, judged by the dense oracle. The test suite runs
+a bounded part of it (`tests/test_mixed_blocks.py`); this script runs it for as long as asked.
 
 `attnc fuzz` and the corpus replay run every kernel at the interpreter's one configuration (32 x 32), so
 the backward's dQ and dK/dV kernels never run there with blocks that differ from each other or from
