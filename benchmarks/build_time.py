@@ -58,27 +58,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
-STDLIB_PARAMS: dict[str, dict[str, int | bool]] = {
-    "full": {},
-    "causal": {},
-    "causal_bottom_right": {},
-    "sliding_window": {"window": 1024},
-    "local": {"left": 256, "right": 256},
-    "sinks": {"count": 4},
-    "prefix_lm": {"prefix": 512},
-    "dilated": {"window": 256, "dilation": 4},
-    "neighborhood_1d": {"kernel": 7},
-    "neighborhood_2d": {"height": 32, "width": 32, "kernel_h": 7, "kernel_w": 7},
-    "neighborhood_3d": {
-        "depth": 8,
-        "height": 8,
-        "width": 8,
-        "kernel_d": 3,
-        "kernel_h": 3,
-        "kernel_w": 3,
-    },
-}
-
 
 def stress_sources() -> dict[str, str]:
     """Programs of a few dozen DAG nodes whose expression trees have 2^40 and 2^60 leaves."""
@@ -145,11 +124,14 @@ def _selected(source: str, name: str, only: list[str] | None) -> bool:
 
 def worker_patterns(reps: int, only: list[str] | None) -> list[dict]:
     import attnc
+    from attnc.testing import kernel_lines
 
     stdlib = attnc.stdlib()
     _fresh_cache()
     stdlib.causal()  # warm-up: imports, grammar, templates
-    cases = [("stdlib", stdlib, name, params) for name, params in STDLIB_PARAMS.items()]
+    # The stdlib at its benchmark parameters: those `python -m attnc.testing.kernel_lines` renders.
+    params = kernel_lines.STDLIB_PARAMS[1]
+    cases = [("stdlib", stdlib, name, params.get(name, {})) for name in stdlib.patterns]
     for path in sorted((ROOT / "examples").glob("*.attn")):
         module = attnc.load(path)
         cases += [(f"examples/{path.name}", module, name, {}) for name in module.own_patterns]
