@@ -421,10 +421,11 @@ def _kv_strides(t: torch.Tensor, batch: int) -> tuple[int, ...]:
 
 
 def _input_args(inputs: tuple[InputArg, ...], env: oracle.Env, pattern: PatternIR) -> dict[str, Any]:
-    """The input tensors' arguments (`InputArg`): each one's pointer, dims and strides. An input must
-    cover the sizes its axes are declared with where the kernels read it without a bound test
-    (`InputArg.covers`): every batch row, and the key positions up to the last row's (the pattern's
-    KV_LEN, at least, when the call's checks ran: an InputError otherwise, never a read past it)."""
+    """The input tensors' arguments (`InputArg`): each one's pointer, dims and strides. Along an axis
+    declared BATCH or KV_LEN (`InputArg.covers`) an input must cover what the kernels read there
+    without a bound test: every batch row, and the key positions up to the last row's. The calls'
+    shape checks ensure it; a launch that bypasses them (the custom op called directly) gets an
+    InputError here, never a read past the input."""
     needed = {"BATCH": env.batch, "KV_LEN": env.kv_len + env.kv_offset}
     args: dict[str, Any] = {}
     for arg in inputs:
