@@ -3,6 +3,10 @@ inside the valid rows, so that there only the pattern's mask is checked; tile `n
 rows may cut) alone checks them, visited once after the loops (`_common.py.jinja`'s `analytic_loops`
 with `inside`, `metadata_loops` with `complete`). The generated source says so line by line; the dense
 oracle judges the values at lengths whose last tile is cut, and is not.
+
+So do the inputs' bound tests: an input axis declared BATCH or KV_LEN is read at `b` without one, and
+at `kv` without one in the tiles inside the rows (`emit.covered_sizes`), which the launcher makes safe
+by refusing an input that does not cover those sizes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from attnc.codegen.lower import build_spec, render
 STD = attnc.stdlib()
 DOC = attnc.load("examples/document_causal.attn").document_causal()
 THREE_CONJUNCTS = attnc.loads("pattern p { mask = kv < 5 or (kv <= q and q - kv < 9) or kv >= 40 }").p()
+LONGFORMER = attnc.load("examples/longformer.attn").longformer_global(w=4)
 BLOCK = (16, 16)
 
 
@@ -65,6 +70,83 @@ def test_a_metadata_forward_checks_the_rows_of_its_last_partial_or_cut_full_tile
     assert "if ragged + cut > 0:" in source
 
 
+def input_loads(source: str, function: str, name: str) -> list[str]:
+    """The lines of the generated function `function` that load input `name`."""
+    start = source.index(f"def {function}(")
+    end = source.find("\n\n\n", start)
+    return [line.strip() for line in source[start:end].splitlines() if f"tl.load(in_{name}_ptr" in line]
+
+
+def test_an_input_read_at_b_and_kv_has_no_bound_test_where_they_lie_inside_it() -> None:
+    source = render(build_spec(LONGFORMER.pattern))  # is_global: bool[BATCH, KV_LEN]
+    (column,) = input_loads(source, "_fwd_partial_tile", "is_global")  # is_global[b, kv]
+    # b is in [0, BATCH) everywhere; kv below KV_LEN in every PARTIAL tile but the cut one.
+    assert "b_idx" not in column.split("mask=")[1]
+    assert "mask=((((kv_idx >= 0) & (kv_idx < in_is_global_dim1)) | (not CHECK_ROWS))) != 0" in column
+    # is_global[b, q]: q is not what KV_LEN sizes, and may pass it (Q_LEN > KV_LEN).
+    (row,) = input_loads(source, "attnc_fwd", "is_global")
+    assert "mask=((q_idx >= 0) & (q_idx < in_is_global_dim1)) != 0" in row
+
+
+def test_a_full_tile_reads_an_input_at_kv_with_no_test_at_all() -> None:
+    kern = attnc.loads(
+        "pattern p { input bias: float32[BATCH, KV_LEN]\n mask = kv <= q\n score = s + bias[b, kv] }"
+    ).p()
+    source = render(build_spec(kern.pattern))
+    (full,) = input_loads(source, "_fwd_full_tile", "bias")
+    assert "mask=" not in full
+    (partial,) = input_loads(source, "_fwd_partial_tile", "bias")
+    assert "| (not CHECK_ROWS)" in partial
+
+
+@pytest.mark.parametrize(
+    ("declared", "b_tested", "kv_inside"),
+    [
+        ("int32[4, KV_LEN]", True, True),
+        ("int32[BATCH, 64]", False, False),
+        ("int32[BATCH, KV_LEN + 1]", False, False),
+        ("int32[BATCH, Q_LEN]", False, False),
+    ],
+)
+def test_only_axes_declared_batch_or_kv_len_lose_their_bound_tests(
+    declared: str, b_tested: bool, kv_inside: bool
+) -> None:
+    kern = attnc.loads(f"pattern p {{ input doc: {declared}\n mask = doc[b, q] == doc[b, kv] }}").p()
+    source = render(build_spec(kern.pattern))
+    (column,) = input_loads(source, "_fwd_partial_tile", "doc")
+    assert ("(b_idx >= 0) & (b_idx < in_doc_dim0)" in column) == b_tested
+    assert "(kv_idx >= 0) & (kv_idx < in_doc_dim1)" in column  # (the cut tile's)
+    assert ("| (not CHECK_ROWS)" in column) == kv_inside
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        (
+            (2, 40),
+            r"input 'doc' has size 40 along axis 1, declared KV_LEN: .* up to 40, so it needs at least 41",
+        ),
+        ((1, 41), r"input 'doc' has size 1 along axis 0, declared BATCH: .* up to 1, so it needs at least 2"),
+    ],
+)
+def test_a_launch_refuses_an_input_that_does_not_cover_what_its_kernels_read_untested(
+    shape: tuple[int, int], message: str
+) -> None:
+    # The calls hold an input to its declared shape; the custom op, called directly, is held by the
+    # launcher to what the kernels read without a bound test: an error at the declaration, no read past it.
+    q, k, v = (torch.randn(2, 2, 41, 16) for _ in range(3))
+    doc = torch.zeros(shape, dtype=torch.int32)
+    with pytest.raises(attnc.InputError, match=message) as error:
+        torch.ops.attnc.attention(q, k, v, [doc], DOC._op_pattern, 0.25, [], [])
+    assert error.value.loc == DOC.pattern.input("doc").loc
+
+
+def global_tokens(length: int, *positions: int) -> torch.Tensor:
+    marks = torch.zeros(1, length, dtype=torch.bool)
+    marks[0, list(positions)] = True
+    return marks
+
+
 CASES = [
     (STD.causal(), 40, 40, {}),  # the last key tile holds 8 rows
     (STD.causal(), 48, 48, {}),  # no tile is cut
@@ -73,6 +155,9 @@ CASES = [
     (THREE_CONJUNCTS, 45, 50, {}),
     (DOC, 50, 50, {"doc": torch.tensor([[0] * 10 + [1] * 21 + [2] * 19], dtype=torch.int32)}),
     (DOC, 41, 41, {"doc": torch.tensor([[0] * 30 + [1] * 11], dtype=torch.int32)}),
+    # Global keys in the cut tile and below it; global queries past the keys (Q_LEN > KV_LEN).
+    (LONGFORMER, 41, 41, {"is_global": global_tokens(41, 3, 20, 40)}),
+    (LONGFORMER, 50, 37, {"is_global": global_tokens(37, 0, 17, 33, 36)}),
 ]
 
 

@@ -11,7 +11,9 @@ Types in the kernel:
 - a runtime int parameter is its int32 kernel argument (`PARAM_RANGE`); a runtime float parameter
   arrives as the int64 bit pattern of its float64 value (a Python float argument would be rounded to
   float32) and is bitcast back, exact;
-- bools are int1; `input` loads are guarded (a position outside the input reads 0 / false);
+- bools are int1; `input` loads are guarded (a position outside the input reads 0 / false), except
+  along an axis declared `BATCH` or `KV_LEN` and read at `b` or `kv` where those lie inside it
+  (`covered_sizes`): the launcher refuses an input that does not cover them;
 - `floor` / `ceil` saturate at the ends of int64, as the oracle does (`value_ranges.FLOAT_TO_INT`).
 
 The passes guarantee that every int value of the expressions emitted here lies inside int64 for every
@@ -90,6 +92,21 @@ class Assign:
 def input_arg(name: str) -> str:
     """The kernel argument prefix of an input: `in_doc` (`in_doc_ptr`, `in_doc_dim0`, ...)."""
     return f"in_{name}"
+
+
+# The sizes an input's axis may be declared with that the kernels read it unguarded along, and at which
+# position: `b` lies in [0, BATCH) in every kernel, `kv` in [0, KV_LEN) in the tiles whose key axis
+# says so (`gather.TileAxis.inside`: the forward's PARTIAL tiles below the one the rows may cut).
+COVERED_SIZES = {"BATCH": "b", "KV_LEN": "kv"}
+
+
+def covered_sizes(dims: tuple[Node, ...]) -> tuple[str | None, ...]:
+    """Per axis of an input declared with `dims`: the size it must cover at every launch ("BATCH",
+    "KV_LEN"), checked by the launcher (`runtime/launch.py`'s `_input_args`), so that the kernels
+    may read it there without a bound test; None for an axis of any other size (always guarded)."""
+    return tuple(
+        str(dim.attr) if dim.op is Op.SIZE and str(dim.attr) in COVERED_SIZES else None for dim in dims
+    )
 
 
 def param_arg(index: int) -> str:
@@ -428,22 +445,49 @@ class Emitter:
         decl = self.pattern.input(str(n.attr))
         assert decl is not None
         indices = [self.value(i) for i in n.args]
+        inside = self._inside(n)
         varying = self._few_values(n)
         if varying:
-            return self._load_by_scalars(n, indices, varying, dtype)
-        return self._assign(self._loaded(str(n.attr), indices, dtype))
+            return self._load_by_scalars(n, indices, inside, varying, dtype)
+        return self._assign(self._loaded(str(n.attr), indices, inside, dtype))
 
-    def _loaded(self, name: str, indices: list[str], dtype: str) -> str:
-        """The value of input `name` at the indices (texts), guarded: a position outside it reads 0."""
+    def _inside(self, n: Node) -> list[str | None]:
+        """Per index of the load: the constexpr condition under which it lies inside its axis, so that
+        it needs no bound test ("True": always), or None. An index is inside where it is the position
+        (lets expanded) that runs over the size the axis is declared with and must cover
+        (`covered_sizes`): `b` always, `kv` under its tile axis' `inside`."""
+        decl = self.pattern.input(str(n.attr))
+        assert decl is not None
+        conditions: list[str | None] = []
+        for index, size in zip(n.args, covered_sizes(decl.dims), strict=True):
+            var = COVERED_SIZES.get(size or "")
+            value = gather.expand_lets(index, self.lets) if var is not None else None
+            if value is None or value.op is not Op.VAR or value.attr != var:
+                conditions.append(None)
+            elif var == "b":
+                conditions.append("True")
+            else:
+                axis = self.tiles.get(var)
+                conditions.append(None if axis is None else axis.inside)
+        return conditions
+
+    def _loaded(self, name: str, indices: list[str], inside: list[str | None], dtype: str) -> str:
+        """The value of input `name` at the indices (texts), guarded: a position outside it reads 0.
+        The bound test of index i holds unless `inside[i]` (a constexpr condition, `_inside`)."""
         decl = self.pattern.input(name)
         assert decl is not None
         arg = input_arg(decl.name)
-        valid = " & ".join(f"({i} >= 0) & ({i} < {arg}_dim{axis})" for axis, i in enumerate(indices))
+        guards = []
+        for axis, (i, condition) in enumerate(zip(indices, inside, strict=True)):
+            test = f"({i} >= 0) & ({i} < {arg}_dim{axis})"
+            if condition is None:
+                guards.append(test)
+            elif condition != "True":  # a constexpr: Triton folds the test away where it holds
+                guards.append(f"(({test}) | ({condition}))")
         offset = " + ".join(f"tl.cast({i}, {INT64}) * {arg}_stride{axis}" for axis, i in enumerate(indices))
-        if not indices:  # a 0-d input
-            valid, offset = "True", "0"
         # `!= 0` makes the mask int1 even where the interpreter holds scalar bools as int32 0 / 1.
-        loaded = f"tl.load({arg}_ptr + {offset}, mask=({valid}) != 0, other=0)"
+        mask = f", mask=({' & '.join(guards)}) != 0, other=0" if guards else ""
+        loaded = f"tl.load({arg}_ptr + {offset or '0'}{mask})"
         if decl.dtype == "bool":  # passed as uint8
             return f"{loaded} != 0"
         if decl.type is Type.FLOAT:
@@ -473,13 +517,19 @@ class Emitter:
         return found
 
     def _load_by_scalars(
-        self, n: Node, indices: list[str], varying: list[tuple[int, str, Node, str]], dtype: str
+        self,
+        n: Node,
+        indices: list[str],
+        inside: list[str | None],
+        varying: list[tuple[int, str, Node, str]],
+        dtype: str,
     ) -> str:
         """The load as scalar loads at each combination of its varying indices' values over the tile
         (index i takes lo_i or lo_i + 1, lo_i its value at the tile's first position), chosen per row
         and per key column: no per-element gather, whose layout Triton converts to the scores' through
         shared memory (`gather.py`). Under a constexpr condition on the tile sizes; the per-element
-        gather otherwise. One statement over several lines (`BLOCK_MARK`)."""
+        gather otherwise. One statement over several lines (`BLOCK_MARK`). `inside`: as for `_loaded`
+        (a varying index, whose lo_i + 1 may lie past the input, is never a bare position: guarded)."""
         own = len(self.lines)
         choice = self._assign(" & ".join(condition for *_, condition in varying))
         # The indices at the tile's first positions: their expressions with q / kv at those positions.
@@ -503,7 +553,7 @@ class Emitter:
                 for (k, *_), low, offset in zip(varying, lows, offsets, strict=True):
                     at[k] = f"({low} + 1)" if offset else low
                 target = f"{choice}_{''.join(map(str, offsets))}"
-                body.append(f"{target} = {self._loaded(str(n.attr), at, dtype)}")
+                body.append(f"{target} = {self._loaded(str(n.attr), at, inside, dtype)}")
                 return target
             first, second = select(level + 1, (*offsets, 0)), select(level + 1, (*offsets, 1))
             k = varying[level][0]
@@ -512,7 +562,7 @@ class Emitter:
             return target
 
         select(0, ())
-        fallback = f"{value} = {self._loaded(str(n.attr), indices, dtype)}"
+        fallback = f"{value} = {self._loaded(str(n.attr), indices, inside, dtype)}"
         lines = [self.lines[own].value, f"if {choice}:"]
         lines += [BLOCK_MARK + line.replace("\n", "\n" + BLOCK_MARK) for line in body]
         lines += ["else:", BLOCK_MARK + fallback]

@@ -31,12 +31,16 @@ class TileAxis:
     """How the positions of one index variable (`q` or `kv`) run over one tile of a kernel's loop
     body, in the kernel's names: the tile's first position, its size (a constexpr), the constexpr
     condition under which every tile starts at a multiple of its size (no offset shifts the
-    positions), and the one under which the tile's positions are consecutive (None: always)."""
+    positions), the one under which the tile's positions are consecutive (None: always), and the one
+    under which they all lie inside the rows, below the launch's rows plus their offset ("True":
+    always; None: no tile is known to), where an input read at the position needs no bound test
+    (`emit.covered_sizes`)."""
 
     first: str
     size: str
     aligned: str
     consecutive: str | None = None
+    inside: str | None = None
 
 
 def expand_lets(node: Node, lets: dict[str, Node]) -> Node:

@@ -20,6 +20,7 @@ import builtins
 import keyword
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from types import CodeType
@@ -34,6 +35,7 @@ from attnc.codegen.emit import (
     INT64,
     Assign,
     Emitter,
+    covered_sizes,
     expand_blocks,
     float64_nodes,
     input_arg,
@@ -78,10 +80,13 @@ KERNEL_NAMES = {
 # the tile's first position, its size, and when tiles start at multiples of their size (positions
 # shifted by no offset) and hold consecutive positions (the forward's packed GQA rows wrap around).
 _Q_ALIGNED, _KV_ALIGNED = "(SHIFTED == 0) & (ROW_OFFSETS == 0)", "SHIFTED == 0"
+# The forward's keys lie inside the rows in its FULL tiles and in the PARTIAL ones but the tile the rows
+# may cut (CHECK_ROWS: `attention_fwd.py.jinja`).
 FORWARD_TILES = {
     "q": TileAxis("q_first", "BLOCK_M", _Q_ALIGNED, "PACK_GQA == 0"),
-    "kv": TileAxis("(start_n + kv_shift)", "BLOCK_N", _KV_ALIGNED),
+    "kv": TileAxis("(start_n + kv_shift)", "BLOCK_N", _KV_ALIGNED, inside="not CHECK_ROWS"),
 }
+FORWARD_FULL_TILES = {**FORWARD_TILES, "kv": replace(FORWARD_TILES["kv"], inside="True")}
 DQ_TILES = {
     "q": TileAxis("q_first", "BLOCK_M", _Q_ALIGNED),
     "kv": TileAxis("(start_n + kv_shift)", "BLOCK_N", _KV_ALIGNED),
@@ -287,7 +292,7 @@ def _log2_score(emitter: Emitter, score: Node) -> str | None:
 
 
 def _input(decl) -> InputArg:
-    return InputArg(decl.name, input_arg(decl.name), decl.dtype, len(decl.dims))
+    return InputArg(decl.name, input_arg(decl.name), decl.dtype, len(decl.dims), covered_sizes(decl.dims))
 
 
 def _params(pattern: PatternIR) -> tuple[ParamArg, ...]:
@@ -314,7 +319,7 @@ def build_spec(pattern: PatternIR) -> KernelSpec:
     roots = _present(values.mask, values.score)
     kernel = _Kernel(pattern, roots, _float64(values, pattern), "", _value_ranges(pattern))
     range_lines, kv_ranges = kernel.ranges("kv")
-    masked, full = kernel.body(True, FORWARD_TILES), kernel.body(False, FORWARD_TILES)
+    masked, full = kernel.body(True, FORWARD_TILES), kernel.body(False, FORWARD_FULL_TILES)
     metadata_b, metadata_h = "b" in sparsity.axes, "h" in sparsity.axes
     return KernelSpec(
         inputs=tuple(_input(d) for d in pattern.inputs),

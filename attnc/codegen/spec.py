@@ -60,16 +60,21 @@ class InputArg:
     `in_<name>_stride<i>` for each of its `rank` axes (`arg` is `in_<name>`); in the backward, its
     gradient buffer `grad_in_<name>_ptr`, `grad_in_<name>_stride<i>` and the flag `GRAD_in_<name>`.
     Every suffix is free of underscores, so the name is what lies between the namespace and the last
-    underscore: two inputs never share an argument. Bool inputs are passed as uint8."""
+    underscore: two inputs never share an argument. Bool inputs are passed as uint8. `covers`: per
+    axis, the size the tensor must cover at a launch ("BATCH", "KV_LEN": the kernels read it there
+    without a bound test, `emit.covered_sizes`) or None."""
 
     name: str
     arg: str
     dtype: str
     rank: int
+    covers: tuple[str | None, ...]
 
     def __post_init__(self) -> None:
         if not _IDENTIFIER.match(self.name) or self.arg != input_arg(self.name):
             raise InternalError(f"input {self.name!r} cannot name kernel arguments (as {self.arg!r})")
+        if len(self.covers) != self.rank:
+            raise InternalError(f"input {self.name!r}: {self.rank} axes, {len(self.covers)} sizes to cover")
 
     @property
     def ptr(self) -> str:

@@ -36,7 +36,7 @@ from attnc.codegen.lower import build_backward_spec
 from attnc.codegen.signature import backward_strides, qkv_strides, values
 from attnc.codegen.signature import strides as stride_names
 from attnc.codegen.spec import BackwardSpec, InputArg, KernelSpec, ParamArg
-from attnc.errors import InternalError
+from attnc.errors import InputError, InternalError
 from attnc.ir.nodes import PatternIR
 from attnc.runtime import autotune, cache
 from attnc.runtime.autotune import Config, LaunchShape
@@ -282,7 +282,7 @@ class Forward:
             grid = (n_q * batch * grid_heads * splits,)
             arguments = signature.arguments(
                 tensors=dict(Q=q, K=k, V=v, Out=parts_out, Lse=parts_lse),
-                inputs=_input_args(self.spec.inputs, env),
+                inputs=_input_args(self.spec.inputs, env, self.pattern),
                 params=_param_args(self.spec.params, self.pattern, env),
                 plan=plan,
                 strides=strides,
@@ -420,11 +420,25 @@ def _kv_strides(t: torch.Tensor, batch: int) -> tuple[int, ...]:
     return (0, *t.stride()[1:]) if t.shape[0] == 1 and batch != 1 else tuple(t.stride())
 
 
-def _input_args(inputs: tuple[InputArg, ...], env: oracle.Env) -> dict[str, Any]:
-    """The input tensors' arguments (`InputArg`): each one's pointer, dims and strides."""
+def _input_args(inputs: tuple[InputArg, ...], env: oracle.Env, pattern: PatternIR) -> dict[str, Any]:
+    """The input tensors' arguments (`InputArg`): each one's pointer, dims and strides. Along an axis
+    declared BATCH or KV_LEN (`InputArg.covers`) an input must cover what the kernels read there
+    without a bound test: every batch row, and the key positions up to the last row's. The calls'
+    shape checks ensure it; a launch that bypasses them (the custom op called directly) gets an
+    InputError here, never a read past the input."""
+    needed = {"BATCH": env.batch, "KV_LEN": env.kv_len + env.kv_offset}
     args: dict[str, Any] = {}
     for arg in inputs:
         tensor = env.inputs[arg.name]
+        for axis, size in enumerate(arg.covers):
+            if size is not None and tensor.shape[axis] < needed[size]:
+                decl = pattern.input(arg.name)
+                raise InputError(
+                    f"input '{arg.name}' has size {tensor.shape[axis]} along axis {axis}, declared "
+                    f"{size}: the kernels read it there without a bound test at indices up to "
+                    f"{needed[size] - 1}, so it needs at least {needed[size]} (shape {list(tensor.shape)})",
+                    None if decl is None else decl.loc,
+                )
         if tensor.dtype == torch.bool:
             tensor = tensor.view(torch.uint8)
         args[arg.ptr] = tensor
@@ -747,7 +761,7 @@ class Backward:
             strides = values(backward_strides(*(name.lower() for name in outputs)), given)
             return dict(
                 tensors=dict(Q=q, K=k, V=v, dOut=dout, Lse=lse, Delta=delta, **outputs),
-                inputs=_input_args(self.spec.inputs, env),
+                inputs=_input_args(self.spec.inputs, env, self.pattern),
                 grads=grads,
                 params=_param_args(self.spec.params, self.pattern, env),
                 strides=strides,
