@@ -84,6 +84,11 @@ BLOW_UPS = {
     "fn chain using its argument twice, 40 deep": _fns(
         "x - kv", "{f}(x) * {f}(x) % 1000003", 40, "{f}(q) >= 0"
     ),
+    # Each fn's body is expanded once per distinct call: expanding it once in terms of its parameter
+    # and substituting into that per link rebuilt the chain below every link (about 170,000 nodes).
+    "fn chain using its argument three times, 400 deep": _fns(
+        "x - kv", "({f}(x) + {f}(x) * {f}(x)) % 97", 400, "{f}(q) >= 3"
+    ),
     "300 nested tanh in the score": f"pattern p {{ score = {_nested('s', 'tanh({e})', 300)} }}\n",
 }
 

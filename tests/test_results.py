@@ -185,6 +185,31 @@ MALFORMED = {
         ),
         "kernel grad 0 load is not a load of a float input",
     ),
+    "kernel dscore where the kernel has no score": (
+        _reject(STREAMING, lambda p: {"kernel": replace(_kernel(p), dscore=const(2.0))}),
+        r"kernel dscore for a kernel without a score",
+    ),
+    "gradient of a load the kernel score does not read": (
+        _reject(
+            BIASED,
+            lambda p: {
+                "kernel": replace(
+                    _kernel(p),
+                    gradients=(ScoreGradient(Node(Op.LOAD, Type.FLOAT, (KV,), "slopes"), const(1.0)),),
+                )
+            },
+        ),
+        "kernel grad 0 load is not read by the kernel score",
+    ),
+    "two gradients of one load": (
+        _reject(
+            BIASED,
+            lambda p: {
+                "kernel": replace(_kernel(p), gradients=(*_kernel(p).gradients, _kernel(p).gradients[1]))
+            },
+        ),
+        "kernel grad 2 load is kernel grad 1's too",
+    ),
     "unknown sparsity kind": (
         _reject(NO_CLOSED_FORM, lambda p: {"sparsity": Sparsity("dense")}),  # type: ignore[arg-type]
         "unknown sparsity kind 'dense'",

@@ -9,6 +9,10 @@ The kernels are driven below the Python API here (`compile_pattern`, then the la
 from __future__ import annotations
 
 import ast
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -215,6 +219,48 @@ def test_sweeping_streaming_llm_over_8_pairs_renders_one_kernel() -> None:
     keys = {compile_pattern(pattern._module_ir, pattern._bind((w, s), {})).source.key for w, s in pairs}
     assert len(keys) == 1
     assert _misses() - before == 1
+
+
+# Run with Triton's GPU compiler (TRITON_INTERPRET=0; no GPU needed): Triton's launch binder's
+# specialization of a forward launch for each float value, what keys Triton's compiled kernels.
+_FLOAT_SPECIALIZATIONS = """
+import json, sys, torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+from attnc.api import loads
+from attnc.testing import static
+
+kern = loads("pattern p(t: float) {\\n score = s * t\\n}\\n").p(t=1.0)
+q = torch.zeros(1, 1, 64, 64, dtype=torch.bfloat16)
+backend = make_backend(GPUTarget("cuda", 90, 32))
+found = []
+for t in json.loads(sys.argv[1]):
+    env = kern._env(64, 64, 1, 1, {}, {"t": t}, q.device)
+    launches = []
+    with static._recording(launches, static.first_config(static.Job("causal", 64))):
+        kern._forward.run(q, q, q, env, 0.125)
+    (launch,) = launches
+    binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
+    found.append(str(binder(*launch.args, debug=False, **launch.kwargs)[1]))
+print(json.dumps(found))
+"""
+
+
+def test_every_value_of_a_runtime_float_compiles_to_one_triton_kernel() -> None:
+    # A float goes in as its int64 bit pattern; 0.0's is 0 and the smallest subnormals' are small,
+    # which Triton would type int32 (a second compile) were the argument not declared int64.
+    values = [1.0, 0.0, -0.0, 5e-324, -2.5, float("inf")]
+    child = subprocess.run(
+        [sys.executable, "-c", _FLOAT_SPECIALIZATIONS, json.dumps(values)],
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert child.returncode == 0, child.stderr[-4000:]
+    assert len(set(json.loads(child.stdout))) == 1
 
 
 @pytest.mark.usefixtures("fresh_cache")

@@ -238,7 +238,8 @@ class Emitter:
             arg = self.params[str(n.attr)]
             if n.type is Type.INT:
                 return arg
-            # The bit pattern may arrive typed int32 (a small one): widened first, the bitcast is exact.
+            # Triton's interpreter types a small bit pattern int32 whatever the def's annotation (tl.int64,
+            # `signature.py`): widened first, the bitcast is exact.
             exact = f"{arg}.to({INT64}).to({FP64}, bitcast=True)"
             return self._assign(exact if dtype == FP64 else f"{exact}.to({dtype})")
         if op is Op.REF:

@@ -28,17 +28,22 @@ Kind = Literal["tensor", "stride", "int", "float", "constexpr"]
 class KernelArg:
     """One kernel argument. `source`: the launcher's group of values it comes from. An `int` is
     specialised by Triton on its value (1, divisibility by 16: a new compile per class) unless
-    `specialize` is False (lengths, offsets, runtime parameters: one compile for all their values)."""
+    `specialize` is False (lengths, offsets, runtime parameters: one compile for all their values).
+    Triton also types an unannotated int by its value (int32 where it fits, else int64: a compile
+    each); `annotation` (`tl.int64`) fixes the type of one that may take either."""
 
     name: str
     kind: Kind
     source: str
     specialize: bool = True
+    annotation: str = ""
 
     @property
     def parameter(self) -> str:
         """The argument as the kernel's `def` declares it."""
-        return f"{self.name}: tl.constexpr" if self.kind == "constexpr" else self.name
+        if self.kind == "constexpr":
+            return f"{self.name}: tl.constexpr"
+        return f"{self.name}: {self.annotation}" if self.annotation else self.name
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,8 @@ class Signature:
         """The `def`'s parameters: the first source's runtime arguments, the others, the constexprs,
         each wrapped."""
         runtime = [a for a in self.parameters if a.kind != "constexpr"]
-        first = [a.name for a in runtime if a.source == runtime[0].source]
-        rest = [a.name for a in runtime[len(first) :]]
+        first = [a.parameter for a in runtime if a.source == runtime[0].source]
+        rest = [a.parameter for a in runtime[len(first) :]]
         constexprs = [a.parameter for a in self.parameters if a.kind == "constexpr"]
         return [line for names in (first, rest, constexprs) for line in _wrap(names)]
 
@@ -175,7 +180,10 @@ def _pattern_args(inputs, params, grad_inputs=None) -> list[KernelArg]:
         args += _args("inputs", "stride", arg.scalars[arg.rank :])
     for arg in grad_inputs or ():
         args += _args("grads", "tensor", [arg.grad_ptr]) + _args("grads", "stride", arg.grad_strides)
-    args += _args("params", "int", [p.arg for p in params], specialize=False)
+    # A float parameter's int64 bit pattern: 0.0's is 0, which Triton would type int32.
+    args += [
+        KernelArg(p.arg, "int", "params", False, "tl.int64" if p.type == "float" else "") for p in params
+    ]
     return args
 
 

@@ -19,6 +19,7 @@ from attnc.ir.nodes import (
     Type,
     const,
     infer_type,
+    walk_all,
 )
 from attnc.ir.printer import print_module
 from attnc.ir.results import METADATA_AXES, RANGE_AXES, KernelValues, Sparsity
@@ -320,7 +321,14 @@ class _Verifier:
                 self.fail(where, f"kernel {name} missing for a pattern with a {name}")
             elif value is not None and not needed:
                 self.fail(where, f"kernel {name} for a pattern without a {name}")
+        if kernel.dscore is not None and kernel.score is None:
+            self.fail(where, "kernel dscore for a kernel without a score (d s / d s is 1)")
         lets = dict(pattern.lets)
+        # A gradient is d score / d load for one load the kernel's score reads: the backward adds it to
+        # that input's gradient, so one of a load the score does not read, or two of one load, would
+        # give the input a gradient the pattern does not have.
+        read = _read_through_lets(kernel.score, lets) if kernel.gradients else set()
+        loads: dict[Node, int] = {}
         for k, gradient in enumerate(kernel.gradients):
             what = f"kernel grad {k} value"
             self.result(where, what, gradient.value, _FLOAT, _KERNEL_READ, refs, pattern)
@@ -329,6 +337,11 @@ class _Verifier:
             decl = pattern.input(str(load.attr)) if load.op is _LOAD else None
             if decl is None or decl.type is not _FLOAT:
                 self.fail(where, f"kernel grad {k} load is not a load of a float input")
+            if gradient.load not in read:
+                self.fail(where, f"kernel grad {k} load is not read by the kernel score")
+            if load in loads:
+                self.fail(where, f"kernel grad {k} load is kernel grad {loads[load]}'s too")
+            loads.setdefault(load, k)
 
     def sparsity(self, where: str, pattern: PatternIR, sparsity: Sparsity) -> None:
         if sparsity.kind not in ("analytic", "metadata"):
@@ -358,6 +371,17 @@ class _Verifier:
             self.fn(fn)
         for pattern in self.module.patterns:
             self.pattern(pattern)
+
+
+def _read_through_lets(value: Node | None, lets: dict[str, Node]) -> set[Node]:
+    """The nodes of `value` and of the lets it refers to, directly or through other lets."""
+    read: set[Node] = set()
+    roots = [] if value is None else [value]
+    while roots:
+        fresh = list(walk_all(roots, skip=read.__contains__))
+        read.update(fresh)
+        roots = [lets[str(n.attr)] for n in fresh if n.op is _REF and str(n.attr) in lets]
+    return read
 
 
 def verify(module: ModuleIR, after: str = "", previous: ModuleIR | None = None) -> None:

@@ -20,6 +20,7 @@ from attnc.ir.rewrite import rewrite, substitute
 # 3.11 a call of `EnumType.__getattr__`'s hook (`ir/nodes.py`).
 _CALL = Op.CALL
 _PATTERN = Op.PATTERN
+_REF = Op.REF
 _VAR = Op.VAR
 
 
@@ -34,7 +35,7 @@ class Inline:
 class _Inliner:
     def __init__(self, module: ModuleIR) -> None:
         self.module = module
-        self.fn_bodies: dict[str, Node] = {}
+        self.calls: dict[tuple[str, tuple[Node, ...]], Node] = {}
         self.pattern_masks: dict[str, tuple[Node, tuple[InputDecl, ...]]] = {}
         self.inputs: dict[str, InputDecl] = {}
         self.input_origin: dict[str, str] = {}
@@ -46,9 +47,7 @@ class _Inliner:
         if node.op is _CALL:
             fn = self.module.fn(str(node.attr))
             assert fn is not None
-            return substitute(
-                self.fn_body(fn), {p.name: a for p, a in zip(fn.params, node.args, strict=True)}
-            )
+            return self.call(fn, node.args)
         if node.op is _PATTERN:
             target = self.module.pattern(str(node.attr))
             assert target is not None
@@ -61,10 +60,22 @@ class _Inliner:
             return substitute(mask, values)
         return None
 
-    def fn_body(self, fn: FnIR) -> Node:
-        if fn.name not in self.fn_bodies:
-            self.fn_bodies[fn.name] = self.expand(fn.body)
-        return self.fn_bodies[fn.name]
+    def call(self, fn: FnIR, args: tuple[Node, ...]) -> Node:
+        """The fn's body on these (expanded) arguments, expanded: built once per distinct call, with the
+        arguments put in while its calls are expanded. (Expanding a body once in terms of its own
+        parameters and then substituting each call's arguments into it would rebuild the expanded
+        body of every fn in a chain of calls once per link: quadratic in the chain's length.)"""
+        key = (fn.name, args)
+        if key not in self.calls:
+            values = {p.name: a for p, a in zip(fn.params, args, strict=True)}
+
+            def expand_one(node: Node) -> Node | None:
+                if node.op is _REF and node.attr in values:
+                    return values[str(node.attr)]
+                return self._expand_one(node)
+
+            self.calls[key] = rewrite(fn.body, expand_one)
+        return self.calls[key]
 
     def pattern_mask(self, pattern: PatternIR) -> tuple[Node, tuple[InputDecl, ...]]:
         """A referenced pattern's mask in terms of its own parameters, and its inputs (own and inherited)."""
