@@ -89,6 +89,14 @@ BLOW_UPS = {
     "fn chain using its argument three times, 400 deep": _fns(
         "x - kv", "({f}(x) + {f}(x) * {f}(x)) % 97", 400, "{f}(q) >= 3"
     ),
+    # Likewise each referenced pattern's mask once per distinct reference, lets put in as it is walked
+    # (expanding once per pattern and substituting per reference built 104,003 nodes at 320 links for a
+    # DAG of 649, and stopped at the budget).
+    "pattern referring to the previous twice, 320 deep": "\n".join(
+        ["pattern p0(w: int) { let d = q - kv\n mask = d < w }"]
+        + [f"pattern p{i + 1}(w: int) {{ mask = p{i}(w) or (p{i}(w) and kv % 3 == 0) }}" for i in range(320)]
+        + ["pattern p(w: int = 5) { mask = p320(w) }\n"]
+    ),
     "300 nested tanh in the score": f"pattern p {{ score = {_nested('s', 'tanh({e})', 300)} }}\n",
 }
 

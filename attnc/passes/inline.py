@@ -33,15 +33,30 @@ class Inline:
 
 
 class _Inliner:
+    """Expands calls, references and lets bottom-up, each distinct fn call and pattern reference once:
+    a body is expanded with its arguments (and its lets) put in as it is walked, so that the work is
+    linear in the program's DAG. (Expanding a body once in terms of its own parameters and then
+    substituting each call's arguments into it would rebuild the expanded body of everything below a
+    chain of calls or references once per link: quadratic in the chain's length.)"""
+
     def __init__(self, module: ModuleIR) -> None:
         self.module = module
         self.calls: dict[tuple[str, tuple[Node, ...]], Node] = {}
-        self.pattern_masks: dict[str, tuple[Node, tuple[InputDecl, ...]]] = {}
+        # A referenced pattern's mask and inputs (own and inherited, shapes on these arguments).
+        self.references: dict[tuple[str, tuple[Node, ...]], tuple[Node, tuple[InputDecl, ...]]] = {}
         self.inputs: dict[str, InputDecl] = {}
         self.input_origin: dict[str, str] = {}
 
-    def expand(self, root: Node) -> Node:
-        return rewrite(root, self._expand_one)
+    def expand(self, root: Node, names: dict[str, Node]) -> Node:
+        """`root` with its calls and references expanded and each ref in `names` (parameters, lets)
+        replaced by its value, which is not walked again."""
+
+        def expand_one(node: Node) -> Node | None:
+            if node.op is _REF and node.attr in names:
+                return names[str(node.attr)]
+            return self._expand_one(node)
+
+        return rewrite(root, expand_one)
 
     def _expand_one(self, node: Node) -> Node | None:
         if node.op is _CALL:
@@ -51,48 +66,43 @@ class _Inliner:
         if node.op is _PATTERN:
             target = self.module.pattern(str(node.attr))
             assert target is not None
-            mask, inputs = self.pattern_mask(target)
-            values = {p.name: a for p, a in zip(target.params, node.args, strict=True)}
+            mask, inputs = self.reference(target, node.args)
             for decl in inputs:
-                self.merge_input(
-                    replace(decl, dims=tuple(substitute(d, values) for d in decl.dims)), target, node.loc
-                )
-            return substitute(mask, values)
+                self.merge_input(decl, target, node.loc)
+            return mask
         return None
 
     def call(self, fn: FnIR, args: tuple[Node, ...]) -> Node:
-        """The fn's body on these (expanded) arguments, expanded: built once per distinct call, with the
-        arguments put in while its calls are expanded. (Expanding a body once in terms of its own
-        parameters and then substituting each call's arguments into it would rebuild the expanded
-        body of every fn in a chain of calls once per link: quadratic in the chain's length.)"""
+        """The fn's body on these (expanded) arguments, expanded; built once per distinct call."""
         key = (fn.name, args)
         if key not in self.calls:
-            values = {p.name: a for p, a in zip(fn.params, args, strict=True)}
-
-            def expand_one(node: Node) -> Node | None:
-                if node.op is _REF and node.attr in values:
-                    return values[str(node.attr)]
-                return self._expand_one(node)
-
-            self.calls[key] = rewrite(fn.body, expand_one)
+            self.calls[key] = self.expand(fn.body, {p.name: a for p, a in zip(fn.params, args, strict=True)})
         return self.calls[key]
 
-    def pattern_mask(self, pattern: PatternIR) -> tuple[Node, tuple[InputDecl, ...]]:
-        """A referenced pattern's mask in terms of its own parameters, and its inputs (own and inherited)."""
-        if pattern.name not in self.pattern_masks:
+    def reference(self, pattern: PatternIR, args: tuple[Node, ...]) -> tuple[Node, tuple[InputDecl, ...]]:
+        """A referenced pattern's mask on these (expanded) arguments, and its inputs (own and inherited)
+        with their shapes on them; built once per distinct reference."""
+        key = (pattern.name, args)
+        if key not in self.references:
+            values = {p.name: a for p, a in zip(pattern.params, args, strict=True)}
             saved_inputs, saved_origin = self.inputs, self.input_origin
-            self.inputs, self.input_origin = {d.name: d for d in pattern.inputs}, {}
-            lets = self.lets(pattern)
-            mask = const(True) if pattern.mask is None else substitute(self.expand(pattern.mask), lets)
-            self.pattern_masks[pattern.name] = (mask, tuple(self.inputs.values()))
+            self.inputs = {
+                d.name: replace(d, dims=tuple(substitute(dim, values) for dim in d.dims))
+                for d in pattern.inputs
+            }
+            self.input_origin = {}
+            names = self.lets(pattern, values)
+            mask = const(True) if pattern.mask is None else self.expand(pattern.mask, names)
+            self.references[key] = (mask, tuple(self.inputs.values()))
             self.inputs, self.input_origin = saved_inputs, saved_origin
-        return self.pattern_masks[pattern.name]
+        return self.references[key]
 
-    def lets(self, pattern: PatternIR) -> dict[str, Node]:
-        values: dict[str, Node] = {}
+    def lets(self, pattern: PatternIR, values: dict[str, Node]) -> dict[str, Node]:
+        """`values` and the pattern's lets, each expanded with those before it put in."""
+        names = dict(values)
         for name, value in pattern.lets:  # in dependency order
-            values[name] = substitute(self.expand(value), values)
-        return values
+            names[name] = self.expand(value, names)
+        return names
 
     def merge_input(self, decl: InputDecl, source: PatternIR, loc: Loc | None) -> None:
         if any(n.op is _VAR for d in decl.dims for n in d.walk()):
@@ -115,9 +125,9 @@ class _Inliner:
     def entry(self) -> PatternIR:
         entry = self.module.entry
         self.inputs = {d.name: d for d in entry.inputs}
-        lets = self.lets(entry)
-        mask = None if entry.mask is None else substitute(self.expand(entry.mask), lets)
-        score = None if entry.score is None else substitute(self.expand(entry.score), lets)
+        lets = self.lets(entry, {})
+        mask = None if entry.mask is None else self.expand(entry.mask, lets)
+        score = None if entry.score is None else self.expand(entry.score, lets)
         result = replace(entry, inputs=tuple(self.inputs.values()), lets=(), mask=mask, score=score)
         assert not any(n.op in (_CALL, _PATTERN) for r in result.roots() for n in r.walk()), print_pattern(
             result
