@@ -333,6 +333,19 @@ def test_parser_rejects_kernel_values_out_of_order() -> None:
         parse_module(text)
 
 
+@pytest.mark.parametrize("prefix", ["tiles ", "ranges ", "kernel mask", "sparsity ", "mask = ", "score = "])
+def test_parser_rejects_a_second_line_of_a_kind_a_pattern_has_once(prefix: str) -> None:
+    """Read on, the second line would silently replace the first (the printer never writes two)."""
+    text = print_module(compiled(STREAMING.replace("}", "    score = s * 0.5\n}")))
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.strip().startswith(prefix))
+    parse_module(text)  # once: accepted
+    doubled = "\n".join([*lines[: first + 1], lines[first], *lines[first + 1 :]])
+    with pytest.raises(IRParseError, match=f"a second '{prefix.split()[0]}' line in one pattern") as raised:
+        parse_module(doubled)
+    assert raised.value.line == first + 2
+
+
 # ---- readers of the fields ---------------------------------------------------------------------------
 
 

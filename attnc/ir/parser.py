@@ -154,6 +154,14 @@ class _Scope:
         self.values[target] = Node(op, type_, tuple(args), symbol)
 
 
+def _once(line: _Line, keyword: str, seen: set[str]) -> None:
+    """A located error at a second line of a kind a pattern has at most one of (the printer writes one):
+    read on, it would silently replace the first."""
+    if keyword in seen:
+        raise line.error(f"a second '{keyword}' line in one pattern")
+    seen.add(keyword)
+
+
 class _Results:
     """The lines of the analyses' typed results in one pattern (`ir/results.py` shows them), gathered
     into the `PatternIR` fields they stand for."""
@@ -169,6 +177,7 @@ class _Results:
         self.gradients: list[ScoreGradient] = []
         self.sparsity: Sparsity | None = None
         self.last: _Line | None = None
+        self.seen: set[str] = set()  # the lines a pattern has at most one of, read so far
 
     def values(self, line: _Line, names: tuple[str, ...], optional: bool = False) -> list[Node | None]:
         """`name = operand` for each of the names, in order, comma-separated, ending the line; with
@@ -197,6 +206,8 @@ class _Results:
     def line(self, line: _Line) -> None:
         self.last = line
         keyword = line.take("name")
+        if keyword in ("tiles", "ranges", "sparsity") or (keyword == "kernel" and line.peek() != "grad"):
+            _once(line, keyword, self.seen)
         if keyword == "tiles":
             self.tiles = TileClasses(*self.values(line, TileClasses.PARTS))
         elif keyword == "ranges":
@@ -359,6 +370,7 @@ class _ModuleParser:
             elif word in _Results.KEYWORDS:
                 results.line(body)
             elif word in ("mask", "score"):
+                _once(body, word, results.seen)
                 body.take()
                 body.take(value="=")
                 if word == "mask":
