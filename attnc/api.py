@@ -250,6 +250,8 @@ def _check_param(
             )
     elif decl.type is Type.FLOAT and isinstance(value, torch.SymFloat):
         return value  # type: ignore[return-value]
+    elif decl.type is Type.FLOAT and runtime and isinstance(value, torch.Tensor):
+        return _float_tensor_param(decl, value, pattern, error)
     elif decl.type is Type.FLOAT and isinstance(value, numbers.Real):
         try:
             return float(value)
@@ -264,6 +266,27 @@ def _check_param(
         f"got {type(value).__name__} {value!r}",
         decl.loc,
     )
+
+
+def _float_tensor_param(
+    decl: ParamDecl, value: torch.Tensor, pattern: str, error: type[AttnError]
+) -> Value | torch.Tensor:
+    """A runtime float given as a 0-d CPU tensor: its value (a float), or under `torch.compile` the
+    tensor itself, which reaches the op as a graph input (`autograd.param_lists`), so one graph serves
+    all its values (dynamo specialises a Python float passed to a custom op: one graph per value)."""
+    if value.dim() != 0 or value.device.type != "cpu" or value.dtype == torch.bool or value.is_complex():
+        raise error(
+            f"parameter '{decl.name}' of pattern '{pattern}' is float: a tensor for it must be a 0-d real "
+            f"tensor on the CPU (its value is read at launch), got {value.dim()}-d {str(value.dtype)[6:]} "
+            f"on {value.device.type}",
+            decl.loc,
+        )
+    if value.requires_grad:
+        raise error(
+            f"parameter '{decl.name}' of pattern '{pattern}' takes no gradient: pass the tensor detached",
+            decl.loc,
+        )
+    return value if torch.compiler.is_compiling() else float(value)
 
 
 def _shown(value: Any) -> str:

@@ -27,6 +27,7 @@ from cases import pattern_id as _id
 import attnc
 from attnc.codegen.lower import build_backward_spec, checked_code, render
 from attnc.errors import InputError
+from attnc.runtime.autograd import NO_FLOAT_PARAMS as NO_FLOATS
 from attnc.testing import compare_gradients
 
 
@@ -298,7 +299,7 @@ def test_custom_op_is_registered_with_a_fake_implementation() -> None:
     q, k, v = qkv(1, 2, 1, 20, 20, 16)
     torch.library.opcheck(
         torch.ops.attnc.attention.default,
-        (q, k, v, [], STD.causal()._op_pattern, 0.25, [], []),
+        (q, k, v, [], STD.causal()._op_pattern, 0.25, [], NO_FLOATS),
         test_utils=("test_schema", "test_faketensor"),
     )
 
@@ -311,9 +312,9 @@ def test_the_backward_op_has_a_faithful_fake_implementation() -> None:
     kern = SCORES.full_bias()
     q, k, v = qkv(1, 2, 1, 20, 24, 16)
     bias = _tensor((24, 20, 2), 7).permute(2, 1, 0)
-    out, lse = torch.ops.attnc.attention(q, k, v, [bias], kern._op_pattern, 0.25, [], [])
+    out, lse = torch.ops.attnc.attention(q, k, v, [bias], kern._op_pattern, 0.25, [], NO_FLOATS)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
-    args = (q, k, v, out, lse, dout, dlse, [bias], kern._op_pattern, 0.25, [], [], [True])
+    args = (q, k, v, out, lse, dout, dlse, [bias], kern._op_pattern, 0.25, [], NO_FLOATS, [True])
     op = torch.ops.attnc.attention_backward.default
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     real = op(*args)

@@ -124,7 +124,14 @@ def test_a_pattern_text_this_version_cannot_read_is_a_clear_error() -> None:
     q, k, v, bias = _inputs()
     with pytest.raises(SavedPatternError, match=r"cannot read .*save the program again"):
         torch.ops.attnc.attention(
-            q, k, v, [bias], "pattern old(window: int) {\n  mask = ???\n}", 0.25, [5], []
+            q,
+            k,
+            v,
+            [bias],
+            "pattern old(window: int) {\n  mask = ???\n}",
+            0.25,
+            [5],
+            autograd.NO_FLOAT_PARAMS,
         )
 
 
@@ -132,7 +139,7 @@ def test_ir_that_is_not_a_compiled_pattern_is_refused() -> None:
     q, k, v, _ = _inputs()
     uncompiled = MOD.biased_window().ir(after="input")
     with pytest.raises(SavedPatternError, match="not one compiled pattern"):
-        torch.ops.attnc.attention(q, k, v, [], uncompiled, 0.25, [], [])
+        torch.ops.attnc.attention(q, k, v, [], uncompiled, 0.25, [], autograd.NO_FLOAT_PARAMS)
 
 
 # ---- autocast --------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 
 import attnc
 from attnc.codegen.lower import build_spec, render
+from attnc.runtime.autograd import NO_FLOAT_PARAMS as NO_FLOATS
 
 STD = attnc.stdlib()
 DOC = attnc.load("examples/document_causal.attn").document_causal()
@@ -137,7 +138,7 @@ def test_a_launch_refuses_an_input_that_does_not_cover_what_its_kernels_read_unt
     q, k, v = (torch.randn(2, 2, 41, 16) for _ in range(3))
     doc = torch.zeros(shape, dtype=torch.int32)
     with pytest.raises(attnc.InputError, match=message) as error:
-        torch.ops.attnc.attention(q, k, v, [doc], DOC._op_pattern, 0.25, [], [])
+        torch.ops.attnc.attention(q, k, v, [doc], DOC._op_pattern, 0.25, [], NO_FLOATS)
     assert error.value.loc == DOC.pattern.input("doc").loc
 
 

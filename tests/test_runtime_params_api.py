@@ -7,6 +7,7 @@ The judge is the oracle of a kernel bound to the value a call gives (`mod.p(wind
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -325,3 +326,55 @@ def test_a_parameter_that_shapes_an_input_of_a_referenced_pattern_is_static() ->
     t = torch.ones(8, dtype=torch.int32)
     assert int(eight.mask(10, 10, t=t).sum()) == 10 * 8
     assert int(four.mask(10, 10, t=t[:4]).sum()) == 10 * 4
+
+
+def test_a_float_given_as_a_tensor_keeps_one_compiled_graph_for_all_values() -> None:
+    """A 0-d CPU tensor reaches the op as a graph input (`float_params`), where a Python float would be
+    specialised: four temperatures, one graph, each the oracle's attention."""
+    counter = _compile_counter()
+    f = torch.compile(lambda q, k, v, t: KERN(q, k, v, temperature=t), fullgraph=True, backend=counter)
+    q, k, v = _qkv()
+    for temperature in (0.5, 2.0, 3.0, 7.25):
+        got = f(q, k, v, torch.tensor(temperature))
+        torch.testing.assert_close(got, MOD.band(temperature=temperature).reference(q, k, v))
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.int64])
+def test_a_float_given_as_a_tensor_is_its_value(dtype: torch.dtype) -> None:
+    q, k, v = _qkv()
+    value = torch.tensor(3, dtype=dtype)
+    torch.testing.assert_close(KERN(q, k, v, temperature=value), KERN(q, k, v, temperature=3.0))
+    torch.testing.assert_close(
+        KERN.reference(q, k, v, temperature=value), MOD.band(temperature=3.0).reference(q, k, v)
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (torch.tensor([2.0]), "0-d real tensor on the CPU .* got 1-d float32 on cpu"),
+        (torch.tensor(True), "0-d real tensor on the CPU .* got 0-d bool on cpu"),
+        (torch.tensor(2.0, dtype=torch.complex64), "0-d real tensor on the CPU .* got 0-d complex64"),
+        (torch.tensor(2.0, requires_grad=True), "takes no gradient: pass the tensor detached"),
+    ],
+    ids=["1-d", "bool", "complex", "requires-grad"],
+)
+def test_a_float_given_as_a_wrong_tensor_is_a_located_error(value: torch.Tensor, message: str) -> None:
+    q, k, v = _qkv()
+    error = _raised(lambda: KERN(q, k, v, temperature=value))
+    assert isinstance(error, InputError)
+    assert re.search(message, str(error)), str(error)
+    assert error.loc is not None and error.loc.col == _column("temperature")
+
+
+def test_an_int_parameter_takes_no_tensor() -> None:
+    q, k, v = _qkv()
+    error = _raised(lambda: KERN(q, k, v, window=torch.tensor(3)))
+    assert isinstance(error, InputError) and "is int, got Tensor" in str(error)
+
+
+def test_the_op_refuses_float_params_that_are_not_a_float64_cpu_vector() -> None:
+    q, k, v = _qkv()
+    with pytest.raises(InputError, match="float_params must be a 1-d float64 CPU tensor"):
+        torch.ops.attnc.attention(q, k, v, [], KERN._op_pattern, 0.25, [4, 2], torch.tensor([1.0]))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import attnc
+from attnc.runtime.autograd import NO_FLOAT_PARAMS as NO_FLOATS
 
 STD = attnc.stdlib()
 DOC = attnc.load("examples/document_causal.attn").document_causal()
@@ -135,7 +136,7 @@ def test_lengths_past_the_packed_tensors_never_read_outside_them() -> None:
     kern = STD.full()
     views = [t.unsqueeze(0).transpose(1, 2) for t in (q, k, v)]
     out, _ = autograd.attention(
-        *views, [], kern._op_pattern, 0.25, [], [], 0, None, None, None, None, cu_q, cu_k, 5, 2000
+        *views, [], kern._op_pattern, 0.25, [], NO_FLOATS, 0, None, None, None, None, cu_q, cu_k, 5, 2000
     )
     want = kern.reference(
         sequence(q, cu_q, 1), k[4:].transpose(0, 1)[None], v[4:].transpose(0, 1)[None], scale=0.25

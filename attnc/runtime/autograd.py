@@ -8,9 +8,11 @@ A custom op takes tensors and plain values only, so a compiled pattern is named 
 (`runtime/registry.py`): the ops find its kernels by that text, or compile them on first use in a
 process that loaded a program `torch.export` saved (after `import attnc`, which registers the ops). The
 pattern's `input` tensors travel as one list in declaration order, its runtime parameter values as two
-(`int_params`, a `SymInt[]`, and `float_params`), each in the pattern's parameter order: an int value
-that changes between calls of a `torch.compile`d function becomes dynamic, one graph for all later
-values (a float is specialised, one graph per value, as dynamo does for float arguments). Gradients:
+(`int_params`, a `SymInt[]`, and `float_params`, a float64 CPU tensor), each in the pattern's parameter
+order: an int value that changes between calls of a `torch.compile`d function becomes dynamic, one graph
+for all later values; a float given as a 0-d CPU tensor is a graph input, one graph for all values (a
+Python float is specialised, one graph per value, as dynamo does for a float passed to a custom op).
+Gradients:
 
 - q, k, v: always (the dK/dV kernel sums the query heads that share a key/value head);
 - a float input the score reads (a bias table, a slope, a temperature): when it requires grad;
@@ -38,6 +40,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from attnc import oracle
+from attnc.errors import InputError
 from attnc.ir.nodes import PatternIR, Type
 from attnc.runtime import backend, registry
 from attnc.runtime.launch import Forward, empty_like_strides
@@ -64,17 +67,38 @@ def check_no_forward_ad(tensors: list[Tensor]) -> None:
             raise NotImplementedError(FORWARD_AD_UNSUPPORTED)
 
 
-def param_lists(pattern: PatternIR, values: dict[str, int | float]) -> tuple[list[int], list[float]]:
+# The ops' `float_params` of a pattern with no float parameter (never written to: one serves every call).
+NO_FLOAT_PARAMS = torch.empty(0, dtype=torch.float64)
+
+
+def param_lists(pattern: PatternIR, values: dict[str, Any]) -> tuple[list[int], Tensor]:
     """A compiled pattern's runtime parameter values (its `params`) as the ops take them: the ints, then
-    the floats, each in parameter order."""
+    the floats as one float64 CPU tensor (exact), each in parameter order. A float given as a 0-d
+    tensor (under `torch.compile`: `api._float_tensor_param`) stays a tensor, so the graph takes it as
+    an input; a Python float is made a tensor here (dynamo specialises it either way)."""
     ints = [values[d.name] for d in pattern.params if d.type is Type.INT]
     floats = [values[d.name] for d in pattern.params if d.type is Type.FLOAT]
-    return ints, floats  # type: ignore[return-value]
+    if not floats:
+        return ints, NO_FLOAT_PARAMS
+    return ints, torch.stack(
+        [
+            v.detach().to(torch.float64)
+            if isinstance(v, Tensor)
+            else torch.scalar_tensor(v, dtype=torch.float64)
+            for v in floats
+        ]
+    )
 
 
-def _params(pattern: PatternIR, int_params: list[int], float_params: list[float]) -> dict[str, int | float]:
+def _params(pattern: PatternIR, int_params: list[int], float_params: Tensor) -> dict[str, int | float]:
     """`param_lists` undone: the runtime values by name, as `oracle.Env.params` holds them."""
-    ints, floats = iter(int_params), iter(float_params)
+    if float_params.dim() != 1 or float_params.dtype != torch.float64 or float_params.device.type != "cpu":
+        raise InputError(
+            f"float_params must be a 1-d float64 CPU tensor (autograd.param_lists), got a "
+            f"{float_params.dim()}-d {str(float_params.dtype)[6:]} tensor on {float_params.device.type}",
+            pattern.loc,
+        )
+    ints, floats = iter(int_params), iter(float_params.tolist())
     values = {d.name: next(ints) if d.type is Type.INT else next(floats) for d in pattern.params}
     assert next(ints, None) is None and next(floats, None) is None, "more runtime values than parameters"
     return values
@@ -86,7 +110,7 @@ def _env(
     k: Tensor,
     inputs: list[Tensor],
     int_params: list[int],
-    float_params: list[float],
+    float_params: Tensor,
     sizes: tuple[int, int, int] | None = None,
     **geometry: Any,
 ) -> oracle.Env:
@@ -128,7 +152,7 @@ def attention(
     pattern: str,
     scale: float,
     int_params: list[int],
-    float_params: list[float],
+    float_params: Tensor,
     q_offset: int = 0,
     q_offsets: Tensor | None = None,
     kernel_options: list[int] | None = None,
@@ -180,7 +204,7 @@ def _attention_fake(
     pattern: str,
     scale: float,
     int_params: list[int],
-    float_params: list[float],
+    float_params: Tensor,
     q_offset: int = 0,
     q_offsets: Tensor | None = None,
     kernel_options: list[int] | None = None,
@@ -213,7 +237,7 @@ def attention_backward(
     pattern: str,
     scale: float,
     int_params: list[int],
-    float_params: list[float],
+    float_params: Tensor,
     wanted: list[bool],
     q_offset: int = 0,
     q_offsets: Tensor | None = None,
@@ -249,7 +273,7 @@ def _attention_backward_fake(
     pattern: str,
     scale: float,
     int_params: list[int],
-    float_params: list[float],
+    float_params: Tensor,
     wanted: list[bool],
     q_offset: int = 0,
     q_offsets: Tensor | None = None,
@@ -309,7 +333,7 @@ def _backward(ctx, dout: Tensor, dlse: Tensor | None):
     dq, dk, dv, *rest = grads
     chosen = iter(rest)
     input_grads = [next(chosen) if w else None for w in ctx.wanted]
-    no_params = _no_gradient(ctx.int_params), _no_gradient(ctx.float_params)
+    no_params = _no_gradient(ctx.int_params), None
     result = (dq, dk, dv, input_grads, None, None, *no_params, *([None] * 13))
     # One gradient per argument the call passed: the dispatcher drops trailing arguments equal to their
     # defaults (q_offset=0, q_offsets=None, kernel_options=None) from the autograd node's inputs.
