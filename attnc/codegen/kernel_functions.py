@@ -137,6 +137,22 @@ def _floormod(a, b):
 
 
 @triton.jit
+def _opaque(x, PTX: tl.constexpr):
+    # x (int32), but a value the compiler cannot see through (PTX: an inline `mov` on NVIDIA GPUs;
+    # elsewhere x itself). The dK/dV kernel's query rows `m * BLOCK_M + offs_mb` are opaque so that
+    # LLVM does not rewrite each comparison of a query position with the key tile's (loop-invariant)
+    # positions into one of `m * BLOCK_M` with a per-element difference hoisted out of the loops, a
+    # tile-sized tensor of registers per comparison kept across every loop: at head dim 128, 16 x 64
+    # tiles, 3 stages, causal's dK/dV needs 255 registers and spills 12 bytes with the rows as they
+    # are, 208 and no spill with them opaque; sinks + window 116 bytes -> 245 registers, no spill.
+    if PTX:
+        y = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        y = x
+    return y
+
+
+@triton.jit
 def _div_scalar(a, b, FAST: tl.constexpr):
     # a / b for a scalar b; FAST (float32, 16-bit inputs on NVIDIA: see `_tanh`): a times b's
     # reciprocal, computed once per program (within an ulp of the quotient), instead of a division each.
