@@ -124,8 +124,9 @@ DKV_CANDIDATES = tuple(
 # opaque (`_opaque`): 128-key tiles (16 queries, 3 stages) at head dim 64 (190 registers, 219 for sinks
 # + window); at 128 64-key tiles, 16 queries, 3 stages (208; 245 for sinks + window; 128-key tiles: 242,
 # but sinks + window spills 12 bytes, as 32 queries do, 8 bytes for causal); at 256, 32-key tiles
-# (mma.sync) with 16-query tiles and 3 stages (167; 201 for sinks + window): 64-key tiles, whose two
-# [64, 256] accumulators take 128 registers a thread, spill 220 bytes (192 with 2 stages).
+# (mma.sync) with 32-query tiles and 3 stages (171; 227 for sinks + window; 16-query tiles: 167, but
+# 1.7x the SASS instructions per score; 64 queries spill 24 bytes): 64-key tiles, whose two [64, 256]
+# accumulators take 128 registers a thread, spill 220 bytes (192 with 2 stages).
 _PREFERRED = {64: (Config(128, 64, 8, 3),), 128: (Config(128, 64, 8, 3),), 256: (Config(128, 32, 8, 3),)}
 _FALLBACK = (
     Config(128, 64, 8, 2),
@@ -143,7 +144,7 @@ _FALLBACK_BACKWARD = (Config(64, 32, 8, 2), Config(64, 32, 4, 2), Config(32, 32,
 _PREFERRED_DKV = {
     64: (Config(16, 128, 8, 3),),
     128: (Config(16, 64, 8, 3),),
-    256: (Config(16, 32, 8, 3),),
+    256: (Config(32, 32, 8, 3),),
 }
 _FALLBACK_DKV = (Config(32, 32, 8, 2), Config(32, 32, 4, 1))
 # Registers per thread: ptxas spills to local memory beyond this.
@@ -188,7 +189,7 @@ def registers(config: Config, shape: LaunchShape, backward: bool = False, dkv: b
     threads = 32 * config.num_warps
     d, dv = padded(shape.head_dim), padded(shape.head_dim_v)
     scores = config.block_m * config.block_n / threads
-    if dkv:  # fitted to causal's dK/dV kernel at head dims 64 to 256 (4 and 8 warps): see below
+    if dkv:  # fitted to causal's dK/dV kernel at head dims 64 to 256 (4 and 8 warps)
         kept = config.block_n * (d + dv) / threads
         # A score tile that feeds another product has every warp along its rows (Triton's layout for
         # chained products), on wgmma (64 keys or more) a warp group per 64 rows: a tile of fewer rows
@@ -199,8 +200,9 @@ def registers(config: Config, shape: LaunchShape, backward: bool = False, dkv: b
         # the first, and on wgmma the resident K and V tiles' descriptors, per step along the head dim.
         streamed = config.block_m * (d + dv) / threads
         descriptors = 1.5 * (d + dv) / 16 if config.block_n >= 64 else 0
-        # (A least-slack linear fit to 19 measured configurations, 14 that fit and 5 that spill:
-        # tests/test_backward_configs.py; ptxas gives the accumulators less than their size.)
+        # (The weights: of a grid of them, those with the least slack over 19 measured configurations,
+        # 14 that fit and 5 that spill, in tests/test_backward_configs.py; none on the grid that counts
+        # the accumulators at their full size both errs high on the first and rules out the others.)
         return math.ceil(
             84 + kept / 2 + 5 * held_scores + streamed + 8 * (config.num_stages - 1) + descriptors
         )
