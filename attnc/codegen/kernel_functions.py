@@ -140,11 +140,12 @@ def _floormod(a, b):
 def _opaque(x, PTX: tl.constexpr):
     # x (int32), but a value the compiler cannot see through (PTX: an inline `mov` on NVIDIA GPUs;
     # elsewhere x itself). The dK/dV kernel's query rows `m * BLOCK_M + offs_mb` are opaque so that
-    # LLVM does not rewrite each comparison of a query position with the key tile's (loop-invariant)
-    # positions into one of `m * BLOCK_M` with a per-element difference hoisted out of the loops, a
-    # tile-sized tensor of registers per comparison kept across every loop: at head dim 128, 16 x 64
-    # tiles, 3 stages, causal's dK/dV needs 255 registers and spills 12 bytes with the rows as they
-    # are, 208 and no spill with them opaque; sinks + window 116 bytes -> 245 registers, no spill.
+    # LLVM does not split each use of a row into a per-tile part and a per-element part hoisted out of
+    # the loops, registers kept across every loop for each use (most of them those of the loads: the
+    # row offsets and row masks of q, dO, lse and Delta; the rest the mask's comparisons). ptxas for
+    # sm_90, 16 x 64 tiles, 3 stages, head dim 128: causal 255 registers and 12 bytes spilled -> 208
+    # and none; sinks + window 116 bytes -> 245 registers, none (the loads' rows alone opaque: 253;
+    # the mask's alone: still 116 bytes).
     if PTX:
         y = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
     else:
