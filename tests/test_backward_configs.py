@@ -85,19 +85,25 @@ def test_on_a_gpu_dq_and_dkv_take_their_own_heuristics_first_choices(monkeypatch
 # `ptxas -v` for sm_90 (Triton 3.9's wheel, causal bf16, `python -m attnc.testing.static causal --backward
 # --kernel attnc_bwd_dkv --dim D --config C`): registers of those that fit, None for those that spill.
 DKV_REGISTERS = {
-    (64, Config(16, 128, 8, 3)): 236,
-    (128, Config(32, 32, 8, 3)): 194,
-    (128, Config(16, 64, 8, 2)): 213,
-    (128, Config(16, 64, 8, 3)): None,  # 12 bytes
-    (128, Config(16, 128, 8, 3)): None,  # 24 bytes
-    (128, Config(16, 64, 4, 3)): None,  # 236 bytes
-    (256, Config(32, 32, 8, 1)): 166,
-    (256, Config(32, 32, 8, 2)): 242,
-    (256, Config(16, 32, 8, 2)): 212,
-    (256, Config(16, 32, 8, 3)): 248,
-    (256, Config(32, 32, 8, 3)): None,  # 148 bytes
-    (256, Config(16, 32, 4, 3)): None,  # 412 bytes
-    (256, Config(16, 16, 4, 3)): None,  # 64 bytes
+    (64, Config(16, 128, 8, 3)): 190,
+    (64, Config(16, 64, 8, 3)): 156,
+    (64, Config(32, 64, 8, 3)): 200,
+    (64, Config(32, 128, 8, 3)): 233,
+    (64, Config(16, 128, 4, 3)): None,  # 68 bytes
+    (128, Config(16, 64, 8, 3)): 208,
+    (128, Config(16, 64, 8, 2)): 184,
+    (128, Config(16, 128, 8, 3)): 242,
+    (128, Config(16, 128, 8, 2)): 232,
+    (128, Config(32, 32, 8, 3)): 157,
+    (128, Config(32, 64, 8, 3)): None,  # 8 bytes
+    (128, Config(16, 64, 4, 3)): None,  # 28 bytes
+    (256, Config(16, 32, 8, 3)): 167,
+    (256, Config(16, 32, 8, 2)): 162,
+    (256, Config(32, 32, 8, 3)): 171,
+    (256, Config(32, 32, 8, 1)): 162,
+    (256, Config(16, 32, 4, 3)): 248,
+    (256, Config(16, 64, 8, 3)): None,  # 220 bytes
+    (256, Config(16, 64, 8, 2)): None,  # 192 bytes
 }
 
 
@@ -113,9 +119,11 @@ def test_the_dkv_register_estimate_errs_high_and_rules_out_what_spills() -> None
 
 
 def test_at_head_dim_256_dkv_keeps_two_tiles_in_flight() -> None:
-    # 16 queries by 32 keys, 3 stages: the one 8-warp configuration that pipelines without spilling
-    # (tests/test_static_sm90.py compiles it); the unpipelined 32 x 32 one stage stays a candidate.
+    # 32 queries by 32 keys, 3 stages: no pattern spills (tests/test_static_sm90.py compiles causal's),
+    # with 0.58x the SASS instructions per score of 16 x 32 (FULL tile: 379 for 1,024 scores against
+    # 331 for 512); 16 x 32 stays a candidate.
     shape = LaunchShape("bfloat16", 256, 256, 1, 4096, 4096, 8)
     first = autotune.heuristic(shape, H100_SHARED, dkv=True)
-    assert first == Config(16, 32, 8, 3)
+    assert first == Config(32, 32, 8, 3)
     assert first in autotune.candidates(shape, H100_SHARED, dkv=True)
+    assert Config(16, 32, 8, 3) in autotune.candidates(shape, H100_SHARED, dkv=True)

@@ -115,10 +115,10 @@ def test_any_other_error_while_tuning_is_not_hidden(tmp_path: Path, monkeypatch:
 
 
 def test_backward_heuristics_give_dq_and_dkv_tiles_of_their_own_which_fit_the_registers() -> None:
-    # dQ: 128 query rows on wgmma (its M side), each warp group on 64 of them. dK/dV: 128-key tiles on
-    # wgmma at head dim 64; at 128 and 256 64-key tiles spill with a tile in flight (their two
-    # [BLOCK_N, D] accumulators), so 32-key tiles, at 256 with 16-query tiles, which keep two tiles in
-    # flight (tests/test_static_sm90.py compiles these choices with ptxas for sm_90).
+    # dQ: 128 query rows on wgmma (its M side), each warp group on 64 of them. dK/dV: on wgmma, 128-key
+    # tiles at head dim 64 and 64-key tiles at 128; at 256 64-key tiles spill (their two [64, 256]
+    # accumulators), so 32-key tiles with 32-query tiles, which keep two tiles in flight
+    # (tests/test_static_sm90.py compiles these choices with ptxas for sm_90).
     def shape(dim: int) -> LaunchShape:
         return LaunchShape("bfloat16", dim, dim, 1, 4096, 4096, 32)
 
@@ -126,8 +126,8 @@ def test_backward_heuristics_give_dq_and_dkv_tiles_of_their_own_which_fit_the_re
     assert heuristic(shape(128), 227 * 1024, backward=True) == Config(128, 32, 8, 3)
     assert heuristic(shape(256), 227 * 1024, backward=True) == Config(128, 16, 8, 3)
     assert heuristic(shape(64), 227 * 1024, dkv=True) == Config(16, 128, 8, 3)
-    assert heuristic(shape(128), 227 * 1024, dkv=True) == Config(32, 32, 8, 3)
-    assert heuristic(shape(256), 227 * 1024, dkv=True) == Config(16, 32, 8, 3)
+    assert heuristic(shape(128), 227 * 1024, dkv=True) == Config(16, 64, 8, 3)
+    assert heuristic(shape(256), 227 * 1024, dkv=True) == Config(32, 32, 8, 3)
 
 
 def test_progress_bar_appears_only_on_long_tuning() -> None:

@@ -137,6 +137,23 @@ def _floormod(a, b):
 
 
 @triton.jit
+def _opaque(x, PTX: tl.constexpr):
+    # x (int32), but a value the compiler cannot see through (PTX: an inline `mov` on NVIDIA GPUs;
+    # elsewhere x itself). The dK/dV kernel's query rows `m * BLOCK_M + offs_mb` are opaque so that
+    # LLVM does not split each use of a row into a per-tile part and a per-element part hoisted out of
+    # the loops, registers kept across every loop for each use (most of them those of the loads: the
+    # row offsets and row masks of q, dO, lse and Delta; the rest the mask's comparisons). ptxas for
+    # sm_90, 16 x 64 tiles, 3 stages, head dim 128: causal 255 registers and 12 bytes spilled -> 208
+    # and none; sinks + window 116 bytes -> 245 registers, none (the loads' rows alone opaque: 253;
+    # the mask's alone: still 116 bytes).
+    if PTX:
+        y = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        y = x
+    return y
+
+
+@triton.jit
 def _div_scalar(a, b, FAST: tl.constexpr):
     # a / b for a scalar b; FAST (float32, 16-bit inputs on NVIDIA: see `_tanh`): a times b's
     # reciprocal, computed once per program (within an ulp of the quotient), instead of a division each.

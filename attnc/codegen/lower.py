@@ -514,7 +514,7 @@ _IMPORTS = {("triton", None): "triton", ("triton.language", "tl"): "tl"}
 KERNEL_FUNCTIONS = "attnc.codegen.kernel_functions"
 _KERNEL_FUNCTIONS = frozenset(
     {"_tile_of", "_conjunct_tiles", "_disjoint", "_cut", "_step_over", "_floordiv", "_floormod"}
-    | {"_div_scalar", "_tanh", "_kv_rows"}
+    | {"_div_scalar", "_tanh", "_kv_rows", "_opaque"}
 )
 
 
@@ -525,6 +525,8 @@ def kernel_functions(spec: KernelSpec | BackwardSpec) -> list[str]:
     names = {f"_{helper}" for helper in spec.helpers}
     if isinstance(spec, KernelSpec):
         names.add("_kv_rows")
+    else:
+        names.add("_opaque")  # the dK/dV kernel's query rows
     if "floormod" in spec.helpers:  # _floormod calls _floordiv
         names.add("_floordiv")
     if spec.analytic:

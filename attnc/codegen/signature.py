@@ -210,6 +210,7 @@ def _common(
         KernelArg("COUNT_VISITS", "constexpr", "visits"),
         *_args("geometry", "constexpr", ("ROW_OFFSETS", "SHIFTED")),
         KernelArg("FAST_MATH", "constexpr", "config"),
+        KernelArg("PTX", "constexpr", "config"),
     ]
 
 

@@ -120,13 +120,13 @@ DKV_CANDIDATES = tuple(
 # product out with every warp along its rows, so with 8 warps a 64-row tile is computed by both warp
 # groups (twice the elementwise work): 128-row tiles it is. dQ: 128 query rows with 32-key tiles and 3
 # stages up to head dim 128 (152 registers at 128; 64-key tiles reach 252 for block_sparse), 16-key
-# tiles at 256 (206, block_sparse 226). dK/dV keeps two [BLOCK_N, D] accumulators: 128-key tiles (16
-# queries, 3 stages) at head dim 64 (236; 64-key tiles: 241, and 1.4x the instructions per score); at
-# 128 64-key tiles spill with a tile in flight (16 or 32 queries: 12 to 64 bytes) and fit only
-# unpipelined, so 32-key tiles (mma.sync) with 3 stages (194); at 256, 32-key tiles with 16-query tiles
-# and 3 stages (248; 249 to 253 for full, prefix LM and a soft cap): with 32-query tiles a tile in
-# flight spills (148 bytes; one stage fits, 166, unpipelined), as do 4 warps (16 x 32: 412 bytes) and
-# 64-key tiles (over 1 KB).
+# tiles at 256 (206, block_sparse 226). dK/dV keeps two [BLOCK_N, D] accumulators, with its query rows
+# opaque (`_opaque`): 128-key tiles (16 queries, 3 stages) at head dim 64 (190 registers, 219 for sinks
+# + window); at 128 64-key tiles, 16 queries, 3 stages (208; 245 for sinks + window; 128-key tiles: 242,
+# but sinks + window spills 12 bytes, as 32 queries do, 8 bytes for causal); at 256, 32-key tiles
+# (mma.sync) with 32-query tiles and 3 stages (171; 227 for sinks + window; 16-query tiles: 167, but
+# 1.7x the SASS instructions per score; 64 queries spill 24 bytes): 64-key tiles, whose two [64, 256]
+# accumulators take 128 registers a thread, spill 220 bytes (192 with 2 stages).
 _PREFERRED = {64: (Config(128, 64, 8, 3),), 128: (Config(128, 64, 8, 3),), 256: (Config(128, 32, 8, 3),)}
 _FALLBACK = (
     Config(128, 64, 8, 2),
@@ -143,8 +143,8 @@ _PREFERRED_BACKWARD = {
 _FALLBACK_BACKWARD = (Config(64, 32, 8, 2), Config(64, 32, 4, 2), Config(32, 32, 4, 1))
 _PREFERRED_DKV = {
     64: (Config(16, 128, 8, 3),),
-    128: (Config(32, 32, 8, 3),),
-    256: (Config(16, 32, 8, 3),),
+    128: (Config(16, 64, 8, 3),),
+    256: (Config(32, 32, 8, 3),),
 }
 _FALLBACK_DKV = (Config(32, 32, 8, 2), Config(32, 32, 4, 1))
 # Registers per thread: ptxas spills to local memory beyond this.
@@ -191,14 +191,21 @@ def registers(config: Config, shape: LaunchShape, backward: bool = False, dkv: b
     scores = config.block_m * config.block_n / threads
     if dkv:  # fitted to causal's dK/dV kernel at head dims 64 to 256 (4 and 8 warps)
         kept = config.block_n * (d + dv) / threads
-        # The streamed q and dO tiles' operand registers, and per stage past the first what a tile in
-        # flight keeps, which grows with the head dim (16 x 32 tiles at 256: 212 registers with 2
-        # stages, 248 with 3).
+        # A score tile that feeds another product has every warp along its rows (Triton's layout for
+        # chained products), on wgmma (64 keys or more) a warp group per 64 rows: a tile of fewer rows
+        # is held again by each warp group.
+        holders = min(threads, 2 * config.block_n) if config.block_n >= 64 else threads
+        held_scores = config.block_m * config.block_n / holders
+        # The streamed q and dO tiles' operand registers, what a tile in flight keeps per stage past
+        # the first, and on wgmma the resident K and V tiles' descriptors, per step along the head dim.
         streamed = config.block_m * (d + dv) / threads
-        in_flight = (4 + (d + dv) / 16) * (config.num_stages - 1)
-        # On wgmma (64 keys or more) the resident K and V tiles' descriptors, per step along the head dim.
-        descriptors = 3 * (d + dv) / 16 if config.block_n >= 64 else 0
-        return math.ceil(94 + kept + 4 * scores + streamed / 2 + in_flight + descriptors)
+        descriptors = 1.5 * (d + dv) / 16 if config.block_n >= 64 else 0
+        # (The weights: of a grid of them, those with the least slack over 19 measured configurations,
+        # 14 that fit and 5 that spill, in tests/test_backward_configs.py; none on the grid that counts
+        # the accumulators at their full size both errs high on the first and rules out the others.)
+        return math.ceil(
+            84 + kept / 2 + 5 * held_scores + streamed + 8 * (config.num_stages - 1) + descriptors
+        )
     if backward:  # the dQ kernel: its accumulator, and its q and dO rows
         kept = config.block_m * d / threads
         rows = config.block_m * (d + dv) / threads

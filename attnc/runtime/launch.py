@@ -591,6 +591,7 @@ def _seconds_or_inf(measure: Callable[[Config], float], config: Config) -> float
 
 def _constants(config: Config, dim: int, dim_v: int, dtype: torch.dtype, backend: str) -> dict[str, Any]:
     """The compile-time arguments the forward and backward kernels share (their "config" source)."""
+    ptx = backend == CUDA and torch.version.hip is None  # NVIDIA: not ROCm, not the interpreter
     return dict(
         HEAD_DIM=dim,
         HEAD_DIM_V=dim_v,
@@ -602,8 +603,9 @@ def _constants(config: Config, dim: int, dim_v: int, dtype: torch.dtype, backend
         # Triton's interpreter cannot multiply bfloat16 matrices (see the template's UPCAST_DOT).
         UPCAST_DOT=backend == INTERPRETER and dtype == torch.bfloat16,
         # Hardware approximations (tanh.approx.f32, inline PTX) where 16-bit inputs leave room for
-        # their error: NVIDIA only (not ROCm, not the interpreter); float32 keeps the exact formulas.
-        FAST_MATH=backend == CUDA and torch.version.hip is None and dtype in (torch.bfloat16, torch.float16),
+        # their error: NVIDIA only; float32 keeps the exact formulas.
+        FAST_MATH=ptx and dtype in (torch.bfloat16, torch.float16),
+        PTX=ptx,  # inline PTX that changes no value (`_opaque`)
     )
 
 
