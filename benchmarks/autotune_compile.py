@@ -81,29 +81,41 @@ class _Ptxas:
         return self.seconds.pop(threading.get_ident(), 0.0)
 
 
-def candidate_lists(backward: bool) -> dict[str, list[Any]]:
-    """The candidates of the bucket before this change (no cap) and after it."""
+def candidate_lists(backward: bool) -> dict[str, list[tuple[str, Any]]]:
+    """(kernel, configuration) of every compile the bucket's autotuning makes, before the cap on
+    candidates (`all`) and with it (`pruned`): the forward's candidates, or the backward's dQ and dK/dV
+    candidates, each kernel tuned apart (`autotune.candidates(..., dkv=)`)."""
     from unittest import mock
 
     from attnc.runtime import autotune
 
     shape = autotune.LaunchShape(DTYPE, HEAD_DIM, HEAD_DIM, 1, LENGTH, LENGTH, 2 * 4)
+    kernels = (("attnc_bwd_dq", False), ("attnc_bwd_dkv", True)) if backward else (("attnc_fwd", False),)
+
+    def listed() -> list[tuple[str, Any]]:
+        return [
+            (kernel, config)
+            for kernel, dkv in kernels
+            for config in autotune.candidates(shape, H100_SHARED, backward, dkv=dkv)
+        ]
+
     with (
         mock.patch.object(autotune, "MAX_CANDIDATES", 10**6),
         mock.patch.object(autotune, "MAX_BACKWARD_CANDIDATES", 10**6),
     ):
-        every = autotune.candidates(shape, H100_SHARED, backward)
-    return {"all": every, "pruned": autotune.candidates(shape, H100_SHARED, backward)}
+        every = listed()
+    return {"all": every, "pruned": listed()}
 
 
-def launches(configs: list[Any], backward: bool) -> list[tuple[Any, Any]]:
-    """(config, recorded launch) of the kernels that multiply tiles, for each configuration."""
+def launches(compiles: list[tuple[str, Any]], backward: bool) -> list[tuple[Any, Any]]:
+    """(config, recorded launch) of each (kernel, configuration): the kernel's launch in a call run at
+    that configuration."""
     from attnc.testing import static
 
     items = []
-    for config in configs:
+    for kernel, config in compiles:
         job = static.Job(PATTERN, HEAD_DIM, 90, backward, DTYPE, LENGTH, config)
-        items += [(config, item) for item in static.record(job)[1] if item.kernel not in static._HELPERS]
+        items += [(config, item) for item in static.record(job) if item.kernel == kernel]
     return items
 
 
@@ -162,7 +174,7 @@ def aot(lists: list[str], directions: list[str]) -> dict[str, Any]:
                     continue
                 items = launches(configs, backward)
                 workers = autotune.compile_workers(len(items))
-                case = {"candidates": [str(c) for c in configs], "kernels": len(items)}
+                case = {"candidates": [f"{k} {c}" for k, c in configs], "kernels": len(items)}
                 case["serial"] = compile_all(items, 1, ptxas)
                 case["parallel"] = compile_all(items, workers, ptxas)
                 serial = case["serial"]["kernels"]

@@ -6,7 +6,10 @@ launcher runs on a faked device whose kernels record their warmups and launches.
 from __future__ import annotations
 
 import io
+import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -238,3 +241,40 @@ def test_under_the_interpreter_nothing_is_compiled_ahead(monkeypatch: pytest.Mon
     q, k, v = (torch.randn(1, 1, 40, 16) for _ in range(3))
     torch.testing.assert_close(kern(q, k, v), kern.reference(q, k, v), atol=1e-5, rtol=1e-5)
     assert registry.find(kern._op_pattern).last_config == autotune.INTERPRETER_CONFIG
+
+
+_BENCHMARK_LAUNCHES = """
+import json, sys
+sys.path.insert(0, "benchmarks")
+import autotune_compile as bench
+found = {}
+for backward in (False, True):
+    compiles = bench.candidate_lists(backward)["pruned"]
+    items = bench.launches(compiles, backward)
+    found[str(backward)] = [[kernel, str(config)] for kernel, config in compiles], [
+        [item.kernel, str(config)] for config, item in items
+    ]
+print(json.dumps(found))
+"""
+
+
+def test_the_benchmark_records_one_launch_of_each_kernel_per_candidate() -> None:
+    """`benchmarks/autotune_compile.py --aot` compiles what a first call's autotuning compiles: each
+    candidate's kernel (the forward's; the backward's dQ and dK/dV, tuned apart) recorded once, at
+    its own configuration. Recording needs Triton's compiler, not its interpreter: a child process."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-c", _BENCHMARK_LAUNCHES],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        check=True,
+    )
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    for backward, (compiles, recorded) in found.items():
+        assert recorded == compiles, backward
+    kernels = {kernel for kernel, _ in found["True"][0]}
+    assert kernels == {"attnc_bwd_dq", "attnc_bwd_dkv"}
+    assert {kernel for kernel, _ in found["False"][0]} == {"attnc_fwd"}
