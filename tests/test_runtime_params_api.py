@@ -340,6 +340,21 @@ def test_a_float_given_as_a_tensor_keeps_one_compiled_graph_for_all_values() -> 
     assert counter.frame_count == 1
 
 
+def test_a_float_given_as_a_tensor_keeps_one_graph_with_a_plan() -> None:
+    """Under `torch.compile` a plan is checked, not used (the op plans for itself), and a tensor's
+    value is a graph input unknown while tracing: the check leaves it, so `fullgraph=True` holds."""
+    counter = _compile_counter()
+    q, k, v = _qkv()
+    plan = KERN.plan(24, 24, block=(16, 16))
+    f = torch.compile(
+        lambda q, k, v, t: KERN(q, k, v, temperature=t, plan=plan), fullgraph=True, backend=counter
+    )
+    for temperature in (1.0, 2.5):
+        got = f(q, k, v, torch.tensor(temperature))
+        torch.testing.assert_close(got, MOD.band(temperature=temperature).reference(q, k, v))
+    assert counter.frame_count == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.int64])
 def test_a_float_given_as_a_tensor_is_its_value(dtype: torch.dtype) -> None:
     q, k, v = _qkv()
