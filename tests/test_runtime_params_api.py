@@ -389,6 +389,16 @@ def test_an_int_parameter_takes_no_tensor() -> None:
     assert isinstance(error, InputError) and "is int, got Tensor" in str(error)
 
 
+@pytest.mark.parametrize(
+    ("ints", "floats"), [([4, 2], []), ([4, 2], [1.0, 2.0]), ([4], [1.0]), ([4, 2, 1], [1.0])]
+)
+def test_the_op_refuses_runtime_values_of_another_count(ints: list[int], floats: list[float]) -> None:
+    q, k, v = _qkv()
+    values = torch.tensor(floats, dtype=torch.float64)
+    with pytest.raises(InputError, match="the pattern has 2 int and 1 float runtime parameters"):
+        torch.ops.attnc.attention(q, k, v, [], KERN._op_pattern, 0.25, ints, values)
+
+
 def test_the_op_refuses_float_params_that_are_not_a_float64_cpu_vector() -> None:
     q, k, v = _qkv()
     with pytest.raises(InputError, match="float_params must be a 1-d float64 CPU tensor"):
