@@ -20,6 +20,7 @@ import torch
 import attnc
 from attnc.codegen.lower import build_spec, render
 from attnc.runtime.autograd import NO_FLOAT_PARAMS as NO_FLOATS
+from attnc.testing import compare
 
 STD = attnc.stdlib()
 DOC = attnc.load("examples/document_causal.attn").document_causal()
@@ -98,6 +99,23 @@ def test_a_full_tile_reads_an_input_at_kv_with_no_test_at_all() -> None:
     assert "mask=" not in full
     (partial,) = input_loads(source, "_fwd_partial_tile", "bias")
     assert "| (not CHECK_ROWS)" in partial
+
+
+@pytest.mark.parametrize("index", ["h, kv", "kv, 1", "b, h, kv"])
+def test_a_full_tile_reads_an_input_at_kv_and_at_a_tested_scalar_index(index: str) -> None:
+    """The load's only test is of a scalar index (h, a constant), its pointers per key: Triton's
+    interpreter takes no scalar mask for a tile of pointers, so the mask must stay per key."""
+    dims = {"h, kv": "NUM_HEADS, KV_LEN", "kv, 1": "KV_LEN, 2", "b, h, kv": "BATCH, NUM_HEADS, KV_LEN"}[index]
+    kern = attnc.loads(
+        f"pattern p {{ input bias: float32[{dims}]\n mask = kv <= q\n score = s + bias[{index}] }}"
+    ).p()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 40, 16) for _ in range(3))
+    shape = {"h, kv": (2, 40), "kv, 1": (40, 2), "b, h, kv": (2, 2, 40)}[index]
+    bias = torch.randn(shape)
+    out, lse = kern(q, k, v, return_lse=True, kernel_options={"BLOCK_M": 16, "BLOCK_N": 16}, bias=bias)
+    comparison = compare(kern, out, lse, q, k, v, bias=bias)
+    assert comparison.ok, comparison.describe()
 
 
 @pytest.mark.parametrize(

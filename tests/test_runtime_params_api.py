@@ -340,6 +340,21 @@ def test_a_float_given_as_a_tensor_keeps_one_compiled_graph_for_all_values() -> 
     assert counter.frame_count == 1
 
 
+def test_a_float_given_as_a_tensor_keeps_one_graph_with_a_plan() -> None:
+    """Under `torch.compile` a plan is checked, not used (the op plans for itself), and a tensor's
+    value is a graph input unknown while tracing: the check leaves it, so `fullgraph=True` holds."""
+    counter = _compile_counter()
+    q, k, v = _qkv()
+    plan = KERN.plan(24, 24, block=(16, 16))
+    f = torch.compile(
+        lambda q, k, v, t: KERN(q, k, v, temperature=t, plan=plan), fullgraph=True, backend=counter
+    )
+    for temperature in (1.0, 2.5):
+        got = f(q, k, v, torch.tensor(temperature))
+        torch.testing.assert_close(got, MOD.band(temperature=temperature).reference(q, k, v))
+    assert counter.frame_count == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.int64])
 def test_a_float_given_as_a_tensor_is_its_value(dtype: torch.dtype) -> None:
     q, k, v = _qkv()
@@ -372,6 +387,16 @@ def test_an_int_parameter_takes_no_tensor() -> None:
     q, k, v = _qkv()
     error = _raised(lambda: KERN(q, k, v, window=torch.tensor(3)))
     assert isinstance(error, InputError) and "is int, got Tensor" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("ints", "floats"), [([4, 2], []), ([4, 2], [1.0, 2.0]), ([4], [1.0]), ([4, 2, 1], [1.0])]
+)
+def test_the_op_refuses_runtime_values_of_another_count(ints: list[int], floats: list[float]) -> None:
+    q, k, v = _qkv()
+    values = torch.tensor(floats, dtype=torch.float64)
+    with pytest.raises(InputError, match="the pattern has 2 int and 1 float runtime parameters"):
+        torch.ops.attnc.attention(q, k, v, [], KERN._op_pattern, 0.25, ints, values)
 
 
 def test_the_op_refuses_float_params_that_are_not_a_float64_cpu_vector() -> None:

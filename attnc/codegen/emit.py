@@ -456,7 +456,11 @@ class Emitter:
         """Per index of the load: the constexpr condition under which it lies inside its axis, so that
         it needs no bound test ("True": always), or None. An index is inside where it is the position
         (lets expanded) that runs over the size the axis is declared with and must cover
-        (`covered_sizes`): `b` always, `kv` under its tile axis' `inside`."""
+        (`covered_sizes`): `b` always, `kv` under its tile axis' `inside`.
+
+        A load of a tile of pointers whose other tests are all of scalars (`bias[h, kv]` in a FULL
+        tile) keeps the test of a varying index: Triton's interpreter refuses a scalar mask on a tile
+        of pointers ("mask has unsupported dtype")."""
         decl = self.pattern.input(str(n.attr))
         assert decl is not None
         conditions: list[str | None] = []
@@ -470,6 +474,10 @@ class Emitter:
             else:
                 axis = self.tiles.get(var)
                 conditions.append(None if axis is None else axis.inside)
+        varies = [self.varies(index) for index in n.args]
+        tested = [v for v, condition in zip(varies, conditions, strict=True) if condition != "True"]
+        if tested and not any(tested) and any(varies):
+            conditions[varies.index(True)] = None
         return conditions
 
     def _loaded(self, name: str, indices: list[str], inside: list[str | None], dtype: str) -> str:

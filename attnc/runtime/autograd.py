@@ -98,10 +98,15 @@ def _params(pattern: PatternIR, int_params: list[int], float_params: Tensor) -> 
             f"{float_params.dim()}-d {str(float_params.dtype)[6:]} tensor on {float_params.device.type}",
             pattern.loc,
         )
+    counts = [sum(d.type is t for d in pattern.params) for t in (Type.INT, Type.FLOAT)]
+    if [len(int_params), float_params.numel()] != counts:
+        raise InputError(
+            f"the pattern has {counts[0]} int and {counts[1]} float runtime parameters (autograd."
+            f"param_lists), got {len(int_params)} int_params and {float_params.numel()} float_params",
+            pattern.loc,
+        )
     ints, floats = iter(int_params), iter(float_params.tolist())
-    values = {d.name: next(ints) if d.type is Type.INT else next(floats) for d in pattern.params}
-    assert next(ints, None) is None and next(floats, None) is None, "more runtime values than parameters"
-    return values
+    return {d.name: next(ints) if d.type is Type.INT else next(floats) for d in pattern.params}
 
 
 def _env(

@@ -172,7 +172,8 @@ class Plan:
         inference tensor, which has none); and under `torch.compile` (`compiling`: tensors are traced
         there) anything but the pattern, the lengths, batch size, head count and parameter values
         (host data, each read as an attribute torch.compile guards: a graph traced with one plan is
-        traced again, and checked, for another)."""
+        traced again, and checked, for another) other than those given as tensors (graph inputs, their
+        values unknown while tracing; the op plans for the values it gets: `Kernel._use_plan`)."""
         loc = pattern.loc
 
         def refuse(reason: str) -> InputError:
@@ -212,6 +213,8 @@ class Plan:
             if axis in axes and mine != theirs:
                 raise refuse(f"{what}={mine}, but this call has {what}={theirs}")
         for name, value in env.params.items():
+            if compiling and isinstance(value, torch.Tensor):
+                continue  # a float given as a tensor: a graph input, whose value the trace does not know
             if self.env.params.get(name) != value:
                 raise refuse(f"{name}={self.env.params.get(name)!r}, but this call has {name}={value!r}")
         if compiling:
