@@ -588,6 +588,31 @@ def test_referenced_pattern_input_that_clashes_with_the_own_input() -> None:
     check(err, DuplicateError, 7, 12, "input 'doc' of pattern 'a' differs")
 
 
+def test_input_of_a_pattern_a_fn_references_clashes_at_each_call() -> None:
+    """A fn call is expanded once and used twice (in `p1` and `p2`): each use merges the inputs of the
+    patterns its body references, so the clash with `p2`'s own `t` is located at `p2`'s call."""
+    text = src(
+        "pattern a {",
+        "    input t: int32[4]",
+        "    mask = t[kv] > 0",
+        "}",
+        "fn f(x: int) = a and x >= 0",
+        "pattern p1 {",
+        "    input t: int32[4]",
+        "    mask = f(q) and t[kv] > 1",
+        "}",
+        "pattern p2 {",
+        "    input t: int32[5]",
+        "    mask = f(q) and t[kv] > 1",
+        "}",
+        "pattern main {",
+        "    mask = p1 or p2",
+        "}",
+    )
+    err = raised(lambda: attnc.loads(text).main())
+    check(err, DuplicateError, 12, 12, "input 't' of pattern 'a' differs")
+
+
 # ---- imports -----------------------------------------------------------------------------------------
 
 

@@ -41,7 +41,9 @@ class _Inliner:
 
     def __init__(self, module: ModuleIR) -> None:
         self.module = module
-        self.calls: dict[tuple[str, tuple[Node, ...]], Node] = {}
+        # A fn call's body and the inputs of the patterns it references (each with the pattern that
+        # declares it), merged again wherever the call is used.
+        self.calls: dict[tuple[str, tuple[Node, ...]], tuple[Node, tuple[tuple[InputDecl, str], ...]]] = {}
         # A referenced pattern's mask and inputs (own and inherited, shapes on these arguments).
         self.references: dict[tuple[str, tuple[Node, ...]], tuple[Node, tuple[InputDecl, ...]]] = {}
         self.inputs: dict[str, InputDecl] = {}
@@ -62,7 +64,12 @@ class _Inliner:
         if node.op is _CALL:
             fn = self.module.fn(str(node.attr))
             assert fn is not None
-            return self.call(fn, node.args)
+            body, inputs = self.call(fn, node.args)
+            for decl, origin in inputs:
+                source = self.module.pattern(origin)
+                assert source is not None
+                self.merge_input(decl, source, node.loc)
+            return body
         if node.op is _PATTERN:
             target = self.module.pattern(str(node.attr))
             assert target is not None
@@ -72,11 +79,19 @@ class _Inliner:
             return mask
         return None
 
-    def call(self, fn: FnIR, args: tuple[Node, ...]) -> Node:
-        """The fn's body on these (expanded) arguments, expanded; built once per distinct call."""
+    def call(self, fn: FnIR, args: tuple[Node, ...]) -> tuple[Node, tuple[tuple[InputDecl, str], ...]]:
+        """The fn's body on these (expanded) arguments, expanded, and the inputs of the patterns it
+        references, each with the pattern declaring it; built once per distinct call. (The inputs are
+        kept apart, not merged where the call is first expanded, so that each use merges them where
+        it is, and a clash is located at that call.)"""
         key = (fn.name, args)
         if key not in self.calls:
-            self.calls[key] = self.expand(fn.body, {p.name: a for p, a in zip(fn.params, args, strict=True)})
+            saved_inputs, saved_origin = self.inputs, self.input_origin
+            self.inputs, self.input_origin = {}, {}
+            body = self.expand(fn.body, {p.name: a for p, a in zip(fn.params, args, strict=True)})
+            inputs = tuple((d, self.input_origin[d.name]) for d in self.inputs.values())
+            self.calls[key] = (body, inputs)
+            self.inputs, self.input_origin = saved_inputs, saved_origin
         return self.calls[key]
 
     def reference(self, pattern: PatternIR, args: tuple[Node, ...]) -> tuple[Node, tuple[InputDecl, ...]]:
