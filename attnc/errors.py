@@ -45,6 +45,20 @@ class Loc:
             width = min(self.end_col, len(text) + 1) - self.col
         return f"  {text}\n  {' ' * (self.col - 1)}^{'~' * max(width - 1, 0)}"
 
+    def pack(self) -> str:
+        """The span as one string that a custom op can take as an argument, so that the op's errors point
+        where its caller's do: `unpack` gives back a span that prints the same, also in another process
+        (a program `torch.export` saved). Its line, columns, source line and file name, one a line (the
+        name last: only it may hold a line break); an f-string, which dynamo traces (it cannot trace
+        `json`)."""
+        return f"{self.line}\n{self.col}\n{self.end_col}\n{self.file.line(self.line)}\n{self.file.name}"
+
+    @staticmethod
+    def unpack(text: str) -> Loc:
+        line, col, end_col, source_line, name = text.split("\n", 4)
+        end = None if end_col == "None" else int(end_col)
+        return Loc(SourceFile(name, "\n" * (int(line) - 1) + source_line), int(line), int(col), end)
+
 
 class AttnError(Exception):
     """An error in a user's attention program, located in its source."""
