@@ -5,10 +5,12 @@ oracle) and the IR of every stage.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import numbers
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from attnc.compiler import CompiledPattern, compile_pattern
 from attnc.dsl.lower import Program, load_program, stdlib_program
 from attnc.dsl.source import SourceReadError, read_source, shown_path
 from attnc.errors import (
+    LOCATED_ERRORS,
     AttnError,
     AttnImportError,
     InputError,
@@ -401,6 +404,46 @@ def _int_value(op: Op, args: list[Any]) -> Any:
 the oracle's semantics: floor division and modulo, `x // 0 = 0`, `x % 0 = x`."""
 
 
+def _raised_when_run(call: Callable[..., Any]) -> Callable[..., Any]:
+    """A `Kernel` call (q, k, v first) whose errors keep their type and message under `torch.compile`.
+
+    Its checks run while dynamo traces the call, and dynamo lets no exception leave a trace: with
+    `fullgraph=True` the caller saw dynamo's `Unsupported` ("Observed exception") instead of attnc's
+    located error. So a traced call catches its `AttnError` and puts `attnc::raise_error` in the graph
+    instead of attention, which raises the error when the graph runs; the graph is guarded on what the
+    check read, so a later good call traces again. The results it stands for are shaped as the call's
+    would be (out [..., Dv], and lse with `return_lse` or `return_aux`), so that tracing goes on past
+    the call. Uncompiled, under `torch.export` (whose program would always raise), or where there is no
+    shape to give (q or v not a 3-D or 4-D tensor), the error is raised as it is."""
+    names = list(inspect.signature(call).parameters)[1:4]  # q, k, v or k_cache, v_cache
+
+    @functools.wraps(call)
+    def checked(self: Kernel, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(self, *args, **kwargs)
+        except AttnError as err:
+            given = dict(zip(names, args, strict=False)) | kwargs
+            q, v = given.get(names[0]), given.get(names[2])
+            if (
+                not torch.compiler.is_dynamo_compiling()
+                or torch.compiler.is_exporting()  # a program that always raises is no export
+                or LOCATED_ERRORS.get(type(err).__name__) is not type(err)
+                or not (isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor))
+                or q.dim() not in (3, 4)
+                or v.dim() != q.dim()
+            ):
+                raise
+            out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+            rows = q.shape[:-1] if q.dim() == 4 else (q.shape[1], q.shape[0])  # varlen's lse: [Hq, Tq]
+            lse = q.new_empty(rows, dtype=torch.float32)
+            count = 3 if kwargs.get("return_aux") is True else 2 if kwargs.get("return_lse") is True else 1
+            where = "" if err.loc is None else err.loc.pack()
+            results = autograd.raise_error(type(err).__name__, err.reason, where, [out, lse, lse][:count])
+            return results[0] if count == 1 else tuple(results)
+
+    return checked
+
+
 class Kernel:
     """A pattern compiled for parameter values. The static ones shape the kernel; the runtime ones are
     kernel arguments, and `params` holds the values a call uses unless it gives others by keyword
@@ -725,6 +768,7 @@ class Kernel:
             )
         return int(block[0]), int(block[1])
 
+    @_raised_when_run
     def __call__(
         self,
         q: torch.Tensor,
@@ -1029,6 +1073,7 @@ class Kernel:
                 f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})", loc
             )
 
+    @_raised_when_run
     def decode(
         self,
         q: torch.Tensor,
@@ -1114,6 +1159,7 @@ class Kernel:
         )  # fmt: skip
         return (out, lse) if return_lse else out
 
+    @_raised_when_run
     def varlen(
         self,
         q: torch.Tensor,
@@ -1183,6 +1229,7 @@ class Kernel:
         out = out[0].transpose(0, 1)
         return (out, lse[0]) if return_lse else out
 
+    @_raised_when_run
     def chunk(
         self,
         q: torch.Tensor,

@@ -156,8 +156,8 @@ def test_shape_arithmetic_matches_the_oracle(dim: str) -> None:
 
 
 def test_compile_dynamic_still_checks_input_shapes() -> None:
-    """Without fullgraph: dynamo cannot trace the construction of an `AttnError`, so the check's error
-    reaches the caller through a graph break (under fullgraph=True, as dynamo's `Unsupported`)."""
+    """A graph traced for one length checks the next length's input shape (the check's error is raised
+    when the graph runs: tests/test_compile_errors.py)."""
     compile_counter()
     f = torch.compile(lambda q, k, v, d: DOC(q, k, v, doc=d), backend="aot_eager", dynamic=True)
     q, k, v = _qkv(8)

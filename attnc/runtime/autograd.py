@@ -1,4 +1,5 @@
-"""`kern(q, k, v)` as PyTorch operators: `attnc::attention` and `attnc::attention_backward`.
+"""`kern(q, k, v)` as PyTorch operators: `attnc::attention` and `attnc::attention_backward` (and
+`attnc::raise_error`, a call's argument error in a compiled graph).
 
 Both are `torch.library` custom ops with fake (meta) implementations, and the first has the second as
 its autograd formula, so `torch.compile(..., fullgraph=True)` traces through a model that calls attnc
@@ -41,7 +42,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from attnc import config, oracle
-from attnc.errors import InputError, Loc
+from attnc.errors import LOCATED_ERRORS, InputError, Loc
 from attnc.ir.nodes import PatternIR, Type
 from attnc.runtime import backend, registry
 from attnc.runtime.launch import Forward, empty_like_strides
@@ -459,6 +460,25 @@ def _autocast_rule(device_type: str) -> Callable[..., tuple[Tensor, Tensor]]:
             return attention(*cast, *rest)
 
     return rule
+
+
+@torch.library.custom_op("attnc::raise_error", mutates_args=())
+def raise_error(kind: str, reason: str, where: str, like: list[Tensor]) -> list[Tensor]:
+    """Raise `LOCATED_ERRORS[kind](reason, Loc.unpack(where))` (no location if `where` is empty): the
+    error that a `Kernel` call's argument checks raised while `torch.compile` traced it, raised when
+    the graph runs, as the uncompiled call raises it (dynamo refuses an exception that leaves a
+    `fullgraph=True` trace, and reports it as its own `Unsupported`). The fake returns tensors shaped
+    as `like` (the call's results), so that tracing goes on past the call; the op is marked as having a
+    side effect (the raise), so that a graph keeps it also when the results go unused."""
+    raise LOCATED_ERRORS[kind](reason, Loc.unpack(where) if where else None)
+
+
+@raise_error.register_fake
+def _raise_error_fake(kind: str, reason: str, where: str, like: list[Tensor]) -> list[Tensor]:
+    return [torch.empty_like(t) for t in like]
+
+
+torch.fx.node.has_side_effect(torch.ops.attnc.raise_error.default)
 
 
 _AUTOCAST = torch.library.Library("attnc", "FRAGMENT")
