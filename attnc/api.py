@@ -5,11 +5,12 @@ oracle) and the IR of every stage.
 
 from __future__ import annotations
 
-import itertools
+import functools
+import inspect
 import math
 import numbers
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from attnc.compiler import CompiledPattern, compile_pattern
 from attnc.dsl.lower import Program, load_program, stdlib_program
 from attnc.dsl.source import SourceReadError, read_source, shown_path
 from attnc.errors import (
+    LOCATED_ERRORS,
     AttnError,
     AttnImportError,
     InputError,
@@ -402,6 +404,46 @@ def _int_value(op: Op, args: list[Any]) -> Any:
 the oracle's semantics: floor division and modulo, `x // 0 = 0`, `x % 0 = x`."""
 
 
+def _raised_when_run(call: Callable[..., Any]) -> Callable[..., Any]:
+    """A `Kernel` call (q, k, v first) whose errors keep their type and message under `torch.compile`.
+
+    Its checks run while dynamo traces the call, and dynamo lets no exception leave a trace: with
+    `fullgraph=True` the caller saw dynamo's `Unsupported` ("Observed exception") instead of attnc's
+    located error. So a traced call catches its `AttnError` and puts `attnc::raise_error` in the graph
+    instead of attention, which raises the error when the graph runs; the graph is guarded on what the
+    check read, so a later good call traces again. The results it stands for are shaped as the call's
+    would be (out [..., Dv], and lse with `return_lse` or `return_aux`), so that tracing goes on past
+    the call. Uncompiled, under `torch.export` (whose program would always raise), or where there is no
+    shape to give (q or v not a 3-D or 4-D tensor), the error is raised as it is."""
+    names = list(inspect.signature(call).parameters)[1:4]  # q, k, v or k_cache, v_cache
+
+    @functools.wraps(call)
+    def checked(self: Kernel, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(self, *args, **kwargs)
+        except AttnError as err:
+            given = dict(zip(names, args, strict=False)) | kwargs
+            q, v = given.get(names[0]), given.get(names[2])
+            if (
+                not torch.compiler.is_dynamo_compiling()
+                or torch.compiler.is_exporting()  # a program that always raises is no export
+                or LOCATED_ERRORS.get(type(err).__name__) is not type(err)
+                or not (isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor))
+                or q.dim() not in (3, 4)
+                or v.dim() != q.dim()
+            ):
+                raise
+            out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+            rows = q.shape[:-1] if q.dim() == 4 else (q.shape[1], q.shape[0])  # varlen's lse: [Hq, Tq]
+            lse = q.new_empty(rows, dtype=torch.float32)
+            count = 3 if kwargs.get("return_aux") is True else 2 if kwargs.get("return_lse") is True else 1
+            where = "" if err.loc is None else err.loc.pack()
+            results = autograd.raise_error(type(err).__name__, err.reason, where, [out, lse, lse][:count])
+            return results[0] if count == 1 else tuple(results)
+
+    return checked
+
+
 class Kernel:
     """A pattern compiled for parameter values. The static ones shape the kernel; the runtime ones are
     kernel arguments, and `params` holds the values a call uses unless it gives others by keyword
@@ -422,6 +464,9 @@ class Kernel:
             Forward(self.name, self.pattern, self._compiled.spec, self._compiled.source)
         )
         self._key = self._forward.source.key
+        # The op's errors about argument values point here (patterns of one structure share the op's
+        # pattern, so it cannot know this one's place).
+        self._where = self._bound.loc.pack()
         backend.active()  # decided now, not while torch.compile traces a call
         self._differentiable = differentiable_inputs(self.pattern)
 
@@ -723,6 +768,7 @@ class Kernel:
             )
         return int(block[0]), int(block[1])
 
+    @_raised_when_run
     def __call__(
         self,
         q: torch.Tensor,
@@ -1027,6 +1073,7 @@ class Kernel:
                 f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})", loc
             )
 
+    @_raised_when_run
     def decode(
         self,
         q: torch.Tensor,
@@ -1055,7 +1102,8 @@ class Kernel:
 
         The values of `cache_seqlens` (at most the capacity; 0 or >= Lq) and of the used entries of
         `block_table` (pages of the cache) are checked on the host for CPU tensors and, on a GPU, with
-        `ATTNC_DEBUG=1`; otherwise they are the caller's contract: a table entry outside the cache is
+        `ATTNC_DEBUG=1`, by the op (`autograd.check_cache`: under `torch.compile` they are known only when
+        the graph runs); otherwise they are the caller's contract: a table entry outside the cache is
         clamped into it (never read outside it) and lengths past the capacity are cut to it, both
         giving wrong numbers. No backward pass (`NotImplementedError` if one is asked for).
         """
@@ -1098,8 +1146,6 @@ class Kernel:
             raise InputError(
                 f"the cache holds {capacity} rows: at most {SIZE_LIMIT} and at least Lq={q_len}", loc
             )
-        if lens.device.type == "cpu" or config.debug():
-            self._check_cache(lens, None if block_table is None else table, q_len, capacity, k_cache.shape[0])
         inputs_, params = self._split(inputs)
         offsets = (lens.to(torch.int32) - q_len).clamp(min=0)  # a row without keys visits nothing anyway
         self._env(q_len, capacity, batch, heads, inputs_, params, q.device, offsets)  # checks the inputs
@@ -1109,10 +1155,11 @@ class Kernel:
         ints, floats = autograd.param_lists(self.pattern, params)
         out, lse = autograd.attention(
             q, k_cache, v_cache, tensors, self._op_pattern, self._scale(scale, dim), ints, floats,
-            0, offsets, self._kernel_options(kernel_options), lens.to(torch.int32), block_table,
+            0, offsets, self._kernel_options(kernel_options), lens, block_table, where=self._where,
         )  # fmt: skip
         return (out, lse) if return_lse else out
 
+    @_raised_when_run
     def varlen(
         self,
         q: torch.Tensor,
@@ -1139,9 +1186,10 @@ class Kernel:
         sequence's length (they size the launch); inputs indexed by `b` are per sequence, and input
         shapes that name Q_LEN / KV_LEN use max_seqlen_q / max_seqlen_k. Returns out [Tq, Hq, Dv] (and
         lse float32 [Hq, Tq] with `return_lse`). The cumulative lengths are checked on the host for CPU
-        tensors and, on a GPU, with `ATTNC_DEBUG=1`; otherwise they are the caller's contract (rows past
-        a sequence's `max_seqlen` are not computed, and nothing outside the tensors is read). No
-        backward pass (`NotImplementedError` if one is asked for).
+        tensors and, on a GPU, with `ATTNC_DEBUG=1`, by the op (`autograd.check_cu_seqlens`, as for
+        `decode`); otherwise they are the caller's contract (rows past a sequence's `max_seqlen` are not
+        computed, and nothing outside the tensors is read). No backward pass (`NotImplementedError` if
+        one is asked for).
         """
         loc = self._bound.loc
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -1166,26 +1214,6 @@ class Kernel:
                 raise InputError(f"{name} must be an int from 0 to {SIZE_LIMIT}, got {value!r}", loc)
             if total > SIZE_LIMIT:
                 raise InputError(f"the packed tensors may hold at most {SIZE_LIMIT} rows, got {total}", loc)
-        if cu_q.device.type == "cpu" or config.debug():
-            for name, cu, total, longest in (
-                ("cu_seqlens_q", cu_q, q.shape[0], max_seqlen_q),
-                ("cu_seqlens_k", cu_k, k.shape[0], max_seqlen_k),
-            ):
-                values = cu.tolist()
-                if values[0] != 0 or values[-1] != total:
-                    raise InputError(
-                        f"{name} must run from 0 to {total} (the packed rows), got {values[0]} to "
-                        f"{values[-1]}",
-                        loc,
-                    )
-                lengths = [b - a for a, b in itertools.pairwise(values)]
-                if any(n < 0 for n in lengths):
-                    raise InputError(f"{name} must not decrease, got {values}", loc)
-                if lengths and max(lengths) > longest:
-                    wanted = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"
-                    raise InputError(
-                        f"{wanted}={longest} is below the longest sequence ({max(lengths)})", loc
-                    )
         if not isinstance(return_lse, bool):
             raise InputTypeError(f"return_lse must be a bool, got {return_lse!r}", loc)
         count = cu_q.shape[0] - 1
@@ -1193,14 +1221,15 @@ class Kernel:
         env = self._env(max_seqlen_q, max_seqlen_k, count, q.shape[1], inputs_, params, q.device)
         tensors = [inputs_[d.name] for d in self._bound.inputs]
         ints, floats = autograd.param_lists(self.pattern, params)
-        cu_q32, cu_k32 = cu_q.to(torch.int32).contiguous(), cu_k.to(torch.int32).contiguous()
         out, lse = autograd.attention(
-            *views, tensors, self._op_pattern, self._scale(scale, q.shape[2]), ints, floats,
-            0, None, self._kernel_options(kernel_options), None, None, cu_q32, cu_k32, env.q_len, env.kv_len,
+            *views, tensors, self._op_pattern, self._scale(scale, q.shape[2]), ints, floats, 0, None,
+            self._kernel_options(kernel_options), None, None, cu_q, cu_k, env.q_len, env.kv_len,
+            where=self._where,
         )  # fmt: skip
         out = out[0].transpose(0, 1)
         return (out, lse[0]) if return_lse else out
 
+    @_raised_when_run
     def chunk(
         self,
         q: torch.Tensor,
@@ -1280,32 +1309,6 @@ class Kernel:
         if value.device != device:
             raise InputError(f"{name} is on {value.device}, q on {device}", loc)
         return value
-
-    def _check_cache(
-        self, lens: torch.Tensor, table: torch.Tensor | None, q_len: int, capacity: int, pages: int
-    ) -> None:
-        """The values of `decode`'s cache_seqlens and block table (a host read: CPU tensors, or
-        `ATTNC_DEBUG`)."""
-        loc = self._bound.loc
-        values = lens.tolist()
-        for b, n in enumerate(values):
-            if n < 0 or n > capacity or 0 < n < q_len:
-                raise InputError(
-                    f"cache_seqlens[{b}] = {n}: each row holds 0 keys or from Lq={q_len} to the cache's "
-                    f"capacity {capacity}",
-                    loc,
-                )
-        if table is None:
-            return
-        page_size = capacity // max(table.shape[1], 1)
-        for b, n in enumerate(values):
-            used = table[b, : -(-n // page_size)]
-            bad = (used < 0) | (used >= pages)
-            if bool(bad.any()):
-                i = int(bad.nonzero()[0, 0])
-                raise InputError(
-                    f"block_table[{b}, {i}] = {int(used[i])} is not a page of the cache (it has {pages})", loc
-                )
 
     def reference(
         self,

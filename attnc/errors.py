@@ -45,14 +45,39 @@ class Loc:
             width = min(self.end_col, len(text) + 1) - self.col
         return f"  {text}\n  {' ' * (self.col - 1)}^{'~' * max(width - 1, 0)}"
 
+    def pack(self) -> str:
+        """The span as one string that a custom op can take as an argument, so that the op's errors point
+        where its caller's do: `unpack` gives back a span that prints the same, also in another process
+        (a program `torch.export` saved). Its line, columns, source line and file name, one a line (the
+        name last: only it may hold a line break); an f-string, which dynamo traces (it cannot trace
+        `json`)."""
+        return f"{self.line}\n{self.col}\n{self.end_col}\n{self.file.line(self.line)}\n{self.file.name}"
+
+    @staticmethod
+    def unpack(text: str) -> Loc:
+        line, col, end_col, source_line, name = text.split("\n", 4)
+        end = None if end_col == "None" else int(end_col)
+        return Loc(SourceFile(name, "\n" * (int(line) - 1) + source_line), int(line), int(col), end)
+
 
 class AttnError(Exception):
-    """An error in a user's attention program, located in its source."""
+    """An error in a user's attention program, located in its source.
+
+    Its message is built when it is read (`__str__`, and `__repr__` shows it as before), and `__init__`
+    calls no base class's: dynamo cannot trace `Exception.__init__` through `super()`, and a `Kernel`
+    call that `torch.compile` traces catches its argument errors to raise them when the graph runs
+    (`api._raised_when_run`). `args` is `(reason, loc)`, as the class is called, so that a pickled
+    error unpickles."""
 
     def __init__(self, reason: str, loc: Loc | None) -> None:
         self.reason = reason
         self.loc = loc
-        super().__init__(self._format())
+
+    def __str__(self) -> str:
+        return self._format()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._format()!r})"
 
     def _format(self) -> str:
         if self.loc is None:
@@ -129,6 +154,26 @@ class ConfigError(_SettingError, ValueError):
 class TritonMissingError(_SettingError, ImportError):
     """A kernel is to run, but Triton cannot be imported (it is a Linux-only dependency): everything
     else — parsing, the oracle, plans, `attnc check/ir/show` — works without it."""
+
+
+LOCATED_ERRORS: dict[str, type[AttnError]] = {
+    cls.__name__: cls
+    for cls in (
+        AttnSyntaxError,
+        UnknownNameError,
+        AttnTypeError,
+        ArityError,
+        DuplicateError,
+        AttnImportError,
+        CycleError,
+        ParameterError,
+        ProgramTooLargeError,
+        InputError,
+        InputTypeError,
+    )
+}
+"""This module's errors that are built from a reason and a `Loc`, by name: how a custom op that raises
+the error of a call `torch.compile` traced (`autograd.raise_error`) finds the class again."""
 
 
 class InternalError(AssertionError):

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -99,3 +100,14 @@ def example_script(stem: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def compile_counter() -> Any:
+    """A fresh dynamo with a backend (`aot_eager`: fast on the CPU) that counts the graphs it compiles.
+    Imported here: `torch._dynamo` imports Triton, which `import attnc` must precede (it picks the
+    interpreter)."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    return CompileCounterWithBackend("aot_eager")

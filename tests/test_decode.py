@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import compile_counter
 
 import attnc
 from attnc.runtime.launch import counting_visits
@@ -15,7 +16,8 @@ from attnc.runtime.launch import counting_visits
 STD = attnc.stdlib()
 STREAMING = attnc.load("examples/streaming_llm.attn").streaming_llm(window=24, sinks=4)
 DOC = attnc.load("examples/document_causal.attn").document_causal()
-SOFTCAP = attnc.loads("pattern p(cap: float) { mask = kv <= q\n score = cap * tanh(s / cap) }").p(cap=4.0)
+SOFTCAP_SOURCE = attnc.loads("pattern p(cap: float) { mask = kv <= q\n score = cap * tanh(s / cap) }")
+SOFTCAP = SOFTCAP_SOURCE.p(cap=4.0)
 
 
 def cache(batch: int, heads: int, kv_heads: int, q_len: int, capacity: int, dim: int = 16, seed: int = 0):
@@ -284,3 +286,65 @@ def test_a_pattern_that_reads_the_head_is_never_packed() -> None:
     assert visits["forward"].shape[1] == 4
     want = ALIBI.reference(q, k, v, q_offset=28, slopes=slopes)
     torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-6)
+
+
+# ---- torch.compile: the values of cache_seqlens and the block table are checked in the op ----------------
+
+
+def compiled_decode(kern, **fixed):
+    """`kern.decode` under `torch.compile(fullgraph=True)`: one graph, no break around the call."""
+    return torch.compile(
+        lambda q, k, v, lens, table: kern.decode(q, k, v, cache_seqlens=lens, block_table=table, **fixed),
+        fullgraph=True,
+        backend=compile_counter(),
+    )
+
+
+@pytest.mark.parametrize("paged_cache", [False, True], ids=["contiguous", "paged"])
+def test_a_fullgraph_compiled_decode_with_a_float_parameter_matches_the_oracle(paged_cache: bool) -> None:
+    lens = torch.tensor([70, 0, 3, 41], dtype=torch.int32)
+    q, k, v = cache(4, 4, 2, 3, 70)
+    want = per_row_reference(SOFTCAP_SOURCE.p(cap=2.0), q, k, v, lens)
+    k_cache, v_cache, table = paged(k, v, lens, 16) if paged_cache else (k, v, None)
+    out = compiled_decode(SOFTCAP, cap=2.0)(q, k_cache, v_cache, lens, table)
+    torch.testing.assert_close(out, want, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize(
+    ("lens", "match"),
+    [
+        ([21, 5], r"cache_seqlens\[0\] = 21: each row holds 0 keys or from Lq=2 to the cache's capacity 20"),
+        ([5, 1], r"cache_seqlens\[1\] = 1"),
+        ([2**32 + 5, 5], r"cache_seqlens\[0\] = 4294967301"),  # int64: not wrapped to 5 before the check
+    ],
+    ids=["past_capacity", "fewer_than_lq", "past_int32"],
+)
+def test_bad_cache_lengths_are_the_same_errors_compiled(lens: list[int], match: str) -> None:
+    q, k, v = cache(2, 2, 2, 2, 20)
+    lengths = torch.tensor(lens, dtype=torch.int64)
+    with pytest.raises(attnc.InputError, match=match) as eager:
+        STD.causal().decode(q, k, v, cache_seqlens=lengths)
+    with pytest.raises(attnc.InputError, match=match) as compiled:
+        compiled_decode(STD.causal())(q, k, v, lengths, None)
+    assert str(compiled.value) == str(eager.value)
+
+
+def test_a_compiled_decode_refuses_a_block_table_entry_outside_the_cache() -> None:
+    lens = torch.tensor([40], dtype=torch.int32)
+    q, k, v = cache(1, 2, 2, 1, 48)
+    k_pages, v_pages, table = paged(k, v, lens, 16)
+    table[0, 1] = -3
+    with pytest.raises(attnc.InputError, match=r"block_table\[0, 1\] = -3 is not a page of the cache"):
+        compiled_decode(STD.causal())(q, k_pages, v_pages, lens, table)
+
+
+def test_a_value_error_points_at_the_calling_pattern_not_one_that_shares_its_kernels() -> None:
+    """A pattern of stdlib causal's structure shares its op pattern (and kernels); the op checks the
+    lengths, and its error still points at this pattern's line."""
+    mine = attnc.loads("\n\npattern mine { mask = kv <= q }", "mine.attn").mine()
+    assert mine._forward is STD.causal()._forward
+    q, k, v = cache(1, 2, 2, 1, 20)
+    with pytest.raises(attnc.InputError) as raised:
+        mine.decode(q, k, v, cache_seqlens=torch.tensor([21], dtype=torch.int32))
+    assert str(raised.value).startswith("mine.attn:3:9: error: cache_seqlens[0] = 21")
+    assert str(raised.value).endswith("  pattern mine { mask = kv <= q }\n          ^~~~")

@@ -8,6 +8,7 @@ column (both on `err.loc` and in the first line of the message), a key phrase of
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -1031,3 +1032,11 @@ def test_integer_overflow_in_constant_folding_is_located() -> None:
     text = src("pattern p {", "    mask = kv < 4611686018427387904 * 4", "}")
     err = raised(lambda: attnc.loads(text).p())
     check(err, AttnTypeError, 2, 17, "does not fit in 64 bits")
+
+
+def test_a_located_error_pickles_with_its_message() -> None:
+    """An error raised in a worker process (a DataLoader worker, a `multiprocessing` pool) reaches the
+    parent with its class and message: `args` is the class's own arguments (reason, location)."""
+    err = raised(lambda: attnc.loads(src("pattern p {", "    mask = kv < nope", "}")))
+    copy = pickle.loads(pickle.dumps(err))
+    assert type(copy) is UnknownNameError and str(copy) == str(err) and repr(copy) == repr(err)

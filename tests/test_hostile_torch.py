@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from cases import DEVICE
+from cases import DEVICE, compile_counter
 from torch.autograd import forward_ad
 
 import attnc
@@ -82,19 +82,8 @@ def test_double_backward_says_differentiable_once() -> None:
 # Row 7: shape checks are symbolic-shape safe, so inputs sized by a length compile once.
 
 
-def _compile_counter() -> Any:
-    """A fresh dynamo with a backend (`aot_eager`: fast on the CPU) that counts the graphs it compiles.
-    Imported here: `torch._dynamo` imports Triton, which `import attnc` must precede (it picks the
-    interpreter)."""
-    import torch._dynamo
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    return CompileCounterWithBackend("aot_eager")
-
-
 def _compiled_document_masking(dynamic: bool | None) -> tuple[Any, Any]:
-    counter = _compile_counter()
+    counter = compile_counter()
     return counter, torch.compile(
         lambda q, k, v, d: DOC(q, k, v, doc=d), fullgraph=True, backend=counter, dynamic=dynamic
     )
@@ -137,7 +126,7 @@ def test_compile_dynamic_shape_arithmetic_compiles_once() -> None:
         "    score = s + w[q // 2]\n"
         "}"
     ).p()
-    counter = _compile_counter()
+    counter = compile_counter()
     f = torch.compile(lambda q, k, v, w: kern(q, k, v, w=w), fullgraph=True, backend=counter, dynamic=True)
     for length in (8, 9, 13):
         q, k, v = _qkv(length)
@@ -167,9 +156,9 @@ def test_shape_arithmetic_matches_the_oracle(dim: str) -> None:
 
 
 def test_compile_dynamic_still_checks_input_shapes() -> None:
-    """Without fullgraph: dynamo cannot trace the construction of an `AttnError`, so the check's error
-    reaches the caller through a graph break (under fullgraph=True, as dynamo's `Unsupported`)."""
-    _compile_counter()
+    """A graph traced for one length checks the next length's input shape (the check's error is raised
+    when the graph runs: tests/test_compile_errors.py)."""
+    compile_counter()
     f = torch.compile(lambda q, k, v, d: DOC(q, k, v, doc=d), backend="aot_eager", dynamic=True)
     q, k, v = _qkv(8)
     f(q, k, v, _docs(8))
@@ -201,7 +190,7 @@ def test_largest_float32_scale_is_accepted() -> None:
 
 
 def test_changing_scale_folded_into_q_compiles_once() -> None:
-    counter = _compile_counter()
+    counter = compile_counter()
     f = torch.compile(lambda q, k, v, t: CAUSAL(q * t, k, v, scale=1.0), fullgraph=True, backend=counter)
     q, k, v = _qkv()
     for t in (0.1, 0.2, 0.3, 0.4):

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from cases import DEVICE
+from cases import DEVICE, compile_counter
 
 import attnc
 from attnc import DuplicateError, InputError, ParameterError
@@ -243,16 +243,6 @@ def test_pattern_repr_marks_the_static_parameters() -> None:
 # ---- torch.compile -------------------------------------------------------------------------------------
 
 
-def _compile_counter() -> Any:
-    """A fresh dynamo with a backend that counts the graphs it compiles (imported here: `torch._dynamo`
-    imports Triton, which `import attnc` must precede)."""
-    import torch._dynamo
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    return CompileCounterWithBackend("aot_eager")
-
-
 @pytest.fixture
 def launched(monkeypatch: pytest.MonkeyPatch) -> set[str]:
     """The keys of every forward kernel launched from now on."""
@@ -269,7 +259,7 @@ def launched(monkeypatch: pytest.MonkeyPatch) -> set[str]:
 
 def test_a_compiled_call_with_three_windows_compiles_at_most_twice(launched: set[str]) -> None:
     """The second value makes the window dynamic (a SymInt through the custom op); the third reuses it."""
-    counter = _compile_counter()
+    counter = compile_counter()
     f = torch.compile(lambda q, k, v, w: KERN(q, k, v, window=w), backend=counter)
     q, k, v = _qkv()
     for window in (3, 7, 11):
@@ -279,7 +269,7 @@ def test_a_compiled_call_with_three_windows_compiles_at_most_twice(launched: set
 
 
 def test_a_fullgraph_compiled_call_with_a_window_gives_the_oracles_gradients() -> None:
-    counter = _compile_counter()
+    counter = compile_counter()
     f = torch.compile(lambda q, k, v, w: KERN(q, k, v, window=w, sinks=0), fullgraph=True, backend=counter)
     for window in (2, 5, 9):
         q, k, v = _qkv(requires_grad=True)
@@ -295,7 +285,7 @@ def test_a_fullgraph_compiled_call_with_a_window_gives_the_oracles_gradients() -
 
 def test_a_compiled_call_with_new_float_values_matches_the_oracle() -> None:
     """Dynamo specialises a float argument (one graph per value, as for `scale`): never a stale one."""
-    f = torch.compile(lambda q, k, v, t: KERN(q, k, v, temperature=t), backend=_compile_counter())
+    f = torch.compile(lambda q, k, v, t: KERN(q, k, v, temperature=t), backend=compile_counter())
     q, k, v = _qkv()
     for temperature in (0.5, 2.0, 3.0):
         torch.testing.assert_close(
@@ -331,7 +321,7 @@ def test_a_parameter_that_shapes_an_input_of_a_referenced_pattern_is_static() ->
 def test_a_float_given_as_a_tensor_keeps_one_compiled_graph_for_all_values() -> None:
     """A 0-d CPU tensor reaches the op as a graph input (`float_params`), where a Python float would be
     specialised: four temperatures, one graph, each the oracle's attention."""
-    counter = _compile_counter()
+    counter = compile_counter()
     f = torch.compile(lambda q, k, v, t: KERN(q, k, v, temperature=t), fullgraph=True, backend=counter)
     q, k, v = _qkv()
     for temperature in (0.5, 2.0, 3.0, 7.25):
@@ -343,7 +333,7 @@ def test_a_float_given_as_a_tensor_keeps_one_compiled_graph_for_all_values() -> 
 def test_a_float_given_as_a_tensor_keeps_one_graph_with_a_plan() -> None:
     """Under `torch.compile` a plan is checked, not used (the op plans for itself), and a tensor's
     value is a graph input unknown while tracing: the check leaves it, so `fullgraph=True` holds."""
-    counter = _compile_counter()
+    counter = compile_counter()
     q, k, v = _qkv()
     plan = KERN.plan(24, 24, block=(16, 16))
     f = torch.compile(

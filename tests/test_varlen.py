@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import compile_counter
 
 import attnc
 from attnc.runtime.autograd import NO_FLOAT_PARAMS as NO_FLOATS
@@ -125,11 +126,12 @@ def test_a_four_dimensional_q_is_refused() -> None:
         )
 
 
-def test_lengths_past_the_packed_tensors_never_read_outside_them() -> None:
-    # What `varlen` refuses on the host, given to the op directly (a GPU caller's broken contract):
-    # sequence 1 claims keys 4 to 2000 of 8; the kernel cuts it to rows 4-7.
+def test_lengths_past_the_packed_tensors_never_read_outside_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the op refuses when it reads the values, given to it where it does not (a GPU caller's broken
+    # contract without ATTNC_DEBUG): sequence 1 claims keys 4 to 2000 of 8; the kernel cuts it to rows 4-7.
     from attnc.runtime import autograd
 
+    monkeypatch.setattr(autograd, "_readable", lambda t: False)
     torch.manual_seed(0)
     q, k, v = torch.randn(10, 2, 16), torch.randn(8, 2, 16), torch.randn(8, 2, 16)
     cu_q, cu_k = torch.tensor([0, 5, 10], dtype=torch.int32), torch.tensor([0, 4, 2000], dtype=torch.int32)
@@ -142,3 +144,48 @@ def test_lengths_past_the_packed_tensors_never_read_outside_them() -> None:
         sequence(q, cu_q, 1), k[4:].transpose(0, 1)[None], v[4:].transpose(0, 1)[None], scale=0.25
     )
     torch.testing.assert_close(out[:, :, 5:], want, atol=1e-6, rtol=1e-6)
+
+
+# ---- torch.compile: the cumulative lengths' values are checked in the op --------------------------------
+
+
+def compiled_varlen(kern, **fixed):
+    """`run` under `torch.compile(fullgraph=True)`: one graph, no break around the call."""
+    return torch.compile(
+        lambda q, k, v, cu_q, cu_k, **inputs: run(kern, q, k, v, cu_q, cu_k, **fixed, **inputs),
+        fullgraph=True,
+        backend=compile_counter(),
+    )
+
+
+def test_a_fullgraph_compiled_varlen_with_a_float_parameter_matches_the_oracle() -> None:
+    q, k, v, cu_q, cu_k = packed(Q_LENGTHS, KV_LENGTHS)
+    bias = torch.cat([per_sequence_inputs(BIASED, i)["bias"] for i in range(4)])
+    out, lse = compiled_varlen(BIASED, cap=2.0)(q, k, v, cu_q, cu_k, bias=bias)
+    for i in range(len(Q_LENGTHS)):
+        args = (sequence(q, cu_q, i), sequence(k, cu_k, i), sequence(v, cu_k, i))
+        ref, ref_lse = BIASED.reference(*args, cap=2.0, return_lse=True, **per_sequence_inputs(BIASED, i))
+        torch.testing.assert_close(sequence(out, cu_q, i), ref, atol=2e-6, rtol=2e-6)
+        torch.testing.assert_close(lse[:, cu_q[i] : cu_q[i + 1]].unsqueeze(0), ref_lse, atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "values", "match"),
+    [
+        ("cu_seqlens_q", [0, 5, 5, 38, 54], r"cu_seqlens_q must run from 0 to 55 \(the packed rows\)"),
+        ("cu_seqlens_k", [0, 9, 8, 45, 86], "cu_seqlens_k must not decrease"),
+        ("cu_seqlens_k", [0, 8, 12, 45, 86], r"max_seqlen_k=40 is below the longest sequence \(41\)"),
+        ("cu_seqlens_q", [0, 5, 5, 38, 2**32 + 55], r"cu_seqlens_q must run from 0 to 55"),  # not wrapped
+    ],
+    ids=["end", "decreasing", "max_too_small", "past_int32"],
+)
+def test_bad_cumulative_lengths_are_the_same_errors_compiled(
+    name: str, values: list[int], match: str
+) -> None:
+    q, k, v, cu_q, cu_k = packed(Q_LENGTHS, KV_LENGTHS)
+    cu = {"cu_q": cu_q.long(), "cu_k": cu_k.long()} | {name.replace("seqlens_", ""): torch.tensor(values)}
+    with pytest.raises(attnc.InputError, match=match) as eager:
+        run(STD.causal(), q, k, v, **cu)
+    with pytest.raises(attnc.InputError, match=match) as compiled:
+        compiled_varlen(STD.causal())(q, k, v, **cu)
+    assert str(compiled.value) == str(eager.value)

@@ -1,4 +1,5 @@
-"""`kern(q, k, v)` as PyTorch operators: `attnc::attention` and `attnc::attention_backward`.
+"""`kern(q, k, v)` as PyTorch operators: `attnc::attention` and `attnc::attention_backward` (and
+`attnc::raise_error`, a call's argument error in a compiled graph).
 
 Both are `torch.library` custom ops with fake (meta) implementations, and the first has the second as
 its autograd formula, so `torch.compile(..., fullgraph=True)` traces through a model that calls attnc
@@ -31,6 +32,7 @@ backward op refuses, on the GPU, the input gradients it can only sum with atomic
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -39,8 +41,8 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from attnc import oracle
-from attnc.errors import InputError
+from attnc import config, oracle
+from attnc.errors import LOCATED_ERRORS, InputError, Loc
 from attnc.ir.nodes import PatternIR, Type
 from attnc.runtime import backend, registry
 from attnc.runtime.launch import Forward, empty_like_strides
@@ -171,6 +173,7 @@ def attention(
     q_size: int = -1,
     kv_size: int = -1,
     return_max: bool = False,
+    where: str = "",
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of the pattern whose IR text is `pattern` (arguments checked by `Kernel.__call__`,
     `Kernel.decode`, `Kernel.varlen` and `Kernel.chunk`).
@@ -179,13 +182,23 @@ def attention(
     `q_offset + i`; key row j is position `kv_offset + j`; the pattern's sizes are `q_size`/`kv_size`
     (-1: the offset plus the rows; other sizes: a chunk of a longer problem, `Kernel.chunk`).
     `kernel_options`: [BLOCK_M, BLOCK_N, num_warps, num_stages, SPLIT_KV, PACK_GQA], 0 where not given
-    (`launch.with_options`). Decoding: `kv_rows` int32 [B], the valid key rows of each batch row, and
-    `block_table` int32 [B, pages per row] for a paged cache k/v [pages, page size, Hkv, D]. Packed
-    sequences: q [1, Hq, Tq, D] and k/v [1, Hkv, Tk, D] (views of the packed tensors),
-    `cu_seqlens_q`/`cu_seqlens_k` int32 [N + 1] and the longest lengths. With `return_max`, lse is
-    [2, *lse's shape]: the lse and each query's largest score (`return_aux`; it has no gradient)."""
+    (`launch.with_options`). Decoding: `kv_rows` int32 or int64 [B], the valid key rows of each batch
+    row, and `block_table` int32 [B, pages per row] for a paged cache k/v [pages, page size, Hkv, D].
+    Packed sequences: q [1, Hq, Tq, D] and k/v [1, Hkv, Tk, D] (views of the packed tensors),
+    `cu_seqlens_q`/`cu_seqlens_k` int32 or int64 [N + 1] and the longest lengths. With `return_max`,
+    lse is [2, *lse's shape]: the lse and each query's largest score (`return_aux`; it has no gradient).
+
+    The values of `kv_rows`, `block_table` and the cumulative lengths are checked here, where they are
+    real tensors also under `torch.compile` (which traces the callers with fake ones), when they can be
+    read without a device sync (`_readable`); `where` (`Loc.pack`) is the calling kernel's pattern, where
+    the errors point (patterns of one structure share `pattern`)."""
     forward = registry.find(pattern)
+    loc = Loc.unpack(where) if where else forward.pattern.loc
     if cu_seqlens_q is not None and cu_seqlens_k is not None:
+        if _readable(cu_seqlens_q):
+            check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[2], max_seqlen_q, loc)
+            check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[2], max_seqlen_k, loc)
+        cu_seqlens_q, cu_seqlens_k = (cu.to(torch.int32).contiguous() for cu in (cu_seqlens_q, cu_seqlens_k))
         env = _env(
             forward, q, k, inputs, int_params, float_params,
             sizes=(cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k),
@@ -195,9 +208,61 @@ def attention(
         cu_seqlens = (cu_seqlens_q, cu_seqlens_k)
         return forward.run(q, k, v, env, scale, kernel_options, cu_seqlens=cu_seqlens, return_max=return_max)
     sizes = None if block_table is None else (q.shape[0], q.shape[2], block_table.shape[1] * k.shape[1])
+    if kv_rows is not None:
+        if _readable(kv_rows):
+            capacity = k.shape[2] if sizes is None else sizes[2]
+            check_cache(kv_rows, block_table, q.shape[2], capacity, k.shape[0], loc)
+        kv_rows = kv_rows.to(torch.int32)
     geometry = _chunk(q_offset, q_offsets, kv_offset, q_size, kv_size)
     env = _env(forward, q, k, inputs, int_params, float_params, sizes, kv_rows=kv_rows, **geometry)
     return forward.run(q, k, v, env, scale, kernel_options, block_table, return_max=return_max)
+
+
+def _readable(t: Tensor) -> bool:
+    """Whether the op reads a tensor argument's values to check them: on the CPU (free), or on a device
+    with `ATTNC_DEBUG=1` (a copy to the host and a sync: otherwise they are the caller's contract)."""
+    return t.device.type == "cpu" or config.debug()
+
+
+def check_cache(
+    kv_rows: Tensor, table: Tensor | None, q_len: int, capacity: int, pages: int, loc: Loc
+) -> None:
+    """The values of `Kernel.decode`'s cache_seqlens (`kv_rows`) and block table."""
+    values = kv_rows.tolist()
+    for b, n in enumerate(values):
+        if n < 0 or n > capacity or 0 < n < q_len:
+            raise InputError(
+                f"cache_seqlens[{b}] = {n}: each row holds 0 keys or from Lq={q_len} to the cache's "
+                f"capacity {capacity}",
+                loc,
+            )
+    if table is None:
+        return
+    page_size = capacity // max(table.shape[1], 1)
+    for b, n in enumerate(values):
+        used = table[b, : -(-n // page_size)]
+        bad = (used < 0) | (used >= pages)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise InputError(
+                f"block_table[{b}, {i}] = {int(used[i])} is not a page of the cache (it has {pages})", loc
+            )
+
+
+def check_cu_seqlens(name: str, cu: Tensor, total: int, longest: int, loc: Loc) -> None:
+    """The values of `Kernel.varlen`'s cumulative lengths `name` of `total` packed rows, whose longest
+    sequence the caller said is at most `longest` rows."""
+    values = cu.tolist()
+    if values[0] != 0 or values[-1] != total:
+        raise InputError(
+            f"{name} must run from 0 to {total} (the packed rows), got {values[0]} to {values[-1]}", loc
+        )
+    lengths = [b - a for a, b in itertools.pairwise(values)]
+    if any(n < 0 for n in lengths):
+        raise InputError(f"{name} must not decrease, got {values}", loc)
+    if lengths and max(lengths) > longest:
+        wanted = "max_seqlen_q" if name.endswith("q") else "max_seqlen_k"
+        raise InputError(f"{wanted}={longest} is below the longest sequence ({max(lengths)})", loc)
 
 
 @attention.register_fake
@@ -223,6 +288,7 @@ def _attention_fake(
     q_size: int = -1,
     kv_size: int = -1,
     return_max: bool = False,
+    where: str = "",
 ) -> tuple[Tensor, Tensor]:
     out = empty_like_strides(q, v.shape[3])  # as `Forward.run` allocates it
     lse = q.new_empty((2, *q.shape[:3]) if return_max else q.shape[:3], dtype=torch.float32)
@@ -339,7 +405,7 @@ def _backward(ctx, dout: Tensor, dlse: Tensor | None):
     chosen = iter(rest)
     input_grads = [next(chosen) if w else None for w in ctx.wanted]
     no_params = _no_gradient(ctx.int_params), None
-    result = (dq, dk, dv, input_grads, None, None, *no_params, *([None] * 13))
+    result = (dq, dk, dv, input_grads, None, None, *no_params, *([None] * 14))
     # One gradient per argument the call passed: the dispatcher drops trailing arguments equal to their
     # defaults (q_offset=0, q_offsets=None, kernel_options=None) from the autograd node's inputs.
     return result[: len(ctx.needs_input_grad)]
@@ -394,6 +460,25 @@ def _autocast_rule(device_type: str) -> Callable[..., tuple[Tensor, Tensor]]:
             return attention(*cast, *rest)
 
     return rule
+
+
+@torch.library.custom_op("attnc::raise_error", mutates_args=())
+def raise_error(kind: str, reason: str, where: str, like: list[Tensor]) -> list[Tensor]:
+    """Raise `LOCATED_ERRORS[kind](reason, Loc.unpack(where))` (no location if `where` is empty): the
+    error that a `Kernel` call's argument checks raised while `torch.compile` traced it, raised when
+    the graph runs, as the uncompiled call raises it (dynamo refuses an exception that leaves a
+    `fullgraph=True` trace, and reports it as its own `Unsupported`). The fake returns tensors shaped
+    as `like` (the call's results), so that tracing goes on past the call; the op is marked as having a
+    side effect (the raise), so that a graph keeps it also when the results go unused."""
+    raise LOCATED_ERRORS[kind](reason, Loc.unpack(where) if where else None)
+
+
+@raise_error.register_fake
+def _raise_error_fake(kind: str, reason: str, where: str, like: list[Tensor]) -> list[Tensor]:
+    return [torch.empty_like(t) for t in like]
+
+
+torch.fx.node.has_side_effect(torch.ops.attnc.raise_error.default)
 
 
 _AUTOCAST = torch.library.Library("attnc", "FRAGMENT")
