@@ -9,6 +9,7 @@ import functools
 import inspect
 import math
 import numbers
+import operator
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -292,7 +293,12 @@ def _float_tensor_param(
 
 
 def _shown(value: Any) -> str:
-    """A value for a message, at most 24 characters of it (an int may have thousands of digits)."""
+    """A value for a message, at most 24 characters of it (an int may have thousands of digits). While
+    dynamo traces, a runtime int may be a `torch.SymInt`, which it can `repr` neither as it is nor after
+    `int()`: `operator.index` makes it the int it stands for (the graph that raises is specialised on
+    that value)."""
+    if isinstance(value, int):  # dynamo's SymInt passes for an int
+        value = operator.index(value)
     text = repr(value)
     return text[:24] + ("..." if len(text) > 24 else "")
 

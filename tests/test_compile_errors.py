@@ -133,3 +133,20 @@ def test_a_strict_torch_export_of_a_bad_call_is_refused_with_the_reason() -> Non
     """Strict export traces with dynamo, whose refusal of the escaping error names it."""
     with pytest.raises(Exception, match="input 'doc' was not given"):
         torch.export.export(_MissingInput(), _qkv(), strict=True)
+
+
+def test_a_runtime_int_out_of_range_is_the_uncompiled_error_also_once_dynamo_made_it_symbolic() -> None:
+    """After two values dynamo traces a Python int as a `SymInt`; the message still shows the value
+    given (before: dynamo's Unsupported "repr_impl not implemented", as it cannot repr a SymInt)."""
+    q, k, v = _qkv()
+    d = _docs()
+    compiled = torch.compile(
+        lambda q, k, v, w: CHECKED(q, k, v, doc=d, window=w), fullgraph=True, backend=compile_counter()
+    )
+    compiled(q, k, v, 4)
+    compiled(q, k, v, 5)  # now `window` is dynamic
+    eager = _raised(lambda: CHECKED(q, k, v, doc=d, window=2**31))
+    raised = _raised(lambda: compiled(q, k, v, 2**31))
+    assert type(raised) is type(eager)
+    assert str(raised) == str(eager)
+    torch.testing.assert_close(compiled(q, k, v, 6), CHECKED(q, k, v, doc=d, window=6))
