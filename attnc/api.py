@@ -1153,7 +1153,11 @@ class Kernel:
                 f"the cache holds {capacity} rows: at most {SIZE_LIMIT} and at least Lq={q_len}", loc
             )
         inputs_, params = self._split(inputs)
-        offsets = (lens.to(torch.int32) - q_len).clamp(min=0)  # a row without keys visits nothing anyway
+        # A row without keys visits nothing anyway. Lengths past the capacity are cut to it before the
+        # int32 conversion, as the kernel cuts them: a wrapped or huge offset would fail `_env`'s
+        # q_offset check, whose message names no argument of this call, before the op checks the
+        # lengths themselves (`autograd.check_cache`).
+        offsets = (lens.clamp(max=capacity) - q_len).clamp(min=0).to(torch.int32)
         self._env(q_len, capacity, batch, heads, inputs_, params, q.device, offsets)  # checks the inputs
         if not isinstance(return_lse, bool):
             raise InputTypeError(f"return_lse must be a bool, got {return_lse!r}", loc)

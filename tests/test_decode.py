@@ -316,8 +316,12 @@ def test_a_fullgraph_compiled_decode_with_a_float_parameter_matches_the_oracle(p
         ([21, 5], r"cache_seqlens\[0\] = 21: each row holds 0 keys or from Lq=2 to the cache's capacity 20"),
         ([5, 1], r"cache_seqlens\[1\] = 1"),
         ([2**32 + 5, 5], r"cache_seqlens\[0\] = 4294967301"),  # int64: not wrapped to 5 before the check
+        # Not reported as the query offsets decode derives from them (before: "q_offset must be >= 0 with
+        # q_offset + q_len <= 1073741824 (2**30) in every batch row", uncompiled only).
+        ([2**31, 5], r"cache_seqlens\[0\] = 2147483648"),
+        ([2**30 + 100, 5], r"cache_seqlens\[0\] = 1073741924"),
     ],
-    ids=["past_capacity", "fewer_than_lq", "past_int32"],
+    ids=["past_capacity", "fewer_than_lq", "past_int32", "int32_sign_bit", "past_the_size_limit"],
 )
 def test_bad_cache_lengths_are_the_same_errors_compiled(lens: list[int], match: str) -> None:
     q, k, v = cache(2, 2, 2, 2, 20)
@@ -327,6 +331,19 @@ def test_bad_cache_lengths_are_the_same_errors_compiled(lens: list[int], match: 
     with pytest.raises(attnc.InputError, match=match) as compiled:
         compiled_decode(STD.causal())(q, k, v, lengths, None)
     assert str(compiled.value) == str(eager.value)
+
+
+def test_unchecked_lengths_past_the_capacity_are_cut_to_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU caller's broken contract (lengths the op does not read, without ATTNC_DEBUG): a row that
+    claims more keys than the cache holds is the full row, its queries at the cache's last positions
+    (before: the keys were cut, the queries' positions were not)."""
+    from attnc.runtime import autograd
+
+    monkeypatch.setattr(autograd, "_readable", lambda t: False)
+    q, k, v = cache(2, 2, 2, 3, 20)
+    out = STREAMING.decode(q, k, v, cache_seqlens=torch.tensor([20 + 7, 9], dtype=torch.int32))
+    want = STREAMING.decode(q, k, v, cache_seqlens=torch.tensor([20, 9], dtype=torch.int32))
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
 
 
 def test_a_compiled_decode_refuses_a_block_table_entry_outside_the_cache() -> None:
