@@ -422,6 +422,7 @@ def _raised_when_run(call: Callable[..., Any]) -> Callable[..., Any]:
     the call. Uncompiled, under `torch.export` (whose program would always raise), or where there is no
     shape to give (q or v not a 3-D or 4-D tensor), the error is raised as it is."""
     names = list(inspect.signature(call).parameters)[1:4]  # q, k, v or k_cache, v_cache
+    packed = call.__name__ == "varlen"  # q [Tq, Hq, D], lse [Hq, Tq]
 
     @functools.wraps(call)
     def checked(self: Kernel, *args: Any, **kwargs: Any) -> Any:
@@ -440,7 +441,8 @@ def _raised_when_run(call: Callable[..., Any]) -> Callable[..., Any]:
             ):
                 raise
             out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-            rows = q.shape[:-1] if q.dim() == 4 else (q.shape[1], q.shape[0])  # varlen's lse: [Hq, Tq]
+            # A 3-D q of another call (refused) as `scaled_dot_product_attention` takes one: [H, L, D].
+            rows = (q.shape[1], q.shape[0]) if packed and q.dim() == 3 else q.shape[:-1]
             lse = q.new_empty(rows, dtype=torch.float32)
             count = 3 if kwargs.get("return_aux") is True else 2 if kwargs.get("return_lse") is True else 1
             where = "" if err.loc is None else err.loc.pack()

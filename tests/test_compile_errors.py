@@ -150,3 +150,20 @@ def test_a_runtime_int_out_of_range_is_the_uncompiled_error_also_once_dynamo_mad
     assert type(raised) is type(eager)
     assert str(raised) == str(eager)
     torch.testing.assert_close(compiled(q, k, v, 6), CHECKED(q, k, v, doc=d, window=6))
+
+
+def test_the_results_of_a_three_dimensional_q_are_shaped_as_sdpa_would_give_them() -> None:
+    """A 3-D q [H, L, D] (as `scaled_dot_product_attention` takes it) is refused by a call that takes
+    4-D tensors; the results that stand for it while tracing are out [H, L, Dv] and lse [H, L], so that
+    the caller's code traces on (before: lse [L, H], varlen's packed order, and the caller's
+    `out + lse[..., None]` failed while tracing with torch's broadcast error instead of attnc's)."""
+
+    def block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out, lse = CAUSAL(q, k, v, return_lse=True)
+        return out + lse[..., None]
+
+    q, k, v = (t[0] for t in _qkv())
+    eager = _raised(lambda: block(q, k, v))
+    raised = _raised(lambda: torch.compile(block, fullgraph=True, backend=compile_counter())(q, k, v))
+    assert type(raised) is type(eager)
+    assert str(raised) == str(eager)
