@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import attnc
+from attnc.testing import Comparison
 
 STD = attnc.stdlib()
 
@@ -662,3 +663,27 @@ def test_absent_mask_is_every_key_with_full_shape() -> None:
     m = attnc.loads("pattern p { score = s }").p().mask(3, 5, batch=2)
     assert m.shape == (2, 1, 3, 5)
     assert m.all()
+
+
+# ---- the tolerance rule (attnc.testing.Comparison) ----------------------------------------------------
+
+
+def _comparison(
+    dtype: torch.dtype, lse_error: float, lse_dense_error: float, lse_magnitude: float
+) -> Comparison:
+    return Comparison(dtype, 0.0, 0.0, lse_error, lse_dense_error, True, True, False, 0.0, lse_magnitude)
+
+
+def test_the_lse_bound_admits_a_float32_unit_at_the_lse_magnitude() -> None:
+    """An lse near 43 (scores like s * clamp(s, -3, 3)): the kernel's base-2 lse is 2.7 float32 units
+    off, the dense natural-log one 1.2 (the random-seed fuzz case seed 992040305 measured these);
+    without the magnitude term it failed."""
+    assert _comparison(torch.float32, 1.02e-5, 4.57e-6, 42.97).ok
+    assert not _comparison(torch.float32, 1.02e-5, 4.57e-6, 0.0).ok
+    assert not _comparison(torch.float32, 3e-5, 4.57e-6, 42.97).ok
+
+
+def test_the_lse_unit_is_float32s_whatever_the_inputs_dtype() -> None:
+    """The lse is float32 for bfloat16 inputs too: its unit is float32's, not bfloat16's 2**-7."""
+    assert not _comparison(torch.bfloat16, 1e-2, 0.0, 10.0).ok
+    assert _comparison(torch.bfloat16, 1e-4, 0.0, 10.0).ok

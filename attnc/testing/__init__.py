@@ -37,12 +37,15 @@ class Comparison:
     empty_rows_zero: bool  # and the output there is 0
     has_nan: bool
     out_magnitude: float = 0.0  # max |oracle output|
+    lse_magnitude: float = 0.0  # max |oracle lse| over the rows that see some key
 
-    def bound(self, dense_error: float, magnitude: float = 0.0) -> float:
-        """The most error allowed: FACTOR x the dense error, the atol, and one unit of the dtype's
-        precision at the output's magnitude (the rounding of the stored output alone may be half that;
-        with few outputs the dense computation may happen to round better everywhere)."""
-        return FACTOR * dense_error + ATOL[self.dtype] + torch.finfo(self.dtype).eps * magnitude
+    def bound(self, dense_error: float, magnitude: float = 0.0, dtype: torch.dtype | None = None) -> float:
+        """The most error allowed: FACTOR x the dense error, the atol, and one unit of precision (of
+        `dtype`, else the inputs' dtype) at the value's magnitude (the rounding of the stored value alone
+        may be half that; with few values the dense computation may happen to round better
+        everywhere)."""
+        unit = torch.finfo(dtype or self.dtype).eps
+        return FACTOR * dense_error + ATOL[self.dtype] + unit * magnitude
 
     @property
     def ok(self) -> bool:
@@ -51,7 +54,10 @@ class Comparison:
             and self.empty_rows_match
             and self.empty_rows_zero
             and self.out_error <= self.bound(self.out_dense_error, self.out_magnitude)
-            and self.lse_error <= self.bound(self.lse_dense_error)
+            # The lse is float32 whatever the inputs' dtype; the kernel computes it in base 2, with
+            # roundings the dense natural-log computation does not make (at |lse| ~ 43 a float32 unit
+            # is 3.8e-6).
+            and self.lse_error <= self.bound(self.lse_dense_error, self.lse_magnitude, torch.float32)
         )
 
     def describe(self) -> str:
@@ -104,6 +110,7 @@ def compare(
         empty_rows_zero=bool((out[empty] == 0).all()),
         has_nan=bool(out.isnan().any() or lse.isnan().any()),
         out_magnitude=ref.abs().max().item() if ref.numel() else 0.0,
+        lse_magnitude=ref_lse[seen].abs().max().item() if bool(seen.any()) else 0.0,
     )
 
 
