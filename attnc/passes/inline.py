@@ -8,6 +8,8 @@ A referenced pattern's input that clashes with one of the same name is a located
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
@@ -86,12 +88,10 @@ class _Inliner:
         it is, and a clash is located at that call.)"""
         key = (fn.name, args)
         if key not in self.calls:
-            saved_inputs, saved_origin = self.inputs, self.input_origin
-            self.inputs, self.input_origin = {}, {}
-            body = self.expand(fn.body, {p.name: a for p, a in zip(fn.params, args, strict=True)})
-            inputs = tuple((d, self.input_origin[d.name]) for d in self.inputs.values())
+            with self._scope({}):
+                body = self.expand(fn.body, {p.name: a for p, a in zip(fn.params, args, strict=True)})
+                inputs = tuple((d, self.input_origin[d.name]) for d in self.inputs.values())
             self.calls[key] = (body, inputs)
-            self.inputs, self.input_origin = saved_inputs, saved_origin
         return self.calls[key]
 
     def reference(self, pattern: PatternIR, args: tuple[Node, ...]) -> tuple[Node, tuple[InputDecl, ...]]:
@@ -100,17 +100,26 @@ class _Inliner:
         key = (pattern.name, args)
         if key not in self.references:
             values = {p.name: a for p, a in zip(pattern.params, args, strict=True)}
-            saved_inputs, saved_origin = self.inputs, self.input_origin
-            self.inputs = {
+            own = {
                 d.name: replace(d, dims=tuple(substitute(dim, values) for dim in d.dims))
                 for d in pattern.inputs
             }
-            self.input_origin = {}
-            names = self.lets(pattern, values)
-            mask = const(True) if pattern.mask is None else self.expand(pattern.mask, names)
-            self.references[key] = (mask, tuple(self.inputs.values()))
-            self.inputs, self.input_origin = saved_inputs, saved_origin
+            with self._scope(own):
+                names = self.lets(pattern, values)
+                mask = const(True) if pattern.mask is None else self.expand(pattern.mask, names)
+                self.references[key] = (mask, tuple(self.inputs.values()))
         return self.references[key]
+
+    @contextmanager
+    def _scope(self, inputs: dict[str, InputDecl]) -> Iterator[None]:
+        """Inputs merged while a body built once for all its uses is expanded go to `inputs` (a scope of
+        its own, which each use then merges where it is); the caller's scope is back after."""
+        saved = self.inputs, self.input_origin
+        self.inputs, self.input_origin = inputs, {}
+        try:
+            yield
+        finally:
+            self.inputs, self.input_origin = saved
 
     def lets(self, pattern: PatternIR, values: dict[str, Node]) -> dict[str, Node]:
         """`values` and the pattern's lets, each expanded with those before it put in."""
