@@ -85,12 +85,49 @@ def test_longformer_kernel_mask_equals_the_patterns_at_every_point() -> None:
     assert torch.equal(found.expand_as(expected), expected)
 
 
-def test_a_key_test_ored_with_a_window_moves_into_its_key_values() -> None:
-    # `window or is_global[b, q] or is_global[b, kv]`: the key's test selects, once per key column, a
-    # key value every row bound admits; no `or` with the column remains per element.
+def test_a_row_test_ored_with_a_window_moves_into_its_row_bounds() -> None:
+    # `window or is_global[b, q] or is_global[b, kv]`: the row's test widens the row bounds, once per
+    # query tile, and is not or'ed per element; the key's test stays an `or` with its column (cheaper
+    # per element than a select of each bound's key value per column, see `fuse`).
     mask = _kernel_mask(_fused(_longformer()))
     assert mask.op is Op.OR
-    assert not any("q" not in a.free and "kv" in a.free for a in mask.args), mask.args
+    assert not any("kv" not in a.free for a in mask.args), mask.args
+    assert any("q" not in a.free and a.op is Op.LOAD for a in mask.args), mask.args
+    window = next(a for a in mask.args if a.op is Op.AND)
+    assert [c.args[0].op for c in window.args] == [Op.WHERE, Op.WHERE], window
+
+
+ROW_TESTS = """
+pattern one_bound_or_row(w: int = 2) {
+    input flag: bool[BATCH, Q_LEN]
+    mask = kv <= q - w or flag[b, q]
+}
+pattern window_or_rows(w: int = 2) {
+    input flag: bool[BATCH, Q_LEN]
+    input other: bool[BATCH, KV_LEN]
+    mask = abs(q - kv) <= w or flag[b, q] or (q % 5 == 0) or other[b, kv]
+}
+"""
+
+
+@pytest.mark.parametrize("name", ["one_bound_or_row", "window_or_rows"])
+def test_row_tests_in_the_bounds_keep_the_mask(name: str) -> None:
+    kern = getattr(attnc.loads(ROW_TESTS), name)()
+    pattern = _fused(kern)
+    mask = _kernel_mask(pattern)
+    parts = mask.args if mask.op is Op.OR else (mask,)
+    assert not any("kv" not in a.free for a in parts), mask  # no row test or'ed per element
+    generator = torch.Generator().manual_seed(3)
+    given = {
+        "flag": torch.rand(2, 29, generator=generator) < 0.2,
+        "other": torch.rand(2, 31, generator=generator) < 0.2,
+    }
+    inputs, runtime = kern._split({k: v for k, v in given.items() if k in {d.name for d in pattern.inputs}})
+    env = kern._env(29, 31, 2, 1, inputs, runtime, torch.device("cpu"))
+    expected = oracle.mask(pattern, env)
+    found = oracle.evaluate(mask, pattern, env)
+    assert torch.equal(found.expand_as(expected), expected)
+    assert expected.any() and not expected.all()
 
 
 def test_neighbourhood_window_is_one_comparison_per_bound() -> None:

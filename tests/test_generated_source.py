@@ -405,7 +405,7 @@ def test_a_kernel_imports_its_kernel_functions_instead_of_defining_them() -> Non
             r"^from attnc\.codegen\.kernel_functions import _conjunct_tiles, _cut, _disjoint, _kv_rows, "
             r"_step_over, _tile_of$",
             r"^def _fwd_partial_tile\(",
-            r"^k_rows, v_rows = _kv_rows\(offs_kv, b_idx, BlockTable,",
+            r"^k_rows, v_rows = _kv_rows\(start_n, offs_n, b_idx, BlockTable,",
         ],
     )
     assert count(source, r"^def _(tile_of|conjunct_tiles|disjoint|cut|step_over|kv_rows)\(") == 0

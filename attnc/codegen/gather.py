@@ -34,13 +34,16 @@ class TileAxis:
     positions), the one under which the tile's positions are consecutive (None: always), and the one
     under which they all lie inside the rows, below the launch's rows plus their offset ("True":
     always; None: no tile is known to), where an input read at the position needs no bound test
-    (`emit.covered_sizes`)."""
+    (`emit.covered_sizes`), and, where the positions are always consecutive, their offsets from the
+    first (a tensor the same for every tile of the loop, `offs_n[None, :]`): an input read at the
+    position is then addressed as one scalar offset per tile plus those (`emit.Emitter._loaded`)."""
 
     first: str
     size: str
     aligned: str
     consecutive: str | None = None
     inside: str | None = None
+    offsets: str | None = None
 
 
 def expand_lets(node: Node, lets: dict[str, Node]) -> Node:
@@ -113,22 +116,23 @@ def tile_width(node: Node, var: str, span: int, modulus: int = 1, residue: int =
     return None
 
 
-def largest_tile(node: Node, var: str, aligned: bool) -> int:
-    """The largest tile size (of `TILE_SIZES`) over which the index takes at most `MOST_VALUES`
-    values, its tiles starting at multiples of their size where `aligned`; 0 if none."""
+def largest_tile(node: Node, var: str, aligned: bool, most: int = MOST_VALUES) -> int:
+    """The largest tile size (of `TILE_SIZES`) over which the index takes at most `most` values, its
+    tiles starting at multiples of their size where `aligned`; 0 if none."""
     found = 0
     for size in TILE_SIZES:
         width = tile_width(node, var, size - 1, size if aligned else 1)
-        if width is None or width > MOST_VALUES - 1:
+        if width is None or width > most - 1:
             break  # the bound grows with the size
         found = size
     return found
 
 
-def tile_condition(node: Node, var: str, axis: TileAxis) -> str | None:
-    """The constexpr condition under which the index takes at most `MOST_VALUES` values over a tile
-    of the axis, or None where it may take more at every tile size."""
-    anywhere, aligned = largest_tile(node, var, False), largest_tile(node, var, True)
+def tile_condition(node: Node, var: str, axis: TileAxis, most: int = MOST_VALUES) -> str | None:
+    """The constexpr condition under which the index takes at most `most` values over a tile of the
+    axis, or None where it may take more at every tile size (`most=1`: one value, as `kv // 128` over
+    aligned tiles of 128 keys or fewer)."""
+    anywhere, aligned = largest_tile(node, var, False, most), largest_tile(node, var, True, most)
     if not aligned:
         return None
     terms = []

@@ -84,12 +84,14 @@ _Q_ALIGNED, _KV_ALIGNED = "(SHIFTED == 0) & (ROW_OFFSETS == 0)", "SHIFTED == 0"
 # may cut (CHECK_ROWS: `attention_fwd.py.jinja`).
 FORWARD_TILES = {
     "q": TileAxis("q_first", "BLOCK_M", _Q_ALIGNED, "PACK_GQA == 0"),
-    "kv": TileAxis("(start_n + kv_shift)", "BLOCK_N", _KV_ALIGNED, inside="not CHECK_ROWS"),
+    "kv": TileAxis(
+        "(start_n + kv_shift)", "BLOCK_N", _KV_ALIGNED, inside="not CHECK_ROWS", offsets="offs_n[None, :]"
+    ),
 }
 FORWARD_FULL_TILES = {**FORWARD_TILES, "kv": replace(FORWARD_TILES["kv"], inside="True")}
 DQ_TILES = {
     "q": TileAxis("q_first", "BLOCK_M", _Q_ALIGNED),
-    "kv": TileAxis("(start_n + kv_shift)", "BLOCK_N", _KV_ALIGNED),
+    "kv": TileAxis("(start_n + kv_shift)", "BLOCK_N", _KV_ALIGNED, offsets="offs_n[None, :]"),
 }
 DKV_TILES = {
     "q": TileAxis("q_first", "BLOCK_M", _Q_ALIGNED),
