@@ -332,7 +332,8 @@ def test_the_forward_def_is_rendered_from_its_argument_description() -> None:
             r"^split_tiles, split_out, split_lse, MaxScores,$",
             r"^HEAD_DIM: tl\.constexpr, HEAD_DIM_V: tl\.constexpr, D_PAD: tl\.constexpr,",
             r"^PTX: tl\.constexpr, KV_ROW_COUNTS: tl\.constexpr,",
-            r"^VARLEN: tl\.constexpr, PACK_GQA: tl\.constexpr, STORE_MAX: tl\.constexpr,$",
+            r"^VARLEN: tl\.constexpr, PACK_GQA: tl\.constexpr, STORE_MAX: tl\.constexpr, "
+            r"SCALE_NEGATIVE: tl\.constexpr,$",
             r"^\):$",
             r"^tl\.static_assert\(\(\(D_PAD & \(D_PAD - 1\)\) == 0\) & \(D_PAD >= 16\) & .* & "
             r"\(D_PAD >= HEAD_DIM\) & \(DV_PAD >= HEAD_DIM_V\), "

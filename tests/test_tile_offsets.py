@@ -10,6 +10,12 @@ every tile (`gather.TileAxis.offsets`), so:
 - a block index `kv // block` over aligned tiles no larger than the block takes one value: the scalar
   at the tile's block, no select per column and no load of the next block.
 
+And a FULL tile without a score function finds a row's largest score as its largest product times the
+scale (its least for a negative scale), so that the scale, log2(e) and the maximum are one multiply-add
+per score; and a score that reads `s` only through a factor the same for the whole tile (`s / cap`,
+`t * s`) takes the scale into that factor, one multiply per score less (both branches: FAST_MATH's
+folded multiply and the exact order for float32 inputs).
+
 Each form is judged by the dense oracle on tiles where it applies and on tiles where it does not (a key
 offset that shifts the tiles, tiles larger than the period or the block), forward and backward.
 """
@@ -22,6 +28,7 @@ import torch
 import attnc
 from attnc.codegen.gather import TileAxis, tile_condition
 from attnc.ir.nodes import Op, const, make, var
+from attnc.runtime import launch
 from attnc.runtime.launch import merge_splits
 from attnc.testing import compare, compare_gradients
 
@@ -173,3 +180,90 @@ def test_block_maps_over_shifted_tiles_match_the_oracle(monkeypatch: pytest.Monk
     # A diagonal map: the shifted tiles that straddle key 32 see two different blocks.
     blocks = torch.eye(2, dtype=torch.bool).expand(1, 2, 2, 2).contiguous()
     _chunked(SPARSE.block_sparse(block=32), 48, kv_split=20, blocks=blocks)
+
+
+# ---- the FULL tiles' row maximum ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [-0.9, 0.0, 0.9])
+@pytest.mark.parametrize("name", ["full", "causal"])
+def test_full_tiles_take_the_row_maximum_of_the_products_at_every_sign_of_the_scale(
+    name: str, scale: float
+) -> None:
+    # FULL tiles find a row's largest score as its largest product times the scale, or, for a negative
+    # scale, its least (SCALE_NEGATIVE). Scores spread over hundreds: exp2 of a score minus anything
+    # but the row's maximum overflows, and the output is NaN.
+    kern = getattr(attnc.stdlib(), name)()
+    generator = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 70, 16, generator=generator) for _ in range(3))
+    q = (q * 12).requires_grad_()
+    k, v = k.requires_grad_(), v.requires_grad_()
+    out, lse = kern(q, k, v, scale=scale, return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    forward = compare(kern, out, lse, q, k, v, scale)
+    assert forward.ok, forward.describe()
+    backward = compare_gradients(kern, q, k, v, scale=scale)
+    assert backward.ok, backward.describe()
+
+
+# ---- the scale taken into the score's own factor of s ---------------------------------------------------
+
+FOLDED = attnc.loads(
+    """
+pattern temperature(t: float = 0.37) {
+    mask = causal
+    score = s / t
+}
+pattern scaled_cap(cap: float = 6.0) {
+    score = cap * tanh(s / cap)
+}
+pattern times_bias(t: float = 1.7) {
+    input bias: float32[BATCH, KV_LEN]
+    mask = causal
+    score = t * s + bias[b, kv]
+}
+pattern twice(t: float = 1.7) {
+    score = s / t + s
+}
+"""
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "folded"),
+    [("temperature", True), ("scaled_cap", True), ("times_bias", True), ("twice", False)],
+)
+def test_the_scale_is_folded_where_the_score_reads_s_only_through_a_tile_constant_factor(
+    name: str, folded: bool
+) -> None:
+    spec = getattr(FOLDED, name)()._compiled.spec
+    assert spec.full.scale_folded is folded and spec.masked.scale_folded is folded
+    source = getattr(FOLDED, name)()._forward.source.text
+    assert ("s = tl.dot(q, kT, input_precision=DOT_PRECISION) * scale" in source) is not folded
+
+
+def _fast_math(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Launches with FAST_MATH set, as on an NVIDIA GPU with 16-bit inputs (the folded multiply's
+    branch); only for scores without tanh, whose fast form is inline PTX."""
+    constants = launch._constants
+    monkeypatch.setattr(launch, "_constants", lambda *a: {**constants(*a), "FAST_MATH": True})
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["exact", "fast-math"])
+@pytest.mark.parametrize("scale", [-0.6, 0.45])
+def test_folded_scales_match_the_oracle(monkeypatch: pytest.MonkeyPatch, fast: bool, scale: float) -> None:
+    if fast:
+        _fast_math(monkeypatch)
+    generator = torch.Generator().manual_seed(8)
+    bias = torch.randn(1, 45, generator=generator)
+    for kern, inputs in ((FOLDED.temperature(), {}), (FOLDED.times_bias(), {"bias": bias})):
+        q, k, v = (torch.randn(1, 2, 45, 16, generator=generator).requires_grad_() for _ in range(3))
+        out, lse = kern(q, k, v, scale=scale, return_lse=True, **inputs)
+        forward = compare(kern, out, lse, q, k, v, scale, **inputs)
+        assert forward.ok, forward.describe()
+        backward = compare_gradients(kern, q, k, v, scale=scale, **inputs)
+        assert backward.ok, backward.describe()
+
+
+def test_a_folded_soft_cap_matches_the_oracle() -> None:
+    _checked(FOLDED.scaled_cap(), 40)

@@ -28,7 +28,7 @@ are exact whether the backend's `//` truncates or floors.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from attnc.analysis.value_ranges import ValueRanges, fits_int32
@@ -131,6 +131,24 @@ def float64_nodes(roots: list[Node], lets: Mapping[str, Node]) -> frozenset[Node
     return frozenset(found)
 
 
+def foldable_scale(score: Node, varies: Callable[[Node], bool]) -> bool:
+    """Whether the score reads `s` only as `s / c` or `s * c` (either order) by a float32 factor `c` the
+    same for the whole tile (`varies`: whether a value varies over it): a soft cap's `s / cap`. Its
+    kernel then multiplies the product by the scale and `1 / c` at once (`Emitter.fold_scale`)."""
+    found = False
+    for n in score.walk():
+        for i, a in enumerate(n.args):
+            if a.op is not Op.SCORE:
+                continue
+            other = n.args[1 - i] if len(n.args) == 2 else None
+            if (n.op is Op.DIV and i != 0) or n.op not in (Op.MUL, Op.DIV) or other is None:
+                return False
+            if other.type is not Type.FLOAT or other.op is Op.SCORE or varies(other):
+                return False
+            found = True
+    return found and score.op is not Op.SCORE
+
+
 @dataclass
 class Emitter:
     """Emits statements for expressions of one pattern. `leaves` names the index variables, tile
@@ -149,6 +167,9 @@ class Emitter:
     # How q and kv run over a tile of a loop body, where its loads of few values per tile may be
     # loaded as scalars (`gather.TileAxis`); none elsewhere.
     tiles: Mapping[str, gather.TileAxis] = field(default_factory=dict)
+    # The scale's name where `s` is the unscaled product and the score's uses of it, `s / c` and
+    # `s * c` (`foldable_scale`), take the scale into their factor; None: `s` is scaled.
+    fold_scale: str | None = None
 
     def __post_init__(self) -> None:
         self.lets = dict(self.pattern.lets)
@@ -247,6 +268,8 @@ class Emitter:
         if op is Op.LOAD:
             return self._load(n, dtype)
         args = n.args
+        if self.fold_scale is not None and op in (Op.MUL, Op.DIV) and Op.SCORE in (args[0].op, args[1].op):
+            return self._assign(self._scaled(n))
         if op in _BINARY:
             a, b = (self.cast(x, dtype) for x in args)
             if op is Op.DIV and dtype == FP32 and self.varies(args[0]) and not self.varies(args[1]):
@@ -390,6 +413,19 @@ class Emitter:
             m.op is Op.REF and str(m.attr) in self.lets and self._reads(self.lets[str(m.attr)], leaf)
             for m in n.walk()
         )
+
+    def _scaled(self, n: Node) -> str:
+        """`s / c` or `s * c` (either order) of the unscaled `s`, the scale taken into the factor under
+        FAST_MATH (one multiply per score; a rounding apart) and applied first otherwise (the values of
+        the unfolded form, for float32 inputs)."""
+        s, scale = self.leaves["s"], self.fold_scale
+        c = n.args[1] if n.args[0].op is Op.SCORE else n.args[0]
+        factor = self.cast(c, FP32)
+        if n.op is Op.DIV:
+            self.helpers.add("div_scalar")
+            exact = f"_div_scalar({s} * {scale}, {factor}, FAST_MATH)"
+            return f"({s} * ({scale} / {factor})) if FAST_MATH else {exact}"
+        return f"({s} * ({scale} * {factor})) if FAST_MATH else (({s} * {scale}) * {factor})"
 
     def varies(self, n: Node) -> bool:
         """Whether the value reads `q`, `kv` or `s` (following lets): a row, column or tile, not a

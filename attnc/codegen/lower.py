@@ -38,6 +38,7 @@ from attnc.codegen.emit import (
     covered_sizes,
     expand_blocks,
     float64_nodes,
+    foldable_scale,
     input_arg,
     param_arg,
 )
@@ -235,6 +236,11 @@ class _Kernel:
         kernel_score, kernel_mask = kernel_values.score, kernel_values.mask
         lets = dict(pattern.lets)
         score, score_log2 = None, False
+        scale_folded = (
+            not backward and kernel_score is not None and foldable_scale(kernel_score, emitter.varies)
+        )
+        if scale_folded:
+            emitter.fold_scale = "scale"
         if kernel_score is not None and not backward:
             score = _log2_score(emitter, kernel_score)
             score_log2 = score is not None
@@ -277,7 +283,7 @@ class _Kernel:
                     )
                 )
         self.helpers |= emitter.helpers
-        return Body(tuple(emitter.lines), score, mask, dscore, tuple(input_grads), score_log2)
+        return Body(tuple(emitter.lines), score, mask, dscore, tuple(input_grads), score_log2, scale_folded)
 
 
 def _log2_score(emitter: Emitter, score: Node) -> str | None:
@@ -289,6 +295,8 @@ def _log2_score(emitter: Emitter, score: Node) -> str | None:
         return None
     for c, f in (score.args, score.args[::-1]):
         if not emitter.varies(c) and emitter.varies(f) and emitter.dtype(c) == FP32:
+            if f.op is Op.SCORE and emitter.fold_scale is not None:  # `c * s`, s unscaled
+                return f"{emitter.value(f)} * ({emitter.cast(c, FP32)} * ({emitter.fold_scale} * LOG2E))"
             return f"{emitter.cast(f, FP32)} * ({emitter.cast(c, FP32)} * LOG2E)"
     return None
 

@@ -236,6 +236,7 @@ def forward_signature(inputs, params, analytic: bool) -> Signature:
             *_common(analytic, "kv", [*stride_args, *_args("output", "stride", strides("o"))], layout),
             *_args("layout", "constexpr", ("KV_ROW_COUNTS", "PAGED", "PAGE_SIZE", "VARLEN")),
             *_args("output", "constexpr", ("PACK_GQA", "STORE_MAX")),
+            KernelArg("SCALE_NEGATIVE", "constexpr", "sizes"),
         ),
         TILE_CONTRACTS,
     )

@@ -149,7 +149,9 @@ class Body:
     mask is evaluated on this kind of tile). Backward bodies add `dscore`, the variable of d score /
     d s (None: 1), and the input gradients. `score_log2`: the forward's `score` is already multiplied
     by log2(e) (folded into the score's last multiply by a loop-invariant factor, `c * f` as
-    `f * (c * LOG2E)`): one multiply less per score."""
+    `f * (c * LOG2E)`): one multiply less per score. `scale_folded`: the forward's `s` is the unscaled
+    product, and the score's only uses of it, `s / c` and `s * c` by a factor the same for the whole
+    tile, take the scale into that factor (`Emitter.fold_scale`): one multiply less per score."""
 
     lines: tuple[Assign, ...]
     score: str | None
@@ -157,6 +159,7 @@ class Body:
     dscore: str | None = None
     grads: tuple[InputGrad, ...] = ()
     score_log2: bool = False
+    scale_folded: bool = False
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,10 @@ class Forward:
                     split_out=split_strides[0], split_lse=split_strides[1], MaxScores=parts_max,
                     PACK_GQA=pack, STORE_MAX=return_max,
                 ),
-                sizes=dict(BATCH=batch, NUM_HEADS=heads, GQA_GROUP=shape.group, scale=scale),
+                sizes=dict(
+                    BATCH=batch, NUM_HEADS=heads, GQA_GROUP=shape.group, scale=scale,
+                    SCALE_NEGATIVE=scale < 0,
+                ),
                 geometry=geometry,
                 visits=dict(Visits=visits, COUNT_VISITS=count and _VISITS is not None),
                 config=_constants(config, dim, dim_v, q.dtype, backend),
