@@ -223,3 +223,25 @@ def test_kernel_float_min_of_a_nan_is_nan(source: str) -> None:
     q, k, v = (torch.randn(1, 1, 40, 16) for _ in range(3))
     expected = kern.reference(q.double(), k.double(), v.double())
     torch.testing.assert_close(kern(q, k, v).double(), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_row_tests_stay_an_or_where_the_key_side_is_an_int64_input() -> None:
+    # The window's bounds on an int64 input's values take no constant from its range, which is the
+    # caller's contract (±2**62), not a bound of every launch: values past it keep the pattern's mask.
+    kern = attnc.loads(
+        """
+pattern positions(w: int = 4) {
+    input qpos: int64[BATCH, Q_LEN]
+    input kpos: int64[BATCH, KV_LEN]
+    mask = (qpos[b, q] - w <= kpos[b, kv] and kpos[b, kv] <= qpos[b, q]) or q < 3
+}
+"""
+    ).positions()
+    pattern = _fused(kern)
+    positions = (torch.arange(20) + 2**62 + 100).reshape(1, 20)
+    inputs, runtime = kern._split({"qpos": positions, "kpos": positions})
+    env = kern._env(20, 20, 1, 1, inputs, runtime, torch.device("cpu"))
+    expected = oracle.mask(pattern, env)
+    found = oracle.evaluate(_kernel_mask(pattern), pattern, env)
+    assert torch.equal(found.expand_as(expected), expected)
+    assert expected[..., :3, :].all()

@@ -141,3 +141,42 @@ def test_chunks_at_unaligned_offsets_match_the_oracle(
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     for a, b in zip(got, wanted, strict=True):
         torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+# A load with one varying index, read as scalars where a tile may hold two of its blocks: the index at
+# the tile's first position and the scalar loads are named apart (the first load's name was the
+# index's, which it overwrote: the select then compared positions with a loaded value).
+ONE_INDEX = attnc.loads(
+    """
+pattern key_block_bias(static block: int = 16) {
+    input bias: float32[BATCH, (KV_LEN + block - 1) // block]
+    score = s + bias[b, kv // block]
+}
+pattern key_block_mask(static block: int = 16) {
+    input blocks: bool[BATCH, (KV_LEN + block - 1) // block]
+    mask = blocks[b, kv // block] or kv <= q
+}
+"""
+)
+
+
+@pytest.mark.parametrize("config", [None, "16,32", "32,32"], ids=["default", "16x32", "32x32"])
+def test_one_varying_index_read_as_scalars_matches_the_oracle(
+    monkeypatch: pytest.MonkeyPatch, config: str | None
+) -> None:
+    if config is not None:
+        monkeypatch.setenv("ATTNC_CONFIG", config)
+    generator = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, 2, 48, 16, generator=generator).requires_grad_() for _ in range(3))
+    bias = torch.randn(1, 3, generator=generator)
+    blocks = torch.tensor([[True, False, True]])
+    for kern, inputs in (
+        (ONE_INDEX.key_block_bias(), {"bias": bias}),
+        (ONE_INDEX.key_block_mask(), {"blocks": blocks}),
+    ):
+        assert "_1 = tl" in kern._forward.source.text  # the second block's scalar load
+        out, lse = kern(q, k, v, return_lse=True, **inputs)
+        forward = compare(kern, out, lse, q, k, v, None, **inputs)
+        assert forward.ok, forward.describe()
+        backward = compare_gradients(kern, q, k, v, **inputs)
+        assert backward.ok, backward.describe()

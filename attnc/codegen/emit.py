@@ -635,7 +635,7 @@ class Emitter:
             self.pattern,
             {**self.leaves, **{var: self.tiles[var].first for _, var, _, _, _ in varying}},
             self.float64,
-            prefix=f"{choice}_",
+            prefix=f"{choice}_i",  # not `{choice}_0`: the name of a scalar load (`select`)
             value_ranges=self.ranges,
         )
         lows = [firsts.value(value) for _, _, value, _, _ in varying]

@@ -215,6 +215,10 @@ def _row_tests_into_bounds(node: Node, ranges: ValueRanges) -> Node:
         row, key = comparison.args[side], comparison.args[1 - side]
         lower = (comparison.op is Op.LE) == (side == 0)  # `row <= key`, or `key >= row`
         lo, hi = ranges.of(key)
+        if lo < _INT32[0] or hi > _INT32[1]:
+            # (An int64 input's range is a contract the caller may break, ±2**62: no bound is taken
+            # from it. Positions and int32 values are bounded for every launch.)
+            return node
         row = make(Op.WHERE, test, const(lo if lower else hi), row)
         rebuilt.append(_narrowed(make(comparison.op, *((row, key) if side == 0 else (key, row))), ranges))
     widened = rebuilt[0] if len(rebuilt) == 1 else make(Op.AND, *rebuilt)
