@@ -230,12 +230,16 @@ class Emitter:
             names[n] = self._emit(n)
         return names[node]
 
+    @staticmethod
+    def cast_text(text: str, dtype: str, to: str) -> str:
+        """A value's text (of type `dtype`) as type `to`."""
+        return text if dtype == to else f"tl.cast({text}, {to})"
+
     def cast(self, node: Node, dtype: str) -> str:
         """The node's value as `dtype` (constants are written in it directly)."""
         if node.op is Op.CONST and node.type is not Type.BOOL:
             return _literal(node.attr, dtype)  # type: ignore[arg-type]
-        text = self.value(node)
-        return text if self.dtype(node) == dtype else f"tl.cast({text}, {dtype})"
+        return self.cast_text(self.value(node), self.dtype(node), dtype)
 
     def _const_dtype(self, node: Node) -> str:
         return INT32 if fits_int32((int(node.attr), int(node.attr))) else INT64  # type: ignore[arg-type]
@@ -503,10 +507,6 @@ class Emitter:
         """The tile axis whose position the value is (lets expanded), if any."""
         value = gather.expand_lets(index, self.lets)
         return self.tiles.get(str(value.attr)) if value.op is Op.VAR else None
-
-    @staticmethod
-    def cast_text(text: str, dtype: str, to: str) -> str:
-        return text if dtype == to else f"tl.cast({text}, {to})"
 
     def _split(self, n: Node) -> list[tuple[str, str] | None]:
         """Per index of the load: (the tile's first position, the positions' offsets from it) where the
