@@ -76,14 +76,7 @@ XFAIL: dict[str, dict[str, str]] = {
     "shared": {},
     "wgmma": {"causal-attnc_bwd_dkv-d256-sm90": DKV_ROWS},
     "pipelined": {},
-    "integer": {
-        "longformer-attnc_fwd-d128-sm90": (
-            "issue 18 item 2 (hoisting): 204 against 1.5 x causal's 123; its window's two bounds per "
-            "element cost 155 already (sliding_window), and each thread's 16 key columns of the global "
-            "tokens' bool column still cost a 64-bit add per pair of columns and a byte unpacked from a "
-            "two-byte load and tested"
-        ),
-    },
+    "integer": {},
 }
 
 

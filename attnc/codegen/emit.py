@@ -94,6 +94,16 @@ def input_arg(name: str) -> str:
     return f"in_{name}"
 
 
+# A bool input's packed bits (`spec.InputArg.bits`): bits per int32 word, and its log2.
+WORD_BITS, WORD_SHIFT = 32, 5
+
+
+def bit_args(arg: str, rank: int) -> tuple[str, str, tuple[str, ...]]:
+    """The kernel arguments of the packed bits of the input whose prefix is `arg` and whose rank is
+    `rank`: the words' pointer, their count along the last axis, their strides."""
+    return f"{arg}_bits", f"{arg}_bitwords", tuple(f"{arg}_bitstride{i}" for i in range(rank))
+
+
 # The sizes an input's axis may be declared with that the kernels read it unguarded along, and at which
 # position: `b` lies in [0, BATCH) in every kernel, `kv` in [0, KV_LEN) in the tiles whose key axis
 # says so (`gather.TileAxis.inside`: the forward's PARTIAL tiles below the one the rows may cut).
@@ -170,6 +180,8 @@ class Emitter:
     # The scale's name where `s` is the unscaled product and the score's uses of it, `s / c` and
     # `s * c` (`foldable_scale`), take the scale into their factor; None: `s` is scaled.
     fold_scale: str | None = None
+    # The bool inputs it reads as packed bits (`_load_bits`): their kernel arguments must be passed.
+    bits: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.lets = dict(self.pattern.lets)
@@ -498,6 +510,9 @@ class Emitter:
         assert decl is not None
         indices = [self.value(i) for i in n.args]
         inside = self._inside(n)
+        column = self._bit_column(n)
+        if column is not None:
+            return self._load_bits(n, indices, inside, column)
         varying = self._few_values(n)
         if varying:
             return self._load_by_scalars(n, indices, inside, varying, dtype)
@@ -586,6 +601,73 @@ class Emitter:
         if decl.type is Type.FLOAT:
             return f"tl.cast({loaded}, {dtype})"
         return loaded
+
+    def _bit_column(self, n: Node) -> gather.TileAxis | None:
+        """The tile axis of a bool input's load that reads one value per key column: its last index
+        is the position of a tile axis whose positions are consecutive (`kv` in the forward's and dQ's
+        tiles), its others the same over the tile (`flag[b, kv]`); None for any other load."""
+        decl = self.pattern.input(str(n.attr))
+        if decl is None or decl.dtype != "bool" or not n.args:
+            return None
+        *lead, last = n.args
+        axis = self._tile_axis(last)
+        if axis is None or axis.offsets is None or any(self.varies(i) for i in lead):
+            return None
+        return axis
+
+    def _load_bits(self, n: Node, indices: list[str], inside: list[str | None], axis: gather.TileAxis) -> str:
+        """A bool input's key column (`_bit_column`) read from its bits packed 32 to an int32 word
+        (`spec.InputArg.bits`): over an aligned tile of a multiple of 32 positions, the tile's
+        BLOCK_N / 32 words are the same for every thread (one scalar load each) and each column's
+        value is one test of its bit, where the bytes would cost a load per pair of columns, a 64-bit
+        address each and the bytes' unpacking (Longformer's global tokens: 204 integer instructions
+        per PARTIAL tile against 183, sm_90). Other tiles read the bytes. One statement over several
+        lines (`BLOCK_MARK`)."""
+        decl = self.pattern.input(str(n.attr))
+        assert decl is not None
+        self.bits.add(decl.name)
+        arg = input_arg(decl.name)
+        words, count, strides = bit_args(arg, len(n.args))
+        own = len(self.lines)
+        condition = f"({axis.aligned}) & ({axis.size} % {WORD_BITS} == 0)"
+        if axis.consecutive is not None:
+            condition = f"{condition} & ({axis.consecutive})"
+        choice = self._assign(condition)
+        word, index = f"{choice}_w", f"{choice}_k"
+        at = f"(({axis.first}) >> {WORD_SHIFT}) + {index}"
+        guards, terms = [], []
+        for k, (i, within) in enumerate(zip(indices[:-1], inside[:-1], strict=True)):
+            test = f"({i} >= 0) & ({i} < {arg}_dim{k})"
+            if within is None:
+                guards.append(test)
+            elif within != "True":
+                guards.append(f"(({test}) | ({within}))")
+            terms.append(f"tl.cast({i}, {INT64}) * {strides[k]}")
+        # A word past the last is read as 0 (no bit), unless the tile's positions lie inside the input.
+        within = inside[-1]
+        if within is None:
+            guards.append(f"({at} < {count})")
+        elif within != "True":
+            guards.append(f"(({at} < {count}) | ({within}))")
+        # (The words' addresses from the tile's first: the same register, a constant offset each.)
+        terms.append(
+            f"tl.cast(({axis.first}) >> {WORD_SHIFT}, {INT64}) * {strides[-1]} + {index} * {strides[-1]}"
+        )
+        mask = f", mask=({' & '.join(guards)}) != 0, other=0" if guards else ""
+        load = f"tl.load({words} + {' + '.join(terms)}{mask})"
+        offsets = axis.offsets
+        lines = [
+            self.lines[own].value,
+            f"if {choice}:",
+            f"{BLOCK_MARK}{word} = tl.zeros_like({offsets})",
+            f"{BLOCK_MARK}for {index} in tl.static_range({axis.size} // {WORD_BITS}):",
+            f"{BLOCK_MARK * 2}{word} = tl.where(({offsets} >> {WORD_SHIFT}) == {index}, {load}, {word})",
+            f"{BLOCK_MARK}{choice}_v = ({word} & (1 << ({offsets} & {WORD_BITS - 1}))) != 0",
+            "else:",
+            f"{BLOCK_MARK}{choice}_v = {self._loaded(decl.name, indices, inside, INT1, self._split(n))}",
+        ]
+        self.lines[own] = Assign(choice, f"\n{BLOCK_MARK}".join(lines))
+        return f"{choice}_v"
 
     def _few_values(self, n: Node) -> list[tuple[int, str, Node, str, str | None]]:
         """The load's indices that vary over the tile, as (operand, position variable, value with the

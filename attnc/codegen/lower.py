@@ -189,6 +189,7 @@ class _Kernel:
         for name in _lets_used(pattern, roots):
             _bind(self.rows, name, lets[name], self.rows.value)
         self.helpers = set(self.rows.helpers)
+        self.bits: set[str] = set()  # the inputs its bodies read as packed bits (`Emitter.bits`)
 
     def ranges(self, axis: str) -> tuple[tuple[Assign, ...], tuple[KeyRange, ...] | None]:
         """The analytic plan's ranges of positions along `axis` ("kv" or "q"), as statements (computed
@@ -283,6 +284,7 @@ class _Kernel:
                     )
                 )
         self.helpers |= emitter.helpers
+        self.bits |= emitter.bits
         return Body(tuple(emitter.lines), score, mask, dscore, tuple(input_grads), score_log2, scale_folded)
 
 
@@ -301,8 +303,16 @@ def _log2_score(emitter: Emitter, score: Node) -> str | None:
     return None
 
 
-def _input(decl) -> InputArg:
-    return InputArg(decl.name, input_arg(decl.name), decl.dtype, len(decl.dims), covered_sizes(decl.dims))
+def _input(decl, bits: set[str] | frozenset[str] = frozenset()) -> InputArg:
+    """The input's kernel arguments; `bits`: the inputs the kernels read as packed bits too."""
+    return InputArg(
+        decl.name,
+        input_arg(decl.name),
+        decl.dtype,
+        len(decl.dims),
+        covered_sizes(decl.dims),
+        decl.name in bits,
+    )
 
 
 def _params(pattern: PatternIR) -> tuple[ParamArg, ...]:
@@ -332,7 +342,7 @@ def build_spec(pattern: PatternIR) -> KernelSpec:
     masked, full = kernel.body(True, FORWARD_TILES), kernel.body(False, FORWARD_FULL_TILES)
     metadata_b, metadata_h = "b" in sparsity.axes, "h" in sparsity.axes
     return KernelSpec(
-        inputs=tuple(_input(d) for d in pattern.inputs),
+        inputs=tuple(_input(d, kernel.bits) for d in pattern.inputs),
         params=_params(pattern),
         prologue=tuple(kernel.rows.lines) + range_lines,
         kv_ranges=kv_ranges,
@@ -364,7 +374,7 @@ def build_backward_spec(pattern: PatternIR) -> BackwardSpec:
     with_grad = differentiable_inputs(pattern)
     metadata_b, metadata_h = "b" in sparsity.axes, "h" in sparsity.axes
     return BackwardSpec(
-        inputs=tuple(_input(d) for d in pattern.inputs),
+        inputs=tuple(_input(d, dq.bits | dkv.bits) for d in pattern.inputs),
         params=_params(pattern),
         grad_inputs=tuple(_input(d) for d in pattern.inputs if d.name in with_grad),
         metadata_b=metadata_b,
@@ -558,6 +568,10 @@ def _helper_names(spec: KernelSpec | BackwardSpec) -> frozenset[str]:
 def _input_arguments(spec: KernelSpec | BackwardSpec) -> frozenset[str]:
     """The kernel arguments named after the spec's inputs."""
     names = {name for arg in spec.inputs for name in (arg.ptr, *arg.scalars)}
+    for arg in spec.inputs:
+        if arg.bits:
+            words, count, word_strides = arg.bit_args
+            names |= {words, count, *word_strides}
     for arg in spec.grad_inputs if isinstance(spec, BackwardSpec) else ():
         names |= {arg.grad_ptr, *arg.grad_strides, arg.grad_flag}
     return frozenset(names)

@@ -178,6 +178,11 @@ def _pattern_args(inputs, params, grad_inputs=None) -> list[KernelArg]:
         args += _args("inputs", "tensor", [arg.ptr])
         args += _args("inputs", "int", arg.scalars[: arg.rank], specialize=False)
         args += _args("inputs", "stride", arg.scalars[arg.rank :])
+        if arg.bits:
+            words, count, word_strides = arg.bit_args
+            args += _args("inputs", "tensor", [words])
+            args += _args("inputs", "int", [count], specialize=False)
+            args += _args("inputs", "stride", word_strides)
     for arg in grad_inputs or ():
         args += _args("grads", "tensor", [arg.grad_ptr]) + _args("grads", "stride", arg.grad_strides)
     # A float parameter's int64 bit pattern: 0.0's is 0, which Triton would type int32.

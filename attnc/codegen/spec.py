@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 
-from attnc.codegen.emit import Assign, input_arg, param_arg
+from attnc.codegen.emit import Assign, bit_args, input_arg, param_arg
 from attnc.codegen.signature import (
     Signature,
     dkv_signature,
@@ -62,19 +62,28 @@ class InputArg:
     Every suffix is free of underscores, so the name is what lies between the namespace and the last
     underscore: two inputs never share an argument. Bool inputs are passed as uint8. `covers`: per
     axis, the size the tensor must cover at a launch ("BATCH", "KV_LEN": the kernels read it there
-    without a bound test, `emit.covered_sizes`) or None."""
+    without a bound test, `emit.covered_sizes`) or None.
+
+    `bits`: a bool input the kernels also read as its bits packed along its last axis
+    (`emit.Emitter._load_bits`: a key column `flag[b, kv]`), passed as well as int32 words
+    `in_<name>_bits` (bit i of word j: the element at position 32 j + i of the last axis, 0 past its
+    end) with strides `in_<name>_bitstride<i>` and the count of words along the last axis,
+    `in_<name>_bitwords` (`runtime/launch.py`'s `pack_bits`)."""
 
     name: str
     arg: str
     dtype: str
     rank: int
     covers: tuple[str | None, ...]
+    bits: bool = False
 
     def __post_init__(self) -> None:
         if not _IDENTIFIER.match(self.name) or self.arg != input_arg(self.name):
             raise InternalError(f"input {self.name!r} cannot name kernel arguments (as {self.arg!r})")
         if len(self.covers) != self.rank:
             raise InternalError(f"input {self.name!r}: {self.rank} axes, {len(self.covers)} sizes to cover")
+        if self.bits and (self.dtype != "bool" or self.rank == 0):
+            raise InternalError(f"input {self.name!r}: only a bool input with an axis is read as bits")
 
     @property
     def ptr(self) -> str:
@@ -85,6 +94,12 @@ class InputArg:
         """Its int arguments: the dims, then the strides."""
         dims = tuple(f"{self.arg}_dim{i}" for i in range(self.rank))
         return dims + tuple(f"{self.arg}_stride{i}" for i in range(self.rank))
+
+    @property
+    def bit_args(self) -> tuple[str, str, tuple[str, ...]]:
+        """Its packed bits' arguments (`bits`): the words' pointer, their count along the last axis,
+        their strides."""
+        return bit_args(self.arg, self.rank)
 
     @property
     def grad_ptr(self) -> str:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from attnc import oracle
+from attnc.codegen.emit import WORD_BITS
 from attnc.codegen.lower import build_backward_spec
 from attnc.codegen.signature import backward_strides, qkv_strides, values
 from attnc.codegen.signature import strides as stride_names
@@ -252,6 +253,7 @@ class Forward:
         geometry = geometry_args(env, lse)
         strides, layout = _layout_args(q, k, v, env, lse, block_table, cu_seqlens)
         signature = self.spec.signature
+        inputs = _input_args(self.spec.inputs, env, self.pattern)  # (once for every autotuned launch)
 
         def launch(
             config: Config,
@@ -282,7 +284,7 @@ class Forward:
             grid = (n_q * batch * grid_heads * splits,)
             arguments = signature.arguments(
                 tensors=dict(Q=q, K=k, V=v, Out=parts_out, Lse=parts_lse),
-                inputs=_input_args(self.spec.inputs, env, self.pattern),
+                inputs=inputs,
                 params=_param_args(self.spec.params, self.pattern, env),
                 plan=plan,
                 strides=strides,
@@ -442,11 +444,31 @@ def _input_args(inputs: tuple[InputArg, ...], env: oracle.Env, pattern: PatternI
                     f"{needed[size] - 1}, so it needs at least {needed[size]} (shape {list(tensor.shape)})",
                     None if decl is None else decl.loc,
                 )
+        if arg.bits:
+            words, count, word_strides = arg.bit_args
+            packed = pack_bits(tensor)
+            args[words], args[count] = packed, packed.shape[-1]
+            args.update(values(word_strides, packed.stride()))
         if tensor.dtype == torch.bool:
             tensor = tensor.view(torch.uint8)
         args[arg.ptr] = tensor
         args.update(values(arg.scalars, (*tensor.shape, *tensor.stride())))
     return args
+
+
+def pack_bits(flags: torch.Tensor) -> torch.Tensor:
+    """A bool tensor's values packed along its last axis, 32 to an int32 word (`spec.InputArg.bits`):
+    bit i of word j is the element at position 32 j + i, and the bits past the axis' end are 0."""
+    *lead, length = flags.shape
+    words = -(-length // WORD_BITS)
+    padded = torch.zeros((*lead, words * WORD_BITS), dtype=torch.int64, device=flags.device)
+    padded[..., :length] = flags
+    weights = torch.ones(WORD_BITS, dtype=torch.int64, device=flags.device) << torch.arange(
+        WORD_BITS, device=flags.device
+    )
+    packed = (padded.view(*lead, words, WORD_BITS) * weights).sum(-1)
+    # Bit 31 set is a negative int32: the same 32 bits.
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
 
 
 def with_options(config: Config, options: Sequence[int] | None) -> Config:
@@ -731,6 +753,8 @@ class Backward:
                 delta -= dlse.to(torch.float32)
             return delta
 
+        inputs = _input_args(self.spec.inputs, env, self.pattern)  # (once for both kernels)
+
         def plan_args(config: Config, dkv: bool) -> dict[str, Any]:
             """The metadata plan's arguments of one kernel: key tiles per query tile (dQ) or query tiles
             per key tile (dK/dV), for the kernel's own block."""
@@ -766,7 +790,7 @@ class Backward:
             strides = values(backward_strides(*(name.lower() for name in outputs)), given)
             return dict(
                 tensors=dict(Q=q, K=k, V=v, dOut=dout, Lse=lse, Delta=delta, **outputs),
-                inputs=_input_args(self.spec.inputs, env, self.pattern),
+                inputs=inputs,
                 grads=grads,
                 params=_param_args(self.spec.params, self.pattern, env),
                 strides=strides,
