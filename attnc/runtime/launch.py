@@ -456,19 +456,20 @@ def _input_args(inputs: tuple[InputArg, ...], env: oracle.Env, pattern: PatternI
     return args
 
 
+# Bit i's value in an int32 word: 2 ** i, and bit 31 the sign.
+_BIT_VALUES = [1 << i for i in range(WORD_BITS - 1)] + [-(1 << (WORD_BITS - 1))]
+
+
 def pack_bits(flags: torch.Tensor) -> torch.Tensor:
     """A bool tensor's values packed along its last axis, 32 to an int32 word (`spec.InputArg.bits`):
-    bit i of word j is the element at position 32 j + i, and the bits past the axis' end are 0."""
+    bit i of word j is the element at position 32 j + i, and the bits past the axis' end are 0. (Each
+    word is a sum of distinct bit values, bit 31's negative: exact in int32.)"""
     *lead, length = flags.shape
     words = -(-length // WORD_BITS)
-    padded = torch.zeros((*lead, words * WORD_BITS), dtype=torch.int64, device=flags.device)
+    padded = torch.zeros((*lead, words * WORD_BITS), dtype=torch.int32, device=flags.device)
     padded[..., :length] = flags
-    weights = torch.ones(WORD_BITS, dtype=torch.int64, device=flags.device) << torch.arange(
-        WORD_BITS, device=flags.device
-    )
-    packed = (padded.view(*lead, words, WORD_BITS) * weights).sum(-1)
-    # Bit 31 set is a negative int32: the same 32 bits.
-    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+    values = torch.tensor(_BIT_VALUES, dtype=torch.int32, device=flags.device)
+    return (padded.view(*lead, words, WORD_BITS) * values).sum(-1, dtype=torch.int32)
 
 
 def with_options(config: Config, options: Sequence[int] | None) -> Config:
