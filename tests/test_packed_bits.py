@@ -101,6 +101,11 @@ def test_the_last_bit_of_a_word_is_its_sign_and_bits_past_the_end_are_zero() -> 
     assert pack_bits(torch.ones(33, dtype=torch.bool)).tolist() == [-1, 1]
 
 
+def test_bytes_other_than_0_and_1_pack_as_true() -> None:
+    # As the kernels read the bytes: nonzero is true (a uint8 buffer passed past the call's checks).
+    assert pack_bits(torch.tensor([2, 0, 255, 1], dtype=torch.uint8)).tolist() == [0b1101]
+
+
 def test_strided_and_broadcast_flags_are_packed_by_value() -> None:
     wide = _flags(2, 70, 3, rate=0.5)
     assert torch.equal(pack_bits(wide[..., 1]), _packed_by_hand(wide[..., 1].contiguous()))

@@ -464,6 +464,8 @@ def pack_bits(flags: torch.Tensor) -> torch.Tensor:
     """A bool tensor's values packed along its last axis, 32 to an int32 word (`spec.InputArg.bits`):
     bit i of word j is the element at position 32 j + i, and the bits past the axis' end are 0. (Each
     word is a sum of distinct bit values, bit 31's negative: exact in int32.)"""
+    if flags.dtype != torch.bool:  # nonzero is true, as the kernels read the bytes
+        flags = flags != 0
     *lead, length = flags.shape
     words = -(-length // WORD_BITS)
     padded = torch.zeros((*lead, words * WORD_BITS), dtype=torch.int32, device=flags.device)
