@@ -106,6 +106,17 @@ def test_bytes_other_than_0_and_1_pack_as_true() -> None:
     assert pack_bits(torch.tensor([2, 0, 255, 1], dtype=torch.uint8)).tolist() == [0b1101]
 
 
+def test_packing_copies_nothing_from_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A CUDA graph can capture a call that packs: no tensor is made from host data.
+    def refused(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a tensor made from host data")
+
+    flags = _flags(2, 70, rate=0.5)
+    monkeypatch.setattr(torch, "tensor", refused)
+    monkeypatch.setattr(torch, "as_tensor", refused)
+    assert torch.equal(pack_bits(flags), _packed_by_hand(flags))
+
+
 def test_strided_and_broadcast_flags_are_packed_by_value() -> None:
     wide = _flags(2, 70, 3, rate=0.5)
     assert torch.equal(pack_bits(wide[..., 1]), _packed_by_hand(wide[..., 1].contiguous()))

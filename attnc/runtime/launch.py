@@ -456,10 +456,6 @@ def _input_args(inputs: tuple[InputArg, ...], env: oracle.Env, pattern: PatternI
     return args
 
 
-# Bit i's value in an int32 word: 2 ** i, and bit 31 the sign.
-_BIT_VALUES = [1 << i for i in range(WORD_BITS - 1)] + [-(1 << (WORD_BITS - 1))]
-
-
 def pack_bits(flags: torch.Tensor) -> torch.Tensor:
     """A bool tensor's values packed along its last axis, 32 to an int32 word (`spec.InputArg.bits`):
     bit i of word j is the element at position 32 j + i, and the bits past the axis' end are 0. (Each
@@ -470,7 +466,12 @@ def pack_bits(flags: torch.Tensor) -> torch.Tensor:
     words = -(-length // WORD_BITS)
     padded = torch.zeros((*lead, words * WORD_BITS), dtype=torch.int32, device=flags.device)
     padded[..., :length] = flags
-    values = torch.tensor(_BIT_VALUES, dtype=torch.int32, device=flags.device)
+    # Bit i's value in an int32 word: 2 ** i, bit 31's negative. Made on the device: no copy from
+    # the host, which a CUDA graph could not capture.
+    values = torch.ones(WORD_BITS, dtype=torch.int64, device=flags.device) << torch.arange(
+        WORD_BITS, device=flags.device
+    )
+    values = torch.where(values >= 1 << (WORD_BITS - 1), values - (1 << WORD_BITS), values).to(torch.int32)
     return (padded.view(*lead, words, WORD_BITS) * values).sum(-1, dtype=torch.int32)
 
 
