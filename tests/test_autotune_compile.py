@@ -184,7 +184,7 @@ def test_the_launcher_compiles_each_candidates_kernels_as_they_are_timed_before_
     device = f"a faked GPU {tmp_path.name}"  # a tuner of its own, nothing known
     monkeypatch.setattr(launch, "active", lambda: launch.CUDA)
     monkeypatch.setattr(launch, "module", lambda source, backend: FakeModule(log))
-    monkeypatch.setattr(launch, "_device_limits", lambda index: (device, H100_SHARED))
+    monkeypatch.setattr(launch, "_device_limits", lambda index: launch.DeviceLimits(device, H100_SHARED, 90))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
     def bench(fn: Callable[[], None]) -> float:

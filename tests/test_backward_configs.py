@@ -69,7 +69,9 @@ def test_a_forced_configuration_serves_both_backward_kernels(monkeypatch: pytest
 
 
 def test_on_a_gpu_dq_and_dkv_take_their_own_heuristics_first_choices(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(launching, "_device_limits", lambda index: ("a GPU", H100_SHARED))
+    monkeypatch.setattr(
+        launching, "_device_limits", lambda index: launching.DeviceLimits("a GPU", H100_SHARED, 90)
+    )
     monkeypatch.setenv("ATTNC_AUTOTUNE", "0")
     device = torch.device("cuda", 0)
     for dim in (64, 128, 256):
@@ -105,6 +107,48 @@ DKV_REGISTERS = {
     (256, Config(16, 64, 8, 3)): None,  # 220 bytes
     (256, Config(16, 64, 8, 2)): None,  # 192 bytes
 }
+
+
+def test_the_dkv_kernel_of_an_analytic_plan_of_several_conjuncts_takes_its_own_first_choice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its ranges (one per conjunct) cost registers: 128-key tiles at head dim 128 spill for prefix LM
+    # and sinks + window (tests/test_static_sm90.py), 64-key tiles do not. The launcher passes the
+    # spec's conjuncts to the heuristic.
+    assert autotune.kernel_conjuncts(None) == 1  # a metadata plan
+    specs = {
+        "causal": STD.causal(),
+        "prefix_lm": STD.prefix_lm(prefix=16),
+        "document": attnc.load("examples/document_causal.attn").document_causal(),
+    }
+    conjuncts = {name: autotune.kernel_conjuncts(backward_of(k).spec.q_ranges) for name, k in specs.items()}
+    assert conjuncts == {"causal": 1, "prefix_lm": 2, "document": 1}
+    real = launching._config
+    passed: dict[str, int] = {}
+
+    def recorded(*args: Any, **kwargs: Any) -> Config:
+        if kwargs.get("dkv"):
+            passed[name] = kwargs.get("conjuncts", 1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(launching, "_config", recorded)
+    for name, kern in specs.items():
+        q, k, v = (t.requires_grad_() for t in qkv())
+        inputs = {"doc": torch.zeros(1, q.shape[2], dtype=torch.int32)} if name == "document" else {}
+        kern(q, k, v, **inputs).sum().backward()
+    assert passed == conjuncts
+    # On an H100 (shared memory and heuristics; autotuning off): 64-key tiles for prefix LM only.
+    monkeypatch.setattr(
+        launching, "_device_limits", lambda index: launching.DeviceLimits("a GPU", H100_SHARED, 90)
+    )
+    monkeypatch.setenv("ATTNC_AUTOTUNE", "0")
+    shape = LaunchShape("bfloat16", 128, 128, 1, 4096, 4096, 32)
+    for name, count in conjuncts.items():
+        chosen = real(
+            {}, "key", "p", "cuda", torch.device("cuda", 0), shape, lambda c: 1.0, True, None, True,
+            conjuncts=count,
+        )  # fmt: skip
+        assert chosen == (Config(16, 64, 8, 3) if name == "prefix_lm" else Config(16, 128, 8, 3))
 
 
 def test_the_dkv_register_estimate_errs_high_and_rules_out_what_spills() -> None:

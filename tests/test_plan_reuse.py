@@ -319,7 +319,7 @@ def test_to_block_mask_has_the_plans_tiles_and_flex_attention_with_it_matches_th
 def test_on_a_gpu_a_plans_block_picks_the_configuration_and_a_backward_that_cannot_run_it_is_free(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(launch, "_device_limits", lambda index: ("a GPU", 228 * 1024))
+    monkeypatch.setattr(launch, "_device_limits", lambda index: launch.DeviceLimits("a GPU", 228 * 1024, 90))
     monkeypatch.setenv("ATTNC_AUTOTUNE", "0")
     shape = autotune.LaunchShape("float16", 64, 64, 1, 4096, 4096, 32)
     device = torch.device("cuda", 0)
@@ -357,7 +357,7 @@ def test_launches_with_another_block_derive_the_plans_metadata_once(monkeypatch:
 def test_on_a_gpu_autotuning_under_a_plan_measures_only_its_blocks_configurations(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(launch, "_device_limits", lambda index: ("a GPU", 228 * 1024))
+    monkeypatch.setattr(launch, "_device_limits", lambda index: launch.DeviceLimits("a GPU", 228 * 1024, 90))
     monkeypatch.setenv("ATTNC_AUTOTUNE", "1")
     shape = autotune.LaunchShape("float16", 64, 64, 1, 4096, 4096, 32)
     measured: list[autotune.Config] = []

@@ -116,9 +116,10 @@ def test_any_other_error_while_tuning_is_not_hidden(tmp_path: Path, monkeypatch:
 
 def test_backward_heuristics_give_dq_and_dkv_tiles_of_their_own_which_fit_the_registers() -> None:
     # dQ: 128 query rows on wgmma (its M side), each warp group on 64 of them. dK/dV: on wgmma, 128-key
-    # tiles at head dim 64 and 64-key tiles at 128; at 256 64-key tiles spill (their two [64, 256]
-    # accumulators), so 32-key tiles with 32-query tiles, which keep two tiles in flight
-    # (tests/test_static_sm90.py compiles these choices with ptxas for sm_90).
+    # tiles at head dims 64 and 128 (64 keys at 128 for an analytic plan of several conjuncts, whose
+    # ranges push 128 over); at 256 64-key tiles spill (their two [64, 256] accumulators), so 32-key
+    # tiles with 32-query tiles, which keep two tiles in flight (tests/test_static_sm90.py compiles
+    # these choices with ptxas for sm_90).
     def shape(dim: int) -> LaunchShape:
         return LaunchShape("bfloat16", dim, dim, 1, 4096, 4096, 32)
 
@@ -126,8 +127,28 @@ def test_backward_heuristics_give_dq_and_dkv_tiles_of_their_own_which_fit_the_re
     assert heuristic(shape(128), 227 * 1024, backward=True) == Config(128, 32, 8, 3)
     assert heuristic(shape(256), 227 * 1024, backward=True) == Config(128, 16, 8, 3)
     assert heuristic(shape(64), 227 * 1024, dkv=True) == Config(16, 128, 8, 3)
-    assert heuristic(shape(128), 227 * 1024, dkv=True) == Config(16, 64, 8, 3)
+    assert heuristic(shape(128), 227 * 1024, dkv=True) == Config(16, 128, 8, 3)
+    assert heuristic(shape(128), 227 * 1024, dkv=True, conjuncts=2) == Config(16, 64, 8, 3)
     assert heuristic(shape(256), 227 * 1024, dkv=True) == Config(32, 32, 8, 3)
+    # 128-key tiles are for sm_90's warp-group products: on an A100 (mma.sync) 64-key tiles.
+    assert heuristic(shape(128), 163 * 1024, dkv=True, arch=80) == Config(16, 64, 8, 3)
+    for dim in (64, 256):  # there one choice serves every plan
+        assert heuristic(shape(dim), 227 * 1024, dkv=True, conjuncts=2) == heuristic(
+            shape(dim), 227 * 1024, dkv=True
+        )
+
+
+def test_a_devices_limits_name_its_architecture(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from attnc.runtime import launch
+
+    props = SimpleNamespace(name="NVIDIA H100", major=9, minor=0, shared_memory_per_block_optin=232448)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert launch._device_limits.__wrapped__(0) == ("NVIDIA H100 sm90", 232448, 90)
+    monkeypatch.setattr(torch.version, "hip", "6.4")  # ROCm: no NVIDIA architecture
+    assert launch._device_limits.__wrapped__(0).arch == 0
 
 
 def test_progress_bar_appears_only_on_long_tuning() -> None:

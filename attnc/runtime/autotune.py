@@ -122,8 +122,12 @@ DKV_CANDIDATES = tuple(
 # stages up to head dim 128 (152 registers at 128; 64-key tiles reach 252 for block_sparse), 16-key
 # tiles at 256 (206, block_sparse 226). dK/dV keeps two [BLOCK_N, D] accumulators, with its query rows
 # opaque (`_opaque`): 128-key tiles (16 queries, 3 stages) at head dim 64 (190 registers, 219 for sinks
-# + window); at 128 64-key tiles, 16 queries, 3 stages (208; 245 for sinks + window; 128-key tiles: 242,
-# but sinks + window spills 12 bytes, as 32 queries do, 8 bytes for causal); at 256, 32-key tiles
+# + window) and at 128 (242 for causal, 234-249 for the benchmark's patterns of one conjunct or of a
+# metadata plan), where 64-key tiles would have both warp groups compute the same score tiles (1.5x the
+# tensor work, and 2.5x the SASS per score: 302 for 1,024 scores against 238 for 2,048); but at 128 the
+# ranges of an analytic plan of several conjuncts push 128-key tiles over (sinks + window spills 12
+# bytes, prefix LM 4), so those take 64-key tiles, 16 queries, 3 stages (245 for sinks + window); at
+# 256, 32-key tiles
 # (mma.sync) with 32-query tiles and 3 stages (171; 227 for sinks + window; 16-query tiles: 167, but
 # 1.7x the SASS instructions per score; 64 queries spill 24 bytes): 64-key tiles, whose two [64, 256]
 # accumulators take 128 registers a thread, spill 220 bytes (192 with 2 stages).
@@ -143,9 +147,12 @@ _PREFERRED_BACKWARD = {
 _FALLBACK_BACKWARD = (Config(64, 32, 8, 2), Config(64, 32, 4, 2), Config(32, 32, 4, 1))
 _PREFERRED_DKV = {
     64: (Config(16, 128, 8, 3),),
-    128: (Config(16, 64, 8, 3),),
+    128: (Config(16, 128, 8, 3),),
     256: (Config(32, 32, 8, 3),),
 }
+# Several conjuncts, or a device without warp-group products (`heuristic`).
+_PREFERRED_DKV_CONJUNCTS = {**_PREFERRED_DKV, 128: (Config(16, 64, 8, 3),)}
+WGMMA_ARCH = 90  # sm_90 (H100, H200): warp-group (wgmma) tensor-core products
 _FALLBACK_DKV = (Config(32, 32, 8, 2), Config(32, 32, 4, 1))
 # Registers per thread: ptxas spills to local memory beyond this.
 MAX_REGISTERS = 255
@@ -238,20 +245,23 @@ def candidates(
     backward: bool = False,
     dkv: bool = False,
     block: tuple[int, int] | None = None,
+    conjuncts: int = 1,
+    arch: int = 90,
 ) -> list[Config]:
     """The configurations autotuning times (`dkv`: the backward's dK/dV kernel's, `backward`: its dQ
     kernel's): the heuristic's first choice, then those that fit the device's shared memory and, by
     the register estimate, do not spill (if none does, those that fit, fewest registers first),
     nearest to the first choice first (`distance`; ties: fewer registers, then the smaller
     configuration), at most `MAX_CANDIDATES` in all (`MAX_BACKWARD_CANDIDATES` for a backward
-    kernel). `block`: only those of that (BLOCK_M, BLOCK_N) (a plan's), the cap counted among them."""
+    kernel). `block`: only those of that (BLOCK_M, BLOCK_N) (a plan's), the cap counted among them.
+    `conjuncts`, `arch`: as for `heuristic`."""
     pool = DKV_CANDIDATES if dkv else BACKWARD_CANDIDATES if backward else CANDIDATES
     cap = MAX_BACKWARD_CANDIDATES if backward or dkv else MAX_CANDIDATES
     fitting = [c for c in pool if shared_memory(c, shape, backward, dkv) <= max_shared]
     chosen = [c for c in fitting if registers(c, shape, backward, dkv) <= MAX_REGISTERS]
     if not chosen:
         chosen = sorted(fitting, key=lambda c: registers(c, shape, backward, dkv))[:cap]
-    first = heuristic(shape, max_shared, backward, dkv)
+    first = heuristic(shape, max_shared, backward, dkv, conjuncts, arch)
     nearest = sorted(
         (c for c in chosen if c != first),
         key=lambda c: (distance(c, first), registers(c, shape, backward, dkv), c),
@@ -262,12 +272,25 @@ def candidates(
     return ranked[:cap]
 
 
-def heuristic(shape: LaunchShape, max_shared: int, backward: bool = False, dkv: bool = False) -> Config:
+def heuristic(
+    shape: LaunchShape,
+    max_shared: int,
+    backward: bool = False,
+    dkv: bool = False,
+    conjuncts: int = 1,
+    arch: int = 90,
+) -> Config:
     """The first choice for the head dim that fits the device's shared memory; else the first fallback
     that also fits the register estimate; else the smallest. `dkv`: the backward's dK/dV kernel's,
-    `backward`: its dQ kernel's."""
+    `backward`: its dQ kernel's; `conjuncts`: the conjuncts of the pattern's analytic plan (1 for a
+    metadata plan), whose ranges the dK/dV kernel keeps (`kernel_conjuncts`); `arch`: the device's
+    NVIDIA architecture (major * 10 + minor; 0 for ROCm). dK/dV's 128-key tiles at head dim 128 are
+    for the warp-group products of sm_90 (on sm_80 mma.sync they spill for half the benchmark's
+    patterns, where 64-key tiles do not)."""
     if dkv:
-        preferred, fallback = _PREFERRED_DKV, _FALLBACK_DKV
+        several = conjuncts > 1 or arch != WGMMA_ARCH
+        preferred = _PREFERRED_DKV_CONJUNCTS if several else _PREFERRED_DKV
+        fallback = _FALLBACK_DKV
     elif backward:
         preferred, fallback = _PREFERRED_BACKWARD, _FALLBACK_BACKWARD
     else:
@@ -283,6 +306,12 @@ def heuristic(shape: LaunchShape, max_shared: int, backward: bool = False, dkv: 
         ):
             return config
     return fallback[-1]
+
+
+def kernel_conjuncts(ranges: tuple[Any, ...] | None) -> int:
+    """The `conjuncts` of `heuristic` for a spec's ranges (`spec.q_ranges`: one per conjunct of an
+    analytic plan; None for a metadata plan, whose kernels keep no ranges: 1)."""
+    return max(1, len(ranges or ()))
 
 
 def forced() -> Config | None:

@@ -27,7 +27,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import astuple, dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -50,16 +50,27 @@ DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "
 MAX_HEAD_DIM = 256
 
 
+class DeviceLimits(NamedTuple):
+    """What the configurations depend on of a device: its name (with its compute capability), its
+    shared memory per block (opt-in maximum, bytes) and its NVIDIA architecture (major * 10 + minor:
+    90 for an H100; 0 for a ROCm device)."""
+
+    name: str
+    shared: int
+    arch: int
+
+
 @functools.lru_cache(maxsize=16)
-def _device_limits(index: int) -> tuple[str, int]:
-    """A CUDA device's name and shared memory per block (opt-in maximum), in bytes."""
+def _device_limits(index: int) -> DeviceLimits:
+    """A CUDA device's `DeviceLimits`."""
     props = torch.cuda.get_device_properties(index)
     shared = getattr(props, "shared_memory_per_block_optin", 0) or 0
     if not shared:
         import triton
 
         shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
-    return f"{props.name} sm{props.major}{props.minor}", int(shared)
+    arch = 0 if torch.version.hip else 10 * props.major + props.minor
+    return DeviceLimits(f"{props.name} sm{props.major}{props.minor}", int(shared), arch)
 
 
 PLAN_CACHE_SIZE = 8
@@ -560,6 +571,7 @@ def _config(
     block: tuple[int, int] | None = None,
     dkv: bool = False,
     compile: Callable[[Config], None] | None = None,
+    conjuncts: int = 1,
 ) -> Config:
     """The launch configuration: forced (`ATTNC_CONFIG`), the interpreter's, the heuristic's or the
     autotuner's. `block`: the block of the plan on file (`PlanCache`), chosen among the configurations
@@ -567,7 +579,7 @@ def _config(
     for the chosen block, once). `backward`: the dQ kernel's, `dkv`: the dK/dV kernel's (a forced
     configuration, and the interpreter's, serve both). `compile`: warms a configuration's kernels up
     without launching them (the autotuner compiles the candidates in parallel before timing them,
-    `autotune.compile_all`)."""
+    `autotune.compile_all`). `conjuncts`: the analytic plan's (`autotune.heuristic`)."""
     forced = autotune.forced()
     tuning = autotune.autotuning_enabled()  # read on every backend, so that a bad value is never ignored
     if forced is not None:
@@ -576,12 +588,15 @@ def _config(
         if block is not None and Config(*block, 1, 1).problem() is None:
             return Config(*block, 1, 1)
         return autotune.INTERPRETER_CONFIG
-    device_name, shared = _device_limits(
+    device_name, shared, arch = _device_limits(
         device.index if device.index is not None else torch.cuda.current_device()
     )
-    pool = autotune.candidates(shape, shared, backward, dkv, block) if block is not None else []
+    device_kind = {"conjuncts": conjuncts, "arch": arch}  # what the heuristic's first choice depends on
+    pool = (
+        autotune.candidates(shape, shared, backward, dkv, block, **device_kind) if block is not None else []
+    )
     if pool:
-        chosen = autotune.heuristic(shape, shared, backward, dkv)
+        chosen = autotune.heuristic(shape, shared, backward, dkv, **device_kind)
         if not tuning:
             return chosen if chosen in pool else pool[0]
         tuner = tuners.get(device_name)
@@ -596,12 +611,16 @@ def _config(
             _PINNED[pinned_key] = min(pool, key=lambda config: _seconds_or_inf(measure, config))
         return _PINNED[pinned_key]
     if not tuning:
-        return autotune.heuristic(shape, shared, backward, dkv)
+        return autotune.heuristic(shape, shared, backward, dkv, **device_kind)
     tuner = tuners.get(device_name)
     if tuner is None:
         tuner = tuners[device_name] = autotune.Tuner(key, device_name)
     return tuner.tune(
-        shape, autotune.candidates(shape, shared, backward, dkv), measure, label, compile=compile
+        shape,
+        autotune.candidates(shape, shared, backward, dkv, **device_kind),
+        measure,
+        label,
+        compile=compile,
     )
 
 
@@ -890,6 +909,7 @@ class Backward:
             dkv_config = with_options(_config(
                 self._dkv_tuners, f"{self.source.key}-dkv", f"{self.name} backward (dK/dV)", backend,
                 q.device, shape, measure_dkv, backward=True, block=pinned, dkv=True, compile=compile_dkv,
+                conjuncts=autotune.kernel_conjuncts(self.spec.q_ranges),
             ), options)  # fmt: skip
             result = new_result(grads)
             delta = delta_of(dq_config)

@@ -147,11 +147,11 @@ class Job:
     config: Config | None = None  # None: the heuristic's first choice for the device
 
 
-def first_config(job: Job, dkv: bool = False) -> Config:
+def first_config(job: Job, dkv: bool = False, conjuncts: int = 1) -> Config:
     """The configuration a launch tries first on the job's device: `autotune.heuristic`'s choice
-    (`dkv`: for the backward's dK/dV kernel)."""
+    (`dkv`: for the backward's dK/dV kernel, of a pattern whose analytic plan has `conjuncts`)."""
     shape = _shape(job)
-    return autotune.heuristic(shape, ARCHS[job.arch].max_shared, job.backward, dkv)
+    return autotune.heuristic(shape, ARCHS[job.arch].max_shared, job.backward, dkv, conjuncts, job.arch)
 
 
 def _shape(job: Job) -> LaunchShape:
@@ -166,12 +166,15 @@ def record(job: Job) -> list[Launch]:
             "ahead-of-time compilation needs Triton's compiler: set TRITON_INTERPRET=0 before importing "
             "attnc, or use compile_isolated"
         )
-    config = job.config or first_config(job)
-    dkv_config = job.config or (first_config(job, dkv=True) if job.backward else None)
     workload = PATTERNS[job.pattern](
         bench.Shape(job.length, BATCH, HEADS), bench.GPU_SCALE, torch.device("cpu"), 0
     )
     kern = workload.kernel
+    config = job.config or first_config(job)
+    dkv_config = None
+    if job.backward:
+        conjuncts = autotune.kernel_conjuncts(kern._forward.backward.spec.q_ranges)
+        dkv_config = job.config or first_config(job, dkv=True, conjuncts=conjuncts)
     dtype = bench.DTYPES[job.dtype]
     q, k, v = (torch.zeros(BATCH, HEADS, job.length, job.head_dim, dtype=dtype) for _ in range(3))
     inputs, params = kern._split(workload.inputs)
