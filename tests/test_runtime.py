@@ -129,6 +129,7 @@ def test_backward_heuristics_give_dq_and_dkv_tiles_of_their_own_which_fit_the_re
     assert heuristic(shape(64), 227 * 1024, dkv=True) == Config(16, 128, 8, 3)
     assert heuristic(shape(128), 227 * 1024, dkv=True) == Config(16, 128, 8, 3)
     assert heuristic(shape(128), 227 * 1024, dkv=True, conjuncts=2) == Config(16, 64, 8, 3)
+    assert heuristic(shape(128), 227 * 1024, dkv=True, conjuncts=4) == Config(32, 32, 8, 3)
     assert heuristic(shape(256), 227 * 1024, dkv=True) == Config(32, 32, 8, 3)
     # 128-key tiles are for sm_90's warp-group products: on an A100 (mma.sync) 64-key tiles.
     assert heuristic(shape(128), 163 * 1024, dkv=True, arch=80) == Config(16, 64, 8, 3)

@@ -126,8 +126,9 @@ DKV_CANDIDATES = tuple(
 # metadata plan), where 64-key tiles would have both warp groups compute the same score tiles (1.5x the
 # tensor work, and 2.5x the SASS per score: 302 for 1,024 scores against 238 for 2,048); but at 128 the
 # ranges of an analytic plan of several conjuncts push 128-key tiles over (sinks + window spills 12
-# bytes, prefix LM 4), so those take 64-key tiles, 16 queries, 3 stages (245 for sinks + window); at
-# 256, 32-key tiles
+# bytes, prefix LM 4), so those take 64-key tiles, 16 queries, 3 stages (245 for sinks + window), and
+# plans of three conjuncts or more 32 x 32 tiles on mma.sync (214 and 248 registers for three and four;
+# 64-key tiles spill 104 and 248 bytes); at 256, 32-key tiles
 # (mma.sync) with 32-query tiles and 3 stages (171; 227 for sinks + window; 16-query tiles: 167, but
 # 1.7x the SASS instructions per score; 64 queries spill 24 bytes): 64-key tiles, whose two [64, 256]
 # accumulators take 128 registers a thread, spill 220 bytes (192 with 2 stages).
@@ -150,8 +151,9 @@ _PREFERRED_DKV = {
     128: (Config(16, 128, 8, 3),),
     256: (Config(32, 32, 8, 3),),
 }
-# Several conjuncts, or a device without warp-group products (`heuristic`).
+# Two conjuncts, or a device without warp-group products; three or more (`heuristic`).
 _PREFERRED_DKV_CONJUNCTS = {**_PREFERRED_DKV, 128: (Config(16, 64, 8, 3),)}
+_PREFERRED_DKV_MANY = {**_PREFERRED_DKV, 128: (Config(32, 32, 8, 3),)}
 WGMMA_ARCH = 90  # sm_90 (H100, H200): warp-group (wgmma) tensor-core products
 _FALLBACK_DKV = (Config(32, 32, 8, 2), Config(32, 32, 4, 1))
 # Registers per thread: ptxas spills to local memory beyond this.
@@ -286,10 +288,15 @@ def heuristic(
     metadata plan), whose ranges the dK/dV kernel keeps (`kernel_conjuncts`); `arch`: the device's
     NVIDIA architecture (major * 10 + minor; 0 for ROCm). dK/dV's 128-key tiles at head dim 128 are
     for the warp-group products of sm_90 (on sm_80 mma.sync they spill for half the benchmark's
-    patterns, where 64-key tiles do not)."""
+    patterns, where 64-key tiles do not) and plans of one conjunct; 64-key tiles spill for three or
+    more (104 bytes for three, 248 for NATTEN's 1-D neighbourhood's four), 32 x 32 tiles do not."""
     if dkv:
-        several = conjuncts > 1 or arch != WGMMA_ARCH
-        preferred = _PREFERRED_DKV_CONJUNCTS if several else _PREFERRED_DKV
+        if conjuncts > 2:
+            preferred = _PREFERRED_DKV_MANY
+        elif conjuncts > 1 or arch != WGMMA_ARCH:
+            preferred = _PREFERRED_DKV_CONJUNCTS
+        else:
+            preferred = _PREFERRED_DKV
         fallback = _FALLBACK_DKV
     elif backward:
         preferred, fallback = _PREFERRED_BACKWARD, _FALLBACK_BACKWARD

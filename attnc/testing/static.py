@@ -39,7 +39,7 @@ import torch
 
 from attnc import bench
 from attnc import config as settings
-from attnc.api import loads
+from attnc.api import loads, stdlib
 from attnc.runtime import autotune, backend, launch
 from attnc.runtime.autotune import Config, LaunchShape
 
@@ -130,8 +130,21 @@ def _softcap_causal(
     )  # fmt: skip
 
 
+def _neighborhood_1d(
+    shape: bench.Shape, scale: bench.Scale, device: torch.device, seed: int
+) -> bench.Workload:
+    """NATTEN's 1-D neighbourhood (13 keys): not a benchmark pattern, but an analytic plan of four
+    conjuncts (the window, and its three clamps at the borders), whose ranges cost the dK/dV kernel
+    registers (`autotune.heuristic`'s `conjuncts`)."""
+    kernel = stdlib().neighborhood_1d(kernel=13)
+    return bench.Workload(
+        "neighborhood_1d", "1-D neighbourhood 13", {"kernel": 13}, kernel, {}, lambda b, h, q, kv: q >= 0,
+        False, False, None,
+    )  # fmt: skip
+
+
 # The patterns a Job may name: the benchmark's, and the static checks' own.
-PATTERNS = {**bench.PATTERNS, "softcap_causal": _softcap_causal}
+PATTERNS = {**bench.PATTERNS, "softcap_causal": _softcap_causal, "neighborhood_1d": _neighborhood_1d}
 
 
 @dataclass(frozen=True)
