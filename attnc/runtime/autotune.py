@@ -128,7 +128,8 @@ DKV_CANDIDATES = tuple(
 # ranges of an analytic plan of several conjuncts push 128-key tiles over (sinks + window spills 12
 # bytes, prefix LM 4), so those take 64-key tiles, 16 queries, 3 stages (245 for sinks + window), and
 # plans of three conjuncts or more 32 x 32 tiles on mma.sync (214 and 248 registers for three and four;
-# 64-key tiles spill 104 and 248 bytes); at 256, 32-key tiles
+# 64-key tiles spill 104 and 248 bytes; at head dim 64 they take 64-key tiles: 228 and 254, where
+# 128-key ones spill 56 bytes for four); at 256, 32-key tiles
 # (mma.sync) with 32-query tiles and 3 stages (171; 227 for sinks + window; 16-query tiles: 167, but
 # 1.7x the SASS instructions per score; 64 queries spill 24 bytes): 64-key tiles, whose two [64, 256]
 # accumulators take 128 registers a thread, spill 220 bytes (192 with 2 stages).
@@ -153,7 +154,7 @@ _PREFERRED_DKV = {
 }
 # Two conjuncts, or a device without warp-group products; three or more (`heuristic`).
 _PREFERRED_DKV_CONJUNCTS = {**_PREFERRED_DKV, 128: (Config(16, 64, 8, 3),)}
-_PREFERRED_DKV_MANY = {**_PREFERRED_DKV, 128: (Config(32, 32, 8, 3),)}
+_PREFERRED_DKV_MANY = {**_PREFERRED_DKV, 64: (Config(16, 64, 8, 3),), 128: (Config(32, 32, 8, 3),)}
 WGMMA_ARCH = 90  # sm_90 (H100, H200): warp-group (wgmma) tensor-core products
 _FALLBACK_DKV = (Config(32, 32, 8, 2), Config(32, 32, 4, 1))
 # Registers per thread: ptxas spills to local memory beyond this.
@@ -289,7 +290,8 @@ def heuristic(
     NVIDIA architecture (major * 10 + minor; 0 for ROCm). dK/dV's 128-key tiles at head dim 128 are
     for the warp-group products of sm_90 (on sm_80 mma.sync they spill for half the benchmark's
     patterns, where 64-key tiles do not) and plans of one conjunct; 64-key tiles spill for three or
-    more (104 bytes for three, 248 for NATTEN's 1-D neighbourhood's four), 32 x 32 tiles do not."""
+    more (104 bytes for three, 248 for NATTEN's 1-D neighbourhood's four), 32 x 32 tiles do not. At
+    head dim 64 three or more conjuncts take 64-key tiles (128-key ones spill 56 bytes for four)."""
     if dkv:
         if conjuncts > 2:
             preferred = _PREFERRED_DKV_MANY
