@@ -28,7 +28,7 @@ import attnc
 from attnc.codegen.lower import build_backward_spec, checked_code, render
 from attnc.errors import InputError
 from attnc.runtime.autograd import NO_FLOAT_PARAMS as NO_FLOATS
-from attnc.testing import compare_gradients
+from attnc.testing import GradientComparison, compare_gradients
 
 
 def check(kern: attnc.Kernel, q, k, v, scale: float | None = None, lse_grad: bool = True, **inputs) -> None:
@@ -222,6 +222,24 @@ def test_half_precision_input_gradients_use_an_exact_delta(name: str, dtype: tor
         assert comparison.ok, comparison.describe()
         error, dense, _ = comparison.errors["dt"]
         assert error < 0.1 * dense, comparison.describe()
+
+
+def test_a_coarser_inputs_gradient_may_round_a_unit_of_its_own_dtype_apart() -> None:
+    # A float16 input beside float32 q: the kernel rounds its float64 sum of the gradient to float16
+    # once, the oracle its own sum, and sums a float32 rounding apart may round one float16 unit apart
+    # (the fuzzer's kernel-d61b45df7fe6: 1.22e-4, a unit at 0.2). No more than that unit is admitted.
+    unit = torch.finfo(torch.float16).eps * 0.25  # a float16 unit at values in [0.25, 0.5)
+    errors = {"dt": (unit, 0.0, 0.3)}
+    assert GradientComparison(torch.float32, errors, False, storage={"dt": torch.float16}).ok
+    assert not GradientComparison(torch.float32, errors, False).ok
+    far = {"dt": (2 * torch.finfo(torch.float16).eps, 0.0, 0.3)}
+    assert not GradientComparison(torch.float32, far, False, storage={"dt": torch.float16}).ok
+    # And compare_gradients says in which dtype each input's gradient is stored.
+    half = attnc.loads("pattern p { input t: float16[NUM_HEADS]\n mask = kv <= q\n score = s + t[h] }").p()
+    q, k, v = qkv(1, 1, 1, 20, 20, 8)
+    t = torch.rand(1, dtype=torch.float16).requires_grad_()
+    comparison = compare_gradients(half, q, k, v, t=t)
+    assert comparison.ok and comparison.storage == {"dt": torch.float16}, comparison.describe()
 
 
 def test_kinks_follow_pytorchs_conventions() -> None:

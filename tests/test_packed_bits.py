@@ -103,7 +103,9 @@ def test_the_last_bit_of_a_word_is_its_sign_and_bits_past_the_end_are_zero() -> 
 
 def test_bytes_other_than_0_and_1_pack_as_true() -> None:
     # As the kernels read the bytes: nonzero is true (a uint8 buffer passed past the call's checks).
-    assert pack_bits(torch.tensor([2, 0, 255, 1], dtype=torch.uint8)).tolist() == [0b1101]
+    raw = torch.tensor([2, 0, 255, 1], dtype=torch.uint8)
+    assert pack_bits(raw).tolist() == [0b1101]
+    assert pack_bits(raw.view(torch.bool)).tolist() == [0b1101]  # a bool tensor's raw bytes
 
 
 def test_packing_copies_nothing_from_the_host(monkeypatch: pytest.MonkeyPatch) -> None:

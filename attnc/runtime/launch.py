@@ -471,8 +471,9 @@ def pack_bits(flags: torch.Tensor) -> torch.Tensor:
     """A bool tensor's values packed along its last axis, 32 to an int32 word (`spec.InputArg.bits`):
     bit i of word j is the element at position 32 j + i, and the bits past the axis' end are 0. (Each
     word is a sum of distinct bit values, bit 31's negative: exact in int32.)"""
-    if flags.dtype != torch.bool:  # nonzero is true, as the kernels read the bytes
-        flags = flags != 0
+    # Nonzero is true, as the kernels read the bytes: a bool tensor's raw bytes too (one holding 2 is
+    # no 0 / 1 that a conversion to int32 could be trusted to make 1).
+    flags = (flags.view(torch.uint8) if flags.dtype == torch.bool else flags) != 0
     *lead, length = flags.shape
     words = -(-length // WORD_BITS)
     padded = torch.zeros((*lead, words * WORD_BITS), dtype=torch.int32, device=flags.device)
