@@ -114,9 +114,11 @@ def test_packing_copies_nothing_from_the_host(monkeypatch: pytest.MonkeyPatch) -
         raise AssertionError("a tensor made from host data")
 
     flags = _flags(2, 70, rate=0.5)
+    monkeypatch.setattr(launch, "_BIT_VALUES", {})  # the bit values made again, not kept from before
     monkeypatch.setattr(torch, "tensor", refused)
     monkeypatch.setattr(torch, "as_tensor", refused)
     assert torch.equal(pack_bits(flags), _packed_by_hand(flags))
+    assert list(launch._BIT_VALUES) == [flags.device]  # kept for the next call (not while capturing)
 
 
 def test_strided_and_broadcast_flags_are_packed_by_value() -> None:

@@ -478,13 +478,23 @@ def pack_bits(flags: torch.Tensor) -> torch.Tensor:
     words = -(-length // WORD_BITS)
     padded = torch.zeros((*lead, words * WORD_BITS), dtype=torch.int32, device=flags.device)
     padded[..., :length] = flags
-    # Bit i's value in an int32 word: 2 ** i, bit 31's negative. Made on the device: no copy from
-    # the host, which a CUDA graph could not capture.
-    values = torch.ones(WORD_BITS, dtype=torch.int64, device=flags.device) << torch.arange(
-        WORD_BITS, device=flags.device
-    )
+    return (padded.view(*lead, words, WORD_BITS) * _bit_values(flags.device)).sum(-1, dtype=torch.int32)
+
+
+_BIT_VALUES: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_values(device: torch.device) -> torch.Tensor:
+    """Bit i's value in an int32 word, [32]: 2 ** i, bit 31's negative. Made on the device (no copy
+    from the host, which a CUDA graph could not capture), once per device outside a capture (a
+    tensor made while a graph captures belongs to the graph's memory, not kept)."""
+    if device in _BIT_VALUES:
+        return _BIT_VALUES[device]
+    values = torch.ones(WORD_BITS, dtype=torch.int64, device=device) << torch.arange(WORD_BITS, device=device)
     values = torch.where(values >= 1 << (WORD_BITS - 1), values - (1 << WORD_BITS), values).to(torch.int32)
-    return (padded.view(*lead, words, WORD_BITS) * values).sum(-1, dtype=torch.int32)
+    if device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        _BIT_VALUES[device] = values
+    return values
 
 
 def with_options(config: Config, options: Sequence[int] | None) -> Config:
