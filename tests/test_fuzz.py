@@ -20,7 +20,7 @@ from attnc.cli import main
 from attnc.errors import AttnSyntaxError, Loc, SourceFile
 from attnc.testing import fuzz
 from attnc.testing.fuzz import Case, CaseFailure, frontend_problem, replay
-from attnc.testing.programs import Shape, programs
+from attnc.testing.programs import _BOUNDED_BY_W, Scope, Shape, _Draw, programs
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 GENERATOR = settings(
@@ -58,6 +58,28 @@ def test_generated_programs_use_the_whole_language() -> None:
     assert re.search(r"t\d\[[^\]]*t\d\[", text), "no data-dependent index"
     assert re.search(r"score = .*[(, ]s[), ]", text), "no score reads s"
     assert re.search(r" % \(-\d\)| // \(-\d\)", text), "no floor division by a negative number"
+
+
+def test_a_helper_whose_parameter_bounds_a_reduction_is_given_literals() -> None:
+    """A reduction's bound cannot read a position, also through a pattern's parameter (`aux(w=q)` where
+    aux loops to `w`: a located error): such a helper is referenced with literal arguments, the others
+    with any int (a random-seed run drew `aux(w=q)` for a bound `clamp(w, -4, 24)`)."""
+    assert _BOUNDED_BY_W.search("(q == kv) or all(ri0 in 0..clamp(w, -4, 24): true)")
+    assert not _BOUNDED_BY_W.search("any(ri0 in 0..3: kv <= q + w)")
+    literal = re.compile(r"(w=)?(\(-\d+\)|\d+)")
+    arguments: dict[bool, list[str]] = {True: [], False: []}
+
+    @settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+    @given(st.data(), st.booleans())
+    def collect(data: st.DataObject, fixed: bool) -> None:
+        scope = Scope(names={"int": ["p0"], "float": [], "bool": []}, patterns=[("aux", ("w",), fixed)])
+        reference = _Draw(data.draw, scope).pattern_ref()
+        if reference.startswith("aux("):
+            arguments[fixed].append(reference.removeprefix("aux(").removesuffix(")"))
+
+    collect()
+    assert arguments[True] and all(literal.fullmatch(a) for a in arguments[True])
+    assert any(not literal.fullmatch(a) for a in arguments[False])
 
 
 def test_a_case_is_a_valid_attn_file_with_its_shape_in_the_header() -> None:

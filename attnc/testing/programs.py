@@ -111,7 +111,9 @@ class Scope:
     names: dict[str, list[str]] = field(default_factory=lambda: {INT: [], FLOAT: [], BOOL: []})
     inputs: list[Input] = field(default_factory=list)
     fns: list[Fn] = field(default_factory=list)
-    patterns: list[tuple[str, tuple[str, ...]]] = field(default_factory=list)  # local: name, int params
+    # Local patterns: name, int params, and whether an argument must be fixed (literals and parameters):
+    # a parameter that bounds a reduction cannot be given a position (`ir/reduce.py`'s `unroll_all`).
+    patterns: list[tuple[str, tuple[str, ...], bool]] = field(default_factory=list)
     score: bool = False  # inside `score`: `s` is in scope
     grid: bool = True  # the index variables and sizes are in scope
     float_compare: bool = False  # floats may be compared (only in a mask)
@@ -376,12 +378,16 @@ class _Draw:
     def pattern_ref(self) -> str:
         local = self.scope.patterns
         if local and self.draw(st.booleans()):
-            name, params = self.one(local)
+            name, params, fixed = self.one(local)
             if not params:
                 return name
+
+            def argument() -> str:
+                return lit(self.small()) if fixed else self.int_(1)
+
             if self.draw(st.booleans()):
-                return f"{name}({', '.join(self.int_(1) for _ in params)})"
-            return f"{name}({', '.join(f'{p}={self.int_(1)}' for p in params)})"
+                return f"{name}({', '.join(argument() for _ in params)})"
+            return f"{name}({', '.join(f'{p}={argument()}' for p in params)})"
         call = self.one(STDLIB_CALLS)
         while "{}" in call:
             call = call.replace("{}", str(self.small(1, 9)), 1)
@@ -457,6 +463,10 @@ def _literal(value: int | float | bool) -> str:
     return str(value) if value >= 0 else f"-{-value}"
 
 
+# A reduction whose range reads `w`: `any(ri0 in 0..clamp(w, -4, 24): ...)`.
+_BOUNDED_BY_W = re.compile(r"\bin [^:]*\bw\b[^:]*:")
+
+
 def _static(draw: st.DrawFn) -> str:
     """`static ` before a pattern parameter, one time in three (runtime, the default, shrinks first)."""
     return "static " if draw(st.integers(0, 2)) == 2 else ""
@@ -500,14 +510,14 @@ def programs(draw: st.DrawFn, max_depth: int = 3) -> Program:
         text, fn = draw(_fn(i, fns))
         lines.append(text)
         fns.append(fn)
-    helpers: list[tuple[str, tuple[str, ...]]] = []
+    helpers: list[tuple[str, tuple[str, ...], bool]] = []
     if draw(st.integers(0, 2)) == 2:  # a helper pattern (none shrinks first)
         params = ("w",) if draw(st.booleans()) else ()
         scope = Scope(fns=list(fns), names={INT: list(params), FLOAT: [], BOOL: []})
         mask = _Draw(draw, scope).bool_(2)
         header = f"({_static(draw)}w: int)" if params else ""
         lines.append(f"pattern aux{header} {{\n    mask = {mask}\n}}")
-        helpers.append(("aux", params))
+        helpers.append(("aux", params, bool(_BOUNDED_BY_W.search(mask))))
 
     scope = Scope(fns=list(fns), patterns=helpers)
     params: dict[str, int | float | bool] = {}
