@@ -577,13 +577,11 @@ class Emitter:
         decl = self.pattern.input(name)
         assert decl is not None
         arg = input_arg(decl.name)
-        guards = []
-        for axis, (i, condition) in enumerate(zip(indices, inside, strict=True)):
-            test = f"({i} >= 0) & ({i} < {arg}_dim{axis})"
-            if condition is None:
-                guards.append(test)
-            elif condition != "True":  # a constexpr: Triton folds the test away where it holds
-                guards.append(f"(({test}) | ({condition}))")
+        guards = [
+            guard
+            for axis, (i, condition) in enumerate(zip(indices, inside, strict=True))
+            if (guard := _guard(f"({i} >= 0) & ({i} < {arg}_dim{axis})", condition)) is not None
+        ]
         terms = []
         for axis, (i, parts) in enumerate(zip(indices, split or [None] * len(indices), strict=True)):
             stride = f"{arg}_stride{axis}"
@@ -621,7 +619,7 @@ class Emitter:
         BLOCK_N / 32 words are the same for every thread (one scalar load each) and each column's
         value is one test of its bit, where the bytes would cost a load per pair of columns, a 64-bit
         address each and the bytes' unpacking (Longformer's global tokens: 204 integer instructions
-        per PARTIAL tile against 183, sm_90). Other tiles read the bytes. One statement over several
+        per PARTIAL tile against 184, sm_90). Other tiles read the bytes. One statement over several
         lines (`BLOCK_MARK`)."""
         decl = self.pattern.input(str(n.attr))
         assert decl is not None
@@ -635,20 +633,16 @@ class Emitter:
         choice = self._assign(condition)
         word, index = f"{choice}_w", f"{choice}_k"
         at = f"(({axis.first}) >> {WORD_SHIFT}) + {index}"
-        guards, terms = [], []
-        for k, (i, within) in enumerate(zip(indices[:-1], inside[:-1], strict=True)):
-            test = f"({i} >= 0) & ({i} < {arg}_dim{k})"
-            if within is None:
-                guards.append(test)
-            elif within != "True":
-                guards.append(f"(({test}) | ({within}))")
-            terms.append(f"tl.cast({i}, {INT64}) * {strides[k]}")
         # A word past the last is read as 0 (no bit), unless the tile's positions lie inside the input.
-        within = inside[-1]
-        if within is None:
-            guards.append(f"({at} < {count})")
-        elif within != "True":
-            guards.append(f"(({at} < {count}) | ({within}))")
+        tests = [f"({i} >= 0) & ({i} < {arg}_dim{k})" for k, i in enumerate(indices[:-1])] + [
+            f"({at} < {count})"
+        ]
+        guards = [
+            g for test, within in zip(tests, inside, strict=True) if (g := _guard(test, within)) is not None
+        ]
+        terms = [
+            f"tl.cast({i}, {INT64}) * {stride}" for i, stride in zip(indices[:-1], strides, strict=False)
+        ]
         # (The words' addresses from the tile's first: the same register, a constant offset each.)
         terms.append(
             f"tl.cast(({axis.first}) >> {WORD_SHIFT}, {INT64}) * {strides[-1]} + {index} * {strides[-1]}"
@@ -757,6 +751,14 @@ class Emitter:
         lines += ["else:", BLOCK_MARK + fallback]
         self.lines[own] = Assign(choice, f"\n{BLOCK_MARK}".join(lines))
         return value
+
+
+def _guard(test: str, inside: str | None) -> str | None:
+    """The bound test of a load's index, unless its constexpr condition of lying inside (`inside`:
+    "True", always; None, never) holds: Triton folds the test away where it does."""
+    if inside is None:
+        return test
+    return None if inside == "True" else f"(({test}) | ({inside}))"
 
 
 def _common(a: str, b: str) -> str:
