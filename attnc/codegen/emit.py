@@ -577,11 +577,7 @@ class Emitter:
         decl = self.pattern.input(name)
         assert decl is not None
         arg = input_arg(decl.name)
-        guards = [
-            guard
-            for axis, (i, condition) in enumerate(zip(indices, inside, strict=True))
-            if (guard := _guard(f"({i} >= 0) & ({i} < {arg}_dim{axis})", condition)) is not None
-        ]
+        guards = _index_guards(arg, indices, inside)
         terms = []
         for axis, (i, parts) in enumerate(zip(indices, split or [None] * len(indices), strict=True)):
             stride = f"{arg}_stride{axis}"
@@ -633,15 +629,12 @@ class Emitter:
         choice = self._assign(condition)
         word, index = f"{choice}_w", f"{choice}_k"
         at = f"(({axis.first}) >> {WORD_SHIFT}) + {index}"
+        guards = _index_guards(arg, indices[:-1], inside[:-1])
         # A word past the last is read as 0 (no bit), unless the tile's positions lie inside the input.
-        tests = [f"({i} >= 0) & ({i} < {arg}_dim{k})" for k, i in enumerate(indices[:-1])] + [
-            f"({at} < {count})"
-        ]
-        guards = [
-            g for test, within in zip(tests, inside, strict=True) if (g := _guard(test, within)) is not None
-        ]
+        if (past := _guard(f"({at} < {count})", inside[-1])) is not None:
+            guards.append(past)
         terms = [
-            f"tl.cast({i}, {INT64}) * {stride}" for i, stride in zip(indices[:-1], strides, strict=False)
+            f"tl.cast({i}, {INT64}) * {stride}" for i, stride in zip(indices[:-1], strides[:-1], strict=True)
         ]
         # (The words' addresses from the tile's first: the same register, a constant offset each.)
         terms.append(
@@ -751,6 +744,13 @@ class Emitter:
         lines += ["else:", BLOCK_MARK + fallback]
         self.lines[own] = Assign(choice, f"\n{BLOCK_MARK}".join(lines))
         return value
+
+
+def _index_guards(arg: str, indices: list[str], inside: list[str | None]) -> list[str]:
+    """The bound tests of a load's indices (texts) into the dims of the input whose prefix is `arg`,
+    but those known to hold (`_guard`)."""
+    tests = [f"({i} >= 0) & ({i} < {arg}_dim{axis})" for axis, i in enumerate(indices)]
+    return [g for test, within in zip(tests, inside, strict=True) if (g := _guard(test, within)) is not None]
 
 
 def _guard(test: str, inside: str | None) -> str | None:

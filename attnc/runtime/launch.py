@@ -602,12 +602,12 @@ def _config(
     device_name, shared, arch = _device_limits(
         device.index if device.index is not None else torch.cuda.current_device()
     )
-    device_kind = {"conjuncts": conjuncts, "arch": arch}  # what the heuristic's first choice depends on
+    first_choice = {"conjuncts": conjuncts, "arch": arch}  # what the heuristic's choice depends on too
     pool = (
-        autotune.candidates(shape, shared, backward, dkv, block, **device_kind) if block is not None else []
+        autotune.candidates(shape, shared, backward, dkv, block, **first_choice) if block is not None else []
     )
     if pool:
-        chosen = autotune.heuristic(shape, shared, backward, dkv, **device_kind)
+        chosen = autotune.heuristic(shape, shared, backward, dkv, **first_choice)
         if not tuning:
             return chosen if chosen in pool else pool[0]
         tuner = tuners.get(device_name)
@@ -622,13 +622,13 @@ def _config(
             _PINNED[pinned_key] = min(pool, key=lambda config: _seconds_or_inf(measure, config))
         return _PINNED[pinned_key]
     if not tuning:
-        return autotune.heuristic(shape, shared, backward, dkv, **device_kind)
+        return autotune.heuristic(shape, shared, backward, dkv, **first_choice)
     tuner = tuners.get(device_name)
     if tuner is None:
         tuner = tuners[device_name] = autotune.Tuner(key, device_name)
     return tuner.tune(
         shape,
-        autotune.candidates(shape, shared, backward, dkv, **device_kind),
+        autotune.candidates(shape, shared, backward, dkv, **first_choice),
         measure,
         label,
         compile=compile,
