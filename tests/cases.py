@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 import attnc
+from attnc.testing import compare, compare_gradients
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -83,6 +84,24 @@ HALF_PRECISION_PATTERNS: list[tuple[attnc.Kernel, Inputs]] = [
     (GEMMA.gemma_local(window=30, cap=5.0), no_inputs),
     (DOCUMENT, documents),
 ]
+
+
+def matches_oracle(
+    kern: attnc.Kernel,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    **inputs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's output and lse held to the oracle's by the tolerance rule, and its gradients to
+    autograd through the oracle; returns (out, lse)."""
+    out, lse = kern(q, k, v, scale=scale, return_lse=True, **inputs)
+    forward = compare(kern, out, lse, q, k, v, scale, **inputs)
+    assert forward.ok, forward.describe()
+    backward = compare_gradients(kern, q, k, v, scale=scale, **inputs)
+    assert backward.ok, backward.describe()
+    return out, lse
 
 
 def pattern_id(x: object) -> str:

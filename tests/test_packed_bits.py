@@ -18,11 +18,11 @@ import re
 
 import pytest
 import torch
+from cases import matches_oracle
 
 import attnc
 from attnc.runtime import launch
 from attnc.runtime.launch import merge_splits, pack_bits
-from attnc.testing import compare, compare_gradients
 
 SOURCE = """
 pattern global_keys(w: int = 3) {
@@ -63,16 +63,6 @@ def _qkv(batch: int, heads: int, length: int, seed: int = 1) -> tuple[torch.Tens
 
 def _flags(*shape: int, seed: int = 3, rate: float = 0.2) -> torch.Tensor:
     return torch.rand(*shape, generator=torch.Generator().manual_seed(seed)) < rate
-
-
-def _checked(kern: attnc.Kernel, q, k, v, **inputs: torch.Tensor) -> torch.Tensor:
-    """The kernel's output and lse against the oracle's, its gradients against autograd through it."""
-    out, lse = kern(q, k, v, return_lse=True, **inputs)
-    forward = compare(kern, out, lse, q, k, v, None, **inputs)
-    assert forward.ok, forward.describe()
-    backward = compare_gradients(kern, q, k, v, **inputs)
-    assert backward.ok, backward.describe()
-    return out
 
 
 # ---- packing ---------------------------------------------------------------------------------------------
@@ -178,7 +168,7 @@ def test_global_key_columns_match_the_oracle(
 ) -> None:
     if config is not None:
         monkeypatch.setenv("ATTNC_CONFIG", config)
-    _checked(PATTERNS.global_keys(), *_qkv(2, 2, length), g=_flags(2, length))
+    matches_oracle(PATTERNS.global_keys(), *_qkv(2, 2, length), g=_flags(2, length))
 
 
 @pytest.mark.parametrize("config", ["16,32", "16,64"])
@@ -210,12 +200,12 @@ def test_columns_per_batch_row_and_head_match_the_oracle(
         monkeypatch.setenv("ATTNC_CONFIG", config)
     keep = _flags(2, 3, 75, rate=0.7)
     keep[..., 0] = True
-    _checked(PATTERNS.head_keys(), *_qkv(2, 3, 75), keep=keep)
+    matches_oracle(PATTERNS.head_keys(), *_qkv(2, 3, 75), keep=keep)
     # Broadcast along the heads (stride 0) and a column of a wider tensor (stride 2 along the keys).
-    _checked(PATTERNS.head_keys(), *_qkv(2, 3, 75), keep=keep[:, :1].expand(2, 3, 75))
+    matches_oracle(PATTERNS.head_keys(), *_qkv(2, 3, 75), keep=keep[:, :1].expand(2, 3, 75))
     wide = torch.zeros(2, 3, 75, 2, dtype=torch.bool)
     wide[..., 1] = keep
-    _checked(PATTERNS.head_keys(), *_qkv(2, 3, 75), keep=wide[..., 1])
+    matches_oracle(PATTERNS.head_keys(), *_qkv(2, 3, 75), keep=wide[..., 1])
 
 
 @pytest.mark.parametrize("config", [None, "16,64"], ids=["default", "64"])
@@ -225,13 +215,13 @@ def test_an_input_shorter_than_the_keys_reads_false_past_its_end(
     # f has 40 entries (2 words) and the keys run to 99: key tiles past it read no word.
     if config is not None:
         monkeypatch.setenv("ATTNC_CONFIG", config)
-    _checked(PATTERNS.short_flags(), *_qkv(1, 2, 100), f=_flags(40, rate=0.5))
+    matches_oracle(PATTERNS.short_flags(), *_qkv(1, 2, 100), f=_flags(40, rate=0.5))
 
 
 @pytest.mark.parametrize("row", [0, 2, 3, -1])
 def test_a_leading_index_outside_the_input_reads_false(monkeypatch: pytest.MonkeyPatch, row: int) -> None:
     monkeypatch.setenv("ATTNC_CONFIG", "16,32")
-    _checked(PATTERNS.table_row(row=row), *_qkv(1, 1, 50), table=_flags(3, 50, rate=0.5))
+    matches_oracle(PATTERNS.table_row(row=row), *_qkv(1, 1, 50), table=_flags(3, 50, rate=0.5))
 
 
 def test_a_score_reading_a_key_column_matches_the_oracle_in_full_tiles(
@@ -240,7 +230,7 @@ def test_a_score_reading_a_key_column_matches_the_oracle_in_full_tiles(
     monkeypatch.setenv("ATTNC_CONFIG", "32,32")
     kern = PATTERNS.flag_score()
     assert "in_f_bits +" in _functions(kern._forward.source.text)["_fwd_full_tile"]
-    _checked(kern, *_qkv(2, 1, 90), f=_flags(2, 90, rate=0.5))
+    matches_oracle(kern, *_qkv(2, 1, 90), f=_flags(2, 90, rate=0.5))
 
 
 def test_a_column_at_a_shifted_key_is_read_as_bytes() -> None:
@@ -248,7 +238,7 @@ def test_a_column_at_a_shifted_key_is_read_as_bytes() -> None:
     assert not kern._forward.spec.inputs[0].bits
     flags = _flags(1, 60, rate=0.7)
     flags[0, 1] = True
-    _checked(kern, *_qkv(1, 1, 60), f=flags)
+    matches_oracle(kern, *_qkv(1, 1, 60), f=flags)
 
 
 @pytest.mark.parametrize("split", [13, 32])

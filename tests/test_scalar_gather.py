@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import matches_oracle
 
 import attnc
 from attnc.codegen.gather import TileAxis, largest_tile, tile_condition, tile_width
 from attnc.ir.nodes import Node, Op, const, make, var
 from attnc.runtime.launch import merge_splits
-from attnc.testing import compare, compare_gradients
 
 SPARSE = attnc.load("examples/dynamic_sparse.attn")
 Q = var("q")
@@ -94,22 +94,13 @@ def _qkv(heads: int, kv_heads: int, q_len: int, kv_len: int) -> tuple[torch.Tens
     return q, k, v
 
 
-def _matches_oracle(kern: attnc.Kernel, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **inputs) -> None:
-    """The kernel's output and lse against the oracle's, and its gradients against autograd through it."""
-    out, lse = kern(q, k, v, return_lse=True, **inputs)
-    forward = compare(kern, out, lse, q, k, v, None, **inputs)
-    assert forward.ok, forward.describe()
-    backward = compare_gradients(kern, q, k, v, **inputs)
-    assert backward.ok, backward.describe()
-
-
 def test_a_block_map_straddling_tiles_is_read_as_scalars_and_matches_the_oracle() -> None:
     kern = SPARSE.block_sparse(block=24)  # 32-position tiles (the interpreter's) hold two blocks
     source = kern._forward.source.text
     assert "_11 = tl.load(in_blocks_ptr" in source  # the scalar at (row block + 1, key block + 1)
     q, k, v = _qkv(2, 1, 50, 45)  # GQA, lengths not multiples of the tile or the block
     blocks = _block_map(24, 2, 50, 45)
-    _matches_oracle(kern, q, k, v, blocks=blocks)
+    matches_oracle(kern, q, k, v, blocks=blocks)
 
 
 @pytest.mark.parametrize("config", [None, "16,16"], ids=["per-element", "scalars"])
@@ -180,4 +171,4 @@ def test_one_varying_index_read_as_scalars_matches_the_oracle(
         (ONE_INDEX.key_block_mask(), {"blocks": blocks}),
     ):
         assert "_1 = tl" in kern._forward.source.text  # the second block's scalar load
-        _matches_oracle(kern, q, k, v, **inputs)
+        matches_oracle(kern, q, k, v, **inputs)

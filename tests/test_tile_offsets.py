@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import matches_oracle
 
 import attnc
 from attnc.codegen.gather import TileAxis, tile_condition
 from attnc.ir.nodes import Op, const, make, var
 from attnc.runtime import launch
 from attnc.runtime.launch import merge_splits
-from attnc.testing import compare, compare_gradients
 
 SOURCE = """
 pattern residues(static period: int = 16) {
@@ -58,24 +58,6 @@ def _inputs(length: int) -> dict[str, torch.Tensor]:
         "mark": torch.rand(1, length, generator=generator) < 0.15,
         "weight": torch.randn(1, length, generator=generator).requires_grad_(),
     }
-
-
-def _checked(
-    kern: attnc.Kernel,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    scale: float | None = None,
-    **inputs: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's output and lse, checked against the oracle's, and its gradients against autograd
-    through the oracle."""
-    out, lse = kern(q, k, v, scale=scale, return_lse=True, **inputs)
-    forward = compare(kern, out, lse, q, k, v, scale, **inputs)
-    assert forward.ok, forward.describe()
-    backward = compare_gradients(kern, q, k, v, scale=scale, **inputs)
-    assert backward.ok, backward.describe()
-    return out, lse
 
 
 def _chunked(kern: attnc.Kernel, length: int, kv_split: int, **inputs: torch.Tensor) -> None:
@@ -117,7 +99,7 @@ def test_key_residues_match_the_oracle(
     # period 32 under 16-key tiles: the tiles are not aligned to it, kv_idx's residue is taken.
     if config is not None:
         monkeypatch.setenv("ATTNC_CONFIG", config)
-    _checked(PATTERNS.residues(period=period), *_qkv(45))
+    matches_oracle(PATTERNS.residues(period=period), *_qkv(45))
 
 
 def test_key_residues_of_shifted_tiles_match_the_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,7 +120,7 @@ def test_an_input_read_at_the_key_is_addressed_from_the_tiles_first_position() -
 def test_inputs_read_at_the_key_match_the_oracle(monkeypatch: pytest.MonkeyPatch, config: str | None) -> None:
     if config is not None:
         monkeypatch.setenv("ATTNC_CONFIG", config)
-    _checked(PATTERNS.marked_keys(), *_qkv(37), **_inputs(37))
+    matches_oracle(PATTERNS.marked_keys(), *_qkv(37), **_inputs(37))
 
 
 def test_inputs_read_at_the_keys_of_shifted_tiles_match_the_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -155,7 +137,7 @@ def test_strided_inputs_read_at_the_key_match_the_oracle() -> None:
     wide[..., 1] = inputs["mark"]
     inputs["mark"] = wide[..., 1]
     assert inputs["mark"].stride() == (99, 3)
-    _checked(PATTERNS.marked_keys(), *_qkv(33), **inputs)
+    matches_oracle(PATTERNS.marked_keys(), *_qkv(33), **inputs)
 
 
 # ---- block indices that take one value over a tile ------------------------------------------------------
@@ -181,7 +163,7 @@ def test_block_maps_read_as_one_value_match_the_oracle(
     kern = SPARSE.block_sparse(block=32)
     generator = torch.Generator().manual_seed(5)
     blocks = torch.rand(1, 2, 3, 3, generator=generator) < 0.5
-    _checked(kern, *_qkv(70), blocks=blocks)
+    matches_oracle(kern, *_qkv(70), blocks=blocks)
 
 
 def test_block_maps_over_shifted_tiles_match_the_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -207,7 +189,7 @@ def test_full_tiles_take_the_row_maximum_of_the_products_at_every_sign_of_the_sc
     q, k, v = (torch.randn(1, 2, 70, 16, generator=generator) for _ in range(3))
     q = (q * 12).requires_grad_()
     k, v = k.requires_grad_(), v.requires_grad_()
-    out, lse = _checked(kern, q, k, v, scale)
+    out, lse = matches_oracle(kern, q, k, v, scale)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
 
 
@@ -263,8 +245,8 @@ def test_folded_scales_match_the_oracle(monkeypatch: pytest.MonkeyPatch, fast: b
     bias = torch.randn(1, 45, generator=generator)
     for kern, inputs in ((FOLDED.temperature(), {}), (FOLDED.times_bias(), {"bias": bias})):
         q, k, v = (torch.randn(1, 2, 45, 16, generator=generator).requires_grad_() for _ in range(3))
-        _checked(kern, q, k, v, scale, **inputs)
+        matches_oracle(kern, q, k, v, scale, **inputs)
 
 
 def test_a_folded_soft_cap_matches_the_oracle() -> None:
-    _checked(FOLDED.scaled_cap(), *_qkv(40))
+    matches_oracle(FOLDED.scaled_cap(), *_qkv(40))
